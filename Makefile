@@ -1,0 +1,31 @@
+# `make demo` and `make test` build .venv themselves; pip re-runs only when
+# pyproject.toml changes (stamp files).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
+demo: $(VENV)/.stamp-bench
+	$(BIN)/python examples/flax_soft_mask.py --out results/demo
+
+test: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.stamp-test
+	$(BIN)/python -m ruff check cl_optax tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis
