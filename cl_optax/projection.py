@@ -63,8 +63,10 @@ def _matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = 
       ) from e
   else:
     t_leaves = u_def.flatten_up_to(tree)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-    updates, is_leaf=_is_masked)]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_leaves_with_path(updates, is_leaf=_is_masked)
+  ]
   pairs = []
   for path, u, t in zip(paths, u_leaves, t_leaves, strict=True):
     if _is_masked(u) or u is None:
@@ -466,9 +468,7 @@ def _paths(tree):
 
 def _rows_dot(basis, vec):
   """``[K]`` dot products of every basis row with ``vec`` (lists of leaves)."""
-  return sum(
-    jnp.tensordot(b.astype(_f32), v.astype(_f32), axes=v.ndim) for b, v in zip(basis, vec)
-  )
+  return sum(jnp.tensordot(b.astype(_f32), v.astype(_f32), axes=v.ndim) for b, v in zip(basis, vec))
 
 
 def _gram_schmidt_add(basis, count, dropped, candidates, rtol):
@@ -555,9 +555,7 @@ def ogd(
     )
     if not pairs:
       return updates, state
-    coef = sum(
-      jnp.tensordot(b.astype(_f32), u.astype(_f32), axes=u.ndim) for u, b in pairs
-    )  # [K]
+    coef = sum(jnp.tensordot(b.astype(_f32), u.astype(_f32), axes=u.ndim) for u, b in pairs)  # [K]
     ok = jnp.all(jnp.isfinite(coef))
 
     def leaf(u, b):
@@ -686,9 +684,7 @@ class GPMState(NamedTuple):
 def _replace_unmasked(tree, new_leaves):
   treedef = jax.tree.structure(tree, is_leaf=_is_masked)
   it = iter(new_leaves)
-  return treedef.unflatten(
-    [x if _is_masked(x) else next(it) for x in treedef.flatten_up_to(tree)]
-  )
+  return treedef.unflatten([x if _is_masked(x) else next(it) for x in treedef.flatten_up_to(tree)])
 
 
 def _gpm_grow(basis, count, x, threshold):
@@ -719,7 +715,7 @@ def _gpm_grow(basis, count, x, threshold):
 
 
 def _default_projected(params):
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
 
 
 def gpm(
@@ -785,7 +781,7 @@ def gpm(
     threshold: energy threshold :math:`\epsilon_{th} \in [0, 1]`.
     layers: optional labels in the style of ``optax.masked``: a pytree of bools
       like params, or a function ``params -> bools``, marking the kernels to
-      project (default: every leaf with 2 or more dimensions). With
+      project (default: every non-empty leaf with 2 or more dimensions). With
       ``optax.inject_hyperparams`` pass it in ``static_args``.
     freeze_unprojected: whether leaves that are not projected stop moving after
       the first task.
@@ -814,8 +810,8 @@ def gpm(
   """
 
   def init_fn(params):
-    labels = _state.resolve_labels(layers, params) if layers is not None else (
-      _default_projected(params)
+    labels = (
+      _state.resolve_labels(layers, params) if layers is not None else (_default_projected(params))
     )
 
     def make(is_proj, p):
@@ -850,9 +846,7 @@ def gpm(
       if _is_masked(b):
         if not freeze_unprojected:
           return u
-        return jax.tree.map(
-          lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u
-        )
+        return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
       d_in = b.shape[0]
       g = u.reshape(d_in, -1).astype(_f32)
       new = (g - b @ (b.T @ g)).reshape(u.shape)
