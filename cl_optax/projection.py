@@ -22,6 +22,7 @@ projection *before* the base optimiser (``chain(agem(), sgd(lr))``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -257,6 +258,26 @@ def solve_box_qp(
   return jnp.maximum(w * s, lower)
 
 
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _gem_dual(gram, dots, mask, memory_strength, eps, *, iterations):
+  """Whether to project, and the dual solution ``v`` (0 on masked rows)."""
+  k = dots.shape[0]
+  both = mask[:, None] & mask[None, :]
+  gram = jnp.where(both, 0.5 * (gram + gram.T), 0.0)
+  dots = jnp.where(mask, dots, 0.0)
+  finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(dots))
+  project = jnp.any(mask & (dots < 0)) & finite
+
+  def solve(_):
+    # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
+    P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, _f32), 1.0))
+    lower = jnp.where(mask, jnp.asarray(memory_strength, _f32), 0.0)
+    v = solve_box_qp(P, dots, lower, iterations=iterations)
+    return jnp.where(mask, v, 0.0)
+
+  return project, jax.lax.cond(project, solve, lambda _: jnp.zeros((k,), _f32), None)
+
+
 class GEMState(NamedTuple):
   """State of :func:`gem`.
 
@@ -366,21 +387,7 @@ def gem(
       t2 = t.reshape(k, -1).astype(_f32)
       gram = gram + t2 @ t2.T
       dots = dots + t2 @ u.reshape(-1).astype(_f32)
-    both = mask[:, None] & mask[None, :]
-    gram = jnp.where(both, 0.5 * (gram + gram.T), 0.0)
-    dots = jnp.where(mask, dots, 0.0)
-    finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(dots))
-    project = jnp.any(mask & (dots < 0)) & finite
-
-    def solve(_):
-      # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
-      ridge = jnp.where(mask, jnp.asarray(eps, _f32), 1.0)
-      P = gram + jnp.diag(ridge)
-      lower = jnp.where(mask, jnp.asarray(memory_strength, _f32), 0.0)
-      v = solve_box_qp(P, dots, lower, iterations=solver_iterations)
-      return jnp.where(mask, v, 0.0)
-
-    v = jax.lax.cond(project, solve, lambda _: jnp.zeros((k,), _f32), None)
+    project, v = _gem_dual(gram, dots, mask, memory_strength, eps, iterations=solver_iterations)
 
     def leaf(u, t):
       if _is_masked(u) or u is None:
@@ -471,6 +478,7 @@ def _rows_dot(basis, vec):
   return sum(jnp.tensordot(b.astype(_f32), v.astype(_f32), axes=v.ndim) for b, v in zip(basis, vec))
 
 
+@jax.jit
 def _gram_schmidt_add(basis, count, dropped, candidates, rtol):
   cap = basis[0].shape[0]
   n = candidates[0].shape[0]
@@ -687,6 +695,7 @@ def _replace_unmasked(tree, new_leaves):
   return treedef.unflatten([x if _is_masked(x) else next(it) for x in treedef.flatten_up_to(tree)])
 
 
+@jax.jit
 def _gpm_grow(basis, count, x, threshold):
   """GPM Eq. 8-9: adds the top left singular vectors of the residual activations."""
   d_in = basis.shape[0]
