@@ -1,5 +1,7 @@
 """A-GEM, GEM, OGD and GPM against numpy references, quadprog and their properties."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -445,3 +447,75 @@ def test_gpm_bad_signals():
     )
   with pytest.raises(ValueError, match="needs the signal `representations=`"):
     cl_optax.consolidate(state, params, output_grads={})
+
+
+OGD_TX = cl_optax.ogd(6)
+OGD_UPDATE = jax.jit(OGD_TX.update)
+GPM_PARAMS = {
+  "dense": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
+  "conv": jnp.zeros((2, 2, 3, 4)),
+}
+GPM_TX = cl_optax.gpm(0.95)
+GPM_UPDATE = jax.jit(GPM_TX.update)
+
+
+@settings(deadline=None, max_examples=8)
+@given(st.integers(0, 2**30), st.floats(1e-2, 1e2))
+def test_ogd_property_orthogonal_and_idempotent(seed, scale):
+  state = OGD_TX.init(PARAMS)
+  for task in range(2):
+    out_grads = _tree(seed + task, PARAMS, scale, lead=(3,))
+    state = cl_optax.consolidate(state, PARAMS, output_grads=out_grads)
+  B = _basis_rows(state)
+  g = _tree(seed + 5, PARAMS)
+  once = OGD_UPDATE(g, state, PARAMS)[0]
+  twice = OGD_UPDATE(once, state, PARAMS)[0]
+  norm = np.linalg.norm(_flat(g))
+  assert np.max(np.abs(B @ _flat(once))) <= 1e-5 * norm
+  np.testing.assert_allclose(_flat(twice), _flat(once), atol=1e-5 * norm)
+
+
+@settings(deadline=None, max_examples=8)
+@given(st.integers(0, 2**30))
+def test_gpm_property_orthogonal_in_input_space_and_idempotent(seed):
+  rng = np.random.default_rng(seed)
+  state = GPM_TX.init(GPM_PARAMS)
+  for _ in range(2):
+    reps = {
+      "dense": {"kernel": rng.normal(size=(10, 3)) @ rng.normal(size=(3, 8))},
+      "conv": rng.normal(size=(10, 2, 2, 3)),  # im2col patches [n, kh, kw, in]
+    }
+    state = cl_optax.consolidate(state, GPM_PARAMS, representations=reps)
+  g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), GPM_PARAMS)
+  once = GPM_UPDATE(g, state, GPM_PARAMS)[0]
+  twice = GPM_UPDATE(once, state, GPM_PARAMS)[0]
+  for path, d_in in ((("dense", "kernel"), 8), (("conv",), 12)):
+    leaf = lambda t: functools.reduce(lambda x, k: x[k], path, t)  # noqa: E731
+    count = int(leaf(state.feature_count))
+    assert 0 < count <= d_in
+    M = np.asarray(leaf(state.feature_basis))[:, :count]
+    np.testing.assert_allclose(M.T @ M, np.eye(count), atol=1e-5)
+    out = np.asarray(leaf(once)).reshape(d_in, -1)
+    np.testing.assert_allclose(M.T @ out, 0.0, atol=1e-5)
+    np.testing.assert_allclose(leaf(twice), leaf(once), atol=1e-5)
+  np.testing.assert_array_equal(once["dense"]["bias"], 0.0)  # frozen after the first task
+
+
+@pytest.mark.slow
+def test_examples_run_end_to_end(monkeypatch):
+  """The A-GEM / GEM example loops on a tiny permuted-digits stream."""
+  import pathlib
+  import sys
+
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+  flax_agem = __import__("flax_agem")
+  flax_gem = __import__("flax_gem")
+  tasks = flax_agem.permuted_stream("digits", 2, 300, 100, seed=0)
+  for method, make in [
+    ("agem", lambda m, g, tx: flax_agem.make_agem_step(g, tx, ref_batch=16)),
+    ("gem", lambda m, g, tx: flax_gem.make_gem_step(g, tx)),
+  ]:
+    acc = flax_agem.train(method, tasks, 0, make, mem_per_task=20, batch=10, lr=0.1)
+    assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 1))
+    assert acc[0, 0] > 0.5 and acc[1, 1] > 0.5  # 30 steps of 10 digits per task
+  assert "flax_agem" in sys.modules
