@@ -334,8 +334,10 @@ def gem(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
     ``task_grads=`` (leaves ``[max_tasks, *leaf.shape]``) and ``task_mask=``
-    (bool ``[max_tasks]``, all rows valid when omitted). Without ``task_grads``
-    the update passes through unchanged.
+    (bool ``[max_tasks]``, all rows valid when omitted; masked rows take no
+    part in the QP but must hold finite numbers, e.g. zeros, as they are
+    multiplied by 0). Without ``task_grads`` the update passes through
+    unchanged.
 
   References:
     Lopez-Paz, Ranzato, *Gradient Episodic Memory for Continual Learning*,
