@@ -82,7 +82,8 @@ def init(example: PyTree, capacity: int, *, num_tasks: int | None = None) -> Mem
   if capacity <= 0:
     raise ValueError(f"replay.init: capacity must be a positive integer; got {capacity}.")
   lead = (capacity,) if num_tasks is None else (int(num_tasks), capacity)
-  items = jax.tree.map(lambda x: jnp.zeros(lead + tuple(np.shape(x)), x.dtype), example)
+  dtype = lambda x: x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype  # noqa: E731
+  items = jax.tree.map(lambda x: jnp.zeros(lead + tuple(np.shape(x)), dtype(x)), example)
   if num_tasks is None:
     return Reservoir(items=items, seen=jnp.zeros((), jnp.int32))
   if int(num_tasks) <= 0:
