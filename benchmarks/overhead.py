@@ -80,6 +80,76 @@ CASES = [
 ]
 
 
+# ------------------------------------------------------- gradient projection
+# Extra args are built so that the projection runs (some <g, g_k> < 0): the
+# worst case, where A-GEM / GEM do all their work.
+
+
+def _normal_like(params, seed, lead=()):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+    tree, [jax.random.normal(k, lead + p.shape) for k, p in zip(keys, leaves)]
+  )
+
+
+def _agem_extra(params):
+  return {"ref_grads": jax.tree.map(lambda x: -x, _uniform_like(params, seed=2))}
+
+
+def _gem_extra(k):
+  def extra(params):
+    return {"task_grads": _normal_like(params, 3, (k,)), "task_mask": jnp.ones((k,), bool)}
+
+  return extra
+
+
+OGD_DIRECTIONS = 10
+
+
+def _consolidate_output_grads(state, params):
+  grads = _normal_like(params, 4, (OGD_DIRECTIONS,))
+  return cl_optax.consolidate(state, params, output_grads=grads)
+
+
+def _consolidate_representations(state, params):
+  n = 300  # samples per layer, as GPM's PMNIST run
+  reps = {
+    name: {"kernel": jax.random.uniform(jax.random.key(i), (n, layer["kernel"].shape[0]))}
+    for i, (name, layer) in enumerate(params.items())
+  }
+  return cl_optax.consolidate(state, params, representations=reps)
+
+
+CASES += [
+  Case("agem", "sgd", lambda b: optax.chain(cl_optax.agem(), b), extra_args=_agem_extra),
+  Case(
+    "gem_k5",
+    "sgd",
+    lambda b: optax.chain(cl_optax.gem(max_tasks=5), b),
+    extra_args=_gem_extra(5),
+  ),
+  Case(
+    "gem_k20",
+    "sgd",
+    lambda b: optax.chain(cl_optax.gem(max_tasks=20), b),
+    extra_args=_gem_extra(20),
+  ),
+  Case(
+    f"ogd_{OGD_DIRECTIONS}",
+    "sgd",
+    lambda b: optax.chain(cl_optax.ogd(OGD_DIRECTIONS), b),
+    _consolidate_output_grads,
+  ),
+  Case(
+    "gpm",
+    "sgd",
+    lambda b: optax.chain(cl_optax.gpm(0.97), b),
+    _consolidate_representations,
+  ),
+]
+
+
 def state_bytes(state) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
 
@@ -123,7 +193,113 @@ def measure(case: Case, model: str, repeats: int, calls: int) -> dict:
     "base_update_us": 1e6 * min(t_base),
     "update_us": 1e6 * min(t_tx),
     "update_ratio": min(t_tx) / min(t_base),
-    "state_bytes_ratio": bytes_tx / max(bytes_base, 1),
+    # sgd keeps no state: then the ratio is to the parameters' bytes instead
+    "state_bytes_ratio": bytes_tx / (bytes_base or state_bytes(params)),
+    "state_bytes_vs": "base" if bytes_base else "params",
+  }
+
+
+# ------------------------------------------- whole train step (A-GEM vs GEM)
+
+
+def mlp_apply(params, x):
+  n = len(params)
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    x = x @ layer["kernel"] + layer["bias"]
+    if i < n - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def _ce(params, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y).mean()
+
+
+def measure_train_steps(
+  model: str,
+  repeats: int,
+  calls: int,
+  *,
+  n_tasks: int = 20,
+  mem_per_task: int = 256,
+  batch: int = 10,
+  ref_batch: int = 256,
+) -> dict:
+  """One jitted SGD step, including the memory forward/backward, per method.
+
+  sgd: the batch gradient. agem: plus the gradient on ``ref_batch`` memory
+  samples. gem: plus the gradients of ``n_tasks`` tasks' memories
+  (``mem_per_task`` samples each) in one ``vmap`` ped backward.
+  """
+  sizes = MODELS[model]
+  params = mlp_params(sizes)
+  keys = jax.random.split(jax.random.key(5), 6)
+  x = jax.random.uniform(keys[0], (batch, sizes[0]))
+  y = jax.random.randint(keys[1], (batch,), 0, sizes[-1])
+  xr = jax.random.uniform(keys[2], (ref_batch, sizes[0]))
+  yr = jax.random.randint(keys[3], (ref_batch,), 0, sizes[-1])
+  xm = jax.random.uniform(keys[4], (n_tasks, mem_per_task, sizes[0]))
+  ym = jax.random.randint(keys[5], (n_tasks, mem_per_task), 0, sizes[-1])
+  mask = jnp.ones((n_tasks,), bool)
+  grad = jax.grad(_ce)
+  txs = {
+    "sgd": optax.sgd(0.1),
+    "agem": optax.chain(cl_optax.agem(), optax.sgd(0.1)),
+    "gem": optax.chain(cl_optax.gem(max_tasks=n_tasks), optax.sgd(0.1)),
+  }
+
+  @jax.jit
+  def sgd_step(params, state):
+    updates, state = txs["sgd"].update(grad(params, x, y), state, params)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def agem_step(params, state):
+    ref = grad(params, xr, yr)
+    updates, state = txs["agem"].update(grad(params, x, y), state, params, ref_grads=ref)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def gem_step(params, state):
+    task_grads = jax.vmap(grad, in_axes=(None, 0, 0))(params, xm, ym)
+    updates, state = txs["gem"].update(
+      grad(params, x, y), state, params, task_grads=task_grads, task_mask=mask
+    )
+    return optax.apply_updates(params, updates), state
+
+  steps = {"sgd": sgd_step, "agem": agem_step, "gem": gem_step}
+  states = {k: tx.init(params) for k, tx in txs.items()}
+
+  def time_one(name):
+    out = steps[name](params, states[name])
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = steps[name](params, states[name])
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls, out[1]
+
+  times = {k: [] for k in steps}
+  last = {}
+  for _ in range(repeats):
+    for name in steps:
+      t, last[name] = time_one(name)
+      times[name].append(t)
+  best = {k: min(v) for k, v in times.items()}
+  return {
+    "model": model,
+    "n_tasks": n_tasks,
+    "mem_per_task": mem_per_task,
+    "ref_batch": ref_batch,
+    "batch": batch,
+    "sgd_step_us": 1e6 * best["sgd"],
+    "agem_step_us": 1e6 * best["agem"],
+    "gem_step_us": 1e6 * best["gem"],
+    "agem_over_sgd": best["agem"] / best["sgd"],
+    "gem_over_agem": best["gem"] / best["agem"],
+    "agem_projected": bool(optax.tree.get(last["agem"], "agem_projected") > 0),
+    "gem_projected": bool(optax.tree.get(last["gem"], "gem_projected") > 0),
   }
 
 
@@ -134,6 +310,16 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows to this file")
+  parser.add_argument(
+    "--steps",
+    default="mlp",
+    help="models for the whole-train-step rows (A-GEM vs GEM); empty to skip",
+  )
+  parser.add_argument(
+    "--mem-per-task",
+    default="256,13",
+    help="GEM memory per task for the step rows (256: the paper; 13: 20 tasks x 13 ~ A-GEM's 256)",
+  )
   args = parser.parse_args()
 
   by_name = {c.name: c for c in CASES}
@@ -154,12 +340,33 @@ def main():
       print(
         f"{row['case']:<18}{model:<9}{row['base']:<6}{row['base_update_us']:>10.1f}"
         f"{row['update_us']:>11.1f}{row['update_ratio']:>8.2f}"
-        f"{row['state_bytes_ratio']:>9.2f}",
+        f"{row['state_bytes_ratio']:>9.2f}"
+        f"{'' if row['state_bytes_vs'] == 'base' else ' (of params)'}",
         flush=True,
       )
+  step_rows = []
+  if args.steps:
+    print(
+      f"\nwhole jitted train step (batch 10; A-GEM: + {256} memory samples; GEM: + 20 tasks x m"
+      " memory samples, one vmapped backward)"
+    )
+    print(
+      f"{'model':<9}{'m':>5}{'sgd us':>10}{'agem us':>10}{'gem us':>11}"
+      f"{'agem/sgd':>10}{'gem/agem':>10}  projected"
+    )
+    for model in args.steps.split(","):
+      for m in (int(v) for v in args.mem_per_task.split(",")):
+        row = measure_train_steps(model, args.repeats, args.calls, mem_per_task=m)
+        step_rows.append(row)
+        print(
+          f"{model:<9}{m:>5}{row['sgd_step_us']:>10.1f}{row['agem_step_us']:>10.1f}"
+          f"{row['gem_step_us']:>11.1f}{row['agem_over_sgd']:>10.2f}{row['gem_over_agem']:>10.2f}"
+          f"  agem={row['agem_projected']} gem={row['gem_projected']}",
+          flush=True,
+        )
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"device": str(device), "rows": rows}, f, indent=1)
+      json.dump({"device": str(device), "rows": rows, "steps": step_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,36 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
 from cl_optax import importance as importance
+from cl_optax import replay as replay
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
 from cl_optax.masking import soft_mask as soft_mask
+from cl_optax.projection import AGEMState as AGEMState
+from cl_optax.projection import GEMState as GEMState
+from cl_optax.projection import GPMState as GPMState
+from cl_optax.projection import OGDState as OGDState
+from cl_optax.projection import agem as agem
+from cl_optax.projection import gem as gem
+from cl_optax.projection import gpm as gpm
+from cl_optax.projection import ogd as ogd
+from cl_optax.projection import output_gradients as output_gradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AGEMState",
+  "GEMState",
+  "GPMState",
+  "OGDState",
+  "agem",
+  "gem",
+  "gpm",
+  "ogd",
+  "output_gradients",
+  "replay",
   "ContinualState",
   "FreezeState",
   "SoftMaskState",

@@ -23,6 +23,8 @@ class Case(NamedTuple):
   make: Callable[[], optax.GradientTransformation]
   signals: Callable[[Any], dict]  # params -> consolidate signals
   inject: Callable[[], optax.GradientTransformation]  # inject_hyperparams form
+  # params -> per-step extra args of `update` (e.g. `ref_grads=` for agem)
+  extra_args: Callable[[Any], dict] = lambda params: {}
 
 
 def _half_importance(params):
@@ -69,7 +71,87 @@ CASES = [
     lambda: optax.inject_hyperparams(cl_optax.freeze)(threshold=0.5),
   ),
 ]
+
+
+def _stacked(params, k, seed):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+    tree, [jax.random.normal(kk, (k,) + p.shape, p.dtype) for kk, p in zip(keys, leaves)]
+  )
+
+
+def _ref_grads(params):
+  return {"ref_grads": jax.tree.map(lambda x: -x, _grads(params, 3))}
+
+
+def _task_grads(params):
+  return {
+    "task_grads": _stacked(params, 3, 4),
+    "task_mask": jnp.array([True, True, False]),
+  }
+
+
+def _output_grads(params):
+  return {"output_grads": _stacked(params, 2, 5)}
+
+
+def _gpm_layers(params):
+  del params
+  labels = {"dense": {"kernel": True, "bias": False}, "head": {"kernel": True}}
+  return labels | {"scale": False, "empty": False}
+
+
+def _representations(params):
+  k = jax.random.split(jax.random.key(6), 2)
+  return {
+    "representations": {
+      "dense": {"kernel": jax.random.normal(k[0], (3, 4))},
+      "head": {"kernel": jax.random.normal(k[1], (5, 3))},
+    }
+  }
+
+
+def _no_signals(params):
+  return {}
+
+
+CASES += [
+  Case(
+    "agem",
+    cl_optax.agem,
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.agem)(),
+    _ref_grads,
+  ),
+  Case(
+    "gem",
+    lambda: cl_optax.gem(0.5, max_tasks=3),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.gem, static_args=("max_tasks",))(
+      memory_strength=0.5, max_tasks=3
+    ),
+    _task_grads,
+  ),
+  Case(
+    "ogd",
+    lambda: cl_optax.ogd(4),
+    _output_grads,
+    lambda: optax.inject_hyperparams(cl_optax.ogd, static_args=("max_directions",))(
+      max_directions=4
+    ),
+  ),
+  Case(
+    "gpm",
+    lambda: cl_optax.gpm(0.9, layers=_gpm_layers),
+    _representations,
+    lambda: optax.inject_hyperparams(cl_optax.gpm, static_args=("layers",))(
+      threshold=0.9, layers=_gpm_layers
+    ),
+  ),
+]
 IDS = [c.name for c in CASES]
+SIGNAL_CASES = [c for c in CASES if c.signals(make_params())]
 
 
 def _grads(params, seed=1):
@@ -86,7 +168,11 @@ def test_accepts_unknown_extra_args(case):
   tx = case.make()
   state = tx.init(params)
   updates, _ = tx.update(
-    _grads(params), state, params, unexpected_extra_args_your_optimizer_doesnt_expect=1
+    _grads(params),
+    state,
+    params,
+    unexpected_extra_args_your_optimizer_doesnt_expect=1,
+    **case.extra_args(params),
   )
   chex.assert_trees_all_equal_shapes(updates, params)
 
@@ -98,7 +184,8 @@ def test_preserves_dtype(case, dtype):
   tx = optax.chain(optax.sgd(0.1), case.make())
   state = tx.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
-  updates, _ = jax.jit(tx.update)(_grads(params), state, params)
+  update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
+  updates, _ = update(_grads(params), state, params, case.extra_args(params))
   chex.assert_trees_all_equal_dtypes(updates, params)
 
 
@@ -107,7 +194,8 @@ def test_state_stable_across_steps_and_consolidate(case):
   params = make_params()
   tx = optax.chain(optax.adam(0.1), case.make())
   state = tx.init(params)
-  step = jax.jit(tx.update)
+  extra = case.extra_args(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
   _, s1 = step(_grads(params), state, params)
   s2 = cl_optax.consolidate(s1, params, **case.signals(params))
   _, s3 = step(_grads(params, 2), s2, params)
@@ -123,14 +211,15 @@ def test_no_retrace_after_consolidate(case):
 
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def train_step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+  def train_step(params, state, grads, extra):
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
   for task in range(3):
     for step in range(2):
-      params, state = train_step(params, state, _grads(params, 10 * task + step))
+      extra = case.extra_args(params)
+      params, state = train_step(params, state, _grads(params, 10 * task + step), extra)
     state = cl_optax.consolidate(state, params, **case.signals(params))
   chex.clear_trace_counter()
 
@@ -145,10 +234,12 @@ def test_works_under_multisteps(case):
   state = cl_optax.consolidate(state, params, **case.signals(params))
   ref_state = cl_optax.consolidate(ref_state, params, **case.signals(params))
   grads = [_grads(params, i) for i in range(k)]
+  extra = case.extra_args(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
   for g in grads:
-    updates, state = jax.jit(tx.update)(g, state, params)
+    updates, state = update(g, state, params)
   mean = jax.tree.map(lambda *g: sum(g) / k, *grads)
-  expected, _ = ref.update(mean, ref_state, params)
+  expected, _ = ref.update(mean, ref_state, params, **extra)
   chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -160,9 +251,10 @@ def test_works_under_inject_hyperparams(case):
   state = cl_optax.consolidate(state, params, **case.signals(params))
   ref_state = cl_optax.consolidate(ref_state, params, **case.signals(params))
   g = _grads(params)
-  got, _ = jax.jit(tx.update)(g, state, params)
-  expected, _ = ref.update(g, ref_state, params)
-  chex.assert_trees_all_close(got, expected, rtol=1e-6)
+  extra = case.extra_args(params)
+  got, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(g, state, params)
+  expected, _ = ref.update(g, ref_state, params, **extra)
+  chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 class JitEqualityTest(chex.TestCase):
@@ -172,13 +264,16 @@ class JitEqualityTest(chex.TestCase):
     for case in CASES:
       tx = optax.chain(optax.adam(0.1), case.make())
       state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
-      update = self.variant(tx.update)
-      got, _ = update(_grads(params), state, params)
-      expected, _ = jax.jit(tx.update)(_grads(params), state, params)
+      extra = case.extra_args(params)
+      update = self.variant(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
+      got, _ = update(_grads(params), state, params, extra)
+      expected, _ = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, **extra))(
+        _grads(params), state, params
+      )
       chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])
 def test_missing_signal_is_named(case):
   params = make_params()
   state = case.make().init(params)
