@@ -151,7 +151,8 @@ class KronFactors(NamedTuple):
 
 
 def _batch_list(batches, name: str):
-  if _is_stacked(batches):
+  """Stacked ``(xs, ys)`` (integer ``ys`` with two leading axes), or an iterable."""
+  if _is_stacked(batches) and jnp.issubdtype(jnp.asarray(batches[1]).dtype, jnp.integer):
     xs, ys = batches
     return [(jnp.asarray(xs[i]), jnp.asarray(ys[i])) for i in range(len(xs))]
   out = []
