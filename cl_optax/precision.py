@@ -320,6 +320,8 @@ def ncl(
       mean = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     kron = {}
     if precision == "kfac":
+      for name in layers:
+        layer_subtree(params, name)
       roles = _leaf_roles(params, layers)
       leaves = jax.tree.leaves(params, is_leaf=_is_masked)
       loose = [i for i, (r, x) in enumerate(zip(roles, leaves)) if r is None and not _is_masked(x)]
