@@ -29,6 +29,7 @@ import cl_optax
 MODELS = {
   "mlp": (784, 256, 256, 10),  # ~0.27M parameters
   "mlp-10m": (784, 3000, 3000, 10),  # ~11.4M parameters
+  "mlp-1000": (784, 1000, 1000, 10),  # ~1.8M parameters (the NCL-KFAC target size)
 }
 
 
@@ -57,9 +58,14 @@ class Case(NamedTuple):
   make: Callable[[optax.GradientTransformation], optax.GradientTransformation]
   prepare: Callable[[Any, Any], Any] = lambda state, params: state
   extra_args: Callable[[Any], dict] = lambda params: {}
+  models: tuple[str, ...] = ()  # models this case runs on (empty: all)
 
 
-BASES = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-3)}
+BASES = {
+  "sgd": lambda: optax.sgd(0.1),
+  "adam": lambda: optax.adam(1e-3),
+  "sgdm": lambda: optax.sgd(0.1, momentum=0.9),
+}
 
 
 def _consolidate_importance(state, params):
@@ -78,6 +84,90 @@ CASES = [
   ),
   Case("freeze", "adam", lambda b: optax.chain(b, cl_optax.freeze()), _consolidate_importance),
 ]
+
+
+def _consolidate_precision(state, params):
+  return cl_optax.consolidate(state, params, precision=_uniform_like(params))
+
+
+def _consolidate_kron(state, params):
+  def factors(n, seed):  # a diagonal-plus-ones PSD factor: the values do not change the timing
+    return jnp.diag(jax.random.uniform(jax.random.key(seed), (n,))) + 1.0 / n
+
+  kron = {
+    name: cl_optax.importance.KronFactors(
+      factors(layer["kernel"].shape[0] + 1, i), factors(layer["kernel"].shape[1], i + 7)
+    )
+    for i, (name, layer) in enumerate(params.items())
+  }
+  return cl_optax.consolidate(state, params, precision=kron)
+
+
+_LAYERS = ("layer0", "layer1", "layer2")  # every model in MODELS has three dense layers
+
+CASES += [
+  Case("ewc", "adam", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
+  Case(
+    "online_ewc",
+    "adam",
+    lambda b: optax.chain(cl_optax.online_ewc(100.0, 0.9), b),
+    _consolidate_importance,
+  ),
+  Case("mas", "adam", lambda b: optax.chain(cl_optax.mas(1.0), b), _consolidate_importance),
+  Case(
+    "si",
+    "adam",
+    lambda b: optax.chain(cl_optax.si(1.0, 0.1), b),
+    lambda state, params: cl_optax.consolidate(state, params),
+  ),
+  Case("ewc_sgd", "sgd", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
+  Case(
+    "ncl_diag",
+    "sgdm",
+    lambda b: optax.chain(cl_optax.ncl(60000.0), b),
+    _consolidate_precision,
+  ),
+  Case(
+    "ncl_kfac",
+    "sgdm",
+    lambda b: optax.chain(cl_optax.ncl(60000.0, precision="kfac", layers=_LAYERS), b),
+    _consolidate_kron,
+    models=("mlp", "mlp-1000"),
+  ),
+]
+
+
+def _mlp_loss(params, x, y):
+  h = x
+  for i in range(len(params)):
+    layer = params[f"layer{i}"]
+    h = h @ layer["kernel"] + layer["bias"]
+    if i < len(params) - 1:
+      h = jax.nn.relu(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def _step_timer(tx, params, state, batch, calls):
+  """Time of a whole train step (forward, backward, transform, apply) at a batch size."""
+  x = jax.random.normal(jax.random.key(3), (batch, next(iter(params.values()))["kernel"].shape[0]))
+  y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(_mlp_loss)(p, x, y)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def run():
+    out = step(params, state)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = step(params, state)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+  return run
 
 
 def state_bytes(state) -> int:
@@ -101,7 +191,7 @@ def _time_calls(update, grads, state, params, extra, calls):
   return (time.perf_counter() - start) / calls
 
 
-def measure(case: Case, model: str, repeats: int, calls: int) -> dict:
+def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 0) -> dict:
   params = mlp_params(MODELS[model])
   base = BASES[case.base]()
   tx = case.make(BASES[case.base]())
@@ -113,7 +203,16 @@ def measure(case: Case, model: str, repeats: int, calls: int) -> dict:
   for _ in range(repeats):  # interleaved, so drifts in machine load hit both
     t_base.append(time_base(base_state))
     t_tx.append(time_tx(state))
-  return {
+  row_step = {}
+  if step_batch:
+    step_base = _step_timer(base, params, base_state, step_batch, calls)
+    step_tx = _step_timer(tx, params, state, step_batch, calls)
+    s_base, s_tx = [], []
+    for _ in range(repeats):
+      s_base.append(step_base())
+      s_tx.append(step_tx())
+    row_step = {"step_batch": step_batch, "step_ratio": min(s_tx) / min(s_base)}
+  return row_step | {
     "case": case.name,
     "model": model,
     "base": case.base,
@@ -132,6 +231,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows to this file")
+  parser.add_argument(
+    "--step-batch",
+    type=int,
+    default=0,
+    help="also time a whole train step (forward+backward+update) at this batch size",
+  )
   args = parser.parse_args()
 
   by_name = {c.name: c for c in CASES}
@@ -142,17 +247,20 @@ def main():
   )
   print(
     f"{'case':<18}{'model':<9}{'base':<6}{'base us':>10}{'update us':>11}"
-    f"{'time x':>8}{'state x':>9}"
+    f"{'time x':>8}{'state x':>9}" + (f"{'step x':>8}" if args.step_batch else "")
   )
   rows = []
   for model in args.models.split(","):
     for name in args.cases.split(","):
-      row = measure(by_name[name], model, args.repeats, args.calls)
+      if by_name[name].models and model not in by_name[name].models:
+        continue
+      row = measure(by_name[name], model, args.repeats, args.calls, args.step_batch)
       rows.append(row)
       print(
         f"{row['case']:<18}{model:<9}{row['base']:<6}{row['base_update_us']:>10.1f}"
         f"{row['update_us']:>11.1f}{row['update_ratio']:>8.2f}"
-        f"{row['state_bytes_ratio']:>9.2f}",
+        f"{row['state_bytes_ratio']:>9.2f}"
+        + (f"{row['step_ratio']:>8.2f}" if "step_ratio" in row else ""),
         flush=True,
       )
   if args.json:
