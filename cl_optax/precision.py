@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from cl_optax import _state
-from cl_optax.importance import layer_subtree
+from cl_optax.importance import KronFactors, layer_subtree
 from cl_optax.regularization import check_nonnegative
 
 PyTree = Any
@@ -84,19 +84,13 @@ class NCLState(NamedTuple):
     )
     decay = self.decay
     if self.kron:
-      if not isinstance(new, dict) or set(new) != set(self.kron):
-        got = sorted(new) if isinstance(new, dict) else type(new).__name__
-        raise ValueError(
-          f"ncl: `precision` must be {{layer: KronFactors(a, g)}} for layers "
-          f"{sorted(self.kron)}; got {got}."
-        )
       kron = {}
       for name, old in self.kron.items():
-        a_new, g_new = _check_factors(name, new[name], old)
+        a_new, g_new = _check_factors(name, _lookup_factors(new, name), old)
         a, g = _nearest_kron_sum(decay * old.a, old.g, a_new, g_new)
         a_inv, g_inv = _damped_inverses(a, g, self.damping)
         kron[name] = NCLKron(a, g, a_inv, g_inv)
-      return self._replace(prior_mean=mean, kron=kron)
+      return self._replace(prior_mean=mean, kron=kron, prior_precision=self._diag_outside(new))
     new = _state.restrict_like(self.prior_precision, new, transform="ncl", name="precision")
     _state.check_shapes(self.prior_precision, new, transform="ncl", name="precision")
     check_nonnegative(new, transform="ncl", name="precision")
@@ -107,6 +101,37 @@ class NCLState(NamedTuple):
       is_leaf=_is_masked,
     )
     return self._replace(prior_mean=mean, prior_precision=precision)
+
+  def _diag_outside(self, new) -> PyTree:
+    """Kronecker mode: merges the diagonal leaves (parameters outside the layers)."""
+    leaves, treedef = jax.tree.flatten(self.prior_precision, is_leaf=_is_masked)
+    if all(_is_masked(x) for x in leaves):
+      return self.prior_precision
+    signal = dict(
+      zip(
+        _leaf_names(new),
+        jax.tree.leaves(new, is_leaf=lambda x: _is_masked(x) or isinstance(x, KronFactors)),
+      )
+    )
+    out = []
+    for name, old in zip(_leaf_names(self.prior_precision), leaves):
+      if _is_masked(old):
+        out.append(old)
+        continue
+      if name not in signal or isinstance(signal[name], KronFactors):
+        raise ValueError(
+          f"ncl: `precision` has no diagonal leaf {name!r}: with precision='kfac', "
+          "parameters outside `layers` need a diagonal precision (e.g. from "
+          "importance.fisher_diag) at their path in the same tree."
+        )
+      x = jnp.asarray(signal[name], jnp.float32)
+      if x.shape != old.shape:
+        raise ValueError(
+          f"ncl: `precision` leaf {name!r} has shape {x.shape}; expected {old.shape}."
+        )
+      check_nonnegative({name: x}, transform="ncl", name="precision")
+      out.append(self.decay * old + x)
+    return treedef.unflatten(out)
 
 
 def _check_factors(name, factors, old: NCLKron):
@@ -185,6 +210,39 @@ def _key_name(k) -> str:
   return str(k)
 
 
+def _leaf_names(tree) -> list[str]:
+  """``/``-joined key path of every leaf (flatten order, MaskedNode as leaf)."""
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=lambda x: _is_masked(x) or isinstance(x, KronFactors)
+  )[0]:
+    names = [_key_name(k) for k in path]
+    if len(names) > 1 and names[-1] == "value":  # an NNX Variable
+      names = names[:-1]
+    out.append("/".join(names))
+  return out
+
+
+def _lookup_factors(tree, name: str):
+  if hasattr(tree, "__getitem__") and not isinstance(tree, tuple):
+    try:
+      if name in tree:
+        return tree[name]
+    except TypeError:
+      pass
+  node = tree
+  try:
+    for k in name.split("/"):
+      node = node[k]
+  except (KeyError, TypeError, IndexError) as e:
+    raise ValueError(
+      f"ncl: `precision` has no KronFactors(a, g) for layer {name!r} (expected "
+      "{layer: KronFactors} as importance.kfac_factors returns, plus diagonal leaves "
+      "for parameters outside the layers)."
+    ) from e
+  return node
+
+
 def _leaf_roles(tree, layers: Sequence[str]):
   """For each leaf (flatten order, MaskedNode as leaf): ``(layer, role)`` or None."""
   paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
@@ -237,16 +295,17 @@ def ncl(
   ``sgd(lr)`` is then at most ``lr * r`` in that norm).
 
   ``precision="diag"``: :math:`\Lambda` is a pytree like params.
-  ``precision="kfac"``: every parameter the transform sees must belong to one
-  of ``layers`` (dense layers ``{kernel [in, out], bias [out]}``, the bias
-  folded in as a homogeneous input coordinate), with
-  :math:`\Lambda \approx A \otimes G` per layer. The damped inverses
+  ``precision="kfac"``: :math:`\Lambda \approx A \otimes G` for each of
+  ``layers`` (dense layers ``{kernel [in, out], bias [out]}``, the bias
+  folded in as a homogeneous input coordinate); parameters outside the layers
+  keep a diagonal precision. The ``precision=`` signal is then
+  ``{layer: KronFactors(a, g)}`` (what :func:`cl_optax.importance.kfac_factors`
+  returns) plus, if there are parameters outside the layers, their diagonal
+  Fisher at their key paths in the same dict. The damped inverses
   :math:`(A + \tfrac{\alpha}{\pi}I)^{-1}`, :math:`(G + \alpha\pi I)^{-1}`
   (the official code's split of :math:`\alpha^2 I` between the factors) are
   computed once per task at ``consolidate`` by eigendecomposition, so a step
-  costs two matmuls per layer: :math:`A_s^{-1}\,\bar g\,G_s^{-1}`. Put other
-  parameters (convolutions, norms) in a diagonal ``ncl`` with
-  ``optax.partition``.
+  costs two matmuls per layer: :math:`A_s^{-1}\,\bar g\,G_s^{-1}`.
 
   Prior and consolidation, as in both official codes: before the first task
   :math:`\Lambda_0 = I/N` (Kronecker: :math:`A_0 = G_0 = I/\sqrt N`) and
@@ -322,19 +381,6 @@ def ncl(
     if precision == "kfac":
       for name in layers:
         layer_subtree(params, name)
-      roles = _leaf_roles(params, layers)
-      leaves = jax.tree.leaves(params, is_leaf=_is_masked)
-      loose = [i for i, (r, x) in enumerate(zip(roles, leaves)) if r is None and not _is_masked(x)]
-      if loose:
-        paths = [
-          jax.tree_util.keystr(p)
-          for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0]
-        ]
-        raise ValueError(
-          "ncl: with precision='kfac' every parameter must belong to one of the "
-          f"`layers` {list(layers)}; not covered: {[paths[i] for i in loose]}. Give "
-          "them a diagonal ncl with optax.partition (or optax.masked)."
-        )
       for name in layers:
         sub = layer_subtree(params, name)
         d_in, d_out = jnp.shape(sub["kernel"])
@@ -342,7 +388,16 @@ def ncl(
         a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
         g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
         kron[name] = NCLKron(a, g, *_damped_inverses(a, g, damping))
-      prec = jax.tree.map(lambda _: optax.MaskedNode(), params)
+      roles = _leaf_roles(params, layers)
+      leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+      prec = treedef.unflatten(
+        [
+          optax.MaskedNode()
+          if r is not None or _is_masked(x)
+          else jnp.full(jnp.shape(x), 1.0, jnp.float32) / n
+          for r, x in zip(roles, leaves)
+        ]
+      )
     else:
       prec = jax.tree.map(lambda p: jnp.full(jnp.shape(p), 1.0, jnp.float32) / n, params)
     return NCLState(

@@ -223,26 +223,20 @@ def test_radius_clips_only_when_needed():
   chex.assert_trees_all_close(got, jax.tree.map(lambda x: x * 0.1 / norm, g), rtol=1e-5)
 
 
-def test_nnx_style_variable_paths_and_partition():
-  # kfac on the dense layer, diagonal ncl on the rest through optax.partition
-  params = {"dense": _layer(0)["dense"], "scale": jnp.ones(2)}
-  labels = {"dense": {"kernel": "kf", "bias": "kf"}, "scale": "diag"}
-  tx = optax.partition(
-    {
-      "kf": cl_optax.ncl(1.0, precision="kfac", layers=["dense"]),
-      "diag": cl_optax.ncl(1.0),
-    },
-    labels,
-  )
-  state = tx.init(params)
-  kf = {"dense": KronFactors(_psd(0, D_IN + 1), _psd(1, D_OUT))}
-  # both members read `precision=`: one signal per state kind, so consolidate each by path
-  inner = state.inner_states
-  inner["kf"] = inner["kf"]._replace(
-    inner_state=cl_optax.consolidate(inner["kf"].inner_state, params, precision=kf)
-  )
-  got, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
+def test_kfac_with_diagonal_leaves_outside_the_layers():
+  n, lam, alpha = 5.0, 0.5, 0.1
+  params = {"dense": _layer(0)["dense"], "scale": jnp.array([1.0, -2.0])}
+  theta = {"dense": _layer(1)["dense"], "scale": jnp.array([0.5, 0.5])}
+  g = {"dense": _layer(2)["dense"], "scale": jnp.array([1.0, 3.0])}
+  tx = cl_optax.ncl(n, lam, alpha, precision="kfac", layers=["dense"])
+  kf = {"dense": KronFactors(_psd(0, D_IN + 1), _psd(1, D_OUT)), "scale": jnp.array([2.0, 0.0])}
+  state = cl_optax.consolidate(tx.init(params), params, precision=kf)
+  got, _ = jax.jit(tx.update)(g, state, theta)
+  lam_s = 1 / n + np.array([2.0, 0.0])
+  want = (np.array([1.0, 3.0]) / (lam_s + alpha**2) + lam * (theta["scale"] - params["scale"])) / n
+  np.testing.assert_allclose(got["scale"], want, rtol=1e-5)
+  with pytest.raises(ValueError, match="no diagonal leaf 'scale'"):
+    cl_optax.consolidate(state, params, precision={"dense": kf["dense"]})
 
 
 def test_errors_are_explicit():
@@ -261,10 +255,8 @@ def test_errors_are_explicit():
     cl_optax.consolidate(
       kt.init(theta), theta, precision={"dense": KronFactors(np.eye(3), np.eye(D_OUT))}
     )
-  with pytest.raises(ValueError, match="for layers"):
+  with pytest.raises(ValueError, match="no KronFactors.* for layer 'dense'"):
     cl_optax.consolidate(kt.init(theta), theta, precision={"other": KronFactors(1, 1)})
-  with pytest.raises(ValueError, match="not covered"):
-    cl_optax.ncl(1.0, precision="kfac", layers=["dense"]).init(dict(theta, extra=jnp.ones(2)))
   with pytest.raises(ValueError, match="layer 'nope' not found"):
     cl_optax.ncl(1.0, precision="kfac", layers=["nope"]).init(theta)
   with pytest.raises(ValueError, match="needs `layers=`"):
