@@ -120,7 +120,6 @@ CASES += [
     lambda b: optax.chain(cl_optax.si(1.0, 0.1), b),
     lambda state, params: cl_optax.consolidate(state, params),
   ),
-  Case("ewc_sgd", "sgd", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
   Case(
     "ncl_diag",
     "sgdm",
