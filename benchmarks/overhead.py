@@ -108,6 +108,12 @@ _LAYERS = ("layer0", "layer1", "layer2")  # every model in MODELS has three dens
 CASES += [
   Case("ewc", "adam", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
   Case(
+    "ewc_bf16",
+    "adam",
+    lambda b: optax.chain(cl_optax.ewc(100.0, importance_dtype=jnp.bfloat16), b),
+    _consolidate_importance,
+  ),
+  Case(
     "online_ewc",
     "adam",
     lambda b: optax.chain(cl_optax.online_ewc(100.0, 0.9), b),

@@ -128,6 +128,14 @@ CASES += [
     lambda: optax.inject_hyperparams(cl_optax.ewc)(3.0),
   ),
   Case(
+    "ewc_bf16",
+    lambda: cl_optax.ewc(3.0, importance_dtype=jnp.bfloat16),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.ewc, static_args=("importance_dtype",))(
+      3.0, importance_dtype=jnp.bfloat16
+    ),
+  ),
+  Case(
     "online_ewc",
     lambda: cl_optax.online_ewc(3.0, 0.9),
     _rand_importance,
