@@ -13,6 +13,7 @@ Add a transform by appending a `Case` to `CASES`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -152,23 +153,24 @@ def _mlp_loss(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
-def _step_timer(tx, params, state, batch, calls):
+def _step_timer(tx, params, state, batch, calls, donate=False):
   """Time of a whole train step (forward, backward, transform, apply) at a batch size."""
   x = jax.random.normal(jax.random.key(3), (batch, next(iter(params.values()))["kernel"].shape[0]))
   y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(p, s):
     g = jax.grad(_mlp_loss)(p, x, y)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   def run():
-    out = step(params, state)
+    p, s = (jax.tree.map(jnp.copy, (params, state))) if donate else (params, state)
+    out = step(p, s)
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(calls):
-      out = step(params, state)
+      out = step(*out) if donate else step(params, state)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / calls
 
@@ -179,30 +181,39 @@ def state_bytes(state) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
 
 
-def _timer(tx, params, extra, calls):
+def _timer(tx, params, extra, calls, donate=False):
   grads = _uniform_like(params, seed=2)
   state = tx.init(params)
-  update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
-  return state, lambda s: _time_calls(update, grads, s, params, extra, calls)
+  update = jax.jit(
+    lambda g, s, p, e: tx.update(g, s, p, **e), donate_argnums=(1,) if donate else ()
+  )
+  return state, lambda s: _time_calls(update, grads, s, params, extra, calls, donate)
 
 
-def _time_calls(update, grads, state, params, extra, calls):
+def _time_calls(update, grads, state, params, extra, calls, donate=False):
+  # donate: the state is threaded from call to call and its buffers donated, as in a
+  # training loop with `donate_argnums`; then a state leaf that passes through
+  # unchanged is aliased instead of copied into a fresh output buffer.
+  if donate:
+    state = jax.tree.map(jnp.copy, state)
   out = update(grads, state, params, extra)
   jax.block_until_ready(out)
   start = time.perf_counter()
   for _ in range(calls):
-    out = update(grads, state, params, extra)
+    out = update(grads, out[1] if donate else state, params, extra)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / calls
 
 
-def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 0) -> dict:
+def measure(
+  case: Case, model: str, repeats: int, calls: int, step_batch: int = 0, donate: bool = False
+) -> dict:
   params = mlp_params(MODELS[model])
   base = BASES[case.base]()
   tx = case.make(BASES[case.base]())
   extra = case.extra_args(params)
-  base_state, time_base = _timer(base, params, extra, calls)
-  state, time_tx = _timer(tx, params, extra, calls)
+  base_state, time_base = _timer(base, params, extra, calls, donate)
+  state, time_tx = _timer(tx, params, extra, calls, donate)
   state = case.prepare(state, params)
   t_base, t_tx = [], []
   for _ in range(repeats):  # interleaved, so drifts in machine load hit both
@@ -210,8 +221,8 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
     t_tx.append(time_tx(state))
   row_step = {}
   if step_batch:
-    step_base = _step_timer(base, params, base_state, step_batch, calls)
-    step_tx = _step_timer(tx, params, state, step_batch, calls)
+    step_base = _step_timer(base, params, base_state, step_batch, calls, donate)
+    step_tx = _step_timer(tx, params, state, step_batch, calls, donate)
     s_base, s_tx = [], []
     for _ in range(repeats):
       s_base.append(step_base())
@@ -237,6 +248,11 @@ def main():
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows to this file")
   parser.add_argument(
+    "--donate",
+    action="store_true",
+    help="donate and thread the optimizer state between calls (as a training loop does)",
+  )
+  parser.add_argument(
     "--step-batch",
     type=int,
     default=0,
@@ -249,6 +265,8 @@ def main():
   print(
     f"device: {device.platform} ({device.device_kind}), {platform.processor() or ''}"
     f" jax {jax.__version__}, min over {args.repeats} repeats x {args.calls} calls"
+    + (", state donated" if args.donate else "")
+    + (f", step x = train step at batch {args.step_batch}" if args.step_batch else "")
   )
   print(
     f"{'case':<18}{'model':<9}{'base':<6}{'base us':>10}{'update us':>11}"
@@ -259,7 +277,7 @@ def main():
     for name in args.cases.split(","):
       if by_name[name].models and model not in by_name[name].models:
         continue
-      row = measure(by_name[name], model, args.repeats, args.calls, args.step_batch)
+      row = measure(by_name[name], model, args.repeats, args.calls, args.step_batch, args.donate)
       rows.append(row)
       print(
         f"{row['case']:<18}{model:<9}{row['base']:<6}{row['base_update_us']:>10.1f}"
