@@ -220,6 +220,16 @@ def like(old: jax.Array, new: jax.Array) -> jax.Array:
   return new
 
 
+def fresh(x: jax.Array, dtype: Any) -> jax.Array:
+  """A copy of ``x`` in ``dtype`` that never shares ``x``'s buffer.
+
+  States that keep parameters (anchors, prior means) must own their buffers:
+  a train step that donates both params and optimiser state would otherwise
+  be handed the same buffer twice.
+  """
+  return jnp.array(x, dtype=dtype, copy=True)
+
+
 def resolve_labels(labels: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree):
   """Evaluates an optax-style label tree or ``fn(params) -> labels``."""
   if labels is None:

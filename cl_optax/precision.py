@@ -77,7 +77,7 @@ class NCLState(NamedTuple):
     )
     mean = _state.restrict_like(self.prior_mean, params, transform="ncl", name="params")
     mean = jax.tree.map(
-      lambda m, p: m if _is_masked(m) else jnp.asarray(p, m.dtype),
+      lambda m, p: m if _is_masked(m) else _state.fresh(p, m.dtype),
       self.prior_mean,
       mean,
       is_leaf=_is_masked,
@@ -374,9 +374,9 @@ def ncl(
   def init_fn(params):
     n = jnp.asarray(data_size, jnp.float32)
     if prior_mean == "zeros":
-      mean = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+      mean = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
     else:
-      mean = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+      mean = jax.tree.map(lambda p: _state.fresh(p, jnp.float32), params)
     kron = {}
     if precision == "kfac":
       for name in layers:
@@ -394,12 +394,12 @@ def ncl(
         [
           optax.MaskedNode()
           if r is not None or _is_masked(x)
-          else jnp.full(jnp.shape(x), 1.0, jnp.float32) / n
+          else jnp.ones_like(x, dtype=jnp.float32) / n
           for r, x in zip(roles, leaves)
         ]
       )
     else:
-      prec = jax.tree.map(lambda p: jnp.full(jnp.shape(p), 1.0, jnp.float32) / n, params)
+      prec = jax.tree.map(lambda p: jnp.ones_like(p, dtype=jnp.float32) / n, params)
     return NCLState(
       prior_mean=mean,
       prior_precision=prec,

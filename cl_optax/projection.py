@@ -562,7 +562,7 @@ def ogd(
   def init_fn(params):
     basis = jax.tree.map(lambda p: jnp.zeros((int(max_directions),) + jnp.shape(p), dtype), params)
     zero = jnp.zeros((), jnp.int32)
-    return OGDState(basis, zero, zero, jnp.asarray(rtol, _f32))
+    return OGDState(basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, _f32))  # own buffers
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

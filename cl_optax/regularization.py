@@ -57,7 +57,7 @@ def check_nonnegative(tree: PyTree, *, transform: str, name: str) -> None:
 
 def _f32_like(template: PyTree, tree: PyTree) -> PyTree:
   return jax.tree.map(
-    lambda t, x: t if _is_masked(t) else jnp.asarray(x, jnp.float32),
+    lambda t, x: t if _is_masked(t) else _state.fresh(x, jnp.float32),
     template,
     tree,
     is_leaf=_is_masked,
@@ -66,11 +66,11 @@ def _f32_like(template: PyTree, tree: PyTree) -> PyTree:
 
 def _zeros(params: PyTree, dtype: Any = None) -> PyTree:
   dtype = jnp.float32 if dtype is None else dtype
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+  return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
 
 def _copy(params: PyTree) -> PyTree:
-  return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+  return jax.tree.map(lambda p: _state.fresh(p, jnp.float32), params)
 
 
 def _signal(self, params, signals, transform):
@@ -372,8 +372,8 @@ class SIState(NamedTuple):
       anchor_params=params,
       si_importance=omega,
       path_integral=zeros,
-      prev_params=params,
-      prev_grad=zeros,
+      prev_params=jax.tree.map(jnp.copy, params),  # every state leaf owns its buffer
+      prev_grad=jax.tree.map(jnp.copy, zeros),
     )
 
 

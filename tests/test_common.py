@@ -4,6 +4,7 @@ Add a transform by appending a `Case` to `CASES`: its factory, and the
 signals `consolidate` needs for it (built from params).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -340,6 +341,25 @@ def test_works_under_inject_hyperparams(case):
   got, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(g, state, params)
   expected, _ = ref.update(g, ref_state, params, **extra)
   chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_train_step_donating_params_and_state(case):
+  """No state leaf may share a buffer with params (a donating step would get it twice)."""
+  params = jax.tree.map(jnp.copy, make_params())
+  tx = optax.chain(optax.sgd(0.1), case.make())
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads, extra):
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for task in range(2):
+    params, state = step(params, state, _grads(params, task), case.extra_args(params))
+    state = cl_optax.consolidate(state, params, **case.signals(params))
+  params, state = step(params, state, _grads(params, 5), case.extra_args(params))
+  chex.assert_tree_all_finite((params, state))
 
 
 class JitEqualityTest(chex.TestCase):

@@ -17,10 +17,24 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import cl_optax  # noqa: E402
 
+# name: (factory, state fields shaped like params, consolidate signal)
 TRANSFORMS = {
-  "soft_mask": (cl_optax.soft_mask, "importance"),
-  "soft_mask_bf16": (lambda: cl_optax.soft_mask(importance_dtype=jnp.bfloat16), "importance"),
-  "freeze": (cl_optax.freeze, "frozen"),
+  "soft_mask": (cl_optax.soft_mask, ("importance",), "importance"),
+  "soft_mask_bf16": (
+    lambda: cl_optax.soft_mask(importance_dtype=jnp.bfloat16),
+    ("importance",),
+    "importance",
+  ),
+  "freeze": (cl_optax.freeze, ("frozen",), "importance"),
+  "ewc": (cl_optax.ewc, ("anchor_params", "fisher"), "importance"),
+  "online_ewc": (cl_optax.online_ewc, ("anchor_params", "fisher"), "importance"),
+  "mas": (cl_optax.mas, ("anchor_params", "mas_importance"), "importance"),
+  "si": (
+    cl_optax.si,
+    ("anchor_params", "si_importance", "path_integral", "prev_params", "prev_grad"),
+    None,
+  ),
+  "ncl_diag": (lambda: cl_optax.ncl(100.0), ("prior_mean", "prior_precision"), "precision"),
 }
 
 
@@ -31,15 +45,16 @@ def main():
   shapes = {"kernel": (16, 8), "bias": (8,), "table": (3, 32)}
   params = {k: jax.device_put(jnp.ones(shapes[k]), NamedSharding(mesh, specs[k])) for k in shapes}
   imp = {k: jax.device_put(jnp.full(shapes[k], 0.5), NamedSharding(mesh, P())) for k in shapes}
-  for name, (factory, field) in TRANSFORMS.items():
+  for name, (factory, fields, signal) in TRANSFORMS.items():
     tx = optax.chain(optax.adam(1e-3), factory())
     state = tx.init(params)
     for when in ("init", "consolidate"):
-      leaves = optax.tree.get(state, field)
-      for k in shapes:
-        got = leaves[k].sharding
-        assert got.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, when, k, got)
-      state = cl_optax.consolidate(state, params, importance=imp)
+      for field in fields:
+        leaves = optax.tree.get(state, field)
+        for k in shapes:
+          got = leaves[k].sharding
+          assert got.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, field, when, k)
+      state = cl_optax.consolidate(state, params, **({signal: imp} if signal else {}))
     update = jax.jit(tx.update)
     hlo = update.lower(params, state, params).compile().as_text()
     assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
