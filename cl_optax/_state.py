@@ -212,6 +212,14 @@ def check_in_unit_interval(tree: PyTree, *, transform: str, name: str) -> None:
       )
 
 
+def like(old: jax.Array, new: jax.Array) -> jax.Array:
+  """``new`` in ``old``'s dtype and, outside jit, on ``old``'s sharding."""
+  new = jnp.asarray(new, old.dtype)
+  if _is_concrete(old) and _is_concrete(new) and hasattr(old, "sharding"):
+    new = jax.device_put(new, old.sharding)
+  return new
+
+
 def resolve_labels(labels: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree):
   """Evaluates an optax-style label tree or ``fn(params) -> labels``."""
   if labels is None:

@@ -56,7 +56,7 @@ class SoftMaskState(NamedTuple):
     _state.check_shapes(self.importance, new, transform="soft_mask", name="importance")
     _state.check_in_unit_interval(new, transform="soft_mask", name="importance")
     merged = jax.tree.map(
-      lambda old, i: jnp.maximum(old, jnp.asarray(i, old.dtype)),
+      lambda old, i: jnp.maximum(old, _state.like(old, i)),
       self.importance,
       new,
     )
@@ -132,7 +132,7 @@ def soft_mask(
   def init_fn(params):
     labels = _state.resolve_labels(head, params)
     zeros = lambda tree: jax.tree.map(  # noqa: E731
-      lambda p: jnp.zeros(jnp.shape(p), dtype), tree
+      lambda p: jnp.zeros_like(p, dtype=dtype), tree
     )
     importance = jax.tree.map(  # labels may be a prefix of params
       lambda is_head, p: optax.MaskedNode() if is_head else zeros(p), labels, params
@@ -173,7 +173,9 @@ class FreezeState(NamedTuple):
     new = _state.restrict_like(self.frozen, new, transform="freeze", name="importance")
     _state.check_shapes(self.frozen, new, transform="freeze", name="importance")
     _state.check_in_unit_interval(new, transform="freeze", name="importance")
-    frozen = jax.tree.map(lambda f, i: f | (jnp.asarray(i) >= self.threshold), self.frozen, new)
+    frozen = jax.tree.map(
+      lambda f, i: f | _state.like(f, jnp.asarray(i) >= self.threshold), self.frozen, new
+    )
     return self._replace(frozen=frozen)
 
 
@@ -208,7 +210,7 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
   """
 
   def init_fn(params):
-    frozen = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.bool_), params)
+    frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
     return FreezeState(frozen=frozen, threshold=jnp.asarray(threshold, jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import make_params
 
 import cl_optax
+
+from conftest import make_params
 
 
 class Case(NamedTuple):

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cl_optax
+
+from conftest import make_params
 
 SHAPES = jax.tree.map(lambda p: p.shape, make_params())
 TREEDEF = jax.tree.structure(make_params())

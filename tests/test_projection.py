@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cl_optax
 from cl_optax.projection import solve_box_qp
+
+from conftest import make_params
 
 SETTINGS = settings(deadline=None, max_examples=20)
 

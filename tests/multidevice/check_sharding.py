@@ -1,0 +1,53 @@
+"""Run in its own process with 8 host devices (see tests/test_sharding.py).
+
+Checks every continual transform listed in TRANSFORMS: its state shards like
+the parameters at init and after consolidate, the jitted update keeps the
+parameters' sharding, and the compiled update has no all-gather.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import cl_optax  # noqa: E402
+
+TRANSFORMS = {
+  "soft_mask": (cl_optax.soft_mask, "importance"),
+  "soft_mask_bf16": (lambda: cl_optax.soft_mask(importance_dtype=jnp.bfloat16), "importance"),
+  "freeze": (cl_optax.freeze, "frozen"),
+}
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  specs = {"kernel": P("data", "model"), "bias": P("model"), "table": P(None, "data")}
+  shapes = {"kernel": (16, 8), "bias": (8,), "table": (3, 32)}
+  params = {k: jax.device_put(jnp.ones(shapes[k]), NamedSharding(mesh, specs[k])) for k in shapes}
+  imp = {k: jax.device_put(jnp.full(shapes[k], 0.5), NamedSharding(mesh, P())) for k in shapes}
+  for name, (factory, field) in TRANSFORMS.items():
+    tx = optax.chain(optax.adam(1e-3), factory())
+    state = tx.init(params)
+    for when in ("init", "consolidate"):
+      leaves = optax.tree.get(state, field)
+      for k in shapes:
+        got = leaves[k].sharding
+        assert got.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, when, k, got)
+      state = cl_optax.consolidate(state, params, importance=imp)
+    update = jax.jit(tx.update)
+    hlo = update.lower(params, state, params).compile().as_text()
+    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
+    updates, _ = update(params, state, params)
+    for k in shapes:
+      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
+    print(f"{name}: ok")
+
+
+if __name__ == "__main__":
+  main()

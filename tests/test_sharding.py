@@ -1,0 +1,12 @@
+"""Transforms shard like the parameters (8 host devices, in a subprocess)."""
+
+import pathlib
+import subprocess
+import sys
+
+
+def test_states_and_updates_shard_like_params():
+  script = pathlib.Path(__file__).parent / "multidevice" / "check_sharding.py"
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "soft_mask: ok" in proc.stdout and "freeze: ok" in proc.stdout
