@@ -10,3 +10,4 @@ def test_states_and_updates_shard_like_params():
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "soft_mask: ok" in proc.stdout and "freeze: ok" in proc.stdout
+  assert all(f"{name}: ok" in proc.stdout for name in ("agem", "gem", "ogd"))
