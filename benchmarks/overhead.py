@@ -13,6 +13,7 @@ Add a transform by appending a `Case` to `CASES`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -29,6 +30,7 @@ import cl_optax
 MODELS = {
   "mlp": (784, 256, 256, 10),  # ~0.27M parameters
   "mlp-10m": (784, 3000, 3000, 10),  # ~11.4M parameters
+  "mlp-1000": (784, 1000, 1000, 10),  # ~1.8M parameters (the NCL-KFAC target size)
 }
 
 
@@ -57,9 +59,14 @@ class Case(NamedTuple):
   make: Callable[[optax.GradientTransformation], optax.GradientTransformation]
   prepare: Callable[[Any, Any], Any] = lambda state, params: state
   extra_args: Callable[[Any], dict] = lambda params: {}
+  models: tuple[str, ...] = ()  # models this case runs on (empty: all)
 
 
-BASES = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-3)}
+BASES = {
+  "sgd": lambda: optax.sgd(0.1),
+  "adam": lambda: optax.adam(1e-3),
+  "sgdm": lambda: optax.sgd(0.1, momentum=0.9),
+}
 
 
 def _consolidate_importance(state, params):
@@ -150,6 +157,62 @@ CASES += [
 ]
 
 
+def _consolidate_precision(state, params):
+  return cl_optax.consolidate(state, params, precision=_uniform_like(params))
+
+
+def _consolidate_kron(state, params):
+  def factors(n, seed):  # a diagonal-plus-ones PSD factor: the values do not change the timing
+    return jnp.diag(jax.random.uniform(jax.random.key(seed), (n,))) + 1.0 / n
+
+  kron = {
+    name: cl_optax.importance.KronFactors(
+      factors(layer["kernel"].shape[0] + 1, i), factors(layer["kernel"].shape[1], i + 7)
+    )
+    for i, (name, layer) in enumerate(params.items())
+  }
+  return cl_optax.consolidate(state, params, precision=kron)
+
+
+_LAYERS = ("layer0", "layer1", "layer2")  # every model in MODELS has three dense layers
+
+CASES += [
+  Case("ewc", "adam", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
+  Case(
+    "ewc_bf16",
+    "adam",
+    lambda b: optax.chain(cl_optax.ewc(100.0, importance_dtype=jnp.bfloat16), b),
+    _consolidate_importance,
+  ),
+  Case(
+    "online_ewc",
+    "adam",
+    lambda b: optax.chain(cl_optax.online_ewc(100.0, 0.9), b),
+    _consolidate_importance,
+  ),
+  Case("mas", "adam", lambda b: optax.chain(cl_optax.mas(1.0), b), _consolidate_importance),
+  Case(
+    "si",
+    "adam",
+    lambda b: optax.chain(cl_optax.si(1.0, 0.1), b),
+    lambda state, params: cl_optax.consolidate(state, params),
+  ),
+  Case(
+    "ncl_diag",
+    "sgdm",
+    lambda b: optax.chain(cl_optax.ncl(60000.0), b),
+    _consolidate_precision,
+  ),
+  Case(
+    "ncl_kfac",
+    "sgdm",
+    lambda b: optax.chain(cl_optax.ncl(60000.0, precision="kfac", layers=_LAYERS), b),
+    _consolidate_kron,
+    models=("mlp", "mlp-1000"),
+  ),
+]
+
+
 def state_bytes(state) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
 
@@ -171,7 +234,7 @@ def _timer(tx, params, extra, calls):
   return time_calls
 
 
-def measure(case: Case, model: str, repeats: int, calls: int) -> dict:
+def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 0) -> dict:
   params = mlp_params(MODELS[model])
   base = BASES[case.base]()
   tx = case.make(BASES[case.base]())
@@ -185,7 +248,16 @@ def measure(case: Case, model: str, repeats: int, calls: int) -> dict:
     t_base.append(t)
     t, state = time_tx(state)
     t_tx.append(t)
-  return {
+  row_step = {}
+  if step_batch:
+    step_base = _step_timer(base, params, base_state, step_batch, calls)
+    step_tx = _step_timer(tx, params, state, step_batch, calls)
+    s_base, s_tx = [], []
+    for _ in range(repeats):
+      s_base.append(step_base())
+      s_tx.append(step_tx())
+    row_step = {"step_batch": step_batch, "step_ratio": min(s_tx) / min(s_base)}
+  return row_step | {
     "case": case.name,
     "model": model,
     "base": case.base,
@@ -214,6 +286,28 @@ def mlp_apply(params, x):
 
 def _ce(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y).mean()
+
+
+def _step_timer(tx, params, state, batch, calls):
+  """Times a whole train step (forward, backward, transform, apply); state donated."""
+  x = jax.random.normal(jax.random.key(3), (batch, params["layer0"]["kernel"].shape[0]))
+  y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s):
+    u, s = tx.update(jax.grad(_ce)(p, x, y), s, p)
+    return optax.apply_updates(p, u), s
+
+  def run():
+    out = step(*jax.tree.map(jnp.copy, (params, state)))
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = step(*out)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+  return run
 
 
 def measure_train_steps(
@@ -311,6 +405,12 @@ def main():
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows to this file")
   parser.add_argument(
+    "--step-batch",
+    type=int,
+    default=0,
+    help="also time each case's whole train step (forward+backward+update) at this batch size",
+  )
+  parser.add_argument(
     "--steps",
     default="mlp",
     help="models for the whole-train-step rows (A-GEM vs GEM); empty to skip",
@@ -326,22 +426,27 @@ def main():
   device = jax.devices()[0]
   print(
     f"device: {device.platform} ({device.device_kind}), {platform.processor() or ''}"
-    f" jax {jax.__version__}, min over {args.repeats} repeats x {args.calls} calls"
+    f" jax {jax.__version__}, min over {args.repeats} repeats x {args.calls} calls,"
+    " state donated"
+    + (f", step x = train step at batch {args.step_batch}" if args.step_batch else "")
   )
   print(
     f"{'case':<18}{'model':<9}{'base':<6}{'base us':>10}{'update us':>11}"
-    f"{'time x':>8}{'state x':>9}"
+    f"{'time x':>8}{'state x':>9}" + (f"{'step x':>8}" if args.step_batch else "")
   )
   rows = []
   for model in args.models.split(","):
     for name in args.cases.split(","):
-      row = measure(by_name[name], model, args.repeats, args.calls)
+      if by_name[name].models and model not in by_name[name].models:
+        continue
+      row = measure(by_name[name], model, args.repeats, args.calls, args.step_batch)
       rows.append(row)
       print(
         f"{row['case']:<18}{model:<9}{row['base']:<6}{row['base_update_us']:>10.1f}"
         f"{row['update_us']:>11.1f}{row['update_ratio']:>8.2f}"
         f"{row['state_bytes_ratio']:>9.2f}"
-        f"{'' if row['state_bytes_vs'] == 'base' else ' (of params)'}",
+        + (f"{row['step_ratio']:>8.2f}" if "step_ratio" in row else "")
+        + ("" if row["state_bytes_vs"] == "base" else " (state x of params)"),
         flush=True,
       )
   step_rows = []

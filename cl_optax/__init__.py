@@ -8,6 +8,8 @@ from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
 from cl_optax.masking import soft_mask as soft_mask
+from cl_optax.precision import NCLState as NCLState
+from cl_optax.precision import ncl as ncl
 from cl_optax.projection import AGEMState as AGEMState
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
@@ -17,6 +19,14 @@ from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
 from cl_optax.projection import ogd as ogd
 from cl_optax.projection import output_gradients as output_gradients
+from cl_optax.regularization import EWCState as EWCState
+from cl_optax.regularization import MASState as MASState
+from cl_optax.regularization import OnlineEWCState as OnlineEWCState
+from cl_optax.regularization import SIState as SIState
+from cl_optax.regularization import ewc as ewc
+from cl_optax.regularization import mas as mas
+from cl_optax.regularization import online_ewc as online_ewc
+from cl_optax.regularization import si as si
 
 __version__ = "0.1.0"
 
@@ -38,4 +48,14 @@ __all__ = [
   "freeze",
   "importance",
   "soft_mask",
+  "NCLState",
+  "ncl",
+  "EWCState",
+  "MASState",
+  "OnlineEWCState",
+  "SIState",
+  "ewc",
+  "mas",
+  "online_ewc",
+  "si",
 ]

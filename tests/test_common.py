@@ -112,6 +112,25 @@ def _representations(params):
   }
 
 
+def _rand_precision(params):
+  return {"precision": _rand_importance(params)["importance"]}
+
+
+def _psd(key, n):
+  m = jax.random.normal(key, (n, 2 * n))
+  return m @ m.T / (2 * n)
+
+
+def _kron_precision(params):
+  k = jax.random.split(jax.random.key(3), 4)
+  return {
+    "precision": {
+      "dense": cl_optax.importance.KronFactors(_psd(k[0], 5), _psd(k[1], 3)),
+      "head": cl_optax.importance.KronFactors(_psd(k[2], 3), _psd(k[3], 2)),
+    }
+  }
+
+
 def _no_signals(params):
   return {}
 
@@ -148,6 +167,72 @@ CASES += [
     lambda: optax.inject_hyperparams(cl_optax.gpm, static_args=("layers",))(
       threshold=0.9, layers=_gpm_layers
     ),
+  ),
+]
+
+_KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
+_NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
+
+CASES += [
+  Case(
+    "ncl_diag",
+    lambda: cl_optax.ncl(10.0, 0.5, 0.1),
+    _rand_precision,
+    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(10.0, 0.5, 0.1),
+  ),
+  Case(
+    "ncl_diag_radius_pre",
+    lambda: cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True),
+    _rand_precision,
+    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
+      10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True
+    ),
+  ),
+  Case(
+    "ncl_kfac",
+    lambda: optax.masked(
+      cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")),
+      _KF_MASK,
+    ),
+    _kron_precision,
+    lambda: optax.masked(
+      optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
+        10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")
+      ),
+      _KF_MASK,
+    ),
+  ),
+  Case(
+    "ewc",
+    lambda: cl_optax.ewc(3.0),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.ewc)(3.0),
+  ),
+  Case(
+    "ewc_bf16",
+    lambda: cl_optax.ewc(3.0, importance_dtype=jnp.bfloat16),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.ewc, static_args=("importance_dtype",))(
+      3.0, importance_dtype=jnp.bfloat16
+    ),
+  ),
+  Case(
+    "online_ewc",
+    lambda: cl_optax.online_ewc(3.0, 0.9),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.online_ewc)(3.0, 0.9),
+  ),
+  Case(
+    "mas",
+    lambda: cl_optax.mas(3.0),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.mas)(3.0),
+  ),
+  Case(
+    "si",
+    lambda: cl_optax.si(3.0, 0.1),
+    lambda params: {},
+    lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, 0.1),
   ),
 ]
 IDS = [c.name for c in CASES]
