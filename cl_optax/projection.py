@@ -82,6 +82,25 @@ def _matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = 
   return pairs
 
 
+def _contract(a, b, axes):
+  """``jnp.tensordot`` whose (small) result is replicated across devices.
+
+  On a mesh with explicit axes, contracting sharded dimensions must say how the
+  result is sharded; a plain mesh (or none) takes the first path.
+  """
+  try:
+    return jnp.tensordot(a, b, axes)
+  except Exception as e:  # jax's ShardingTypeError is private
+    if type(e).__name__ != "ShardingTypeError":
+      raise
+    mesh = jax.typeof(a).sharding.mesh
+    return jnp.tensordot(a, b, axes, out_sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+
+
+def _sq_norm(leaves) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x)) for x in leaves)
+
+
 def _all_finite(leaves) -> jax.Array:
   ok = jnp.asarray(True)
   for x in leaves:
@@ -156,8 +175,10 @@ def agem() -> optax.GradientTransformationExtraArgs:
     pairs = _matching_leaves(updates, ref_grads, transform="agem", name="ref_grads")
     if not pairs:
       return updates, state
-    dot = sum(jnp.vdot(u.astype(_f32), r.astype(_f32)) for u, r in pairs)
-    rr = sum(jnp.vdot(r.astype(_f32), r.astype(_f32)) for _, r in pairs)
+    # Sums of products (not vdot, which ravels): XLA reduces them across
+    # devices without gathering a sharded leaf.
+    dot = sum(jnp.sum(u.astype(_f32) * r.astype(_f32)) for u, r in pairs)
+    rr = sum(jnp.sum(jnp.square(r.astype(_f32))) for _, r in pairs)
     project = (dot < 0) & (rr > 0) & jnp.isfinite(dot) & jnp.isfinite(rr)
     coef = jnp.where(project, dot / jnp.where(rr > 0, rr, 1.0), 0.0)
 
@@ -391,10 +412,10 @@ def gem(
 
     gram = jnp.zeros((k, k), _f32)
     dots = jnp.zeros((k,), _f32)
-    for u, t in pairs:
-      t2 = t.reshape(k, -1).astype(_f32)
-      gram = gram + t2 @ t2.T
-      dots = dots + t2 @ u.reshape(-1).astype(_f32)
+    for u, t in pairs:  # contractions over the leaf's axes: no reshape of sharded leaves
+      t32, rest = t.astype(_f32), list(range(1, t.ndim))
+      gram = gram + _contract(t32, t32, (rest, rest))
+      dots = dots + _contract(t32, u.astype(_f32), (rest, list(range(u.ndim))))
     project, v = _gem_dual(gram, dots, mask, memory_strength, eps, iterations=solver_iterations)
 
     def leaf(u, t):
@@ -483,7 +504,7 @@ def _paths(tree):
 
 def _rows_dot(basis, vec):
   """``[K]`` dot products of every basis row with ``vec`` (lists of leaves)."""
-  return sum(jnp.tensordot(b.astype(_f32), v.astype(_f32), axes=v.ndim) for b, v in zip(basis, vec))
+  return sum(_contract(b.astype(_f32), v.astype(_f32), v.ndim) for b, v in zip(basis, vec))
 
 
 @jax.jit
@@ -494,11 +515,11 @@ def _gram_schmidt_add(basis, count, dropped, candidates, rtol):
   def body(i, carry):
     basis, count, dropped = carry
     v = [g[i].astype(_f32) for g in candidates]
-    norm0 = jnp.sqrt(sum(jnp.vdot(x, x) for x in v))
+    norm0 = jnp.sqrt(_sq_norm(v))
     for _ in range(2):  # "twice is enough" (re-orthogonalisation)
       coef = _rows_dot(basis, v)
       v = [x - jnp.tensordot(coef, b.astype(_f32), axes=1) for x, b in zip(v, basis)]
-    norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in v))
+    norm = jnp.sqrt(_sq_norm(v))
     new = (norm > rtol * norm0) & (norm > 0)
     fits = new & (count < cap)
     row = jnp.arange(cap) == count
@@ -571,7 +592,7 @@ def ogd(
     )
     if not pairs:
       return updates, state
-    coef = sum(jnp.tensordot(b.astype(_f32), u.astype(_f32), axes=u.ndim) for u, b in pairs)  # [K]
+    coef = sum(_contract(b.astype(_f32), u.astype(_f32), u.ndim) for u, b in pairs)  # [K]
     ok = jnp.all(jnp.isfinite(coef))
 
     def leaf(u, b):

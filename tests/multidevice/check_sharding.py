@@ -62,6 +62,41 @@ def main():
     for k in shapes:
       assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
     print(f"{name}: ok")
+  check_projection(mesh, params, specs, shapes)
+
+
+def check_projection(mesh, params, specs, shapes):
+  """agem / gem / ogd: global dot products without gathering a sharded leaf."""
+
+  def stacked(n):
+    return {
+      k: jax.device_put(
+        jnp.stack(
+          [(-1.0) ** i * (i + 1) * jnp.cos((i + 1) * jnp.ones(shapes[k])) for i in range(n)]
+        ),
+        NamedSharding(mesh, P(None, *specs[k])),
+      )
+      for k in shapes
+    }
+
+  neg = jax.tree.map(lambda p: -p, params)
+  cases = {
+    "agem": (cl_optax.agem(), {}, {"ref_grads": neg}),
+    "gem": (cl_optax.gem(max_tasks=3), {}, {"task_grads": stacked(3)}),
+    "ogd": (cl_optax.ogd(4), {"output_grads": stacked(2)}, {}),
+  }
+  for name, (transform, signals, extra) in cases.items():
+    tx = optax.chain(transform, optax.sgd(0.1))
+    state = tx.init(params)
+    if signals:
+      state = cl_optax.consolidate(state, params, **signals)
+    update = jax.jit(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
+    hlo = update.lower(params, state, params, extra).compile().as_text()
+    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
+    updates, _ = update(params, state, params, extra)
+    for k in shapes:
+      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
+    print(f"{name}: ok")
 
 
 if __name__ == "__main__":
