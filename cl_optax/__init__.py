@@ -1,6 +1,7 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
 from cl_optax import importance as importance
+from cl_optax import losses as losses
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
 from cl_optax.masking import FreezeState as FreezeState
@@ -17,5 +18,6 @@ __all__ = [
   "consolidate",
   "freeze",
   "importance",
+  "losses",
   "soft_mask",
 ]
