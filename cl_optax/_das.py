@@ -31,7 +31,7 @@ import optax
 from cl_optax import _state
 
 PyTree = Any
-GatedFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+GatedFn = Callable[[PyTree, PyTree, Any, jax.Array], jax.Array]
 
 _LOSSES = ("proxy_kl",)
 
@@ -87,17 +87,17 @@ def _proxy_kl(student: jax.Array, teacher: jax.Array, axis: int) -> jax.Array:
   return jnp.sum(jnp.exp(log_t) * (log_t - log_s)) / student.shape[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _gate_grad(fn, gates, batch, key, loss, kl_axis, tokens):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
   """Gradient of one batch's loss w.r.t. the gates, and the batch's token count."""
 
   def objective(g):
     if loss == "proxy_kl":
       k_student, k_teacher = jax.random.split(key)
-      out = fn(g, batch, k_student)
-      value = _proxy_kl(out, fn(g, batch, k_teacher), kl_axis)
+      out = fn(params, g, batch, k_student)
+      value = _proxy_kl(out, fn(params, g, batch, k_teacher), kl_axis)
     else:
-      out = fn(g, batch, key)
+      out = fn(params, g, batch, key)
       value = loss(out, batch)
     n = tokens(batch) if tokens is not None else np.prod(out.shape[:-1])
     return value, jnp.asarray(n, jnp.float32)
@@ -108,6 +108,7 @@ def _gate_grad(fn, gates, batch, key, loss, kl_axis, tokens):
 
 def das_units(
   fn: GatedFn,
+  params: PyTree,
   gates: PyTree,
   batches: Iterable[Any],
   *,
@@ -139,8 +140,8 @@ def das_units(
     on its output ``h`` (the last hidden states ``[B, T, D]``); the gradient
     flows through both passes, as the official code's model and teacher both
     take the gates.
-  - ``loss=callable``: the domain's own loss ``loss(fn(gates, batch, key),
-    batch) -> scalar`` (the official "after_mlm" importance, computed after
+  - ``loss=callable``: the domain's own loss
+    ``loss(fn(params, gates, batch, key), batch) -> scalar`` (the official "after_mlm" importance, computed after
     training on a domain with its masked-LM loss; here any LM loss).
 
   Merge the result across domains with :func:`cl_optax.consolidate` (element
@@ -154,10 +155,12 @@ def das_units(
   0 instead of NaN.
 
   Args:
-    fn: ``fn(gates, batch, key) -> output``, the model run with the gates
-      (dropout drawn from ``key``; close over the parameters). For
-      ``"proxy_kl"`` the output is the representation to compare, for a
-      callable ``loss`` whatever it takes (e.g. logits).
+    fn: ``fn(params, gates, batch, key) -> output``, the model run with the
+      gates (dropout drawn from ``key``). For ``"proxy_kl"`` the output is the
+      representation to compare, for a callable ``loss`` whatever it takes
+      (e.g. logits). Jitted with ``fn`` static: pass the same function for
+      every domain and it compiles once.
+    params: the model's parameters (not differentiated).
     gates: pytree of gate values (ones), e.g. ``{"heads": [L, H], "ffn":
       [L, F]}`` or one subtree per layer; the gradient is taken at these values.
     batches: iterable of batches (any pytrees ``fn`` accepts); one jitted call
@@ -198,7 +201,8 @@ def das_units(
   key = jax.random.key(0) if key is None else key
   total, count = None, 0.0
   for i, batch in enumerate(batches):
-    g, n = _gate_grad(fn, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
+    k = jax.random.fold_in(key, i)
+    g, n = _gate_grad(fn, params, gates, batch, k, loss, kl_axis, tokens)
     total = g if total is None else optax.tree.add(total, g)
     count = count + n
   if total is None:

@@ -173,8 +173,8 @@ def _batches(n=2):
   return [{"x": rng.integers(0, V, (3, T)), "y": rng.integers(0, V, (3, T))} for _ in range(n)]
 
 
-def _fn(gates, batch, key):
-  return _tiny_model(_TINY, gates, batch["x"], key)
+def _fn(params, gates, batch, key):
+  return _tiny_model(params, gates, batch["x"], key)
 
 
 def _finite_difference(objective, gates, eps=1e-2):
@@ -201,31 +201,31 @@ def test_gate_importance_matches_finite_differences(loss):
     for i, b in enumerate(batches):
       k = jax.random.fold_in(key, i)
       if loss == "own":
-        total += _lm_loss(_fn(gates, b, k), b)
+        total += _lm_loss(_fn(_TINY, gates, b, k), b)
       else:
         ks, kt = jax.random.split(k)
-        s, t = _fn(gates, b, ks), _fn(gates, b, kt)
+        s, t = _fn(_TINY, gates, b, ks), _fn(_TINY, gates, b, kt)
         ls, lt = jax.nn.log_softmax(s, -1), jax.nn.log_softmax(t, -1)
         total += jnp.sum(jnp.exp(lt) * (lt - ls)) / s.shape[0]
     return total / n_tokens
 
   kwargs = {"loss": _lm_loss} if loss == "own" else {}
-  raw = das_units(_fn, GATES, batches, key=key, normalize=False, **kwargs)
+  raw = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False, **kwargs)
   fd = _finite_difference(objective, GATES)
   for name in GATES:
     np.testing.assert_allclose(raw[name], fd[name], rtol=2e-2, atol=2e-5 * np.abs(fd[name]).max())
     assert np.abs(fd[name]).max() > 0  # the test can fail: a nonzero signal
-  norm = das_units(_fn, GATES, batches, key=key, **kwargs)
+  norm = das_units(_fn, _TINY, GATES, batches, key=key, **kwargs)
   chex.assert_trees_all_close(norm, das_normalize(raw), rtol=1e-5, atol=1e-6)
 
 
 def test_das_units_bad_input():
   with pytest.raises(ValueError, match="needs `key=`"):
-    das_units(_fn, GATES, _batches())
+    das_units(_fn, _TINY, GATES, _batches())
   with pytest.raises(ValueError, match="`loss` must be 'proxy_kl' or a callable"):
-    das_units(_fn, GATES, _batches(), key=jax.random.key(0), loss="mlm")
+    das_units(_fn, _TINY, GATES, _batches(), key=jax.random.key(0), loss="mlm")
   with pytest.raises(ValueError, match="`batches` is empty"):
-    das_units(_fn, GATES, [], key=jax.random.key(0))
+    das_units(_fn, _TINY, GATES, [], key=jax.random.key(0))
 
 
 # ------------------------------------------------ mapping onto Flax parameters
