@@ -38,6 +38,21 @@ def _rand_importance(params):
   }
 
 
+def _unit_shapes(params):
+  """One importance per output unit (last axis) of every leaf (DAS-style state)."""
+  return jax.tree.map(lambda p: p.shape[-1:], params)
+
+
+def _unit_importance(params):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(8), len(leaves))
+  return {
+    "importance": jax.tree.unflatten(
+      tree, [jax.random.uniform(k, p.shape[-1:]) for k, p in zip(keys, leaves)]
+    )
+  }
+
+
 CASES = [
   Case(
     "soft_mask",
@@ -59,6 +74,14 @@ CASES = [
     _rand_importance,
     lambda: optax.inject_hyperparams(cl_optax.soft_mask, static_args=("importance_dtype",))(
       importance_dtype=jnp.bfloat16
+    ),
+  ),
+  Case(
+    "soft_mask_units",
+    lambda: cl_optax.soft_mask(importance_shapes=_unit_shapes),
+    _unit_importance,
+    lambda: optax.inject_hyperparams(cl_optax.soft_mask, static_args=("importance_shapes",))(
+      importance_shapes=_unit_shapes
     ),
   ),
   Case(
