@@ -299,26 +299,35 @@ def summary(mat: np.ndarray) -> dict:
 
 
 def save_heatmaps(results, names, out: pathlib.Path):
+  """Mean loss matrix per method, plus ``das - adam`` when both ran."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   out.mkdir(parents=True, exist_ok=True)
-  means = {m: np.mean(v, 0) for m, v in results.items()}
-  lo = min(m.min() for m in means.values())
-  hi = max(m.max() for m in means.values())
-  fig, axes = plt.subplots(1, len(means), figsize=(4.6 * len(means), 4))
-  for ax, (method, mean) in zip(np.atleast_1d(axes), means.items()):
-    im = ax.imshow(mean, vmin=lo, vmax=hi, cmap="magma_r")
+  panels = {m: np.mean(v, 0) for m, v in results.items()}
+  lo = min(m.min() for m in panels.values())
+  hi = max(m.max() for m in panels.values())
+  if {"adam", "das"} <= set(panels):
+    panels["das - adam"] = panels["das"] - panels["adam"]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), layout="constrained")
+  rows = ["pre-trained"] + [f"after {n}" for n in names[1:]]
+  for ax, (title, mat) in zip(np.atleast_1d(axes), panels.items()):
+    diff = " - " in title
+    span = np.abs(mat).max() if diff else None
+    kw = {"cmap": "RdBu_r", "vmin": -span, "vmax": span} if diff else {"cmap": "magma_r"}
+    im = ax.imshow(mat, **({} if diff else {"vmin": lo, "vmax": hi}), **kw)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), ["pre-trained"] + names[1:])
-    ax.set(title=f"{method}: held-out loss (nats/byte)", xlabel="evaluated on", ylabel="after")
-    for (i, j), v in np.ndenumerate(mean):
-      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-  fig.colorbar(im, ax=axes, shrink=0.8)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(title=f"{title}: held-out loss (nats/byte)", xlabel="evaluated on")
+    for (i, j), v in np.ndenumerate(mat):
+      dark = (abs(v) > 0.6 * span) if diff else (v > lo + 0.6 * (hi - lo))
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    fig.colorbar(im, ax=ax, shrink=0.8)
   path = out / "loss_matrices.png"
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
   return path
 
 
