@@ -141,8 +141,9 @@ def das_units(
     flows through both passes, as the official code's model and teacher both
     take the gates.
   - ``loss=callable``: the domain's own loss
-    ``loss(fn(params, gates, batch, key), batch) -> scalar`` (the official "after_mlm" importance, computed after
-    training on a domain with its masked-LM loss; here any LM loss).
+    ``loss(fn(params, gates, batch, key), batch) -> scalar`` (the official
+    "after_mlm" importance, computed after training on a domain with its
+    masked-LM loss; here any LM loss).
 
   Merge the result across domains with :func:`cl_optax.consolidate` (element
   -wise max, the official ``accumulate_impt``) after mapping it onto the
