@@ -41,10 +41,11 @@ def _standardised_tanh(g: jax.Array) -> jax.Array:
   g = g.astype(jnp.float32)
   if g.size <= 1:
     return jnp.zeros_like(g)
+  top = jnp.max(jnp.abs(g))
+  g = g / jnp.where(top > 0, top, 1.0)  # the result is scale-free; this avoids under/overflow
   centred = g - jnp.mean(g)
   std = jnp.sqrt(jnp.sum(centred**2) / (g.size - 1))
-  # Constant up to float32 rounding of the mean: no unit beats another.
-  spread = std > 1e-6 * jnp.max(jnp.abs(g))
+  spread = std > 1e-6  # constant up to float32 rounding of the mean: no unit beats another
   return jnp.where(spread, jnp.abs(jnp.tanh(centred / jnp.where(spread, std, 1.0))), 0.0)
 
 

@@ -314,3 +314,14 @@ def test_das_contrastive_shapes_checked():
     cl_optax.losses.das_contrastive(jnp.ones((2, 3)), jnp.ones((3, 3)))
   with pytest.raises(ValueError, match=r"`negative` must be \[n, 3\]"):
     cl_optax.losses.das_contrastive(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 4)))
+
+
+def test_tokens_scale_only_the_raw_importance():
+  key, batches = jax.random.key(2), _batches()
+  raw = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False)
+  raw_one = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False, tokens=lambda b: 1.0)
+  n_tokens = sum(b["x"].size for b in batches)
+  chex.assert_trees_all_close(
+    raw_one, jax.tree.map(lambda x: x * n_tokens / len(batches), raw), rtol=1e-5
+  )
+  chex.assert_trees_all_close(das_normalize(raw_one), das_normalize(raw), rtol=1e-4, atol=1e-5)
