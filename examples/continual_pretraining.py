@@ -237,7 +237,8 @@ def run_stream(method, cfg, pretrained, train, held_out, seed):
     shapes = das_param_importance(params, das_units_spec(model, zero))
     tx = optax.chain(optax.adam(cfg["lr"]), cl_optax.soft_mask(importance_shapes=shapes))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  rng = np.random.default_rng(seed + 1)
+  rng = np.random.default_rng(seed + 1)  # training batches: the same for every method
+  impt_rng = np.random.default_rng(seed + 2)  # importance batches (DAS only)
   key = jax.random.key(seed + 1)
   acc_gates = None  # accumulated gate importance (for the contrastive negatives)
 
@@ -262,7 +263,9 @@ def run_stream(method, cfg, pretrained, train, held_out, seed):
     return lm_loss(logits, batch[:, 1:])
 
   def importance(data, loss, k):
-    batches = [windows(data, cfg["batch"], cfg["length"], rng) for _ in range(cfg["impt_batches"])]
+    batches = [
+      windows(data, cfg["batch"], cfg["length"], impt_rng) for _ in range(cfg["impt_batches"])
+    ]
     fn = gated_hidden if loss == "proxy_kl" else gated_logits
     return das_units(
       fn, nnx.state(model), model.ones_gates(), batches, key=k, loss=loss, stacked=True
