@@ -31,7 +31,27 @@ MODELS = {
   "mlp": (784, 256, 256, 10),  # ~0.27M parameters
   "mlp-10m": (784, 3000, 3000, 10),  # ~11.4M parameters
   "mlp-1000": (784, 1000, 1000, 10),  # ~1.8M parameters (the NCL-KFAC target size)
+  "lm": None,  # the byte-level Transformer of examples/continual_pretraining.py, ~0.88M
 }
+
+
+def example_lm_params(seed=0):
+  """Parameters of the example's LM (default config), as a plain nested dict."""
+  import importlib.util
+  import pathlib
+
+  from flax import nnx
+
+  path = pathlib.Path(__file__).parent.parent / "examples" / "continual_pretraining.py"
+  spec = importlib.util.spec_from_file_location("continual_pretraining", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = {"d": 128, "layers": 4, "heads": 4, "ff": 512, "length": 64, "dropout": 0.1}
+  return nnx.state(module.ByteLM(cfg, nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+
+
+def model_params(model):
+  return example_lm_params() if model == "lm" else mlp_params(MODELS[model])
 
 
 def mlp_params(sizes, seed=0):
@@ -73,6 +93,29 @@ def _consolidate_importance(state, params):
   return cl_optax.consolidate(state, params, importance=_uniform_like(params))
 
 
+def das_units_spec(params, path=()):
+  """DAS units of any params: attention layers (query/key/value/out) -> heads,
+  other layers with a kernel -> their output units; embeddings, norms: none."""
+  if not isinstance(params, dict):
+    return {}
+  if {"query", "key", "value", "out"} <= set(params):
+    return {path: ("heads", jnp.zeros(params["query"]["kernel"].shape[-2]))}
+  if "kernel" in params:
+    return {path: ("units", jnp.zeros(params["kernel"].shape[-1]))}
+  spec = {}
+  for k, v in params.items():
+    spec.update(das_units_spec(v, (*path, k)))
+  return spec
+
+
+def das_shapes(params):
+  return cl_optax.importance.das_param_importance(params, das_units_spec(params))
+
+
+def _consolidate_unit_importance(state, params):
+  return cl_optax.consolidate(state, params, importance=_uniform_like(das_shapes(params)))
+
+
 CASES = [
   Case(
     "soft_mask", "adam", lambda b: optax.chain(b, cl_optax.soft_mask()), _consolidate_importance
@@ -84,6 +127,12 @@ CASES = [
     _consolidate_importance,
   ),
   Case("freeze", "adam", lambda b: optax.chain(b, cl_optax.freeze()), _consolidate_importance),
+  Case(
+    "soft_mask_units",  # DAS: one importance per head / unit, broadcast
+    "adam",
+    lambda b: optax.chain(b, cl_optax.soft_mask(importance_shapes=das_shapes)),
+    _consolidate_unit_importance,
+  ),
 ]
 
 
@@ -153,6 +202,7 @@ CASES += [
     "sgd",
     lambda b: optax.chain(cl_optax.gpm(0.97), b),
     _consolidate_representations,
+    models=("mlp", "mlp-10m", "mlp-1000"),  # representations are built per MLP layer
   ),
 ]
 
@@ -235,7 +285,7 @@ def _timer(tx, params, extra, calls):
 
 
 def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 0) -> dict:
-  params = mlp_params(MODELS[model])
+  params = model_params(model)
   base = BASES[case.base]()
   tx = case.make(BASES[case.base]())
   extra = case.extra_args(params)
@@ -249,7 +299,7 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
     t, state = time_tx(state)
     t_tx.append(t)
   row_step = {}
-  if step_batch:
+  if step_batch and model != "lm":  # the step timer trains the MLPs
     step_base = _step_timer(base, params, base_state, step_batch, calls)
     step_tx = _step_timer(tx, params, state, step_batch, calls)
     s_base, s_tx = [], []

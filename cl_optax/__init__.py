@@ -1,6 +1,7 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
 from cl_optax import importance as importance
+from cl_optax import losses as losses
 from cl_optax import replay as replay
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
@@ -47,6 +48,7 @@ __all__ = [
   "consolidate",
   "freeze",
   "importance",
+  "losses",
   "soft_mask",
   "NCLState",
   "ncl",

@@ -215,7 +215,13 @@ def check_in_unit_interval(tree: PyTree, *, transform: str, name: str) -> None:
 def like(old: jax.Array, new: jax.Array) -> jax.Array:
   """``new`` in ``old``'s dtype and, outside jit, on ``old``'s sharding."""
   new = jnp.asarray(new, old.dtype)
-  if _is_concrete(old) and _is_concrete(new) and hasattr(old, "sharding"):
+  if (
+    _is_concrete(old)
+    and _is_concrete(new)
+    and not new.sharding.is_equivalent_to(old.sharding, new.ndim)
+  ):
+    # Only when it differs: a device_put also commits the array, and a jitted
+    # step sees committed and uncommitted inputs as different (a recompile).
     new = jax.device_put(new, old.sharding)
   return new
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cl_optax._das import das_normalize, das_param_importance, das_units  # noqa: F401
+
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array, int], jax.Array]
 

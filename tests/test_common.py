@@ -5,6 +5,8 @@ signals `consolidate` needs for it (built from params).
 """
 
 import functools
+import logging
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,6 +44,21 @@ def _rand_importance(params):
   }
 
 
+def _unit_shapes(params):
+  """One importance per output unit (last axis) of every leaf (DAS-style state)."""
+  return jax.tree.map(lambda p: p.shape[-1:], params)
+
+
+def _unit_importance(params):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(8), len(leaves))
+  return {
+    "importance": jax.tree.unflatten(
+      tree, [jax.random.uniform(k, p.shape[-1:]) for k, p in zip(keys, leaves)]
+    )
+  }
+
+
 CASES = [
   Case(
     "soft_mask",
@@ -63,6 +80,14 @@ CASES = [
     _rand_importance,
     lambda: optax.inject_hyperparams(cl_optax.soft_mask, static_args=("importance_dtype",))(
       importance_dtype=jnp.bfloat16
+    ),
+  ),
+  Case(
+    "soft_mask_units",
+    lambda: cl_optax.soft_mask(importance_shapes=_unit_shapes),
+    _unit_importance,
+    lambda: optax.inject_hyperparams(cl_optax.soft_mask, static_args=("importance_shapes",))(
+      importance_shapes=_unit_shapes
     ),
   ),
   Case(
@@ -291,7 +316,7 @@ def test_state_stable_across_steps_and_consolidate(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_no_retrace_after_consolidate(case):
+def test_no_retrace_or_recompile_after_consolidate(case, caplog):
   params = make_params()
   tx = optax.chain(optax.adam(0.1), case.make())
 
@@ -302,12 +327,19 @@ def test_no_retrace_after_consolidate(case):
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
-  for task in range(3):
-    for step in range(2):
-      extra = case.extra_args(params)
-      params, state = train_step(params, state, _grads(params, 10 * task + step), extra)
-    state = cl_optax.consolidate(state, params, **case.signals(params))
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    for task in range(3):
+      for step in range(2):
+        extra = case.extra_args(params)
+        params, state = train_step(params, state, _grads(params, 10 * task + step), extra)
+      state = cl_optax.consolidate(state, params, **case.signals(params))
   chex.clear_trace_counter()
+  compiles = [
+    r
+    for r in caplog.records
+    if re.search(r"Finished .*compilation of .*train_step", r.getMessage())
+  ]
+  assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
