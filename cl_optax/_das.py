@@ -29,24 +29,12 @@ import numpy as np
 import optax
 
 from cl_optax import _state
+from cl_optax._standardize import standardised_tanh
 
 PyTree = Any
 GatedFn = Callable[[PyTree, PyTree, Any, jax.Array], jax.Array]
 
 _LOSSES = ("proxy_kl",)
-
-
-def _standardised_tanh(g: jax.Array) -> jax.Array:
-  """``|tanh((g - mean g) / std g)|`` over ``g`` (unbiased std); constant ``g`` gives 0."""
-  g = g.astype(jnp.float32)
-  if g.size <= 1:
-    return jnp.zeros_like(g)
-  top = jnp.max(jnp.abs(g))
-  g = g / jnp.where(top > 0, top, 1.0)  # the result is scale-free; this avoids under/overflow
-  centred = g - jnp.mean(g)
-  std = jnp.sqrt(jnp.sum(centred**2) / (g.size - 1))
-  spread = std > 1e-6  # constant up to float32 rounding of the mean: no unit beats another
-  return jnp.where(spread, jnp.abs(jnp.tanh(centred / jnp.where(spread, std, 1.0))), 0.0)
 
 
 def das_normalize(raw: PyTree, *, stacked: bool = False) -> PyTree:
@@ -75,8 +63,8 @@ def das_normalize(raw: PyTree, *, stacked: bool = False) -> PyTree:
           f"das_normalize: with stacked=True every leaf needs a leading layer axis; "
           f"got a leaf of shape {x.shape}."
         )
-      return jax.vmap(_standardised_tanh)(x)
-    return _standardised_tanh(x)
+      return jax.vmap(standardised_tanh)(x)
+    return standardised_tanh(x)
 
   return jax.tree.map(norm, raw)
 

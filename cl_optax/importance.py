@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax._das import das_normalize, das_param_importance, das_units  # noqa: F401
+from cl_optax._standardize import standardised_tanh
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array, int], jax.Array]
@@ -44,22 +45,6 @@ def _summed_head_grad(logits_fn, params, xs, ys, head, is_current):
     return optax.tree.add(acc, g), None
 
   return jax.lax.scan(body, optax.tree.zeros_like(params), (xs, ys))[0]
-
-
-def _standardised_tanh(g: jax.Array) -> jax.Array:
-  """``|tanh((g - mean g) / std g)|`` over the whole tensor (unbiased std).
-
-  A tensor whose entries are all equal (all zero, a constant, a scalar) has no
-  entry more important than another: it gets 0 instead of the official code's
-  NaN (it skips only the all-zero case, where it also gives 0).
-  """
-  if g.size == 0:
-    return jnp.abs(g)
-  g = g.astype(jnp.float32)
-  centred = g - jnp.mean(g)
-  std = jnp.std(g, ddof=1) if g.size > 1 else jnp.zeros((), g.dtype)
-  safe = jnp.where(std > 0, std, 1.0)
-  return jnp.where(std > 0, jnp.abs(jnp.tanh(centred / safe)), 0.0)
 
 
 def spg(
@@ -124,7 +109,7 @@ def spg(
     for xs, ys in stacked:
       g = _summed_head_grad(logits_fn, params, xs, ys, head, head == task)
       grads = g if grads is None else optax.tree.add(grads, g)
-    gamma = jax.tree.map(_standardised_tanh, grads)
+    gamma = jax.tree.map(standardised_tanh, grads)
     importance = gamma if importance is None else jax.tree.map(jnp.maximum, importance, gamma)
   return importance
 
