@@ -182,7 +182,13 @@ def register(method: Method) -> Method:
 
 
 def _spg_importance(end: TaskEnd) -> PyTree:
-  return cl_optax.importance.spg(end.logits_fn, end.params, end.batches, task=end.task)
+  task = end.task
+  shared = (end.columns == end.columns[0]).all() and (end.valid == end.valid[0]).all()
+  if shared and task > 1:
+    # One shared head (domain-incremental): every old head's sum-of-logits loss is the
+    # same function, so heads 1..t-1 repeat head 0; SPG with task=1 gives the same max.
+    task = 1
+  return cl_optax.importance.spg(end.logits_fn, end.params, end.batches, task=task)
 
 
 def _consolidate_spg(end: TaskEnd):
@@ -244,7 +250,9 @@ def _mnist(path):
 
 def _digits_split(args, seed):
   ds = streams.load_digits()
-  return streams.split(ds.x_train, ds.y_train, classes_per_task=2, scenario=args.scenario, seed=seed)
+  return streams.split(
+    ds.x_train, ds.y_train, classes_per_task=2, scenario=args.scenario, seed=seed
+  )
 
 
 def _mnist_split(args, seed):
@@ -280,34 +288,66 @@ def _mnist_rotated(n_tasks, n_train):
 PRESETS: dict[str, Preset] = {
   "split-digits": Preset(
     "scikit-learn digits, 5 tasks x 2 classes, MLP 64-256-256, 10 epochs, batch 32 (offline)",
-    _digits_split, (256, 256), "adam", {"sgd": 0.1, "adam": 1e-3}, 32, epochs=10,
+    _digits_split,
+    (256, 256),
+    "adam",
+    {"sgd": 0.1, "adam": 1e-3},
+    32,
+    epochs=10,
     scenario="task",
   ),
   "split-mnist": Preset(
     "van de Ven et al.: split MNIST 5 x 2, MLP 784-400-400, Adam 1e-3, batch 128, 2000 iters/task",
-    _mnist_split, (400, 400), "adam", {"sgd": 0.1, "adam": 1e-3}, 128, epochs=None, iters=2000,
+    _mnist_split,
+    (400, 400),
+    "adam",
+    {"sgd": 0.1, "adam": 1e-3},
+    128,
+    epochs=None,
+    iters=2000,
     scenario="task",
   ),
   "pmnist-agem": Preset(
     "A-GEM (Chaudhry et al. 2019): permuted MNIST, the 17 evaluation tasks, 1000 examples/task, "
     "1 epoch, batch 10, MLP 784-256-256-10, SGD (VAN lr 0.03); train pool = MNIST train[5000:] "
     "(TF's 55000)",
-    _mnist_permuted(17, 1000, skip=5000), (256, 256), "sgd", {"sgd": 0.03, "adam": 1e-3}, 10, epochs=1,
+    _mnist_permuted(17, 1000, skip=5000),
+    (256, 256),
+    "sgd",
+    {"sgd": 0.03, "adam": 1e-3},
+    10,
+    epochs=1,
   ),
   "pmnist-gem": Preset(
     "GEM (Lopez-Paz & Ranzato 2017): permuted MNIST, 20 tasks x 1000 examples, 1 epoch, batch 10, "
     "MLP 784-100-100-10, SGD lr 0.1",
-    _mnist_permuted(20, 1000), (100, 100), "sgd", {"sgd": 0.1, "adam": 1e-3}, 10, epochs=1,
+    _mnist_permuted(20, 1000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.1, "adam": 1e-3},
+    10,
+    epochs=1,
   ),
   "rmnist-gem": Preset(
-    "GEM: rotated MNIST, 20 tasks (angles in [9t, 9t+9) deg), 1000 examples/task, 1 epoch, batch 10, "
+    "GEM: rotated MNIST, 20 tasks (angles in [9t, 9t+9) deg), 1000 examples/task, 1 epoch, "
+    "batch 10, "
     "MLP 784-100-100-10, SGD lr 0.1",
-    _mnist_rotated(20, 1000), (100, 100), "sgd", {"sgd": 0.1, "adam": 1e-3}, 10, epochs=1,
+    _mnist_rotated(20, 1000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.1, "adam": 1e-3},
+    10,
+    epochs=1,
   ),
   "pmnist-gpm": Preset(
     "GPM (Saha et al. 2021): permuted MNIST, 10 tasks, 54000 train examples/task (10% held out), "
     "5 epochs, batch 10, MLP 784-100-100-10 without biases, SGD lr 0.01",
-    _mnist_permuted(10, 54000), (100, 100), "sgd", {"sgd": 0.01, "adam": 1e-3}, 10, epochs=5,
+    _mnist_permuted(10, 54000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.01, "adam": 1e-3},
+    10,
+    epochs=5,
     bias=False,
   ),
 }
@@ -427,8 +467,14 @@ def run_method(
   make_stream: Callable[[int], streams.Stream],
   cfg: Config,
   seeds: list[int],
+  *,
+  return_state: bool = False,
 ) -> list[dict]:
-  """Trains one method on the stream for each seed; returns one record per seed."""
+  """Trains one method on the stream for each seed; returns one record per seed.
+
+  With ``return_state`` each record also holds ``"final_state"``:
+  ``(params, opt_state, aux)`` after the last task (not JSON-serialisable).
+  """
   method = METHODS[name]
   opt = method.optimizer or cfg.optimizer
   hp = {**method.defaults, **{k: v for k, v in cfg.hp.items() if k in method.defaults}}
@@ -483,7 +529,11 @@ def run_method(
       key, k_task, k_end = jax.random.split(key, 3)
       args = (params, opt_state, aux, k_task, X, Y, idx, jnp.asarray(active), jnp.int32(t),
               columns, valid)  # fmt: skip
-      sig = (padded, ticks_every, str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)))
+      sig = (
+        padded,
+        ticks_every,
+        str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)),
+      )
       if sig not in compiled_cache:  # compile once per shape, outside the timed region
         c0 = time.perf_counter()
         compiled_cache[sig] = train_fn.lower(*args).compile()
@@ -541,6 +591,8 @@ def run_method(
         "wall_s": wall,
       }
     )
+    if return_state:
+      records[-1]["final_state"] = (params, opt_state, aux)
   return records
 
 
@@ -692,7 +744,9 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
   parser.add_argument("--optimizer", default=None, choices=sorted(BASES))
   parser.add_argument("--hp", action="append", help="method hyper-parameter name=value")
-  parser.add_argument("--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})")
+  parser.add_argument(
+    "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
+  )
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--list", action="store_true", help="list methods and streams")
@@ -749,7 +803,8 @@ def main(argv=None):
           device=f"{dev.platform} ({dev.device_kind})",
           machine=platform.machine(),
           jax=jax.__version__,
-          command="python -m benchmarks.continual " + " ".join(sys.argv[1:] if argv is None else argv),
+          command="python -m benchmarks.continual "
+          + " ".join(sys.argv[1:] if argv is None else argv),
         )
         f.write(json.dumps(r) + "\n")
         f.flush()

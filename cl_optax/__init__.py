@@ -1,6 +1,8 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
 from cl_optax import importance as importance
+from cl_optax import metrics as metrics
+from cl_optax import streams as streams
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
 from cl_optax.masking import FreezeState as FreezeState
@@ -17,5 +19,7 @@ __all__ = [
   "consolidate",
   "freeze",
   "importance",
+  "metrics",
   "soft_mask",
+  "streams",
 ]

@@ -219,13 +219,17 @@ def split(
   classes = np.unique(y)
   if groups is None:
     if not isinstance(classes_per_task, int) or classes_per_task < 1:
-      raise ValueError(f"{what}: classes_per_task must be a positive int; got {classes_per_task!r}.")
+      raise ValueError(
+        f"{what}: classes_per_task must be a positive int; got {classes_per_task!r}."
+      )
     if len(classes) % classes_per_task:
       raise ValueError(
         f"{what}: {len(classes)} classes cannot be split into groups of {classes_per_task}; "
         "pass groups= explicitly."
       )
-    groups = [tuple(classes[i : i + classes_per_task]) for i in range(0, len(classes), classes_per_task)]
+    groups = [
+      tuple(classes[i : i + classes_per_task]) for i in range(0, len(classes), classes_per_task)
+    ]
   groups = [tuple(int(c) for c in g) for g in groups]
   sizes = {len(g) for g in groups}
   if not groups or 0 in sizes:
@@ -367,7 +371,9 @@ def permuted(
   xt, yt = (x, y) if test is None else _check_xy(*test, f"{what} (test)")
   d = int(np.prod(x.shape[1:]))
   if int(np.prod(xt.shape[1:])) != d:
-    raise ValueError(f"{what}: test inputs have {int(np.prod(xt.shape[1:]))} features; expected {d}.")
+    raise ValueError(
+      f"{what}: test inputs have {int(np.prod(xt.shape[1:]))} features; expected {d}."
+    )
   rng = np.random.default_rng(seed)
   perms = [rng.permutation(d) for _ in range(n_tasks)]
   if first_identity:
@@ -415,7 +421,12 @@ def rotation_weights(shape: tuple[int, int], degrees: float, *, interpolation: s
   r0, c0 = np.floor(src_r).astype(int), np.floor(src_c).astype(int)
   fr, fc = src_r - r0, src_c - c0
   idx, wts = [], []
-  for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+  for dr, dc, wt in (
+    (0, 0, (1 - fr) * (1 - fc)),
+    (0, 1, (1 - fr) * fc),
+    (1, 0, fr * (1 - fc)),
+    (1, 1, fr * fc),
+  ):
     rr, cc = r0 + dr, c0 + dc
     inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
     idx.append(np.where(inside, rr * w + cc, 0))
@@ -551,14 +562,17 @@ def read_idx(path) -> np.ndarray:
   dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
   payload = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if payload.size != int(np.prod(dims)):
-    raise ValueError(
-      f"read_idx: {path} holds {payload.size} values; its header says {dims}."
-    )
+    raise ValueError(f"read_idx: {path} holds {payload.size} values; its header says {dims}.")
   return payload.reshape(dims)
 
 
 def _find_idx(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
-  for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+  for name in (
+    stem,
+    stem + ".gz",
+    stem.replace("-idx", ".idx"),
+    stem.replace("-idx", ".idx") + ".gz",
+  ):
     if (folder / name).is_file():
       return folder / name
   return None

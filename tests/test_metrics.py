@@ -54,7 +54,7 @@ def _reference(R, b):
   fwt = sum(R[j - 1][j] - b[j] for j in range(1, T)) / (T - 1)
   fgt = 0.0
   for j in range(T - 1):
-    best = max(R[l][j] for l in range(T - 1))
+    best = max(R[i][j] for i in range(T - 1))
     fgt += best - R[T - 1][j]
   return acc, bwt, fwt, fgt / (T - 1)
 

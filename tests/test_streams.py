@@ -68,7 +68,9 @@ def test_split_seed_changes_holdout_only():
   c = streams.split(x, y, classes_per_task=2, seed=1)
   np.testing.assert_array_equal(a[0].train_index, b[0].train_index)
   assert not np.array_equal(a[0].train_index, c[0].train_index)
-  assert set(a[0].train_index) | set(a[0].test_index) == set(c[0].train_index) | set(c[0].test_index)
+  assert set(a[0].train_index) | set(a[0].test_index) == set(c[0].train_index) | set(
+    c[0].test_index
+  )
 
 
 def test_split_with_test_set_and_groups():
@@ -246,7 +248,9 @@ def test_load_mnist_npz_env_var(tmp_path, monkeypatch):
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.delenv(streams.ENV_VAR, raising=False)
-  with pytest.raises(FileNotFoundError, match=r"(?s)Looked for `mnist.npz`.*nothing-here.*CL_OPTAX_DATA"):
+  with pytest.raises(
+    FileNotFoundError, match=r"(?s)Looked for `mnist.npz`.*nothing-here.*CL_OPTAX_DATA"
+  ):
     streams.load_mnist(tmp_path / "nothing-here")
   (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
   with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
@@ -270,3 +274,15 @@ def test_shared_mnist_permuted_stream():
   xte, yte = s[2].test()
   assert xtr.shape == (1000, 784) and xte.shape == (10000, 784)
   np.testing.assert_array_equal(yte, ds.y_test)
+
+
+def test_core_import_does_not_pull_optional_packages():
+  import subprocess
+  import sys
+
+  code = (
+    "import sys, cl_optax; cl_optax.streams.split; "
+    "bad = [m for m in ('sklearn', 'matplotlib', 'flax', 'tqdm') if m in sys.modules]; "
+    "assert not bad, bad"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
