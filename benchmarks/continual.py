@@ -159,6 +159,9 @@ class Method(NamedTuple):
       gradient: extra args for ``tx.update`` (e.g. ``ref_grads`` from the
       memory) and the new aux.
     defaults: the method's hyper-parameters (``--hp name=value`` overrides).
+    protocol: per-preset settings, ``{preset: {"lr": ..., **hp}}``: the
+      learning rate and hyper-parameters a paper used for this method on that
+      protocol (e.g. A-GEM's lr 0.1 on ``pmnist-agem``); ``--lr``/``--hp`` win.
   """
 
   name: str
@@ -169,6 +172,7 @@ class Method(NamedTuple):
   init_aux: Callable[[AuxInit], PyTree] | None = None
   step: Callable[[Step], tuple[dict, PyTree]] | None = None
   defaults: dict = {}
+  protocol: dict = {}
 
 
 METHODS: dict[str, Method] = {}
@@ -375,6 +379,8 @@ class Config(NamedTuple):
   hp: dict = {}
   progress: bool = True
   ticks: int = 50  # progress updates per task
+  protocol: str = ""  # the preset's name (selects Method.protocol settings)
+  lr_override: float | None = None  # --lr
 
 
 def _batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -469,16 +475,21 @@ def run_method(
   seeds: list[int],
   *,
   return_state: bool = False,
+  on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
   """Trains one method on the stream for each seed; returns one record per seed.
 
   With ``return_state`` each record also holds ``"final_state"``:
   ``(params, opt_state, aux)`` after the last task (not JSON-serialisable).
+  ``on_record`` is called with each record as soon as its seed is done.
   """
   method = METHODS[name]
   opt = method.optimizer or cfg.optimizer
-  hp = {**method.defaults, **{k: v for k, v in cfg.hp.items() if k in method.defaults}}
-  lr = cfg.lr[opt]
+  spec = dict(method.protocol.get(cfg.protocol, {}))
+  lr = spec.pop("lr", cfg.lr[opt])
+  lr = cfg.lr_override if cfg.lr_override is not None else lr
+  hp = {**method.defaults, **spec}
+  hp.update({k: v for k, v in cfg.hp.items() if k in hp})
   hyper = Hyper(opt, lr, hp, is_head)
   tx = method.make(hyper)
   records = []
@@ -591,6 +602,8 @@ def run_method(
         "wall_s": wall,
       }
     )
+    if on_record is not None:
+      on_record(records[-1])
     if return_state:
       records[-1]["final_state"] = (params, opt_state, aux)
   return records
@@ -767,8 +780,6 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
   lr = dict(preset.lr)
-  if args.lr is not None:
-    lr = {k: args.lr for k in lr}
   iters = args.iters if args.iters is not None else (preset.iters if args.epochs is None else None)
   epochs = None if iters is not None else (args.epochs or preset.epochs or 1)
   cfg = Config(
@@ -781,6 +792,8 @@ def main(argv=None):
     bias=preset.bias,
     hp=_parse_hp(args.hp),
     progress=not args.no_progress,
+    protocol=args.stream,
+    lr_override=args.lr,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]
@@ -796,8 +809,8 @@ def main(argv=None):
   jsonl = args.out / "results.jsonl"
   with open(jsonl, "w") as f:
     for name in names:
-      recs = run_method(name, lambda s: preset.stream(args, s), cfg, seeds)
-      for r in recs:
+
+      def write(r):
         r.update(
           protocol=args.stream,
           device=f"{dev.platform} ({dev.device_kind})",
@@ -808,6 +821,8 @@ def main(argv=None):
         )
         f.write(json.dumps(r) + "\n")
         f.flush()
+
+      recs = run_method(name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write)
       records += recs
       print(
         f"  {name}: ACC {_fmt([r['acc'] for r in recs])} %, "

@@ -184,3 +184,21 @@ def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
   continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--out", str(tmp_path)])
   steps = 2 * (int(0.8 * 12) * 2 // 4)
   assert counts == [(steps, steps)] * 2
+
+
+def test_protocol_settings_per_method(tiny, monkeypatch, tmp_path):
+  method = continual.Method(
+    "freeze_tuned",
+    continual.METHODS["freeze"].make,
+    end_task=continual.METHODS["freeze"].end_task,
+    defaults={"threshold": 0.95},
+    protocol={"tiny": {"lr": 0.05, "threshold": 0.5}},
+  )
+  monkeypatch.setitem(continual.METHODS, "freeze_tuned", method)
+  argv = ["--stream", tiny, "--methods", "freeze_tuned", "--seeds", "1", "--no-progress"]
+  (r,) = continual.main(argv + ["--out", str(tmp_path / "a")])
+  assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.5}
+  (r,) = continual.main(
+    argv + ["--out", str(tmp_path / "b"), "--lr", "0.2", "--hp", "threshold=0.7"]
+  )
+  assert r["lr"] == 0.2 and r["hp"] == {"threshold": 0.7}
