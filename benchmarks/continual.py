@@ -65,6 +65,23 @@ def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
   return h @ params["head"]["kernel"] + params["head"].get("bias", 0.0)
 
 
+def mlp_layer_inputs(params: dict, x: jax.Array) -> dict:
+  """The input of every layer at ``x``, at the path of its kernel.
+
+  ``{"layer0": {"kernel": x [n, d_in]}, ..., "head": {"kernel": h [n, d]}}``:
+  the ``representations=`` signal GPM's consolidate reads (Saha et al. 2021).
+  """
+  h = x.reshape(x.shape[0], -1)
+  out = {}
+  n = len(params) - 1
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    out[f"layer{i}"] = {"kernel": h}
+    h = jax.nn.relu(h @ layer["kernel"] + layer.get("bias", 0.0))
+  out["head"] = {"kernel": h}
+  return out
+
+
 def is_head(params: PyTree) -> PyTree:
   """Labels (optax.masked style): True on the output layer's leaves."""
   return {k: jax.tree.map(lambda _: k == "head", v) for k, v in params.items()}

@@ -202,3 +202,16 @@ def test_protocol_settings_per_method(tiny, monkeypatch, tmp_path):
     argv + ["--out", str(tmp_path / "b"), "--lr", "0.2", "--hp", "threshold=0.7"]
   )
   assert r["lr"] == 0.2 and r["hp"] == {"threshold": 0.7}
+
+
+def test_mlp_layer_inputs_match_the_forward_pass():
+  params = continual.mlp_init(jax.random.key(0), (5, 7, 3), bias=False)
+  x = jax.random.normal(jax.random.key(1), (4, 5))
+  reps = continual.mlp_layer_inputs(params, x)
+  np.testing.assert_allclose(reps["layer0"]["kernel"], x)
+  h = np.maximum(np.asarray(x) @ np.asarray(params["layer0"]["kernel"]), 0)
+  np.testing.assert_allclose(reps["head"]["kernel"], h, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    continual.mlp_apply(params, x), h @ np.asarray(params["head"]["kernel"]), rtol=1e-5, atol=1e-5
+  )
+  assert "bias" not in params["head"]
