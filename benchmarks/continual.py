@@ -476,6 +476,23 @@ def _make_train(method: Method, tx, apply, hp: dict, ticks_every: int, padded: b
   return train, loss_fn_for
 
 
+_LOGITS_FNS: dict = {}
+
+
+def _logits_fn(columns: np.ndarray, valid: np.ndarray):
+  """``logits_fn(params, x, head)`` for the estimators, one object per head layout
+  (they jit with it as a static argument, so seeds with the same layout share compiles)."""
+  key = (columns.shape, columns.tobytes(), valid.tobytes())
+  if key not in _LOGITS_FNS:
+    cols, ok = jnp.asarray(columns), jnp.asarray(valid)
+
+    def logits_fn(p, x, head):
+      return head_logits(mlp_apply(p, x), cols[head], ok[head])
+
+    _LOGITS_FNS[key] = logits_fn
+  return _LOGITS_FNS[key]
+
+
 def _make_eval(apply):
   @jax.jit
   def correct(params, x, y, w, cols, valid):
@@ -540,8 +557,7 @@ def run_method(
       trainers[padded, ticks_every] = _make_train(method, tx, mlp_apply, hp, ticks_every, padded)
     train_fn, loss_fn_for = trainers[padded, ticks_every]
 
-    def logits_fn(p, x, head):
-      return head_logits(mlp_apply(p, x), columns[head], valid[head])
+    logits_fn = _logits_fn(stream.columns, stream.train_valid)
 
     baseline = test_cache.evaluate(evaluate, params, eval_valid)
     R = np.zeros((T, T))
@@ -707,6 +723,7 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   by = {}
   for r in records:
@@ -738,6 +755,7 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     ax.plot(x, mean, marker="o", ms=3, label=m)
     ax.fill_between(x, mean - std, mean + std, alpha=0.2)
   ax.set(xlabel="tasks seen", ylabel="average accuracy on tasks seen (%)", title=rs[0]["stream"])
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend()
   path = out / "avg_accuracy.png"
