@@ -808,7 +808,17 @@ def main(argv=None):
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--list", action="store_true", help="list methods and streams")
+  parser.add_argument("--from-jsonl", type=pathlib.Path, nargs="+", default=None,
+                      help="no training: print the table and plot these results.jsonl files")  # fmt: skip
   args = parser.parse_args(argv)
+
+  if args.from_jsonl:
+    records = [json.loads(line) for f in args.from_jsonl for line in open(f) if line.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(results_table(records))
+    paths = save_plots(records, args.out)
+    print("plots:   " + "\n         ".join(str(p) for p in paths))
+    return records
 
   if args.list:
     print("methods:")

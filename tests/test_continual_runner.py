@@ -215,3 +215,12 @@ def test_mlp_layer_inputs_match_the_forward_pass():
     continual.mlp_apply(params, x), h @ np.asarray(params["head"]["kernel"]), rtol=1e-5, atol=1e-5
   )
   assert "bias" not in params["head"]
+
+
+def test_from_jsonl_replots(tiny, tmp_path, capsys):
+  continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--no-progress",
+                  "--out", str(tmp_path / "a")])  # fmt: skip
+  recs = continual.main(["--from-jsonl", str(tmp_path / "a" / "results.jsonl"),
+                         "--out", str(tmp_path / "b")])  # fmt: skip
+  assert len(recs) == 1 and (tmp_path / "b" / "heatmap_sgd.png").is_file()
+  assert "sgd" in capsys.readouterr().out
