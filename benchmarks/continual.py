@@ -808,8 +808,13 @@ def main(argv=None):
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--list", action="store_true", help="list methods and streams")
-  parser.add_argument("--from-jsonl", type=pathlib.Path, nargs="+", default=None,
-                      help="no training: print the table and plot these results.jsonl files")  # fmt: skip
+  parser.add_argument(
+    "--from-jsonl",
+    type=pathlib.Path,
+    nargs="+",
+    default=None,
+    help="no training: print the table and plot these results.jsonl files",
+  )
   args = parser.parse_args(argv)
 
   if args.from_jsonl:
