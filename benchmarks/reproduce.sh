@@ -24,6 +24,9 @@ run agem1k-pmnist-masks --stream pmnist-agem-1k --methods soft_mask,freeze --see
 # (b) GEM: the "single" baseline lrs of run_experiments.sh (0.03 permutations, 0.003 rotations)
 run gem-pmnist-sgd --stream pmnist-gem --methods sgd --seeds 5 --lr 0.03
 run gem-rmnist-sgd --stream rmnist-gem --methods sgd --seeds 5 --lr 0.003
+#     and at the lr 0.1 GEM used for every other model
+run gem-pmnist-sgd-lr0.1 --stream pmnist-gem --methods sgd --seeds 5
+run gem-rmnist-sgd-lr0.1 --stream rmnist-gem --methods sgd --seeds 5
 # (c) van de Ven et al.: split MNIST in the three scenarios, Adam 1e-3, 2000 iterations/task
 for sc in task domain class; do
   run vdv-splitmnist-$sc --stream split-mnist --scenario $sc --methods adam,soft_mask --seeds 3
