@@ -37,6 +37,7 @@ def tiny(monkeypatch):
   return "tiny"
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_json_and_png(tiny, tmp_path, capsys):
   out = tmp_path / "run"
   records = continual.main(
