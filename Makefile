@@ -18,8 +18,9 @@ $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@
 
+# Split digits (offline), every registered method, 3 seeds: table + results/demo/*.png
 demo: $(VENV)/.stamp-bench
-	$(BIN)/python examples/flax_soft_mask.py --out results/demo
+	$(BIN)/python -m benchmarks.continual --stream split-digits --seeds 3 --out results/demo
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest

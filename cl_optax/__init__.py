@@ -2,7 +2,9 @@
 
 from cl_optax import importance as importance
 from cl_optax import losses as losses
+from cl_optax import metrics as metrics
 from cl_optax import replay as replay
+from cl_optax import streams as streams
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
 from cl_optax.masking import FreezeState as FreezeState
@@ -32,32 +34,34 @@ from cl_optax.regularization import si as si
 __version__ = "0.1.0"
 
 __all__ = [
-  "AGEMState",
-  "GEMState",
-  "GPMState",
-  "OGDState",
   "agem",
-  "gem",
-  "gpm",
-  "ogd",
-  "output_gradients",
-  "replay",
-  "ContinualState",
-  "FreezeState",
-  "SoftMaskState",
+  "AGEMState",
   "consolidate",
+  "ContinualState",
+  "ewc",
+  "EWCState",
   "freeze",
+  "FreezeState",
+  "gem",
+  "GEMState",
+  "gpm",
+  "GPMState",
   "importance",
   "losses",
-  "soft_mask",
-  "NCLState",
-  "ncl",
-  "EWCState",
-  "MASState",
-  "OnlineEWCState",
-  "SIState",
-  "ewc",
   "mas",
+  "MASState",
+  "metrics",
+  "ncl",
+  "NCLState",
+  "ogd",
+  "OGDState",
   "online_ewc",
+  "OnlineEWCState",
+  "output_gradients",
+  "replay",
   "si",
+  "SIState",
+  "soft_mask",
+  "SoftMaskState",
+  "streams",
 ]

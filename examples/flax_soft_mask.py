@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import cl_optax
+from cl_optax import metrics, streams
 
 N_TASKS, CLASSES_PER_TASK = 5, 2
 
@@ -47,18 +47,11 @@ class MLP(nnx.Module):
 
 
 def split_digits(seed: int):
-  """Five tasks of digits (0,1), (2,3), ...: per task train/test (x, local y)."""
-  x, y = load_digits(return_X_y=True)
-  x = (x / 16.0).astype(np.float32)
-  rng = np.random.default_rng(seed)
-  tasks = []
-  for t in range(N_TASKS):
-    idx = np.flatnonzero(y // CLASSES_PER_TASK == t)
-    idx = rng.permutation(idx)
-    cut = int(0.8 * len(idx))
-    local = (y[idx] % CLASSES_PER_TASK).astype(np.int32)
-    tasks.append(((x[idx[:cut]], local[:cut]), (x[idx[cut:]], local[cut:])))
-  return tasks
+  """Five tasks of digits (0,1), (2,3), ...: task-incremental, local labels 0/1."""
+  ds = streams.load_digits()
+  return streams.split(
+    ds.x_train, ds.y_train, classes_per_task=CLASSES_PER_TASK, scenario="task", seed=seed
+  )
 
 
 def make_tx(method: str, lr: float) -> optax.GradientTransformation:
@@ -100,7 +93,7 @@ def batches(x, y, batch_size, rng):
 
 def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
   """Trains one method over the stream; returns the accuracy matrix R."""
-  tasks = split_digits(seed)
+  tasks = [(task.train(), task.test()) for task in split_digits(seed)]
   model = MLP(nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, make_tx(method, lr), wrt=nnx.Param)
   graphdef, _ = nnx.split(model)
@@ -123,16 +116,6 @@ def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
       )
       cl_optax.consolidate(optimizer, params, importance=imp)
   return acc
-
-
-def average_accuracy(acc):
-  return float(acc[-1].mean())
-
-
-def average_forgetting(acc):
-  """Chaudhry et al. 2018: mean over tasks 0..T-2 of max_l R[l, j] - R[T-1, j]."""
-  n = acc.shape[0]
-  return float(np.mean([acc[: n - 1, j].max() - acc[-1, j] for j in range(n - 1)]))
 
 
 def save_heatmaps(results, out: pathlib.Path):
@@ -185,8 +168,8 @@ def main():
 
   print(f"\n{'method':<16} {'avg accuracy (%)':>18} {'avg forgetting (%)':>20}")
   for method, mats in results.items():
-    a = [100 * average_accuracy(m) for m in mats]
-    f = [100 * average_forgetting(m) for m in mats]
+    a = [100 * metrics.average_accuracy(m) for m in mats]
+    f = [100 * metrics.forgetting(m) for m in mats]
     print(
       f"{method:<16} {np.mean(a):>11.2f} ± {np.std(a):4.2f} {np.mean(f):>13.2f} ± {np.std(f):4.2f}"
     )

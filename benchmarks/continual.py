@@ -1,0 +1,900 @@
+"""Continual-learning benchmark: a stream x methods -> accuracy matrices, table, JSON, plots.
+
+  python -m benchmarks.continual                                  # split digits, landed methods
+  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data ../shared/data
+  python -m benchmarks.continual --stream split-mnist --scenario class --methods adam,soft_mask
+
+Each task trains in ONE jitted `lax.scan` over its batches (the optimiser, the
+method's per-step side inputs and the progress ticks all run inside it); a
+method's end-of-task work (importance estimation, `cl_optax.consolidate`) runs
+between tasks. Results: a table in the terminal, `results.jsonl` (one line per
+method and seed, with the full accuracy matrix and samples/s), and PNG plots
+(accuracy-matrix heatmap per method; average accuracy vs tasks seen).
+
+Add a method with ONE `register(Method(...))` entry (see `Method` and
+benchmarks/ADDING_METHODS.md); add a protocol with one `PRESETS` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import cl_optax
+from cl_optax import metrics, streams
+
+PyTree = Any
+
+# ------------------------------------------------------------------- model
+
+
+def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True) -> dict:
+  """MLP parameters, PyTorch's default Linear init (U(+-1/sqrt(fan_in)))."""
+  params = {}
+  keys = jax.random.split(key, 2 * (len(sizes) - 1))
+  n = len(sizes) - 1
+  for i, (m, k) in enumerate(zip(sizes[:-1], sizes[1:])):
+    bound = 1.0 / np.sqrt(m)
+    layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
+    if bias:
+      layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
+    params["head" if i == n - 1 else f"layer{i}"] = layer
+  return params
+
+
+def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
+  """ReLU MLP; the output layer is the leaf ``head``."""
+  h = x.reshape(x.shape[0], -1)
+  n = len(params) - 1
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    h = jax.nn.relu(h @ layer["kernel"] + layer.get("bias", 0.0))
+  return h @ params["head"]["kernel"] + params["head"].get("bias", 0.0)
+
+
+def mlp_layer_inputs(params: dict, x: jax.Array) -> dict:
+  """The input of every layer at ``x``, at the path of its kernel.
+
+  ``{"layer0": {"kernel": x [n, d_in]}, ..., "head": {"kernel": h [n, d]}}``:
+  the ``representations=`` signal GPM's consolidate reads (Saha et al. 2021).
+  """
+  h = x.reshape(x.shape[0], -1)
+  out = {}
+  n = len(params) - 1
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    out[f"layer{i}"] = {"kernel": h}
+    h = jax.nn.relu(h @ layer["kernel"] + layer.get("bias", 0.0))
+  out["head"] = {"kernel": h}
+  return out
+
+
+def is_head(params: PyTree) -> PyTree:
+  """Labels (optax.masked style): True on the output layer's leaves."""
+  return {k: jax.tree.map(lambda _: k == "head", v) for k, v in params.items()}
+
+
+def head_logits(logits, columns, valid):
+  """Gathers each example's head columns; inactive columns get -1e9."""
+  cols = jnp.broadcast_to(columns, logits.shape[:1] + columns.shape[-1:])
+  ok = jnp.broadcast_to(valid, cols.shape)
+  return jnp.where(ok, jnp.take_along_axis(logits, cols, axis=1), -1e9)
+
+
+def xent(logits, columns, valid, y):
+  return optax.softmax_cross_entropy_with_integer_labels(head_logits(logits, columns, valid), y)
+
+
+# ----------------------------------------------------------------- methods
+
+
+class Hyper(NamedTuple):
+  """What a method's `make` gets: the optimiser choice and hyper-parameters."""
+
+  optimizer: str  # "sgd" or "adam": the base optimiser of the protocol
+  lr: float
+  hp: dict  # the method's hyper-parameters (Method.defaults, overridden by --hp)
+  is_head: Callable[[PyTree], PyTree]  # labels of the output-layer leaves
+
+  def base(self) -> optax.GradientTransformation:
+    return BASES[self.optimizer](self.lr)
+
+
+BASES = {"sgd": optax.sgd, "adam": optax.adam}
+
+
+class Step(NamedTuple):
+  """What a method's `step` hook sees, inside the jitted scan (all traced)."""
+
+  params: PyTree
+  x: jax.Array  # the current batch
+  y: jax.Array
+  task: jax.Array  # int32 scalar, index of the current task
+  step: jax.Array  # int32 scalar, step index within the task
+  columns: jax.Array  # int32 [n_tasks, k]: output columns of each task
+  valid: jax.Array  # bool [n_tasks, k]: active columns while training each task
+  aux: PyTree  # the method's own carried state (e.g. a replay memory)
+  key: jax.Array  # a fresh PRNG key for this step
+  loss_fn: Callable  # loss_fn(params, x, y, task_ids) -> mean cross-entropy
+  hp: dict
+
+
+class AuxInit(NamedTuple):
+  """What a method's `init_aux` gets (once per run, before task 0)."""
+
+  params: PyTree
+  n_tasks: int
+  input_shape: tuple[int, ...]
+  columns: np.ndarray
+  hp: dict
+
+
+class TaskEnd(NamedTuple):
+  """What a method's `end_task` hook gets after training task `task` (eager)."""
+
+  task: int
+  params: PyTree
+  opt_state: PyTree
+  aux: PyTree
+  batches: tuple[jax.Array, jax.Array]  # the task's training data, [n_batches, B, ...]
+  logits_fn: Callable  # logits_fn(params, x, head: int) -> logits of task `head`'s columns
+  loss_fn: Callable  # loss_fn(params, x, y, task_ids) -> mean cross-entropy
+  columns: np.ndarray
+  valid: np.ndarray
+  hp: dict
+  key: jax.Array
+
+
+class Method(NamedTuple):
+  """One registry entry: everything the runner needs to train a method.
+
+  Attributes:
+    name: CLI name.
+    make: ``Hyper -> optax.GradientTransformation`` (use ``hyper.base()`` for
+      the protocol's optimiser).
+    doc: one line for ``--list``.
+    optimizer: force the base optimiser (``"sgd"``/``"adam"``) whatever the
+      protocol says; ``None`` uses the protocol's.
+    end_task: ``TaskEnd -> (opt_state, aux)`` between tasks (importance
+      estimation + ``cl_optax.consolidate``, memory writes, ...).
+    init_aux: ``AuxInit -> aux``: the method's own state carried through the
+      scan (a replay memory); ``None`` carries nothing.
+    step: ``Step -> (extra_args, aux)`` inside the jitted step, before the
+      gradient: extra args for ``tx.update`` (e.g. ``ref_grads`` from the
+      memory) and the new aux.
+    defaults: the method's hyper-parameters (``--hp name=value`` overrides).
+    protocol: per-preset settings, ``{preset: {"lr": ..., **hp}}``: the
+      learning rate and hyper-parameters a paper used for this method on that
+      protocol (e.g. A-GEM's lr 0.1 on ``pmnist-agem``); ``--lr``/``--hp`` win.
+  """
+
+  name: str
+  make: Callable[[Hyper], optax.GradientTransformation]
+  doc: str = ""
+  optimizer: str | None = None
+  end_task: Callable[[TaskEnd], tuple[PyTree, PyTree]] | None = None
+  init_aux: Callable[[AuxInit], PyTree] | None = None
+  step: Callable[[Step], tuple[dict, PyTree]] | None = None
+  defaults: dict = {}
+  protocol: dict = {}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  if method.name in METHODS:
+    raise ValueError(f"register: a method named {method.name!r} is already registered.")
+  METHODS[method.name] = method
+  return method
+
+
+def _spg_importance(end: TaskEnd) -> PyTree:
+  task = end.task
+  shared = (end.columns == end.columns[0]).all() and (end.valid == end.valid[0]).all()
+  if shared and task > 1:
+    # One shared head (domain-incremental): every old head's sum-of-logits loss is the
+    # same function, so heads 1..t-1 repeat head 0; SPG with task=1 gives the same max.
+    task = 1
+  return cl_optax.importance.spg(end.logits_fn, end.params, end.batches, task=task)
+
+
+def _consolidate_spg(end: TaskEnd):
+  imp = _spg_importance(end)
+  return cl_optax.consolidate(end.opt_state, end.params, importance=imp), end.aux
+
+
+def _consolidate_spg_trunk(end: TaskEnd):
+  """SPG importance with the output layer set to 0 (the heads never freeze)."""
+  imp = _spg_importance(end)
+  heads = is_head(imp)
+  imp = jax.tree.map(lambda i, h: jnp.zeros_like(i) if h else i, imp, heads)
+  return cl_optax.consolidate(end.opt_state, end.params, importance=imp), end.aux
+
+
+register(Method("sgd", lambda h: optax.sgd(h.lr), "plain SGD (fine-tuning baseline)", "sgd"))
+register(Method("adam", lambda h: optax.adam(h.lr), "plain Adam (fine-tuning baseline)", "adam"))
+register(
+  Method(
+    "soft_mask",
+    lambda h: optax.chain(h.base(), cl_optax.soft_mask(head=h.is_head)),
+    "SPG soft masks (Konishi et al. 2023): chain(base, soft_mask), importance.spg per task",
+    end_task=_consolidate_spg,
+  )
+)
+register(
+  Method(
+    "freeze",
+    lambda h: optax.chain(h.base(), cl_optax.freeze(threshold=h.hp["threshold"])),
+    "hard masks: freeze trunk entries whose SPG importance >= threshold",
+    end_task=_consolidate_spg_trunk,
+    defaults={"threshold": 0.95},
+  )
+)
+
+
+# ----------------------------------------------------------------- presets
+
+
+class Preset(NamedTuple):
+  """A protocol: data, stream, model and optimiser settings."""
+
+  doc: str
+  stream: Callable[[argparse.Namespace, int], streams.Stream]  # (args, seed) -> Stream
+  hidden: tuple[int, ...]
+  optimizer: str
+  lr: dict  # per base optimiser
+  batch_size: int
+  epochs: int | None = 1
+  iters: int | None = None  # iterations per task (overrides epochs)
+  bias: bool = True
+  scenario: str | None = None  # default scenario of split streams
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist(path):
+  return streams.load_mnist(path)
+
+
+def _digits_split(args, seed):
+  ds = streams.load_digits()
+  return streams.split(
+    ds.x_train, ds.y_train, classes_per_task=2, scenario=args.scenario, seed=seed
+  )
+
+
+def _mnist_split(args, seed):
+  ds = _mnist(args.data)
+  return streams.split(
+    ds.x_train, ds.y_train, classes_per_task=2, scenario=args.scenario,
+    test=(ds.x_test, ds.y_test), seed=seed,
+  )  # fmt: skip
+
+
+def _mnist_permuted(n_tasks, n_train, first_identity=False, skip=0):
+  def make(args, seed):
+    ds = _mnist(args.data)
+    return streams.permuted(
+      ds.x_train[skip:], ds.y_train[skip:], n_tasks=n_tasks, test=(ds.x_test, ds.y_test), seed=seed,
+      first_identity=first_identity, n_train=n_train,
+    )  # fmt: skip
+
+  return make
+
+
+def _mnist_rotated(n_tasks, n_train):
+  def make(args, seed):
+    ds = _mnist(args.data)
+    return streams.rotated(
+      ds.x_train, ds.y_train, n_tasks=n_tasks, max_degrees=180.0, test=(ds.x_test, ds.y_test),
+      seed=seed, n_train=n_train, interpolation="nearest",
+    )  # fmt: skip
+
+  return make
+
+
+PRESETS: dict[str, Preset] = {
+  "split-digits": Preset(
+    "scikit-learn digits, 5 tasks x 2 classes, MLP 64-256-256, 10 epochs, batch 32 (offline)",
+    _digits_split,
+    (256, 256),
+    "adam",
+    {"sgd": 0.1, "adam": 1e-3},
+    32,
+    epochs=10,
+    scenario="task",
+  ),
+  "split-mnist": Preset(
+    "van de Ven et al.: split MNIST 5 x 2, MLP 784-400-400, Adam 1e-3, batch 128, 2000 iters/task",
+    _mnist_split,
+    (400, 400),
+    "adam",
+    {"sgd": 0.1, "adam": 1e-3},
+    128,
+    epochs=None,
+    iters=2000,
+    scenario="task",
+  ),
+  "pmnist-agem": Preset(
+    "A-GEM (Chaudhry et al., ICLR 2019): permuted MNIST, the 17 evaluation tasks, every training "
+    "example once (MNIST train[5000:], TF's 55000 split), batch 10, MLP 784-256-256-10, SGD "
+    "(VAN lr 0.03)",
+    _mnist_permuted(17, None, skip=5000),
+    (256, 256),
+    "sgd",
+    {"sgd": 0.03, "adam": 1e-3},
+    10,
+    epochs=1,
+  ),
+  "pmnist-agem-1k": Preset(
+    "the A-GEM code's later default (commit 1ef4c10, the ER paper's protocol): as pmnist-agem "
+    "but a random 1000 training examples per task",
+    _mnist_permuted(17, 1000, skip=5000),
+    (256, 256),
+    "sgd",
+    {"sgd": 0.03, "adam": 1e-3},
+    10,
+    epochs=1,
+  ),
+  "pmnist-gem": Preset(
+    "GEM (Lopez-Paz & Ranzato 2017): permuted MNIST, 20 tasks x 1000 examples, 1 epoch, batch 10, "
+    "MLP 784-100-100-10, SGD lr 0.1",
+    _mnist_permuted(20, 1000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.1, "adam": 1e-3},
+    10,
+    epochs=1,
+  ),
+  "rmnist-gem": Preset(
+    "GEM: rotated MNIST, 20 tasks (angles in [9t, 9t+9) deg), 1000 examples/task, 1 epoch, "
+    "batch 10, "
+    "MLP 784-100-100-10, SGD lr 0.1",
+    _mnist_rotated(20, 1000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.1, "adam": 1e-3},
+    10,
+    epochs=1,
+  ),
+  "pmnist-gpm": Preset(
+    "GPM (Saha et al. 2021): permuted MNIST, 10 tasks, 54000 train examples/task (10% held out), "
+    "5 epochs, batch 10, MLP 784-100-100-10 without biases, SGD lr 0.01",
+    _mnist_permuted(10, 54000),
+    (100, 100),
+    "sgd",
+    {"sgd": 0.01, "adam": 1e-3},
+    10,
+    epochs=5,
+    bias=False,
+  ),
+}
+
+
+# ------------------------------------------------------------------ runner
+
+_BAR: list = [None]  # the tqdm bar of the task being trained (updated from the scan)
+
+
+def _tick(n):
+  bar = _BAR[0]
+  if bar is not None:
+    bar.update(int(n))
+
+
+class Config(NamedTuple):
+  hidden: tuple[int, ...]
+  optimizer: str
+  lr: dict
+  batch_size: int
+  epochs: int | None
+  iters: int | None
+  bias: bool = True
+  hp: dict = {}
+  progress: bool = True
+  ticks: int = 50  # progress updates per task
+  protocol: str = ""  # the preset's name (selects Method.protocol settings)
+  lr_override: float | None = None  # --lr
+
+
+def _batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
+  if n < batch:
+    raise ValueError(f"continual: a task has {n} training examples, fewer than a batch ({batch}).")
+  if iters is not None:
+    per = n // batch
+    reps = -(-iters // per)
+    idx = np.concatenate([rng.permutation(n)[: per * batch] for _ in range(reps)])
+    return idx[: iters * batch].reshape(iters, batch)
+  per = n // batch  # drops the last partial batch (fixed shapes inside the scan)
+  return np.concatenate([rng.permutation(n)[: per * batch] for _ in range(epochs)]).reshape(
+    -1, batch
+  )
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+  if len(a) == n:
+    return a
+  return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _make_train(method: Method, tx, apply, hp: dict, ticks_every: int, padded: bool):
+  """The jitted per-task trainer: one lax.scan over the task's batches."""
+
+  def loss_fn_for(columns, valid):
+    def loss_fn(params, x, y, task_ids):
+      logits = apply(params, x)
+      return xent(logits, columns[task_ids], valid[task_ids], y).mean()
+
+    return loss_fn
+
+  @jax.jit
+  def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid):
+    loss_fn = loss_fn_for(columns, valid)
+
+    def body(carry, inp):
+      params, opt_state, aux, key = carry
+      b, act, i = inp
+      x, y = X[b], Y[b]
+      key, sub = jax.random.split(key)
+      tids = jnp.full(y.shape, task)
+
+      def do(c):
+        params, opt_state, aux = c
+        extra = {}
+        if method.step is not None:
+          extra, aux = method.step(
+            Step(params, x, y, task, i, columns, valid, aux, sub, loss_fn, hp)
+          )
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, tids)
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        return optax.apply_updates(params, updates), opt_state, aux, loss
+
+      def skip(c):
+        return (*c, jnp.zeros((), jnp.float32))
+
+      if padded:
+        params, opt_state, aux, loss = jax.lax.cond(act, do, skip, (params, opt_state, aux))
+      else:
+        params, opt_state, aux, loss = do((params, opt_state, aux))
+      if ticks_every:
+        jax.lax.cond(
+          (i + 1) % ticks_every == 0,
+          lambda: jax.debug.callback(_tick, ticks_every),
+          lambda: None,
+        )
+      return (params, opt_state, aux, key), loss
+
+    steps = jnp.arange(idx.shape[0], dtype=jnp.int32)
+    (params, opt_state, aux, key), losses = jax.lax.scan(
+      body, (params, opt_state, aux, key), (idx, active, steps)
+    )
+    return params, opt_state, aux, losses
+
+  return train, loss_fn_for
+
+
+_LOGITS_FNS: dict = {}
+
+
+def _logits_fn(columns: np.ndarray, valid: np.ndarray):
+  """``logits_fn(params, x, head)`` for the estimators, one object per head layout
+  (they jit with it as a static argument, so seeds with the same layout share compiles)."""
+  key = (columns.shape, columns.tobytes(), valid.tobytes())
+  if key not in _LOGITS_FNS:
+    cols, ok = jnp.asarray(columns), jnp.asarray(valid)
+
+    def logits_fn(p, x, head):
+      return head_logits(mlp_apply(p, x), cols[head], ok[head])
+
+    _LOGITS_FNS[key] = logits_fn
+  return _LOGITS_FNS[key]
+
+
+def _make_eval(apply):
+  @jax.jit
+  def correct(params, x, y, w, cols, valid):
+    logits = head_logits(apply(params, x), cols, valid)
+    return jnp.sum((jnp.argmax(logits, -1) == y) * w), jnp.sum(w)
+
+  return correct
+
+
+def run_method(
+  name: str,
+  make_stream: Callable[[int], streams.Stream],
+  cfg: Config,
+  seeds: list[int],
+  *,
+  return_state: bool = False,
+  on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+  """Trains one method on the stream for each seed; returns one record per seed.
+
+  With ``return_state`` each record also holds ``"final_state"``:
+  ``(params, opt_state, aux)`` after the last task (not JSON-serialisable).
+  ``on_record`` is called with each record as soon as its seed is done.
+  """
+  method = METHODS[name]
+  opt = method.optimizer or cfg.optimizer
+  spec = dict(method.protocol.get(cfg.protocol, {}))
+  lr = spec.pop("lr", cfg.lr[opt])
+  lr = cfg.lr_override if cfg.lr_override is not None else lr
+  hp = {**method.defaults, **spec}
+  hp.update({k: v for k, v in cfg.hp.items() if k in hp})
+  hyper = Hyper(opt, lr, hp, is_head)
+  tx = method.make(hyper)
+  records = []
+  trainers, compiled_cache = {}, {}
+  evaluate = _make_eval(mlp_apply)
+  for seed in seeds:
+    t_wall = time.perf_counter()
+    stream = make_stream(seed)
+    T = len(stream)
+    columns, valid = jnp.asarray(stream.columns), jnp.asarray(stream.train_valid)
+    eval_valid = np.asarray(stream.eval_valid)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    # Data: every task padded to the same shapes, so the scan compiles once.
+    sizes = [t.n_train for t in stream]
+    n_max = max(sizes)
+    plans = [_batch_indices(rng, n, cfg.batch_size, cfg.epochs, cfg.iters) for n in sizes]
+    s_max = max(len(p) for p in plans)
+    padded = any(len(p) != s_max for p in plans)
+    test_cache = _TestSets(stream)
+    x0, _ = stream[0].train()
+    d_in = int(np.prod(x0.shape[1:]))
+    key, k_init = jax.random.split(key)
+    params = mlp_init(k_init, (d_in, *cfg.hidden, stream.n_outputs), bias=cfg.bias)
+    opt_state = tx.init(params)
+    aux = None
+    if method.init_aux is not None:
+      aux = method.init_aux(AuxInit(params, T, x0.shape[1:], stream.columns, hp))
+    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress else 0
+    if (padded, ticks_every) not in trainers:
+      trainers[padded, ticks_every] = _make_train(method, tx, mlp_apply, hp, ticks_every, padded)
+    train_fn, loss_fn_for = trainers[padded, ticks_every]
+
+    logits_fn = _logits_fn(stream.columns, stream.train_valid)
+
+    baseline = test_cache.evaluate(evaluate, params, eval_valid)
+    R = np.zeros((T, T))
+    train_s = signals_s = compile_s = 0.0
+    samples = 0
+    for t, task in enumerate(stream):
+      x, y = task.train()
+      X = jnp.asarray(_pad_rows(x.reshape(len(x), -1).astype(np.float32), n_max))
+      Y = jnp.asarray(_pad_rows(y, n_max))
+      plan = plans[t]
+      active = np.arange(s_max) < len(plan)
+      idx = jnp.asarray(_pad_rows(plan.astype(np.int32), s_max))
+      key, k_task, k_end = jax.random.split(key, 3)
+      args = (params, opt_state, aux, k_task, X, Y, idx, jnp.asarray(active), jnp.int32(t),
+              columns, valid)  # fmt: skip
+      sig = (
+        padded,
+        ticks_every,
+        str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)),
+      )
+      if sig not in compiled_cache:  # compile once per shape, outside the timed region
+        c0 = time.perf_counter()
+        compiled_cache[sig] = train_fn.lower(*args).compile()
+        compile_s += time.perf_counter() - c0
+      compiled = compiled_cache[sig]
+      bar = _progress(cfg, name, seed, t, T, len(plan) if not padded else s_max)
+      _BAR[0] = bar
+      t0 = time.perf_counter()
+      params, opt_state, aux, losses = compiled(*args)
+      jax.block_until_ready((params, losses))
+      jax.effects_barrier()
+      train_s += time.perf_counter() - t0
+      _BAR[0] = None
+      if bar is not None:
+        bar.close()
+      samples += len(plan) * cfg.batch_size
+      if not np.all(np.isfinite(np.asarray(losses)[active])):
+        raise FloatingPointError(f"{name}: non-finite training loss on task {t} (seed {seed}).")
+      R[t] = test_cache.evaluate(evaluate, params, eval_valid)
+      if method.end_task is not None and t < T - 1:
+        s0 = time.perf_counter()
+        n_b = len(x) // cfg.batch_size
+        order = rng.permutation(len(x))[: n_b * cfg.batch_size]
+        xb = jnp.asarray(x[order].reshape(n_b, cfg.batch_size, *x.shape[1:]).astype(np.float32))
+        yb = jnp.asarray(y[order].reshape(n_b, cfg.batch_size))
+        end = TaskEnd(t, params, opt_state, aux, (xb, yb), logits_fn, loss_fn_for(columns, valid),
+                      stream.columns, stream.train_valid, hp, k_end)  # fmt: skip
+        opt_state, aux = method.end_task(end)
+        jax.block_until_ready(opt_state)
+        signals_s += time.perf_counter() - s0
+    wall = time.perf_counter() - t_wall
+    summ = metrics.summary(R, baseline)
+    records.append(
+      {
+        "stream": stream.name,
+        "scenario": stream.scenario,
+        "method": name,
+        "seed": seed,
+        "optimizer": opt,
+        "lr": lr,
+        "hp": hp,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "iters": cfg.iters,
+        "hidden": list(cfg.hidden),
+        "n_tasks": T,
+        "acc_matrix": R.tolist(),
+        "baseline": np.asarray(baseline).tolist(),
+        **summ,
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s if train_s > 0 else None,
+        "compile_s": compile_s,
+        "end_task_s": signals_s,
+        "wall_s": wall,
+      }
+    )
+    if on_record is not None:
+      on_record(records[-1])
+    if return_state:
+      records[-1]["final_state"] = (params, opt_state, aux)
+  return records
+
+
+class _TestSets:
+  """Padded test sets on device (cached while they fit in 1 GiB; else rebuilt per use)."""
+
+  BUDGET = 2**30
+
+  def __init__(self, stream: streams.Stream):
+    self.stream = stream
+    self.m = max(t.n_test for t in stream)
+    x0, _ = stream[0].test()
+    per = self.m * int(np.prod(x0.shape[1:])) * 4
+    self.cache = {} if per * len(stream) <= self.BUDGET else None
+
+  def get(self, j):
+    if self.cache is not None and j in self.cache:
+      return self.cache[j]
+    x, y = self.stream[j].test()
+    w = _pad_rows(np.ones(len(y), np.float32), self.m)
+    out = (
+      jnp.asarray(_pad_rows(x.reshape(len(x), -1).astype(np.float32), self.m)),
+      jnp.asarray(_pad_rows(y, self.m)),
+      jnp.asarray(w),
+    )
+    if self.cache is not None:
+      self.cache[j] = out
+    return out
+
+  def evaluate(self, evaluate, params, eval_valid) -> np.ndarray:
+    accs = []
+    cols = self.stream.columns
+    for j in range(len(self.stream)):
+      x, y, w = self.get(j)
+      c, n = evaluate(params, x, y, w, jnp.asarray(cols[j]), jnp.asarray(eval_valid[j]))
+      accs.append(float(c) / float(n))
+    return np.asarray(accs)
+
+
+def _progress(cfg: Config, name, seed, t, T, total):
+  if not cfg.progress:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(
+    total=total, desc=f"{name:>10} seed {seed} task {t + 1}/{T}", leave=False, unit="step",
+    file=sys.stderr, mininterval=0.2,
+  )  # fmt: skip
+
+
+# ------------------------------------------------------------------ output
+
+
+def _fmt(values, scale=100.0, prec=2):
+  v = np.asarray([x for x in values if x is not None], float) * scale
+  if not len(v):
+    return "-"
+  return f"{v.mean():.{prec}f} ± {v.std():.{prec}f}"
+
+
+def results_table(records: list[dict]) -> str:
+  by = {}
+  for r in records:
+    by.setdefault(r["method"], []).append(r)
+  head = (
+    f"{'method':<12}{'ACC (%)':>16}{'BWT (%)':>16}{'FWT (%)':>16}{'forgetting (%)':>17}"
+    f"{'samples/s':>12}{'wall s':>9}"
+  )
+  lines = [head, "-" * len(head)]
+  for m, rs in by.items():
+    sps = np.mean([r["samples_per_s"] for r in rs if r["samples_per_s"]])
+    lines.append(
+      f"{m:<12}{_fmt([r['acc'] for r in rs]):>16}{_fmt([r.get('bwt') for r in rs]):>16}"
+      f"{_fmt([r.get('fwt') for r in rs]):>16}{_fmt([r.get('forgetting') for r in rs]):>17}"
+      f"{sps:>12.0f}{np.mean([r['wall_s'] for r in rs]):>9.1f}"
+    )
+  return "\n".join(lines)
+
+
+def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+
+  by = {}
+  for r in records:
+    by.setdefault(r["method"], []).append(r)
+  paths = []
+  for m, rs in by.items():
+    R = np.mean([r["acc_matrix"] for r in rs], 0)
+    T = len(R)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * T, 0.9 + 0.4 * T))
+    im = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
+    ax.set(
+      title=f"{m}: accuracy (%), mean of {len(rs)} seed(s)",
+      xlabel="evaluated on task j",
+      ylabel="after training task i",
+    )
+    if T <= 20:
+      for (i, j), v in np.ndenumerate(R):
+        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    path = out / f"heatmap_{m.replace('/', '_')}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(path)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m, rs in by.items():
+    curves = 100 * np.asarray([r["acc_curve"] for r in rs])
+    x = np.arange(1, curves.shape[1] + 1)
+    mean, std = curves.mean(0), curves.std(0)
+    ax.plot(x, mean, marker="o", ms=3, label=m)
+    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+  ax.set(xlabel="tasks seen", ylabel="average accuracy on tasks seen (%)", title=rs[0]["stream"])
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = out / "avg_accuracy.png"
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  paths.append(path)
+  return paths
+
+
+def _parse_hp(items):
+  hp = {}
+  for item in items or []:
+    k, _, v = item.partition("=")
+    if not _:
+      raise SystemExit(f"--hp expects name=value; got {item!r}")
+    try:
+      hp[k] = json.loads(v)
+    except json.JSONDecodeError:
+      hp[k] = v
+  return hp
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stream", default="split-digits", choices=sorted(PRESETS))
+  parser.add_argument("--scenario", default=None, choices=streams.SCENARIOS,
+                      help="scenario of split streams (default: the preset's)")  # fmt: skip
+  parser.add_argument("--methods", default=None, help="comma list (default: every registered)")
+  parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..n-1)")
+  parser.add_argument("--seed0", type=int, default=0, help="first seed")
+  parser.add_argument("--epochs", type=int, default=None)
+  parser.add_argument("--iters", type=int, default=None, help="iterations per task")
+  parser.add_argument("--batch-size", type=int, default=None)
+  parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
+  parser.add_argument("--optimizer", default=None, choices=sorted(BASES))
+  parser.add_argument("--hp", action="append", help="method hyper-parameter name=value")
+  parser.add_argument(
+    "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
+  )
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
+  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--list", action="store_true", help="list methods and streams")
+  parser.add_argument(
+    "--from-jsonl",
+    type=pathlib.Path,
+    nargs="+",
+    default=None,
+    help="no training: print the table and plot these results.jsonl files",
+  )
+  args = parser.parse_args(argv)
+
+  if args.from_jsonl:
+    records = [json.loads(line) for f in args.from_jsonl for line in open(f) if line.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(results_table(records))
+    paths = save_plots(records, args.out)
+    print("plots:   " + "\n         ".join(str(p) for p in paths))
+    return records
+
+  if args.list:
+    print("methods:")
+    for m in METHODS.values():
+      print(f"  {m.name:<12} {m.doc}")
+    print("streams:")
+    for n, p in PRESETS.items():
+      print(f"  {n:<14} {p.doc}")
+    return []
+  preset = PRESETS[args.stream]
+  args.scenario = args.scenario or preset.scenario or "domain"
+  names = args.methods.split(",") if args.methods else list(METHODS)
+  unknown = [n for n in names if n not in METHODS]
+  if unknown:
+    raise SystemExit(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+  lr = dict(preset.lr)
+  iters = args.iters if args.iters is not None else (preset.iters if args.epochs is None else None)
+  epochs = None if iters is not None else (args.epochs or preset.epochs or 1)
+  cfg = Config(
+    hidden=preset.hidden,
+    optimizer=args.optimizer or preset.optimizer,
+    lr=lr,
+    batch_size=args.batch_size or preset.batch_size,
+    epochs=epochs,
+    iters=iters,
+    bias=preset.bias,
+    hp=_parse_hp(args.hp),
+    progress=not args.no_progress,
+    protocol=args.stream,
+    lr_override=args.lr,
+  )
+  seeds = list(range(args.seed0, args.seed0 + args.seeds))
+  dev = jax.devices()[0]
+  sched = f"{iters} iters" if iters else f"{epochs} epoch(s)"
+  print(
+    f"{args.stream} ({args.scenario}-incremental where it applies): {preset.doc}\n"
+    f"methods {names}, seeds {seeds}, {sched}/task, batch {cfg.batch_size}; JAX {jax.__version__} "
+    f"on {dev.platform} ({os.cpu_count()} CPUs visible)",
+    flush=True,
+  )
+  args.out.mkdir(parents=True, exist_ok=True)
+  records = []
+  jsonl = args.out / "results.jsonl"
+  with open(jsonl, "w") as f:
+    for name in names:
+
+      def write(r):
+        r.update(
+          protocol=args.stream,
+          device=f"{dev.platform} ({dev.device_kind})",
+          machine=platform.machine(),
+          jax=jax.__version__,
+          command="python -m benchmarks.continual "
+          + " ".join(sys.argv[1:] if argv is None else argv),
+        )
+        f.write(json.dumps(r) + "\n")
+        f.flush()
+
+      recs = run_method(name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write)
+      records += recs
+      print(
+        f"  {name}: ACC {_fmt([r['acc'] for r in recs])} %, "
+        f"{np.mean([r['samples_per_s'] for r in recs]):.0f} samples/s, "
+        f"{np.mean([r['wall_s'] for r in recs]):.1f} s/seed",
+        flush=True,
+      )
+  print("\n" + results_table(records))
+  paths = save_plots(records, args.out)
+  print(f"\nresults: {jsonl}\nplots:   " + "\n         ".join(str(p) for p in paths))
+  return records
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every reproduction protocol of benchmarks/REPRODUCTION.md, one after the other
+# (each run uses all cores; do not start two at once on a small machine).
+#   CL_OPTAX_DATA=/path/to/folder/with/mnist.npz bash benchmarks/reproduce.sh [OUT] [NAME...]
+# With NAMEs only those runs; e.g. `bash benchmarks/reproduce.sh results/repro agem-pmnist-sgd`.
+set -euo pipefail
+OUT=${1:-results/repro}
+shift || true
+ONLY=" $* "
+PY=${PYTHON:-python}
+run() {  # name, then the arguments of benchmarks.continual
+  local name=$1; shift
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
+  mkdir -p "$OUT/$name"
+  echo "=== $name: $* ($(date -u +%H:%M:%S))"
+  /usr/bin/time -f "$name wall %e s" $PY -m benchmarks.continual --out "$OUT/$name" --no-progress "$@" \
+    2>&1 | tee "$OUT/$name/log.txt"
+}
+# (a) A-GEM, permuted MNIST: 17 evaluation tasks, every example once, VAN lr 0.03
+#     (replicate_results_iclr19.sh); and the code's later 1000-examples default
+run agem-pmnist-sgd --stream pmnist-agem --methods sgd --seeds 5
+run agem1k-pmnist-sgd --stream pmnist-agem-1k --methods sgd --seeds 5
+run agem1k-pmnist-masks --stream pmnist-agem-1k --methods soft_mask,freeze --seeds 3
+# (b) GEM: the "single" baseline lrs of run_experiments.sh (0.03 permutations, 0.003 rotations)
+run gem-pmnist-sgd --stream pmnist-gem --methods sgd --seeds 5 --lr 0.03
+run gem-rmnist-sgd --stream rmnist-gem --methods sgd --seeds 5 --lr 0.003
+#     and at the lr 0.1 GEM used for every other model
+run gem-pmnist-sgd-lr0.1 --stream pmnist-gem --methods sgd --seeds 5
+run gem-rmnist-sgd-lr0.1 --stream rmnist-gem --methods sgd --seeds 5
+# (c) van de Ven et al.: split MNIST in the three scenarios, Adam 1e-3, 2000 iterations/task
+for sc in task domain class; do
+  run vdv-splitmnist-$sc --stream split-mnist --scenario $sc --methods adam,soft_mask --seeds 3
+done
+# (d) GPM: permuted MNIST, 10 tasks, 5 epochs, lr 0.01, no biases
+run gpm-pmnist-sgd --stream pmnist-gpm --methods sgd --seeds 2
+# masks on the full A-GEM protocol (slow: SPG reads all 55000 examples after each task)
+run agem-pmnist-masks --stream pmnist-agem --methods soft_mask,freeze --seeds 1

@@ -1,0 +1,227 @@
+"""benchmarks.continual end to end on a tiny two-task stream."""
+
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import continual
+from cl_optax import streams
+
+
+def _blobs(seed=0, n=48, d=6):
+  """Four well-separated Gaussian classes in d dimensions."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(0, 3, (4, d))
+  y = np.repeat(np.arange(4), n // 4)
+  x = (centres[y] + rng.normal(0, 0.5, (n, d))).astype(np.float32)
+  return x, y
+
+
+def _tiny_preset(scenario="task"):
+  def make(args, seed):
+    x, y = _blobs(seed)
+    return streams.split(x, y, classes_per_task=2, scenario=args.scenario, seed=seed)
+
+  return continual.Preset("tiny blobs", make, (8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4,
+                          epochs=2, scenario=scenario)  # fmt: skip
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+  monkeypatch.setitem(continual.PRESETS, "tiny", _tiny_preset())
+  return "tiny"
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_json_and_png(tiny, tmp_path, capsys):
+  out = tmp_path / "run"
+  records = continual.main(
+    ["--stream", tiny, "--methods", "sgd,soft_mask,freeze", "--seeds", "2", "--out", str(out),
+     "--no-progress"]
+  )  # fmt: skip
+  lines = (out / "results.jsonl").read_text().splitlines()
+  assert len(lines) == 6 == len(records)
+  for line in lines:
+    r = json.loads(line)
+    R = np.asarray(r["acc_matrix"])
+    assert R.shape == (2, 2) and np.all((0 <= R) & (R <= 1))
+    assert r["acc"] == pytest.approx(R[-1].mean())
+    assert r["bwt"] == pytest.approx(R[1, 0] - R[0, 0])
+    assert r["fwt"] == pytest.approx(R[0, 1] - r["baseline"][1])
+    assert r["samples"] == 2 * 2 * (int(0.8 * 12) * 2 // 4) * 4  # tasks x epochs x batches x B
+    assert r["samples_per_s"] > 0 and r["wall_s"] > 0
+    assert R[0, 0] > 0.75  # learns the first task (two separated blobs)
+  assert {json.loads(x)["method"] for x in lines} == {"sgd", "soft_mask", "freeze"}
+  for name in (
+    "heatmap_sgd.png",
+    "heatmap_soft_mask.png",
+    "heatmap_freeze.png",
+    "avg_accuracy.png",
+  ):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+  printed = capsys.readouterr().out
+  assert (
+    "samples/s" in printed and "soft_mask" in printed and str(out / "avg_accuracy.png") in printed
+  )
+
+
+def test_seeds_reproducible_and_class_incremental(monkeypatch, tmp_path):
+  monkeypatch.setitem(continual.PRESETS, "tiny-class", _tiny_preset("class"))
+  argv = ["--stream", "tiny-class", "--methods", "adam", "--seeds", "1", "--no-progress"]
+  a = continual.main(argv + ["--out", str(tmp_path / "a")])
+  b = continual.main(argv + ["--out", str(tmp_path / "b")])
+  np.testing.assert_array_equal(a[0]["acc_matrix"], b[0]["acc_matrix"])
+  assert a[0]["scenario"] == "class"
+
+
+class _CountingState(NamedTuple):
+  projected: jax.Array
+  seen_ref: jax.Array
+
+
+def _agem_like():
+  """Test-only transform: an A-GEM projection on a `ref_grads` extra arg."""
+
+  def init(params):
+    return _CountingState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None, *, ref_grads=None, **extra):
+    if ref_grads is None:
+      return updates, state
+    dot = optax.tree.vdot(updates, ref_grads)
+    nn = optax.tree.vdot(ref_grads, ref_grads)
+    coef = jnp.where(dot < 0, dot / jnp.maximum(nn, 1e-12), 0.0)
+    new = jax.tree.map(lambda g, r: g - coef * r, updates, ref_grads)
+    has_ref = nn > 0
+    return new, _CountingState(
+      state.projected + (dot < 0).astype(jnp.int32), state.seen_ref + has_ref.astype(jnp.int32)
+    )
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _memory_init(a: continual.AuxInit):
+  m = 8
+  return {
+    "x": jnp.zeros((m, *a.input_shape), jnp.float32),
+    "y": jnp.zeros((m,), jnp.int32),
+    "task": jnp.zeros((m,), jnp.int32),
+    "full": jnp.zeros((), bool),
+  }
+
+
+def _memory_step(s: continual.Step):
+  # the reference gradient on the memory, computed inside the same jitted step
+  mem = s.aux
+  g = jax.grad(s.loss_fn)(s.params, mem["x"], mem["y"], mem["task"])
+  g = jax.tree.map(lambda v: jnp.where(mem["full"], v, 0.0), g)
+  return {"ref_grads": g}, mem
+
+
+def _memory_end(e: continual.TaskEnd):
+  xs, ys = e.batches
+  x = xs.reshape(-1, *xs.shape[2:])[:8]
+  y = ys.reshape(-1)[:8]
+  aux = {"x": x, "y": y, "task": jnp.full((8,), e.task, jnp.int32), "full": jnp.ones((), bool)}
+  return e.opt_state, aux
+
+
+def test_registry_hooks_carry_memory_and_extra_args(tiny, monkeypatch, tmp_path):
+  """A method with a memory (aux), a per-step extra arg and an end-of-task hook."""
+  method = continual.Method(
+    "agem_like",
+    lambda h: optax.chain(_agem_like(), h.base()),
+    "test only",
+    end_task=_memory_end,
+    init_aux=_memory_init,
+    step=_memory_step,
+  )
+  monkeypatch.setitem(continual.METHODS, "agem_like", method)
+  cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=2, iters=None,
+                         progress=False)  # fmt: skip
+  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  (rec,) = continual.run_method("agem_like", make, cfg, [0], return_state=True)
+  params, opt_state, aux = rec["final_state"]
+  state = opt_state[0]
+  steps_per_task = 2 * (int(0.8 * 12) * 2 // 4)
+  assert int(state.seen_ref) == steps_per_task  # a reference gradient only on task 1
+  assert 0 <= int(state.projected) <= steps_per_task
+  assert np.asarray(rec["acc_matrix"]).shape == (2, 2)
+
+
+def test_unknown_method_and_hp(tiny):
+  with pytest.raises(SystemExit, match="unknown method"):
+    continual.main(["--stream", tiny, "--methods", "nope", "--no-progress"])
+  with pytest.raises(ValueError, match="already registered"):
+    continual.register(continual.METHODS["sgd"])
+
+
+def test_list(capsys):
+  continual.main(["--list"])
+  out = capsys.readouterr().out
+  assert "soft_mask" in out and "pmnist-agem" in out
+
+
+def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
+  counts = []
+
+  class Bar:
+    def __init__(self, total):
+      self.total, self.n = total, 0
+
+    def update(self, k):
+      self.n += k
+
+    def close(self):
+      counts.append((self.n, self.total))
+
+  monkeypatch.setattr(continual, "_progress", lambda cfg, *a: Bar(a[-1]))
+  continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--out", str(tmp_path)])
+  steps = 2 * (int(0.8 * 12) * 2 // 4)
+  assert counts == [(steps, steps)] * 2
+
+
+def test_protocol_settings_per_method(tiny, monkeypatch, tmp_path):
+  method = continual.Method(
+    "freeze_tuned",
+    continual.METHODS["freeze"].make,
+    end_task=continual.METHODS["freeze"].end_task,
+    defaults={"threshold": 0.95},
+    protocol={"tiny": {"lr": 0.05, "threshold": 0.5}},
+  )
+  monkeypatch.setitem(continual.METHODS, "freeze_tuned", method)
+  argv = ["--stream", tiny, "--methods", "freeze_tuned", "--seeds", "1", "--no-progress"]
+  (r,) = continual.main(argv + ["--out", str(tmp_path / "a")])
+  assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.5}
+  (r,) = continual.main(
+    argv + ["--out", str(tmp_path / "b"), "--lr", "0.2", "--hp", "threshold=0.7"]
+  )
+  assert r["lr"] == 0.2 and r["hp"] == {"threshold": 0.7}
+
+
+def test_mlp_layer_inputs_match_the_forward_pass():
+  params = continual.mlp_init(jax.random.key(0), (5, 7, 3), bias=False)
+  x = jax.random.normal(jax.random.key(1), (4, 5))
+  reps = continual.mlp_layer_inputs(params, x)
+  np.testing.assert_allclose(reps["layer0"]["kernel"], x)
+  h = np.maximum(np.asarray(x) @ np.asarray(params["layer0"]["kernel"]), 0)
+  np.testing.assert_allclose(reps["head"]["kernel"], h, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    continual.mlp_apply(params, x), h @ np.asarray(params["head"]["kernel"]), rtol=1e-5, atol=1e-5
+  )
+  assert "bias" not in params["head"]
+
+
+def test_from_jsonl_replots(tiny, tmp_path, capsys):
+  continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--no-progress",
+                  "--out", str(tmp_path / "a")])  # fmt: skip
+  recs = continual.main(["--from-jsonl", str(tmp_path / "a" / "results.jsonl"),
+                         "--out", str(tmp_path / "b")])  # fmt: skip
+  assert len(recs) == 1 and (tmp_path / "b" / "heatmap_sgd.png").is_file()
+  assert "sgd" in capsys.readouterr().out
