@@ -154,6 +154,14 @@ def restrict_like(template: PyTree, tree: PyTree, *, transform: str, name: str) 
     ) from e
 
 
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+  """Whether an array of ``shape`` broadcasts to ``target`` without growing it."""
+  try:
+    return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+  except ValueError:
+    return False
+
+
 def check_shapes(
   template: PyTree,
   tree: PyTree,
@@ -168,12 +176,7 @@ def check_shapes(
     if isinstance(t, MaskedNode):
       return
     tshape, xshape = np.shape(t), np.shape(x)
-    ok = tshape == xshape
-    if broadcastable and not ok:
-      try:
-        ok = np.broadcast_shapes(xshape, tshape) == tshape
-      except ValueError:
-        ok = False
+    ok = tshape == xshape or (broadcastable and broadcasts_to(xshape, tshape))
     if not ok:
       raise ValueError(
         f"{transform}: `{name}` leaf {jax.tree_util.keystr(path)} has shape "

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from cl_optax import _state
@@ -123,11 +122,7 @@ def _state_shapes(spec, params) -> PyTree:
     for path, p, s in zip(paths, leaves, given, strict=True):
       pshape = tuple(jnp.shape(p))
       s = pshape if s is None else tuple(s.shape if hasattr(s, "shape") else s)
-      try:
-        ok = np.broadcast_shapes(s, pshape) == pshape
-      except ValueError:
-        ok = False
-      if not ok:
+      if not _state.broadcasts_to(s, pshape):
         raise ValueError(
           f"soft_mask: `importance_shapes` leaf {path} is {s}; expected a shape "
           f"broadcastable to the parameter's shape {pshape}."

@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cl_optax import metrics, streams
+
 LAYERS = ("l0", "l1", "l2")
 
 
@@ -42,21 +44,17 @@ class MLP(nnx.Module):
 
 
 def load(data: str, mnist_path: str | None, n_train: int | None):
-  if data == "digits":
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
+  if data == "digits":  # no official test split: hold out 20 %
+    x, y = streams.load_digits()[:2]
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(x))
     cut = int(0.8 * len(x))
     return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
-  path = pathlib.Path(mnist_path or pathlib.Path(__file__).parents[2] / "shared/data/mnist.npz")
-  d = np.load(path)
-  xtr = d["x_train"].reshape(-1, 784).astype(np.float32) / 255.0
-  xte = d["x_test"].reshape(-1, 784).astype(np.float32) / 255.0
-  n = n_train or len(xtr)
-  return (xtr[:n], d["y_train"][:n].astype(np.int64)), (xte, d["y_test"].astype(np.int64))
+  path = mnist_path or pathlib.Path(__file__).parents[2] / "shared/data/mnist.npz"
+  ds = streams.load_mnist(path)
+  n = n_train or len(ds.x_train)
+  flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+  return (flat(ds.x_train[:n]), ds.y_train[:n]), (flat(ds.x_test), ds.y_test)
 
 
 def permuted_stream(train, test, n_tasks: int, seed: int):
@@ -116,15 +114,6 @@ def run(
   return acc
 
 
-def average_accuracy(acc):
-  return float(acc[-1].mean())
-
-
-def backward_transfer(acc):
-  n = acc.shape[0]
-  return float(np.mean([acc[-1, j] - acc[j, j] for j in range(n - 1)]))
-
-
 def report(results: dict, elapsed: dict, out: pathlib.Path | None):
   for method, mats in results.items():
     mean = np.mean(mats, 0)
@@ -135,8 +124,8 @@ def report(results: dict, elapsed: dict, out: pathlib.Path | None):
     print(np.array2string(100 * mean, precision=1, suppress_small=True))
   print(f"\n{'method':<12} {'avg accuracy (%)':>18} {'BWT (%)':>16}")
   for method, mats in results.items():
-    a = [100 * average_accuracy(m) for m in mats]
-    b = [100 * backward_transfer(m) for m in mats]
+    a = [100 * metrics.average_accuracy(m) for m in mats]
+    b = [100 * metrics.backward_transfer(m) for m in mats]
     print(
       f"{method:<12} {np.mean(a):>11.2f} ± {np.std(a):4.2f} {np.mean(b):>9.2f} ± {np.std(b):4.2f}"
     )
