@@ -294,14 +294,14 @@ def test_agem_and_gem_steps_read_the_past_tasks_memory():
     ).mean()
   )(params)
   s, _ = _step(params, mem, 1, {"memory_batch": 16})
-  extra, new_mem = continual._agem_step(s)
+  extra, new_mem = jax.jit(lambda: continual._agem_step(s))()
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
   jax.tree.map(chex_close, extra["ref_grads"], want)
   assert int(new_mem.written[1]) == 4 and int(new_mem.written[0]) == 5
-  extra, _ = continual._gem_step(s)
+  extra, _ = jax.jit(lambda: continual._gem_step(s))()
   assert np.asarray(extra["task_mask"]).tolist() == [True, False, False]
   jax.tree.map(lambda g, w: chex_close(g[0], w), extra["task_grads"], want)
   jax.tree.map(lambda g: chex_close(g[1:], 0.0), extra["task_grads"])  # empty rings: 0
   s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
-  extra, _ = continual._agem_step(s)
+  extra, _ = jax.jit(lambda: continual._agem_step(s))()
   jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])
