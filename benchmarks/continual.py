@@ -128,7 +128,7 @@ class Step(NamedTuple):
   valid: jax.Array  # bool [n_tasks, k]: active columns while training each task
   aux: PyTree  # the method's own carried state (e.g. a replay memory)
   key: jax.Array  # a fresh PRNG key for this step
-  loss_fn: Callable  # loss_fn(params, x, y, task_ids) -> mean cross-entropy
+  loss_fn: Callable  # loss_fn(params, x, y, task_ids, weights=None) -> (weighted) mean CE
   hp: dict
 
 
@@ -176,7 +176,9 @@ class Method(NamedTuple):
       gradient: extra args for ``tx.update`` (e.g. ``ref_grads`` from the
       memory) and the new aux.
     defaults: the method's hyper-parameters (``--hp name=value`` overrides).
-    protocol: per-preset settings, ``{preset: {"lr": ..., **hp}}``: the
+    protocol: per-preset settings, ``{preset: {"lr": ..., **hp}}`` (a key
+      ``"preset/scenario"``, e.g. ``"split-mnist/domain"``, adds settings for
+      one scenario of a split stream): the
       learning rate and hyper-parameters a paper used for this method on that
       protocol (e.g. A-GEM's lr 0.1 on ``pmnist-agem``); ``--lr``/``--hp`` win.
   """
@@ -242,6 +244,291 @@ register(
     "hard masks: freeze trunk entries whose SPG importance >= threshold",
     end_task=_consolidate_spg_trunk,
     defaults={"threshold": 0.95},
+  )
+)
+
+
+# ------------------------------------------- landed methods (issues 4 and 5)
+# Replay-based (A-GEM, GEM): a `cl_optax.replay.TaskRing` carried through the scan.
+# Each step writes its batch into the current task's ring (the task's most recent
+# examples, GEM's rule) and computes the reference gradients from the past tasks'
+# memories inside the same jitted step.
+
+
+def _ring_init(a: AuxInit):
+  example = {
+    "x": jax.ShapeDtypeStruct((int(np.prod(a.input_shape)),), jnp.float32),
+    "y": jax.ShapeDtypeStruct((), jnp.int32),
+    "task": jax.ShapeDtypeStruct((), jnp.int32),
+  }
+  return cl_optax.replay.init(example, a.hp["memory_per_task"], num_tasks=a.n_tasks)
+
+
+def _ring_write(s: Step):
+  batch = {"x": s.x, "y": s.y.astype(jnp.int32), "task": jnp.full(s.y.shape, s.task, jnp.int32)}
+  return cl_optax.replay.add(s.aux, batch, task=s.task)
+
+
+def _agem_step(s: Step):
+  """g_ref on `memory_batch` examples drawn from the union of the past tasks' memories."""
+  past = jnp.arange(s.columns.shape[0]) < s.task
+  m, ok = cl_optax.replay.sample(s.aux, s.key, s.hp["memory_batch"], tasks=past)
+  # task 0: no valid row, the weighted loss is 0, g_ref = 0 and agem passes g through
+  ref = jax.grad(s.loss_fn)(s.params, m["x"], m["y"], m["task"], ok)
+  return {"ref_grads": ref}, _ring_write(s)
+
+
+def _gem_step(s: Step):
+  """One gradient per past task on its whole memory: one vmapped backward pass."""
+  items, full = s.aux.items, cl_optax.replay.filled(s.aux)  # [T, cap, ...], [T, cap]
+  grad = jax.grad(s.loss_fn)
+  task_grads = jax.vmap(lambda x, y, t, w: grad(s.params, x, y, t, w))(
+    items["x"], items["y"], items["task"], full
+  )
+  mask = jnp.arange(s.columns.shape[0]) < s.task
+  return {"task_grads": task_grads, "task_mask": mask}, _ring_write(s)
+
+
+register(
+  Method(
+    "agem",
+    lambda h: optax.chain(cl_optax.agem(), h.base()),
+    "A-GEM (Chaudhry et al. 2019): ring memory per task, g_ref from 256 memory examples per step",
+    init_aux=_ring_init,
+    step=_agem_step,
+    defaults={"memory_per_task": 250, "memory_batch": 256},
+    protocol={
+      "pmnist-agem": {"lr": 0.1},  # replicate_results_iclr19.sh: A-GEM lr 0.1, 25/class
+      "pmnist-agem-1k": {"lr": 0.1},
+      "pmnist-gem": {"memory_per_task": 256},
+      "rmnist-gem": {"memory_per_task": 256},
+    },
+  )
+)
+register(
+  Method(
+    "gem",
+    lambda h: optax.chain(cl_optax.gem(h.hp["memory_strength"]), h.base()),
+    "GEM (Lopez-Paz & Ranzato 2017): one memory gradient per past task, QP in jit",
+    init_aux=_ring_init,
+    step=_gem_step,
+    defaults={"memory_per_task": 256, "memory_strength": 0.5},
+    protocol={
+      "pmnist-agem": {"lr": 0.03, "memory_per_task": 250},  # A-GEM script: GEM lr 0.03
+      "pmnist-agem-1k": {"lr": 0.03, "memory_per_task": 250},
+    },
+  )
+)
+
+
+# Importance-weighted penalties (EWC, online EWC, MAS), NCL: an estimator from
+# cl_optax.importance on (at most `fisher_n` of) the task's training examples,
+# through the task's own head, then `cl_optax.consolidate`.
+
+
+def _task_batches(e: TaskEnd):
+  xs, ys = e.batches
+  n = e.hp.get("fisher_n")
+  if n is not None:
+    k = max(1, -(-int(n) // xs.shape[1]))
+    xs, ys = xs[:k], ys[:k]
+  return xs, ys
+
+
+_HEAD_FNS: dict = {}
+
+
+def _head_fn(e: TaskEnd):
+  """``fn(params, x)``: the logits of the task's head; one object per (layout, task), as the
+  estimators jit with it as a static argument."""
+  k = (id(e.logits_fn), e.task)
+  if k not in _HEAD_FNS:
+    _HEAD_FNS[k] = (e.logits_fn, functools.partial(e.logits_fn, head=e.task))
+  return _HEAD_FNS[k][1]
+
+
+def _fisher(e: TaskEnd):
+  kind = e.hp["fisher"]
+  return cl_optax.importance.fisher_diag(
+    _head_fn(e), e.params, _task_batches(e), fisher=kind, key=e.key
+  )
+
+
+def _consolidate_fisher(e: TaskEnd):
+  return cl_optax.consolidate(e.opt_state, e.params, importance=_fisher(e)), e.aux
+
+
+def _consolidate_ncl(e: TaskEnd):
+  return cl_optax.consolidate(e.opt_state, e.params, precision=_fisher(e)), e.aux
+
+
+def _consolidate_mas(e: TaskEnd):
+  imp = cl_optax.importance.mas(_head_fn(e), e.params, _task_batches(e))
+  return cl_optax.consolidate(e.opt_state, e.params, importance=imp), e.aux
+
+
+def _consolidate_plain(e: TaskEnd):
+  return cl_optax.consolidate(e.opt_state, e.params), e.aux
+
+
+# van de Ven, Tuytelaars & Tolias (param_values.py), split MNIST: EWC lambda
+# 1e5 / 1e10 / 1e9 and SI c 10 / 5e4 / 5e3 for task / domain / class-IL; their
+# Fisher takes the expectation over all labels (fisher_labels="all" = "exact").
+_VDV_EWC = {
+  "split-mnist/task": {"strength": 1e5},
+  "split-mnist/domain": {"strength": 1e10},
+  "split-mnist/class": {"strength": 1e9},
+  "split-mnist": {"fisher_n": None},  # every training example
+  "split-digits/task": {"strength": 1e5},
+  "split-digits/domain": {"strength": 1e10},
+  "split-digits/class": {"strength": 1e9},
+}
+# A-GEM's script (PMNIST): EWC lr 0.03, lambda 10; MAS lr 0.1, lambda 0.1; PI (SI) lr 0.1, c 0.1
+_AGEM_EWC = {"lr": 0.03, "strength": 10.0}
+
+register(
+  Method(
+    "ewc",
+    lambda h: optax.chain(cl_optax.ewc(h.hp["strength"]), h.base()),
+    "EWC (Kirkpatrick et al. 2017): importance.fisher_diag per task, one penalty per task",
+    end_task=_consolidate_fisher,
+    defaults={"strength": 10.0, "fisher": "exact", "fisher_n": 1000},
+    protocol={**_VDV_EWC, "pmnist-agem": _AGEM_EWC, "pmnist-agem-1k": _AGEM_EWC},
+  )
+)
+register(
+  Method(
+    "online_ewc",
+    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], h.hp["decay"]), h.base()),
+    "online EWC (Schwarz et al. 2018): running Fisher, latest anchor",
+    end_task=_consolidate_fisher,
+    defaults={"strength": 10.0, "decay": 1.0, "fisher": "exact", "fisher_n": 1000},
+    protocol={**_VDV_EWC, "pmnist-agem": _AGEM_EWC, "pmnist-agem-1k": _AGEM_EWC},
+  )
+)
+_AGEM_MAS = {"lr": 0.1, "strength": 2 * 0.1}  # cl_optax.mas strength = 2 * lambda_p
+register(
+  Method(
+    "mas",
+    lambda h: optax.chain(cl_optax.mas(h.hp["strength"]), h.base()),
+    "MAS (Aljundi et al. 2018): importance.mas (output-norm gradients) per task",
+    end_task=_consolidate_mas,
+    defaults={"strength": 2.0, "fisher_n": 1000},
+    protocol={"pmnist-agem": _AGEM_MAS, "pmnist-agem-1k": _AGEM_MAS},
+  )
+)
+# SI: strength = 2c (the papers' penalty has no 1/2). van de Ven: c 10 / 5e4 / 5e3,
+# xi 0.1, gradient of the total loss (include_penalty); A-GEM script: c 0.1, lr 0.1, with
+# xi 0.1 (Zenke's xi 1e-3 gave a non-finite training loss on task 2 at lr 0.1, seed 0).
+_AGEM_SI = {"lr": 0.1, "strength": 2 * 0.1, "damping": 0.1, "include_penalty": False}
+register(
+  Method(
+    "si",
+    lambda h: optax.chain(
+      cl_optax.si(h.hp["strength"], h.hp["damping"], include_penalty=h.hp["include_penalty"]),
+      h.base(),
+    ),
+    "SI (Zenke et al. 2017): path integral inside update, consolidate needs no signal",
+    end_task=_consolidate_plain,
+    defaults={"strength": 2.0, "damping": 0.1, "include_penalty": True},
+    protocol={
+      "split-mnist/task": {"strength": 2 * 10.0},
+      "split-mnist/domain": {"strength": 2 * 5e4},
+      "split-mnist/class": {"strength": 2 * 5e3},
+      "split-digits/task": {"strength": 2 * 10.0},
+      "split-digits/domain": {"strength": 2 * 5e4},
+      "split-digits/class": {"strength": 2 * 5e3},
+      "pmnist-agem": _AGEM_SI,
+      "pmnist-agem-1k": _AGEM_SI,
+    },
+  )
+)
+register(
+  Method(
+    "ncl",
+    lambda h: optax.chain(
+      cl_optax.ncl(h.hp["data_size"], h.hp["strength"], h.hp["damping"]), optax.sgd(h.lr)
+    ),
+    "NCL (Kao et al. 2021), diagonal precision from importance.fisher_diag; plain SGD",
+    "sgd",
+    end_task=_consolidate_ncl,
+    # data_size N: the official 12000 (split MNIST) / 60000 (permuted MNIST)
+    defaults={
+      "data_size": 300.0,
+      "strength": 1.0,
+      "damping": 1e-3,
+      "fisher": "exact",
+      "fisher_n": 1000,
+    },  # fmt: skip
+    protocol={
+      "split-mnist": {"data_size": 12000.0, "fisher_n": None},
+      "pmnist-agem": {"data_size": 60000.0},
+      "pmnist-agem-1k": {"data_size": 60000.0},
+      "pmnist-gem": {"data_size": 60000.0},
+      "pmnist-gpm": {"data_size": 60000.0},
+    },
+  )
+)
+
+
+# Projection (OGD, GPM): a basis grown at the end of each task.
+
+
+def _consolidate_ogd(e: TaskEnd):
+  xs, ys = e.batches
+  n = e.hp["samples"]
+  x = xs.reshape(-1, *xs.shape[2:])[:n]
+  y = ys.reshape(-1)[:n]
+  grads = cl_optax.output_gradients(_head_fn(e), e.params, x, y)  # ground-truth logit (GTL)
+  return cl_optax.consolidate(e.opt_state, e.params, output_grads=grads), e.aux
+
+
+def _gpm_layers(h: Hyper):
+  def labels(params):
+    heads = h.is_head(params)
+    return jax.tree.map(
+      lambda p, hd: jnp.ndim(p) >= 2 and (h.hp["project_head"] or not hd), params, heads
+    )
+
+  return labels
+
+
+def _consolidate_gpm(e: TaskEnd):
+  xs, _ = e.batches
+  x = xs.reshape(-1, *xs.shape[2:])[: e.hp["samples"]]
+  reps = mlp_layer_inputs(e.params, x)
+  if not e.hp["project_head"]:
+    reps = {k: v for k, v in reps.items() if k != "head"}
+  thr = e.hp["thresholds"]  # per layer, in order (the paper's PMNIST: 0.95, 0.99, 0.99)
+  names = [k for k in reps if k != "head"] + (["head"] if "head" in reps else [])
+  gpm_thr = {k: {"kernel": float(thr[min(i, len(thr) - 1)])} for i, k in enumerate(names)}
+  state = cl_optax.consolidate(e.opt_state, e.params, representations=reps, gpm_threshold=gpm_thr)
+  return state, e.aux
+
+
+register(
+  Method(
+    "ogd",
+    lambda h: optax.chain(cl_optax.ogd(h.hp["max_directions"]), h.base()),
+    "OGD (Farajtabar et al. 2020): ground-truth-logit gradients of `samples` examples per task",
+    end_task=_consolidate_ogd,
+    # the basis is max_directions x the model: (tasks - 1) * samples must fit
+    defaults={"samples": 200, "max_directions": 800},
+    # the demo: 50 per task (the paper's 200 cost ~40 s of Gram-Schmidt per seed on 2 cores)
+    protocol={"split-digits": {"samples": 50, "max_directions": 200}},
+  )
+)
+register(
+  Method(
+    "gpm",
+    lambda h: optax.chain(
+      cl_optax.gpm(layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]), h.base()
+    ),
+    "GPM (Saha et al. 2021): input-space bases from mlp_layer_inputs of 300 examples per task",
+    end_task=_consolidate_gpm,
+    # multi-head streams: the head (one column block per task) is not projected
+    defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
+    protocol={"pmnist-gpm": {"thresholds": [0.95, 0.99, 0.99], "project_head": True}},
   )
 )
 
@@ -408,6 +695,7 @@ class Config(NamedTuple):
   ticks: int = 50  # progress updates per task
   protocol: str = ""  # the preset's name (selects Method.protocol settings)
   lr_override: float | None = None  # --lr
+  scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" settings)
 
 
 def _batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -434,9 +722,13 @@ def _make_train(method: Method, tx, apply, hp: dict, ticks_every: int, padded: b
   """The jitted per-task trainer: one lax.scan over the task's batches."""
 
   def loss_fn_for(columns, valid):
-    def loss_fn(params, x, y, task_ids):
+    def loss_fn(params, x, y, task_ids, weights=None):
       logits = apply(params, x)
-      return xent(logits, columns[task_ids], valid[task_ids], y).mean()
+      losses = xent(logits, columns[task_ids], valid[task_ids], y)
+      if weights is None:
+        return losses.mean()
+      w = weights.astype(losses.dtype)  # e.g. the `valid` rows of a replay sample
+      return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0)
 
     return loss_fn
 
@@ -530,6 +822,7 @@ def run_method(
   method = METHODS[name]
   opt = method.optimizer or cfg.optimizer
   spec = dict(method.protocol.get(cfg.protocol, {}))
+  spec.update(method.protocol.get(f"{cfg.protocol}/{cfg.scenario}", {}))
   lr = spec.pop("lr", cfg.lr[opt])
   lr = cfg.lr_override if cfg.lr_override is not None else lr
   hp = {**method.defaults, **spec}
@@ -854,6 +1147,7 @@ def main(argv=None):
     progress=not args.no_progress,
     protocol=args.stream,
     lr_override=args.lr,
+    scenario=args.scenario,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]

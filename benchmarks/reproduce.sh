@@ -35,3 +35,16 @@ done
 run gpm-pmnist-sgd --stream pmnist-gpm --methods sgd --seeds 2
 # masks on the full A-GEM protocol (slow: SPG reads all 55000 examples after each task)
 run agem-pmnist-masks --stream pmnist-agem --methods soft_mask,freeze --seeds 1
+# ---- the methods of issues 4 and 5 (each method's lr / strength per protocol: Method.protocol)
+# (a') A-GEM protocol, 1000 examples per task
+run agem1k-pmnist-agem --stream pmnist-agem-1k --methods agem --seeds 2
+run agem1k-pmnist-gem --stream pmnist-agem-1k --methods gem --seeds 2
+run agem1k-pmnist-reg --stream pmnist-agem-1k --methods ewc,si,mas --seeds 2
+# (c) split MNIST, task- and domain-IL (van de Ven's strengths per scenario)
+for sc in task domain; do
+  run vdv-splitmnist-$sc-reg --stream split-mnist --scenario $sc --methods ewc,online_ewc,si,ncl --seeds 2
+done
+# (b) GEM permutations / rotations
+run gem-pmnist-gem --stream pmnist-gem --methods gem,agem --seeds 2
+# (d) GPM permuted MNIST
+run gpm-pmnist-gpm --stream pmnist-gpm --methods gpm --seeds 1

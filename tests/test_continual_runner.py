@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import cl_optax
 from benchmarks import continual
 from cl_optax import streams
 
@@ -225,3 +226,82 @@ def test_from_jsonl_replots(tiny, tmp_path, capsys):
                          "--out", str(tmp_path / "b")])  # fmt: skip
   assert len(recs) == 1 and (tmp_path / "b" / "heatmap_sgd.png").is_file()
   assert "sgd" in capsys.readouterr().out
+
+
+# ------------------------------------------------- every registered method
+
+
+@pytest.mark.parametrize("name", sorted(continual.METHODS))
+def test_every_registered_method_runs_end_to_end(name):
+  """Each registry entry trains two tasks of the tiny stream: R finite and in [0, 1]."""
+  cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=1, iters=None,
+                         progress=False, protocol="tiny", scenario="task")  # fmt: skip
+  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  (rec,) = continual.run_method(name, make, cfg, [0])
+  R = np.asarray(rec["acc_matrix"])
+  assert R.shape == (2, 2)
+  assert np.all(np.isfinite(R)) and np.all((0 <= R) & (R <= 1)), R
+  assert np.isfinite(rec["acc"]) and rec["samples_per_s"] > 0
+
+
+def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
+  method = continual.Method(
+    "freeze_sc",
+    continual.METHODS["freeze"].make,
+    end_task=continual.METHODS["freeze"].end_task,
+    defaults={"threshold": 0.95},
+    protocol={"tiny": {"lr": 0.05, "threshold": 0.5}, "tiny/domain": {"threshold": 0.6}},
+  )
+  monkeypatch.setitem(continual.METHODS, "freeze_sc", method)
+  argv = ["--stream", tiny, "--methods", "freeze_sc", "--seeds", "1", "--no-progress"]
+  (r,) = continual.main(argv + ["--out", str(tmp_path / "a")])
+  assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.5}
+  (r,) = continual.main(argv + ["--out", str(tmp_path / "b"), "--scenario", "domain"])
+  assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.6}
+
+
+def _ring_with_task0(params, key, n=5):
+  a = continual.AuxInit(params, 3, (6,), np.zeros((3, 2), np.int32), {"memory_per_task": 8})
+  mem = continual._ring_init(a)
+  x = jax.random.normal(key, (n, 6))
+  y = jnp.arange(n, dtype=jnp.int32) % 2
+  mem = cl_optax.replay.add(mem, {"x": x, "y": y, "task": jnp.zeros(n, jnp.int32)}, task=0)
+  return mem, x, y
+
+
+def _step(params, mem, task, hp):
+  columns = jnp.asarray([[0, 1], [2, 3], [4, 5]], jnp.int32)
+  valid = jnp.ones((3, 2), bool)
+
+  def loss_fn(p, x, y, t, w=None):
+    losses = continual.xent(continual.mlp_apply(p, x), columns[t], valid[t], y)
+    return losses.mean() if w is None else jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  x = jnp.ones((4, 6))
+  y = jnp.zeros(4, jnp.int32)
+  s = continual.Step(params, x, y, jnp.int32(task), jnp.int32(0), columns, valid, mem,
+                     jax.random.key(3), loss_fn, hp)  # fmt: skip
+  return s, loss_fn
+
+
+def test_agem_and_gem_steps_read_the_past_tasks_memory():
+  """A-GEM's g_ref and GEM's task_grads: gradients on exactly the stored past examples."""
+  params = continual.mlp_init(jax.random.key(0), (6, 5, 6))
+  mem, x0, y0 = _ring_with_task0(params, jax.random.key(1))
+  want = jax.grad(
+    lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      continual.mlp_apply(p, x0)[:, :2], y0
+    ).mean()
+  )(params)
+  s, _ = _step(params, mem, 1, {"memory_batch": 16})
+  extra, new_mem = jax.jit(lambda: continual._agem_step(s))()
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+  jax.tree.map(chex_close, extra["ref_grads"], want)
+  assert int(new_mem.written[1]) == 4 and int(new_mem.written[0]) == 5
+  extra, _ = jax.jit(lambda: continual._gem_step(s))()
+  assert np.asarray(extra["task_mask"]).tolist() == [True, False, False]
+  jax.tree.map(lambda g, w: chex_close(g[0], w), extra["task_grads"], want)
+  jax.tree.map(lambda g: chex_close(g[1:], 0.0), extra["task_grads"])  # empty rings: 0
+  s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
+  extra, _ = jax.jit(lambda: continual._agem_step(s))()
+  jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])
