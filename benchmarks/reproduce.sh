@@ -48,6 +48,7 @@ run agem1k-pmnist-sgd-lr0.1 --stream pmnist-agem-1k --methods sgd --lr 0.1 --see
 run vdv-splitmnist-task-ewc-fullfisher --stream split-mnist --scenario task --methods ewc --seeds 1
 run vdv-splitmnist-task-reg --stream split-mnist --scenario task --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
 run vdv-splitmnist-domain-reg --stream split-mnist --scenario domain --methods ewc,si --seeds 1 --hp fisher_n=1000
+run vdv-splitmnist-domain-reg2 --stream split-mnist --scenario domain --methods online_ewc,ncl --seeds 1 --hp fisher_n=1000
 # (b) GEM permutations / rotations
 run gem-pmnist-gem --stream pmnist-gem --methods gem,agem --seeds 1
 run gem-pmnist-gem-seed1 --stream pmnist-gem --methods gem,agem --seeds 1 --seed0 1
