@@ -47,6 +47,7 @@ run agem1k-pmnist-sgd-lr0.1 --stream pmnist-agem-1k --methods sgd --lr 0.1 --see
 # (c) split MNIST (van de Ven's strengths per scenario); Fisher on 1000 examples per task
 run vdv-splitmnist-task-ewc-fullfisher --stream split-mnist --scenario task --methods ewc --seeds 1
 run vdv-splitmnist-task-reg --stream split-mnist --scenario task --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
+run vdv-splitmnist-task-reg-seed1 --stream split-mnist --scenario task --methods ewc,online_ewc,si,ncl --seeds 1 --seed0 1 --hp fisher_n=1000
 run vdv-splitmnist-domain-reg --stream split-mnist --scenario domain --methods ewc,si --seeds 1 --hp fisher_n=1000
 run vdv-splitmnist-domain-reg2 --stream split-mnist --scenario domain --methods online_ewc,ncl --seeds 1 --hp fisher_n=1000
 # (b) GEM permutations / rotations
