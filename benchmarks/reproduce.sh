@@ -35,16 +35,24 @@ done
 run gpm-pmnist-sgd --stream pmnist-gpm --methods sgd --seeds 2
 # masks on the full A-GEM protocol (slow: SPG reads all 55000 examples after each task)
 run agem-pmnist-masks --stream pmnist-agem --methods soft_mask,freeze --seeds 1
-# ---- the methods of issues 4 and 5 (each method's lr / strength per protocol: Method.protocol)
+# ---- the methods of issues 4 and 5 (each method's lr / strength per protocol: Method.protocol);
+#      seeds as in REPRODUCTION.md (time-limited: 1-2)
 # (a') A-GEM protocol, 1000 examples per task
 run agem1k-pmnist-agem --stream pmnist-agem-1k --methods agem --seeds 2
 run agem1k-pmnist-gem --stream pmnist-agem-1k --methods gem --seeds 2
-run agem1k-pmnist-reg --stream pmnist-agem-1k --methods ewc,si,mas --seeds 2
-# (c) split MNIST, task- and domain-IL (van de Ven's strengths per scenario)
-for sc in task domain; do
-  run vdv-splitmnist-$sc-reg --stream split-mnist --scenario $sc --methods ewc,online_ewc,si,ncl --seeds 2
-done
+run agem1k-pmnist-ewc --stream pmnist-agem-1k --methods ewc --seeds 2
+run agem1k-pmnist-mas --stream pmnist-agem-1k --methods mas --seeds 2
+run agem1k-pmnist-si --stream pmnist-agem-1k --methods si --seeds 2
+run agem1k-pmnist-sgd-lr0.1 --stream pmnist-agem-1k --methods sgd --lr 0.1 --seeds 1
+# (c) split MNIST (van de Ven's strengths per scenario); Fisher on 1000 examples per task
+run vdv-splitmnist-task-ewc-fullfisher --stream split-mnist --scenario task --methods ewc --seeds 1
+run vdv-splitmnist-task-reg --stream split-mnist --scenario task --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
+run vdv-splitmnist-task-reg-seed1 --stream split-mnist --scenario task --methods ewc,online_ewc,si,ncl --seeds 1 --seed0 1 --hp fisher_n=1000
+run vdv-splitmnist-domain-reg --stream split-mnist --scenario domain --methods ewc,si --seeds 1 --hp fisher_n=1000
+run vdv-splitmnist-domain-reg2 --stream split-mnist --scenario domain --methods online_ewc,ncl --seeds 1 --hp fisher_n=1000
 # (b) GEM permutations / rotations
-run gem-pmnist-gem --stream pmnist-gem --methods gem,agem --seeds 2
+run gem-pmnist-gem --stream pmnist-gem --methods gem,agem --seeds 1
+run gem-pmnist-gem-seed1 --stream pmnist-gem --methods gem,agem --seeds 1 --seed0 1
+run gem-rmnist-gem --stream rmnist-gem --methods gem,agem --seeds 1
 # (d) GPM permuted MNIST
 run gpm-pmnist-gpm --stream pmnist-gpm --methods gpm --seeds 1
