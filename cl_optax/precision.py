@@ -19,6 +19,7 @@ preconditioning). At a task boundary,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -225,11 +226,9 @@ def _leaf_names(tree) -> list[str]:
 
 def _lookup_factors(tree, name: str):
   if hasattr(tree, "__getitem__") and not isinstance(tree, tuple):
-    try:
+    with contextlib.suppress(TypeError):  # a tree that is not a mapping
       if name in tree:
         return tree[name]
-    except TypeError:
-      pass
   node = tree
   try:
     for k in name.split("/"):
