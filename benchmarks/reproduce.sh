@@ -43,7 +43,8 @@ run agem1k-pmnist-gem --stream pmnist-agem-1k --methods gem --seeds 2
 run agem1k-pmnist-ewc --stream pmnist-agem-1k --methods ewc --seeds 2
 run agem1k-pmnist-mas --stream pmnist-agem-1k --methods mas --seeds 2
 run agem1k-pmnist-si --stream pmnist-agem-1k --methods si --seeds 2
-run agem1k-pmnist-oewc-ncl --stream pmnist-agem-1k --methods online_ewc,ncl --seeds 2
+run agem1k-pmnist-oewc-ncl --stream pmnist-agem-1k --methods online_ewc --seeds 2
+run agem1k-pmnist-ncl --stream pmnist-agem-1k --methods ncl --seeds 2
 run agem1k-pmnist-sgd-lr0.1 --stream pmnist-agem-1k --methods sgd --lr 0.1 --seeds 1
 # (c) split MNIST (van de Ven's strengths per scenario); Fisher on 1000 examples per task
 run vdv-splitmnist-task-ewc-fullfisher --stream split-mnist --scenario task --methods ewc --seeds 1
