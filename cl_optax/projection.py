@@ -645,9 +645,11 @@ class GPMState(NamedTuple):
   """State of :func:`gpm`.
 
   Attributes:
-    feature_basis: per projected leaf (a kernel ``[*in, out]``), an orthonormal
-      basis of its input space as the first ``feature_count`` columns of a
-      ``[d_in, d_in]`` buffer (``d_in = prod(in)``; the other columns are 0);
+    feature_basis: per projected leaf (a kernel ``[*in, out]``), an orthogonal
+      ``[d_in, d_in]`` matrix (``d_in = prod(in)``) whose first
+      ``feature_count`` columns are the protected basis :math:`M` and whose
+      other columns span the rest of the input space, so the update projects
+      through ``min(feature_count, d_in - feature_count)`` columns;
       ``optax.MaskedNode`` for leaves that are not projected.
     feature_count: per projected leaf, the number of basis columns (int32).
     gpm_tasks: number of consolidates so far (int32).
@@ -728,8 +730,9 @@ def _replace_unmasked(tree, new_leaves):
 def _gpm_grow(basis, count, x, threshold):
   """GPM Eq. 8-9: adds the top left singular vectors of the residual activations."""
   d_in = basis.shape[0]
+  idx = jnp.arange(d_in)
   R = x.T  # [d_in, n], columns are samples (the paper's R_l)
-  M = basis.astype(_f32)
+  M = jnp.where(idx[None, :] < count, basis.astype(_f32), 0.0)
   total = jnp.sum(R * R)
   R_hat = R - M @ (M.T @ R)
   U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
@@ -745,11 +748,54 @@ def _gpm_grow(basis, count, x, threshold):
   # Re-orthogonalise the new columns against the stored ones (float32 drift).
   U = U - M @ (M.T @ U)
   U = U / jnp.maximum(jnp.linalg.norm(U, axis=0, keepdims=True), 1e-30)
-  src = jnp.arange(d_in) - count
+  src = idx - count
   take = (src >= 0) & (src < r)
   cols = jnp.take(U, jnp.clip(src, 0, m - 1), axis=1)
-  new = jnp.where(take[None, :], cols, M).astype(basis.dtype)
-  return new, count + r
+  new = jnp.where(take[None, :], cols, M)
+  # The complement: I - M M^T has eigenvalue 0 on span(M) and 1 off it, and eigh
+  # sorts ascending, so its eigenvectors from column `k` on span the rest.
+  k = count + r
+  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=_f32) - new @ new.T)
+  return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
+
+
+def _bucket_widths(d_in: int) -> tuple[int, ...]:
+  """Static column counts the update may project through: 0, 16, 32, ..., d_in // 2."""
+  half, widths, w = d_in // 2, [0], 16
+  while w < half:
+    widths.append(w)
+    w *= 2
+  return tuple(sorted(set([*widths, half])))
+
+
+def _project_out(q, count, g):
+  """``g - M M^T g`` for ``M = q[:, :count]``, through the fewer of M or its complement.
+
+  ``q`` is orthogonal, so ``g - M M^T g = N N^T g`` for the other columns ``N``.
+  Each static width is a ``lax.switch`` branch, so only that many columns are
+  read: the cost is ``2 d_in w out`` with ``w`` the next width at or above
+  ``min(count, d_in - count)``, 0 before the first task and once the space is full.
+  """
+  d_in = q.shape[0]
+  widths = _bucket_widths(d_in)
+  complement = count > d_in - count
+  need = jnp.minimum(count, d_in - count)
+
+  def branch(w):
+    def project(q, g):
+      if w == 0:
+        return jnp.where(complement, jnp.zeros_like(g), g)
+      start = jnp.where(complement, d_in - w, 0)
+      cols = start + jnp.arange(w)
+      keep = jnp.where(complement, cols >= count, cols < count)
+      v = jnp.where(keep[None, :], jax.lax.dynamic_slice_in_dim(q, start, w, axis=1), 0.0)
+      vvg = v @ (v.T @ g)
+      return jnp.where(complement, vvg, g - vvg)
+
+    return project
+
+  index = jnp.searchsorted(jnp.asarray(widths), need)
+  return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)
 
 
 def _default_projected(params):
@@ -784,7 +830,11 @@ def gpm(
 
   The buffer of a ``[d_in, out]`` kernel is ``[d_in, d_in]``, the whole input
   space, so it cannot overflow: ``feature_count == d_in`` means every input
-  direction is protected and the kernel no longer moves.
+  direction is protected and the kernel no longer moves. The buffer keeps an
+  orthonormal basis of the unprotected directions in its other columns, so a
+  step costs ``2 d_in w out`` with ``w`` about ``min(k, d_in - k)`` for ``k``
+  protected directions (rounded up to one of a few static widths) rather than
+  the ``d_in^2 out`` of a dense projector.
 
   Leaves not projected (by default the leaves with fewer than 2 dimensions:
   biases, norm scales) get a zero update from the first consolidate on when
@@ -878,7 +928,7 @@ def gpm(
     del params, extra_args
     frozen = state.gpm_tasks > 0
 
-    def leaf(b, u):
+    def leaf(b, c, u):
       if _is_masked(u) or u is None:
         return u
       if _is_masked(b):
@@ -887,9 +937,12 @@ def gpm(
         return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
       d_in = b.shape[0]
       g = u.reshape(d_in, -1).astype(_f32)
-      new = (g - b @ (b.T @ g)).reshape(u.shape)
+      new = _project_out(b, c, g).reshape(u.shape)
       return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
-    return jax.tree.map(leaf, state.feature_basis, updates, is_leaf=_is_masked), state
+    new_updates = jax.tree.map(
+      leaf, state.feature_basis, state.feature_count, updates, is_leaf=_is_masked
+    )
+    return new_updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -384,6 +384,28 @@ def test_gpm_matches_paper_and_projects_in_input_space():
   np.testing.assert_allclose(out, g["k"] - B @ (B.T @ g["k"]), atol=1e-5)
 
 
+def test_gpm_projects_through_either_side_at_every_width():
+  """Every filled rank, small (basis side) or large (complement side), projects exactly."""
+  d_in = 40  # widths 0, 16, 20: ranks 3 and 17 on the basis side, 25 and 38 on the complement
+  params = {"k": jnp.zeros((d_in, 3))}
+  tx = cl_optax.gpm(1.0)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(3)
+  g = {"k": jnp.asarray(rng.normal(size=(d_in, 3)), jnp.float32)}
+  for rank in (0, 3, 17, 25, 38, 40):
+    state = tx.init(params)
+    if rank:
+      X = rng.normal(size=(rank, d_in))
+      state = cl_optax.consolidate(state, params, representations={"k": X})
+    assert int(state.feature_count["k"]) == rank
+    Q = np.asarray(state.feature_basis["k"], np.float64)
+    if rank:
+      np.testing.assert_allclose(Q.T @ Q, np.eye(d_in), atol=1e-5)  # basis + complement
+    B = Q[:, :rank]
+    want = np.asarray(g["k"]) - B @ (B.T @ np.asarray(g["k"]))
+    np.testing.assert_allclose(update(g, state, params)[0]["k"], want, atol=2e-5, err_msg=rank)
+
+
 def test_gpm_preserves_old_outputs_in_flax():
   """Threshold 1: the outputs at the stored samples do not move under projected SGD."""
   from flax import nnx
