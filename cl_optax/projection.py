@@ -507,25 +507,72 @@ def _rows_dot(basis, vec):
   return sum(_contract(b.astype(_f32), v.astype(_f32), v.ndim) for b, v in zip(basis, vec))
 
 
+def _row_widths(cap: int) -> tuple[int, ...]:
+  """Static row counts a step may read: 0, 16, 32, 64, ... up to ``cap``."""
+  widths, w = [0], 16
+  while w < cap:
+    widths.append(w)
+    w *= 2
+  return tuple(sorted({*widths, cap}))
+
+
+def _set_row(b, row, at):
+  """``b.at[at].set(row)`` in place; on an explicit mesh the row takes ``b``'s sharding."""
+  row = row[None].astype(b.dtype)
+  try:
+    return jax.lax.dynamic_update_slice_in_dim(b, row, at, axis=0)
+  except Exception as e:  # jax's ShardingTypeError is private
+    if type(e).__name__ != "ShardingTypeError":
+      raise
+    row = jax.sharding.reshard(row, jax.typeof(b).sharding)
+    return jax.lax.dynamic_update_slice_in_dim(b, row, at, axis=0)
+
+
 @jax.jit
 def _gram_schmidt_add(basis, count, dropped, candidates, rtol):
+  """Adds the candidates' new directions: block CGS2 against the stored rows,
+  then Gram-Schmidt (twice) among the candidates themselves.
+
+  The block pass reads the stored rows once per pass in chunks, up to the last
+  filled one; the per-candidate pass reads only this call's new rows, so the
+  cost grows with the directions stored, not with ``max_directions``.
+  """
   cap = basis[0].shape[0]
   n = candidates[0].shape[0]
+  v = [g.astype(_f32) for g in candidates]
+  norm0 = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in v))
+  chunk = min(cap, 256)
+
+  def against_chunk(c, v):
+    rows = [jax.lax.dynamic_slice_in_dim(b, c * chunk, chunk).astype(_f32) for b in basis]
+    coef = sum(
+      _contract(r, x, (list(range(1, r.ndim)),) * 2) for r, x in zip(rows, v)
+    )  # [chunk, n]
+    return [x - jnp.tensordot(coef.T, r, axes=1) for x, r in zip(v, rows)]
+
+  n_chunks = (count + chunk - 1) // chunk
+  for _ in range(2):  # "twice is enough" (re-orthogonalisation)
+    v = jax.lax.fori_loop(0, n_chunks, against_chunk, v)
+
+  block = min(n, cap)
+  first = jnp.minimum(
+    count, cap - block
+  )  # this call's rows start here (stored rows are 0 past count)
 
   def body(i, carry):
     basis, count, dropped = carry
-    v = [g[i].astype(_f32) for g in candidates]
-    norm0 = jnp.sqrt(_sq_norm(v))
-    for _ in range(2):  # "twice is enough" (re-orthogonalisation)
-      coef = _rows_dot(basis, v)
-      v = [x - jnp.tensordot(coef, b.astype(_f32), axes=1) for x, b in zip(v, basis)]
-    norm = jnp.sqrt(_sq_norm(v))
-    new = (norm > rtol * norm0) & (norm > 0)
+    x = [y[i] for y in v]
+    for _ in range(2):
+      new_rows = [jax.lax.dynamic_slice_in_dim(b, first, block).astype(_f32) for b in basis]
+      coef = _rows_dot(new_rows, x)
+      x = [y - jnp.tensordot(coef, r, axes=1) for y, r in zip(x, new_rows)]
+    norm = jnp.sqrt(_sq_norm(x))
+    new = (norm > rtol * norm0[i]) & (norm > 0)
     fits = new & (count < cap)
-    row = jnp.arange(cap) == count
+    at = jnp.minimum(count, cap - 1)
     basis = [
-      jnp.where(fits & row.reshape((-1,) + (1,) * x.ndim), (x / norm)[None].astype(b.dtype), b)
-      for b, x in zip(basis, v)
+      _set_row(b, jnp.where(fits, y / jnp.where(fits, norm, 1.0), b[at].astype(_f32)), at)
+      for b, y in zip(basis, x)
     ]
     return basis, count + fits.astype(jnp.int32), dropped + (new & ~fits).astype(jnp.int32)
 
@@ -581,7 +628,10 @@ def ogd(
   dtype = _f32 if basis_dtype is None else basis_dtype
 
   def init_fn(params):
-    basis = jax.tree.map(lambda p: jnp.zeros((int(max_directions),) + jnp.shape(p), dtype), params)
+    def rows(p):  # broadcast from zeros_like: the rows are sharded like the leaf
+      return jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (int(max_directions), *jnp.shape(p)))
+
+    basis = jax.tree.map(rows, params)
     zero = jnp.zeros((), jnp.int32)
     return OGDState(basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, _f32))  # own buffers
 
@@ -595,6 +645,8 @@ def ogd(
     coef = sum(_contract(b.astype(_f32), u.astype(_f32), u.ndim) for u, b in pairs)  # [K]
     ok = jnp.all(jnp.isfinite(coef))
 
+    # Every row, filled or not: on CPU a matvec over the whole buffer is as fast as
+    # reading a sliced prefix (XLA copies the slice before the dot).
     def leaf(u, b):
       if _is_masked(u) or u is None:
         return u
@@ -759,15 +811,6 @@ def _gpm_grow(basis, count, x, threshold):
   return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
 
 
-def _bucket_widths(d_in: int) -> tuple[int, ...]:
-  """Static column counts the update may project through: 0, 16, 32, ..., d_in // 2."""
-  half, widths, w = d_in // 2, [0], 16
-  while w < half:
-    widths.append(w)
-    w *= 2
-  return tuple(sorted(set([*widths, half])))
-
-
 def _project_out(q, count, g):
   """``g - M M^T g`` for ``M = q[:, :count]``, through the fewer of M or its complement.
 
@@ -777,7 +820,7 @@ def _project_out(q, count, g):
   ``min(count, d_in - count)``, 0 before the first task and once the space is full.
   """
   d_in = q.shape[0]
-  widths = _bucket_widths(d_in)
+  widths = _row_widths(d_in // 2)  # min(count, d_in - count) <= d_in // 2
   complement = count > d_in - count
   need = jnp.minimum(count, d_in - count)
 

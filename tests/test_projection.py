@@ -314,6 +314,32 @@ def test_ogd_orthonormal_basis_and_orthogonal_updates():
   np.testing.assert_allclose(gt, _flat(g) - B.T @ (B @ _flat(g)), rtol=1e-5, atol=1e-5)
 
 
+def test_ogd_basis_spans_every_stored_gradient_across_chunks():
+  """Block Gram-Schmidt reads the stored rows in chunks of 256: the span stays exact."""
+  like = {"w": jnp.zeros(290), "k": jnp.zeros((2, 5))}  # 300 parameters
+  tx = cl_optax.ogd(300)
+  update = jax.jit(tx.update)
+  state = tx.init(like)
+  g = _tree(7, like)
+  stored, prev = np.zeros((0, 300)), None
+  for task, n in enumerate((250, 30, 30)):
+    cand = _tree(20 + task, like, lead=(n,))
+    if prev is not None and task == 1:  # one candidate already in the span
+      cand = jax.tree.map(lambda c, s: c.at[0].set(s[0] - 3.0 * s[1]), cand, prev)
+    prev = cand
+    state = cl_optax.consolidate(state, like, output_grads=cand)
+    rows = np.stack([_flat(jax.tree.map(lambda c: c[i], cand)) for i in range(n)])
+    stored = np.vstack([stored, rows])
+    rank = np.linalg.matrix_rank(stored, tol=1e-4 * np.linalg.norm(stored, 2))  # float32 input
+    assert int(state.basis_count) == rank == (250, 279, 300)[task]
+    assert int(state.basis_dropped) == 0
+    B = _basis_rows(state)
+    np.testing.assert_allclose(B @ B.T, np.eye(rank), atol=5e-5)
+    Q = np.linalg.svd(stored, full_matrices=False)[2][:rank]  # the same span, float64
+    want = _flat(g) - Q.T @ (Q @ _flat(g))
+    np.testing.assert_allclose(_flat(update(g, state, like)[0]), want, atol=5e-5, err_msg=task)
+
+
 def test_ogd_full_buffer_is_reported():
   tx = cl_optax.ogd(2)
   state = tx.init(PARAMS)

@@ -90,6 +90,10 @@ def check_projection(mesh, params, specs, shapes):
     state = tx.init(params)
     if signals:
       state = cl_optax.consolidate(state, params, **signals)
+    if name == "ogd":  # the basis rows are sharded like the leaf, before and after consolidate
+      for k in shapes:
+        want = NamedSharding(mesh, P(None, *specs[k]))
+        assert state[0].basis[k].sharding.is_equivalent_to(want, 1 + len(shapes[k])), k
     update = jax.jit(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
     hlo = update.lower(params, state, params, extra).compile().as_text()
     assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
