@@ -516,7 +516,13 @@ register(
     # the basis is max_directions x the model: (tasks - 1) * samples must fit
     defaults={"samples": 200, "max_directions": 800},
     # the demo: 50 per task (the paper's 200 cost ~40 s of Gram-Schmidt per seed on 2 cores)
-    protocol={"split-digits": {"samples": 50, "max_directions": 200}},
+    protocol={
+      "split-digits": {"samples": 50, "max_directions": 200},
+      # the paper's 200 per task; every task but the last adds its 200
+      "pmnist-agem-1k": {"samples": 200, "max_directions": 16 * 200},
+      "pmnist-gem": {"samples": 200, "max_directions": 19 * 200},
+      "rmnist-gem": {"samples": 200, "max_directions": 19 * 200},
+    },
   )
 )
 register(
@@ -529,7 +535,11 @@ register(
     end_task=_consolidate_gpm,
     # multi-head streams: the head (one column block per task) is not projected
     defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
-    protocol={"pmnist-gpm": {"thresholds": [0.95, 0.99, 0.99], "project_head": True}},
+    # single-head permuted streams: GPM's own PMNIST settings (the shared head is projected)
+    protocol={
+      k: {"thresholds": [0.95, 0.99, 0.99], "project_head": True}
+      for k in ("pmnist-gpm", "pmnist-agem", "pmnist-agem-1k", "pmnist-gem", "rmnist-gem")
+    },
   )
 )
 
