@@ -518,6 +518,32 @@ def rotated(
 # -------------------------------------------------------------------- data
 
 
+def minibatches(x, y, batch_size: int, rng: np.random.Generator):
+  """Yields shuffled ``(x, y)`` minibatches: one pass, the last partial batch dropped.
+
+  Args:
+    x, y: arrays with the same first axis.
+    batch_size: examples per batch (a positive int, at most ``len(x)``).
+    rng: a ``numpy.random.Generator``; the order depends only on its state.
+
+  Example:
+    >>> import numpy as np
+    >>> from cl_optax import streams
+    >>> x, y = np.arange(10.0)[:, None], np.arange(10)
+    >>> [len(b) for b, _ in streams.minibatches(x, y, 4, np.random.default_rng(0))]
+    [4, 4]
+  """
+  x, y = _check_xy(x, y, "minibatches")
+  if not (isinstance(batch_size, int | np.integer) and 0 < batch_size <= len(x)):
+    raise ValueError(
+      f"minibatches: batch_size must be an int in [1, {len(x)}] (the examples); got {batch_size!r}."
+    )
+  order = rng.permutation(len(x))
+  for i in range(0, len(x) - batch_size + 1, batch_size):
+    j = order[i : i + batch_size]
+    yield x[j], y[j]
+
+
 def load_digits() -> Dataset:
   """scikit-learn's bundled 8x8 digits (1797 images, offline), in [0, 1].
 

@@ -80,13 +80,6 @@ def accuracy(model, x, y):
   return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
-def batches(x, y, batch_size, rng):
-  idx = rng.permutation(len(x))
-  for i in range(0, len(x) - batch_size + 1, batch_size):
-    j = idx[i : i + batch_size]
-    yield x[j], y[j]
-
-
 def run(
   tasks,
   make_tx: Callable[[int], optax.GradientTransformation],
@@ -105,7 +98,7 @@ def run(
   acc = np.zeros((len(tasks), len(tasks)))
   for t, ((xtr, ytr), _) in enumerate(tasks):
     for _ in range(epochs):
-      for xb, yb in batches(xtr, ytr, batch_size, rng):
+      for xb, yb in streams.minibatches(xtr, ytr, batch_size, rng):
         train_step(model, optimizer, xb, yb)
     for j, (_, (xte, yte)) in enumerate(tasks):
       acc[t, j] = float(accuracy(model, xte, yte))

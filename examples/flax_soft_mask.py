@@ -84,13 +84,6 @@ def accuracy(model, x, task, y):
   return jnp.mean(jnp.argmax(model(x, task), -1) == y)
 
 
-def batches(x, y, batch_size, rng):
-  idx = rng.permutation(len(x))
-  for i in range(0, len(x) - batch_size + 1, batch_size):
-    j = idx[i : i + batch_size]
-    yield x[j], y[j]
-
-
 def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
   """Trains one method over the stream; returns the accuracy matrix R."""
   tasks = [(task.train(), task.test()) for task in split_digits(seed)]
@@ -105,14 +98,14 @@ def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
   acc = np.zeros((N_TASKS, N_TASKS))
   for t, ((xtr, ytr), _) in enumerate(tasks):
     for _ in range(epochs):
-      for xb, yb in batches(xtr, ytr, batch_size, rng):
+      for xb, yb in streams.minibatches(xtr, ytr, batch_size, rng):
         train_step(model, optimizer, xb, yb, t)
     for j, (_, (xte, yte)) in enumerate(tasks):
       acc[t, j] = float(accuracy(model, xte, j, yte))
     if method != "adam":
       params = nnx.state(model, nnx.Param)
       imp = cl_optax.importance.spg(
-        logits_fn, params, list(batches(xtr, ytr, batch_size, rng)), task=t
+        logits_fn, params, list(streams.minibatches(xtr, ytr, batch_size, rng)), task=t
       )
       cl_optax.consolidate(optimizer, params, importance=imp)
   return acc

@@ -216,6 +216,29 @@ def _write_idx(path, arr, gz):
     path.write_bytes(data)
 
 
+def test_minibatches_one_shuffled_pass():
+  x = np.arange(23, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+  y = np.arange(23) % 4
+  got = list(streams.minibatches(x, y, 5, np.random.default_rng(1)))
+  assert [b.shape for b, _ in got] == [(5, 3)] * 4  # 23 // 5 batches, the remainder dropped
+  seen = np.concatenate([b[:, 0] for b, _ in got]).astype(int)
+  assert len(set(seen)) == 20 and not np.array_equal(seen, np.arange(20))  # no repeats, shuffled
+  for b, t in got:
+    np.testing.assert_array_equal(t, b[:, 0].astype(int) % 4)  # pairs stay together
+  again = list(streams.minibatches(x, y, 5, np.random.default_rng(1)))
+  np.testing.assert_array_equal(
+    np.concatenate([b for b, _ in again]), np.concatenate([b for b, _ in got])
+  )
+  with pytest.raises(
+    ValueError, match=r"minibatches: batch_size must be an int in \[1, 23\].*got 0"
+  ):
+    next(streams.minibatches(x, y, 0, np.random.default_rng(0)))
+  with pytest.raises(
+    ValueError, match=r"minibatches: y must have shape \[n\] with n = len\(x\) = 23"
+  ):
+    next(streams.minibatches(x, y[:5], 5, np.random.default_rng(0)))
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_load_mnist_from_idx_folder(tmp_path, gz):
   rng = np.random.default_rng(0)
