@@ -18,7 +18,7 @@ $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@
 
-# Split digits (offline), every registered method (13), 3 seeds: table + results/demo/*.png;
+# Split digits (offline), every registered method (14), 3 seeds: table + results/demo/*.png;
 # about 2 minutes on 2 CPU cores (2 min 04 s measured, JAX 0.10.2, CPU)
 demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --seeds 3 --out results/demo
