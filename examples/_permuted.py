@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _plots import save_heatmaps
 from flax import nnx
 
 from cl_optax import metrics, streams
@@ -80,6 +81,12 @@ def accuracy(model, x, y):
   return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
+def fisher_batches(x, y, batch_size=64):
+  """``(x, y)`` as stacked ``[n_batches, batch_size, ...]`` arrays for the importance estimators."""
+  n = len(x) // batch_size * batch_size
+  return x[:n].reshape(-1, batch_size, x.shape[1]), y[:n].reshape(-1, batch_size)
+
+
 def run(
   tasks,
   make_tx: Callable[[int], optax.GradientTransformation],
@@ -123,22 +130,7 @@ def report(results: dict, elapsed: dict, out: pathlib.Path | None):
       f"{method:<12} {np.mean(a):>11.2f} ± {np.std(a):4.2f} {np.mean(b):>9.2f} ± {np.std(b):4.2f}"
     )
   if out is not None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6))
-    for ax, (method, mats) in zip(np.atleast_1d(axes), results.items()):
-      mean = np.mean(mats, 0)
-      im = ax.imshow(mean, vmin=0.0, vmax=1.0, cmap="viridis")
-      ax.set(title=method, xlabel="evaluated on task j", ylabel="after training task i")
-      for (i, j), v in np.ndenumerate(mean):
-        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    path = out / "accuracy_matrices.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    path = save_heatmaps(results, out)
     print(f"\nplots: {path}")
 
 

@@ -17,15 +17,10 @@ from __future__ import annotations
 import argparse
 
 import optax
-from _permuted import add_common_args, main_loop
+from _permuted import add_common_args, fisher_batches, main_loop
 from flax import nnx
 
 import cl_optax
-
-
-def fisher_batches(x, y, batch_size=64):
-  n = len(x) // batch_size * batch_size
-  return x[:n].reshape(-1, batch_size, x.shape[1]), y[:n].reshape(-1, batch_size)
 
 
 def methods(args):

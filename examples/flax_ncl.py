@@ -20,15 +20,10 @@ import argparse
 
 import jax
 import optax
-from _permuted import LAYERS, add_common_args, main_loop
+from _permuted import LAYERS, add_common_args, fisher_batches, main_loop
 from flax import nnx
 
 import cl_optax
-
-
-def fisher_batches(x, y, batch_size=64):
-  n = len(x) // batch_size * batch_size
-  return x[:n].reshape(-1, batch_size, x.shape[1]), y[:n].reshape(-1, batch_size)
 
 
 def methods(args):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _plots import save_heatmaps
 from flax import nnx
 
 import cl_optax
@@ -111,27 +112,6 @@ def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
   return acc
 
 
-def save_heatmaps(results, out: pathlib.Path):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  out.mkdir(parents=True, exist_ok=True)
-  fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6))
-  for ax, (method, mats) in zip(np.atleast_1d(axes), results.items()):
-    mean = np.mean(mats, 0)
-    im = ax.imshow(mean, vmin=0.5, vmax=1.0, cmap="viridis")
-    ax.set(title=method, xlabel="evaluated on task j", ylabel="after training task i")
-    for (i, j), v in np.ndenumerate(mean):
-      if j <= i:
-        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8, color="w")
-  fig.colorbar(im, ax=axes, shrink=0.8)
-  path = out / "accuracy_matrices.png"
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  return path
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--methods", default="adam,soft_mask>adam,adam>soft_mask")
@@ -166,7 +146,7 @@ def main():
     print(
       f"{method:<16} {np.mean(a):>11.2f} ± {np.std(a):4.2f} {np.mean(f):>13.2f} ± {np.std(f):4.2f}"
     )
-  path = save_heatmaps(results, args.out)
+  path = save_heatmaps(results, args.out, vmin=0.5, lower_only=True)
   print(f"\nplots: {path}")
 
 
