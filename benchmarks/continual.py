@@ -288,13 +288,32 @@ def _agem_step(s: Step):
 
 
 def _gem_step(s: Step):
-  """One gradient per past task on its whole memory: one vmapped backward pass."""
+  """One gradient per past task on its whole memory: one vmapped backward pass.
+
+  Only the rings of past tasks are read: a ``lax.switch`` over a few static ring
+  counts (at least ``s.task``), zero-padded to all ``T`` rows, so task ``t``
+  pays for about ``t`` memories rather than ``T`` (1.9x less over 17 tasks).
+  """
   items, full = s.aux.items, cl_optax.replay.filled(s.aux)  # [T, cap, ...], [T, cap]
+  n_tasks = s.columns.shape[0]
   grad = jax.grad(s.loss_fn)
-  task_grads = jax.vmap(lambda x, y, t, w: grad(s.params, x, y, t, w))(
-    items["x"], items["y"], items["task"], full
-  )
-  mask = jnp.arange(s.columns.shape[0]) < s.task
+
+  def over_first(w):
+    def grads(params, items, full):
+      if w == 0:
+        return jax.tree.map(lambda p: jnp.zeros((n_tasks, *p.shape), p.dtype), params)
+      g = jax.vmap(lambda x, y, t, m: grad(params, x, y, t, m))(
+        items["x"][:w], items["y"][:w], items["task"][:w], full[:w]
+      )
+      return jax.tree.map(lambda a: jnp.pad(a, [(0, n_tasks - w)] + [(0, 0)] * (a.ndim - 1)), g)
+
+    return grads
+
+  step = max(1, -(-n_tasks // 6))
+  widths = sorted({0, n_tasks, *range(step, n_tasks, step)})
+  index = jnp.searchsorted(jnp.asarray(widths), s.task)  # the first width >= past tasks
+  task_grads = jax.lax.switch(index, [over_first(w) for w in widths], s.params, items, full)
+  mask = jnp.arange(n_tasks) < s.task
   return {"task_grads": task_grads, "task_mask": mask}, _ring_write(s)
 
 
