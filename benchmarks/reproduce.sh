@@ -56,5 +56,19 @@ run vdv-splitmnist-domain-reg2 --stream split-mnist --scenario domain --methods 
 run gem-pmnist-gem --stream pmnist-gem --methods gem,agem --seeds 1
 run gem-pmnist-gem-seed1 --stream pmnist-gem --methods gem,agem --seeds 1 --seed0 1
 run gem-rmnist-gem --stream rmnist-gem --methods gem,agem --seeds 1
-# (d) GPM permuted MNIST
+# (d) GPM permuted MNIST (two seeds: 0, then 1)
 run gpm-pmnist-gpm --stream pmnist-gpm --methods gpm --seeds 1
+run gpm-pmnist-gpm-seed1 --stream pmnist-gpm --methods gpm --seeds 1 --seed0 1
+# ---- second session: projection methods on the other protocols, full-data (a), class-IL, K-FAC NCL
+run agem1k-pmnist-gpm --stream pmnist-agem-1k --methods gpm --seeds 2
+run agem1k-pmnist-ogd --stream pmnist-agem-1k --methods ogd --seeds 1  # 3.4 GB basis, ~13 min
+run agem1k-pmnist-ncl-kfac --stream pmnist-agem-1k --methods ncl_kfac --seeds 2
+run gem-pmnist-ogd --stream pmnist-gem --methods ogd --seeds 1
+run gem-pmnist-gpm --stream pmnist-gem --methods gpm --seeds 2
+run agem-pmnist-reg --stream pmnist-agem --methods ewc,mas,si --seeds 1  # MAS, SI diverge
+run agem-pmnist-si --stream pmnist-agem --methods si --seeds 1
+run agem-pmnist-agem --stream pmnist-agem --methods agem --seeds 1  # ~7 min of training
+run agem-pmnist-more --stream pmnist-agem --methods gpm,online_ewc,ncl --seeds 1
+run agem-pmnist-gem --stream pmnist-agem --methods gem --seeds 1  # ~40 min of training
+run vdv-splitmnist-class-reg --stream split-mnist --scenario class --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
+run vdv-splitmnist-task-ncl-kfac --stream split-mnist --scenario task --methods ncl_kfac --seeds 1 --hp fisher_n=1000
