@@ -507,13 +507,13 @@ def _rows_dot(basis, vec):
   return sum(_contract(b.astype(_f32), v.astype(_f32), v.ndim) for b, v in zip(basis, vec))
 
 
-def _row_widths(cap: int) -> tuple[int, ...]:
-  """Static row counts a step may read: 0, 16, 32, 64, ... up to ``cap``."""
+def _static_widths(top: int) -> tuple[int, ...]:
+  """The static column counts a GPM step may read: 0, 16, 32, 64, ... up to ``top``."""
   widths, w = [0], 16
-  while w < cap:
+  while w < top:
     widths.append(w)
     w *= 2
-  return tuple(sorted({*widths, cap}))
+  return tuple(sorted({*widths, top}))
 
 
 def _set_row(b, row, at):
@@ -820,7 +820,7 @@ def _project_out(q, count, g):
   ``min(count, d_in - count)``, 0 before the first task and once the space is full.
   """
   d_in = q.shape[0]
-  widths = _row_widths(d_in // 2)  # min(count, d_in - count) <= d_in // 2
+  widths = _static_widths(d_in // 2)  # min(count, d_in - count) <= d_in // 2
   complement = count > d_in - count
   need = jnp.minimum(count, d_in - count)
 
