@@ -555,15 +555,14 @@ def _gram_schmidt_add(basis, count, dropped, candidates, rtol):
     v = jax.lax.fori_loop(0, n_chunks, against_chunk, v)
 
   block = min(n, cap)
-  first = jnp.minimum(
-    count, cap - block
-  )  # this call's rows start here (stored rows are 0 past count)
+  # This call's rows start here (the stored rows are 0 past count).
+  first = jnp.minimum(count, cap - block)
 
   def body(i, carry):
     basis, count, dropped = carry
     x = [y[i] for y in v]
+    new_rows = [jax.lax.dynamic_slice_in_dim(b, first, block).astype(_f32) for b in basis]
     for _ in range(2):
-      new_rows = [jax.lax.dynamic_slice_in_dim(b, first, block).astype(_f32) for b in basis]
       coef = _rows_dot(new_rows, x)
       x = [y - jnp.tensordot(coef, r, axes=1) for y, r in zip(x, new_rows)]
     norm = jnp.sqrt(_sq_norm(x))
