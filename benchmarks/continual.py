@@ -41,17 +41,22 @@ PyTree = Any
 # ------------------------------------------------------------------- model
 
 
+def mlp_layer_names(n_layers: int) -> list[str]:
+  """``layer0, layer1, ..., head``: the keys of an MLP with ``n_layers`` dense layers."""
+  return [f"layer{i}" for i in range(n_layers - 1)] + ["head"]
+
+
 def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True) -> dict:
   """MLP parameters, PyTorch's default Linear init (U(+-1/sqrt(fan_in)))."""
   params = {}
   keys = jax.random.split(key, 2 * (len(sizes) - 1))
-  n = len(sizes) - 1
-  for i, (m, k) in enumerate(zip(sizes[:-1], sizes[1:])):
+  names = mlp_layer_names(len(sizes) - 1)
+  for i, (name, m, k) in enumerate(zip(names, sizes[:-1], sizes[1:])):
     bound = 1.0 / np.sqrt(m)
     layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
     if bias:
       layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
-    params["head" if i == n - 1 else f"layer{i}"] = layer
+    params[name] = layer
   return params
 
 
@@ -64,8 +69,7 @@ def mlp_tapped(params: dict, x: jax.Array, taps: dict | None = None) -> tuple[ja
   """
   h = x.reshape(x.shape[0], -1)
   inputs = {}
-  names = [f"layer{i}" for i in range(len(params) - 1)] + ["head"]
-  for name in names:
+  for name in mlp_layer_names(len(params)):
     layer = params[name]
     inputs[name] = h
     h = h @ layer["kernel"] + layer.get("bias", 0.0)
@@ -407,16 +411,12 @@ def _tapped_head_fn(e: TaskEnd):
   return _TAPPED_FNS[k]
 
 
-def _kfac_layers(params_or_hidden) -> list[str]:
-  return [f"layer{i}" for i in range(len(params_or_hidden))] + ["head"]
-
-
 def _consolidate_ncl_kfac(e: TaskEnd):
   factors = cl_optax.importance.kfac_factors(
     _tapped_head_fn(e),
     e.params,
     _task_batches(e),
-    layers=_kfac_layers(e.params.keys() - {"head"}),
+    layers=mlp_layer_names(len(e.params)),
     fisher=e.hp["fisher"],
     key=e.key,
   )
@@ -542,7 +542,7 @@ register(
         h.hp["strength"],
         h.hp["damping"],
         precision="kfac",
-        layers=_kfac_layers(h.hidden),
+        layers=mlp_layer_names(len(h.hidden) + 1),
       ),
       optax.sgd(h.lr),
     ),
@@ -584,8 +584,7 @@ def _consolidate_gpm(e: TaskEnd):
   if not e.hp["project_head"]:
     reps = {k: v for k, v in reps.items() if k != "head"}
   thr = e.hp["thresholds"]  # per layer, in order (the paper's PMNIST: 0.95, 0.99, 0.99)
-  names = [k for k in reps if k != "head"] + (["head"] if "head" in reps else [])
-  gpm_thr = {k: {"kernel": float(thr[min(i, len(thr) - 1)])} for i, k in enumerate(names)}
+  gpm_thr = {k: {"kernel": float(thr[min(i, len(thr) - 1)])} for i, k in enumerate(reps)}
   state = cl_optax.consolidate(e.opt_state, e.params, representations=reps, gpm_threshold=gpm_thr)
   return state, e.aux
 
@@ -795,15 +794,10 @@ class Config(NamedTuple):
 def _batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
   if n < batch:
     raise ValueError(f"continual: a task has {n} training examples, fewer than a batch ({batch}).")
-  if iters is not None:
-    per = n // batch
-    reps = -(-iters // per)
-    idx = np.concatenate([rng.permutation(n)[: per * batch] for _ in range(reps)])
-    return idx[: iters * batch].reshape(iters, batch)
   per = n // batch  # drops the last partial batch (fixed shapes inside the scan)
-  return np.concatenate([rng.permutation(n)[: per * batch] for _ in range(epochs)]).reshape(
-    -1, batch
-  )
+  reps = epochs if iters is None else -(-iters // per)
+  idx = np.concatenate([rng.permutation(n)[: per * batch] for _ in range(reps)]).reshape(-1, batch)
+  return idx if iters is None else idx[:iters]
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -996,10 +990,8 @@ def run_method(
       R[t] = test_cache.evaluate(evaluate, params, eval_valid)
       if method.end_task is not None and t < T - 1:
         s0 = time.perf_counter()
-        n_b = len(x) // cfg.batch_size
-        order = rng.permutation(len(x))[: n_b * cfg.batch_size]
-        xb = jnp.asarray(x[order].reshape(n_b, cfg.batch_size, *x.shape[1:]).astype(np.float32))
-        yb = jnp.asarray(y[order].reshape(n_b, cfg.batch_size))
+        order = _batch_indices(rng, len(x), cfg.batch_size, 1, None)  # one shuffled epoch
+        xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
         end = TaskEnd(t, params, opt_state, aux, (xb, yb), logits_fn, loss_fn_for(columns, valid),
                       stream.columns, stream.train_valid, hp, k_end)  # fmt: skip
         opt_state, aux = method.end_task(end)
@@ -1096,10 +1088,15 @@ def _fmt(values, scale=100.0, prec=2):
   return f"{v.mean():.{prec}f} ± {v.std():.{prec}f}"
 
 
-def results_table(records: list[dict]) -> str:
+def _by_method(records: list[dict]) -> dict[str, list[dict]]:
   by = {}
   for r in records:
     by.setdefault(r["method"], []).append(r)
+  return by
+
+
+def results_table(records: list[dict]) -> str:
+  by = _by_method(records)
   head = (
     f"{'method':<12}{'ACC (%)':>16}{'BWT (%)':>16}{'FWT (%)':>16}{'forgetting (%)':>17}"
     f"{'samples/s':>12}{'wall s':>9}"
@@ -1122,9 +1119,7 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
   import matplotlib.pyplot as plt
   import matplotlib.ticker
 
-  by = {}
-  for r in records:
-    by.setdefault(r["method"], []).append(r)
+  by = _by_method(records)
   paths = []
   for m, rs in by.items():
     R = np.mean([r["acc_matrix"] for r in rs], 0)
