@@ -188,16 +188,22 @@ def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
   assert counts == [(steps, steps)] * 2
 
 
-def test_protocol_settings_per_method(tiny, monkeypatch, tmp_path):
+def _register_tuned_freeze(monkeypatch, name, protocol):
+  """`freeze` registered again under `name` with per-protocol settings; its CLI args."""
   method = continual.Method(
-    "freeze_tuned",
+    name,
     continual.METHODS["freeze"].make,
     end_task=continual.METHODS["freeze"].end_task,
     defaults={"threshold": 0.95},
-    protocol={"tiny": {"lr": 0.05, "threshold": 0.5}},
+    protocol=protocol,
   )
-  monkeypatch.setitem(continual.METHODS, "freeze_tuned", method)
-  argv = ["--stream", tiny, "--methods", "freeze_tuned", "--seeds", "1", "--no-progress"]
+  monkeypatch.setitem(continual.METHODS, name, method)
+  return ["--methods", name, "--seeds", "1", "--no-progress"]
+
+
+def test_protocol_settings_per_method(tiny, monkeypatch, tmp_path):
+  protocol = {"tiny": {"lr": 0.05, "threshold": 0.5}}
+  argv = ["--stream", tiny, *_register_tuned_freeze(monkeypatch, "freeze_tuned", protocol)]
   (r,) = continual.main(argv + ["--out", str(tmp_path / "a")])
   assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.5}
   (r,) = continual.main(
@@ -245,15 +251,8 @@ def test_every_registered_method_runs_end_to_end(name):
 
 
 def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
-  method = continual.Method(
-    "freeze_sc",
-    continual.METHODS["freeze"].make,
-    end_task=continual.METHODS["freeze"].end_task,
-    defaults={"threshold": 0.95},
-    protocol={"tiny": {"lr": 0.05, "threshold": 0.5}, "tiny/domain": {"threshold": 0.6}},
-  )
-  monkeypatch.setitem(continual.METHODS, "freeze_sc", method)
-  argv = ["--stream", tiny, "--methods", "freeze_sc", "--seeds", "1", "--no-progress"]
+  protocol = {"tiny": {"lr": 0.05, "threshold": 0.5}, "tiny/domain": {"threshold": 0.6}}
+  argv = ["--stream", tiny, *_register_tuned_freeze(monkeypatch, "freeze_sc", protocol)]
   (r,) = continual.main(argv + ["--out", str(tmp_path / "a")])
   assert r["lr"] == 0.05 and r["hp"] == {"threshold": 0.5}
   (r,) = continual.main(argv + ["--out", str(tmp_path / "b"), "--scenario", "domain"])
