@@ -46,16 +46,32 @@ def mlp_layer_names(n_layers: int) -> list[str]:
   return [f"layer{i}" for i in range(n_layers - 1)] + ["head"]
 
 
-def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True) -> dict:
-  """MLP parameters, PyTorch's default Linear init (U(+-1/sqrt(fan_in)))."""
+INITS = ("torch", "agem")
+
+
+def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True, init: str = "torch") -> dict:
+  """MLP parameters.
+
+  ``init="torch"``: PyTorch's default Linear init, U(+-1/sqrt(fan_in)) for kernels and biases.
+  ``init="agem"``: the A-GEM code's (facebookresearch/agem, model/model.py ``weight_variable``,
+  ``bias_variable``): kernels from TF's ``truncated_normal_initializer(stddev=0.1)`` (a normal
+  of std 0.1 redrawn outside +-2 std), biases the constant 0.1.
+  """
+  if init not in INITS:
+    raise ValueError(f"mlp_init: init must be one of {INITS}; got {init!r}.")
   params = {}
   keys = jax.random.split(key, 2 * (len(sizes) - 1))
   names = mlp_layer_names(len(sizes) - 1)
   for i, (name, m, k) in enumerate(zip(names, sizes[:-1], sizes[1:])):
-    bound = 1.0 / np.sqrt(m)
-    layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
-    if bias:
-      layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
+    if init == "agem":
+      layer = {"kernel": 0.1 * jax.random.truncated_normal(keys[2 * i], -2.0, 2.0, (m, k))}
+      if bias:
+        layer["bias"] = jnp.full((k,), 0.1, jnp.float32)
+    else:
+      bound = 1.0 / np.sqrt(m)
+      layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
+      if bias:
+        layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
     params[name] = layer
   return params
 
@@ -478,6 +494,102 @@ register(
     protocol={"pmnist-agem": _AGEM_MAS, "pmnist-agem-1k": _AGEM_MAS},
   )
 )
+# The A-GEM code's own "EWC" and "MAS" (facebookresearch/agem, model/model.py and
+# fc_permute_mnist.py), which the A-GEM paper's EWC / MAS numbers come from. Both keep ONE
+# anchor (the params at the end of the last task, `star_vars`) and the importance of the
+# LAST task only, and add lambda * sum(Omega (theta - theta*)^2) (no 1/2) to the mean
+# cross-entropy: the gradient of `cl_optax.online_ewc(2 lambda, decay=0)`.
+#  * EWC: a running Fisher of squared MINIBATCH gradients of the cross-entropy
+#    (`set_tmp_fisher` every step; every FISHER_UPDATE_AFTER = 10 steps
+#    F <- (1 - 0.9) F + 0.9 / 10 * sum of the last squares), never reset between tasks;
+#    at a task's end min-max normalised to [0, 1] over the whole network
+#    (`normalize_fisher_at_minima`).
+#  * MAS: Omega = (1/N) sum over the task's batches of 10 of |d sum_batch ||logits||^2 / d theta|
+#    (`create_hebbian_ops`, reset at every task's end: `reset_hebbian_scores`).
+
+
+def _agem_fisher_init(a: AuxInit):
+  z = jax.tree.map(jnp.zeros_like, a.params)
+  return {"tmp": z, "running": z}
+
+
+def _agem_fisher_step(s: Step):
+  """The A-GEM code's running Fisher, updated at every training step (before the update)."""
+  g = jax.grad(s.loss_fn)(s.params, s.x, s.y, jnp.full(s.y.shape, s.task))
+  every, decay = int(s.hp["fisher_every"]), s.hp["fisher_decay"]
+  flush = (s.step + 1) % every == 0
+  running = jax.tree.map(
+    lambda r, t: jnp.where(flush, (1.0 - decay) * r + decay / every * t, r),
+    s.aux["running"], s.aux["tmp"],
+  )  # fmt: skip
+  tmp = jax.tree.map(lambda t, gi: jnp.where(flush, 0.0, t) + gi * gi, s.aux["tmp"], g)
+  return {}, {"tmp": tmp, "running": running}
+
+
+def minmax_normalise(tree: PyTree) -> PyTree:
+  """``(F - min F) / (max F - min F + 1e-32)``, min and max over every leaf together."""
+  leaves = jax.tree.leaves(tree)
+  lo = jnp.min(jnp.stack([jnp.min(x) for x in leaves]))
+  hi = jnp.max(jnp.stack([jnp.max(x) for x in leaves]))
+  return jax.tree.map(lambda x: (x - lo) / (hi - lo + 1e-32), tree)
+
+
+def _consolidate_agem_ewc(e: TaskEnd):
+  imp = minmax_normalise(e.aux["running"])
+  aux = {"tmp": jax.tree.map(jnp.zeros_like, e.aux["tmp"]), "running": e.aux["running"]}
+  return cl_optax.consolidate(e.opt_state, e.params, importance=imp), aux
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _agem_mas_sum(fn, params, xs):
+  def body(acc, x):
+    active = fn(params, x) > -1e8  # inactive head columns (-1e9) do not count
+
+    def sq(p):
+      return jnp.sum(jnp.square(jnp.where(active, fn(p, x), 0.0)))
+
+    return jax.tree.map(lambda a, b: a + jnp.abs(b), acc, jax.grad(sq)(params)), None
+
+  acc, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
+  return acc
+
+
+def agem_code_mas_importance(fn, params, xs) -> PyTree:
+  """The A-GEM code's MAS Omega: ``xs`` is ``[n_batches, B, ...]``; mean over the N = n_batches * B
+  examples of |gradient of the batch's summed squared logits|."""
+  n = xs.shape[0] * xs.shape[1]
+  return jax.tree.map(lambda a: a / n, _agem_mas_sum(fn, params, xs))
+
+
+def _consolidate_agem_mas(e: TaskEnd):
+  imp = agem_code_mas_importance(_head_fn(e), e.params, e.batches[0])
+  return cl_optax.consolidate(e.opt_state, e.params, importance=imp), e.aux
+
+
+_AGEM_CODE_EWC = {"lr": 0.03, "strength": 2 * 10.0}  # replicate_results_iclr19.sh: EWC lr 0.03, lambda 10
+_AGEM_CODE_MAS = {"lr": 0.1, "strength": 2 * 0.1}  # MAS lr 0.1, lambda 0.1
+register(
+  Method(
+    "ewc_agem_code",
+    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], 0.0), h.base()),
+    "the A-GEM code's EWC: one anchor, running minibatch Fisher of the last task, min-max normalised",
+    end_task=_consolidate_agem_ewc,
+    init_aux=_agem_fisher_init,
+    step=_agem_fisher_step,
+    defaults={"strength": 2 * 10.0, "fisher_every": 10, "fisher_decay": 0.9},
+    protocol={"pmnist-agem": _AGEM_CODE_EWC, "pmnist-agem-1k": _AGEM_CODE_EWC},
+  )
+)
+register(
+  Method(
+    "mas_agem_code",
+    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], 0.0), h.base()),
+    "the A-GEM code's MAS: one anchor, Omega of the last task from minibatch output-norm gradients",
+    end_task=_consolidate_agem_mas,
+    defaults={"strength": 2 * 0.1},
+    protocol={"pmnist-agem": _AGEM_CODE_MAS, "pmnist-agem-1k": _AGEM_CODE_MAS},
+  )
+)
 # SI: strength = 2c (the papers' penalty has no 1/2). van de Ven: c 10 / 5e4 / 5e3,
 # xi 0.1, gradient of the total loss (include_penalty); A-GEM script: c 0.1, lr 0.1, with
 # xi 0.1 (Zenke's xi 1e-3 gave a non-finite training loss on task 2 at lr 0.1, seed 0).
@@ -642,6 +754,7 @@ class Preset(NamedTuple):
   iters: int | None = None  # iterations per task (overrides epochs)
   bias: bool = True
   scenario: str | None = None  # default scenario of split streams
+  init: str = "torch"  # parameter init (mlp_init): "torch" or "agem" (the A-GEM code's)
 
 
 @functools.lru_cache(maxsize=2)
@@ -789,6 +902,7 @@ class Config(NamedTuple):
   protocol: str = ""  # the preset's name (selects Method.protocol settings)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" settings)
+  init: str = "torch"  # mlp_init's init (the preset's; --init overrides)
 
 
 def _batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -938,7 +1052,7 @@ def run_method(
     x0, _ = stream[0].train()
     d_in = int(np.prod(x0.shape[1:]))
     key, k_init = jax.random.split(key)
-    params = mlp_init(k_init, (d_in, *cfg.hidden, stream.n_outputs), bias=cfg.bias)
+    params = mlp_init(k_init, (d_in, *cfg.hidden, stream.n_outputs), bias=cfg.bias, init=cfg.init)
     opt_state = tx.init(params)
     aux = None
     if method.init_aux is not None:
@@ -1012,6 +1126,7 @@ def run_method(
         "epochs": cfg.epochs,
         "iters": cfg.iters,
         "hidden": list(cfg.hidden),
+        "init": cfg.init,
         "n_tasks": T,
         "acc_matrix": R.tolist(),
         "baseline": np.asarray(baseline).tolist(),
@@ -1184,6 +1299,8 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
   parser.add_argument("--optimizer", default=None, choices=sorted(BASES))
   parser.add_argument("--hp", action="append", help="method hyper-parameter name=value")
+  parser.add_argument("--init", default=None, choices=INITS,
+                      help="parameter init (default: the preset's; 'agem' = the A-GEM code's)")  # fmt: skip
   parser.add_argument(
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )
@@ -1237,6 +1354,7 @@ def main(argv=None):
     protocol=args.stream,
     lr_override=args.lr,
     scenario=args.scenario,
+    init=args.init or preset.init,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]
