@@ -1,0 +1,82 @@
+"""The protocol options that reproduce an official code base's settings (issue 13):
+the A-GEM code's initialisation, its EWC Fisher and MAS importance, van de Ven's
+per-seed digit-to-task assignment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import continual
+
+close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)  # noqa: E731
+
+
+def test_agem_init_is_truncated_normal_01_with_biases_01():
+  p = continual.mlp_init(jax.random.key(0), (784, 256, 10), init="agem")
+  k = np.asarray(p["layer0"]["kernel"])
+  assert np.abs(k).max() <= 0.2 + 1e-6  # redrawn outside 2 std
+  assert abs(k.std() - 0.088) < 0.002  # the std of N(0, 0.1) truncated at +-2 std
+  assert abs(k.mean()) < 0.002
+  for name in ("layer0", "head"):
+    assert np.all(np.asarray(p[name]["bias"]) == np.float32(0.1))
+  t = continual.mlp_init(jax.random.key(0), (784, 256, 10))  # default: PyTorch's uniform
+  assert np.abs(np.asarray(t["layer0"]["kernel"])).max() <= 1 / np.sqrt(784)
+  with pytest.raises(ValueError, match="init"):
+    continual.mlp_init(jax.random.key(0), (4, 2), init="xavier")
+
+
+def _loss(params, x, y, task_ids, weights=None):
+  return optax.softmax_cross_entropy_with_integer_labels(continual.mlp_apply(params, x), y).mean()
+
+
+def test_agem_code_running_fisher_and_minmax():
+  """Every 10th step F <- 0.1 F + 0.09 * (sum of the squared minibatch gradients since the
+  last flush); the consolidated importance is min-max normalised over all leaves."""
+  params = continual.mlp_init(jax.random.key(1), (6, 5, 3))
+  aux = continual._agem_fisher_init(continual.AuxInit(params, 2, (6,), None, {}))
+  hp = {"fisher_every": 10, "fisher_decay": 0.9}
+  rng = np.random.default_rng(0)
+  squares = []
+  for i in range(12):
+    x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 4))
+    s = continual.Step(params, x, y, jnp.int32(0), jnp.int32(i), None, None, aux, None, _loss, hp)
+    _, aux = continual._agem_fisher_step(s)
+    squares.append(jax.tree.map(jnp.square, jax.grad(_loss)(params, x, y, None)))
+  total = lambda sq: jax.tree.map(lambda *a: sum(a), *sq)  # noqa: E731
+  jax.tree.map(close, aux["running"], jax.tree.map(lambda t: 0.09 * t, total(squares[:9])))
+  jax.tree.map(close, aux["tmp"], total(squares[9:]))
+  norm = jax.tree.leaves(continual.minmax_normalise(aux["running"]))
+  assert min(float(x.min()) for x in norm) == 0.0
+  assert abs(max(float(x.max()) for x in norm) - 1.0) < 1e-6
+
+
+def test_agem_code_mas_importance_is_mean_abs_minibatch_gradient():
+  params = continual.mlp_init(jax.random.key(2), (6, 5, 3))
+  xs = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 6)), jnp.float32)
+  fn = continual.mlp_apply
+  got = continual.agem_code_mas_importance(fn, params, xs)
+  grads = [jax.grad(lambda p, x=x: jnp.sum(fn(p, x) ** 2))(params) for x in xs]
+  want = jax.tree.map(lambda *g: sum(jnp.abs(a) for a in g) / 12, *grads)
+  jax.tree.map(close, got, want)
+
+
+def test_split_mnist_2019_assigns_digits_to_tasks_per_seed(monkeypatch):
+  rng = np.random.default_rng(0)
+  x = rng.random((200, 4, 4)).astype(np.float32)
+  y = np.repeat(np.arange(10), 20)
+  ds = continual.streams.Dataset(x, y, x, y)
+  monkeypatch.setattr(continual, "_mnist", lambda path: ds)
+
+  class Args:
+    data, scenario = None, "task"
+
+  make = continual.PRESETS["split-mnist-2019"].stream
+  groups = {s: [tuple(t.classes.tolist()) for t in make(Args, s)] for s in range(3)}
+  for g in groups.values():
+    assert sorted(c for pair in g for c in pair) == list(range(10))
+  assert len({tuple(g) for g in groups.values()}) == 3  # a different assignment per seed
+  plain = continual.PRESETS["split-mnist"].stream(Args, 0)
+  assert [tuple(t.classes.tolist()) for t in plain] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
