@@ -15,23 +15,23 @@ class MASState(NamedTuple):
   """State of :func:`mas`.
 
   Attributes:
-    anchor_params: :math:`\\theta^*`, the params at the end of the last task.
+    mas_anchor: :math:`\\theta^*`, the params at the end of the last task.
     mas_importance: :math:`\\Omega`, the sum of the tasks' MAS importances.
   """
 
-  anchor_params: Any
+  mas_anchor: Any
   mas_importance: Any
 
   def consolidate(self, params, **signals) -> MASState:
     """``Omega <- Omega + Omega_k`` (the paper's accumulation); anchor <- params."""
-    new, params = importance_signal(self, params, signals, "mas")
+    new, params = importance_signal(self.mas_anchor, params, signals, "mas")
     total = jax.tree.map(
       lambda o, n: o if _trees.is_masked(o) else (o + n).astype(o.dtype),
       self.mas_importance,
       new,
       is_leaf=_trees.is_masked,
     )
-    return MASState(anchor_params=params, mas_importance=total)
+    return MASState(mas_anchor=params, mas_importance=total)
 
 
 def mas(
@@ -63,11 +63,11 @@ def mas(
   """
 
   def init_fn(params):
-    return MASState(anchor_params=copy_f32(params), mas_importance=zeros(params, importance_dtype))
+    return MASState(mas_anchor=copy_f32(params), mas_importance=zeros(params, importance_dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    out = add_penalty(updates, params, state.anchor_params, state.mas_importance, strength, "mas")
+    out = add_penalty(updates, params, state.mas_anchor, state.mas_importance, strength, "mas")
     return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
