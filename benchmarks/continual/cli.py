@@ -19,7 +19,7 @@ from benchmarks.continual.report import fmt, results_table, save_plots
 from benchmarks.continual.runner import Config, run_method
 from cl_optax import streams
 
-DESCRIPTION = "Continual-learning benchmark: a stream x methods -> accuracy matrices, table, JSON, plots."
+DESCRIPTION = "Continual-learning benchmark: a stream x methods -> accuracy matrices, table, plots."
 
 
 def parse_hp(items):
@@ -142,4 +142,3 @@ def main(argv=None):
   paths = save_plots(records, args.out)
   print(f"\nresults: {jsonl}\nplots:   " + "\n         ".join(str(p) for p in paths))
   return records
-

@@ -149,7 +149,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-
 def _rows(presets, methods, settings: dict) -> dict:
   return {(p, m): settings for p in presets for m in methods}
 
@@ -169,8 +168,9 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **_rows(_AGEM_PMNIST, ["gem"], {"lr": 0.03, "memory_per_task": 250}),
   **_rows(_AGEM_PMNIST, ["ewc", "online_ewc"], {"lr": 0.03, "strength": 10.0}),
   **_rows(_AGEM_PMNIST, ["mas"], {"lr": 0.1, "strength": 2 * 0.1}),
-  **_rows(_AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "damping": 0.1,
-                                 "include_penalty": False}),  # fmt: skip
+  **_rows(
+    _AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "damping": 0.1, "include_penalty": False}
+  ),
   # GEM (Lopez-Paz & Ranzato 2017): 256 memories per task
   **_rows(_GEM_MNIST, ["agem"], {"memory_per_task": 256}),
   # van de Ven, Tuytelaars & Tolias (param_values.py), split MNIST: EWC lambda 1e5 / 1e10 /
@@ -195,8 +195,11 @@ SETTINGS: dict[tuple[str, str], dict] = {
   ("pmnist-agem-1k", "ogd"): {"samples": 200, "max_directions": 16 * 200},
   **_rows(_GEM_MNIST, ["ogd"], {"samples": 200, "max_directions": 19 * 200}),
   # GPM (Saha et al. 2021), single-head permuted streams: its PMNIST thresholds, head projected
-  **_rows(["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST], ["gpm"],
-          {"thresholds": [0.95, 0.99, 0.99], "project_head": True}),  # fmt: skip
+  **_rows(
+    ["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST],
+    ["gpm"],
+    {"thresholds": [0.95, 0.99, 0.99], "project_head": True},
+  ),
 }
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from benchmarks.continual.model import MLP, Heads, head_logits, make_heads, mlp_apply, xent
-from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
 from benchmarks.continual.protocols import settings
+from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
 from cl_optax import metrics, streams
 
 

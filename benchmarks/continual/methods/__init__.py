@@ -1,7 +1,9 @@
 """The registered methods, one module per family (entry and hooks together).
 
-Importing a module registers its methods; the order here is the CLI's default order.
+Importing a module registers its methods; the order here is the CLI's default order
+(so the imports are not sorted).
 """
+# ruff: noqa: I001
 
 from benchmarks.continual.methods import baselines  # noqa: F401  sgd, adam
 from benchmarks.continual.methods import masking  # noqa: F401  soft_mask, freeze

@@ -45,7 +45,10 @@ register(
     "ncl_kfac",
     lambda h: optax.chain(
       cl_optax.ncl(
-        h.hp["data_size"], h.hp["strength"], h.hp["damping"], precision="kfac",
+        h.hp["data_size"],
+        h.hp["strength"],
+        h.hp["damping"],
+        precision="kfac",
         layers=h.model.layers,
       ),
       optax.sgd(h.lr),
