@@ -114,6 +114,7 @@ def main(argv=None):
   )
   args.out.mkdir(parents=True, exist_ok=True)
   records = []
+  heads = {}  # the model's forward passes per column layout, shared by the methods
   jsonl = args.out / "results.jsonl"
   with open(jsonl, "w") as f:
     for name in names:
@@ -130,7 +131,9 @@ def main(argv=None):
         f.write(json.dumps(r) + "\n")
         f.flush()
 
-      recs = run_method(name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write)
+      recs = run_method(
+        name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write, heads=heads
+      )
       records += recs
       print(
         f"  {name}: ACC {fmt([r['acc'] for r in recs])} %, "

@@ -209,10 +209,11 @@ class _Ticks:
 
 
 class _Run:
-  """One method's run over seeds: its transform, jitted trainers and the model's heads,
-  built once and shared by every seed (the estimators see one function per head)."""
+  """One method's run over seeds: its transform and jitted trainers, built once and shared
+  by every seed; ``heads`` maps a column layout to the model's forward passes (``Heads``),
+  so the estimators see one function per head (and compile once) for the whole run."""
 
-  def __init__(self, name: str, cfg: Config):
+  def __init__(self, name: str, cfg: Config, heads: dict):
     self.name, self.cfg = name, cfg
     self.method = method = METHODS[name]
     self.opt = method.optimizer or cfg.optimizer
@@ -225,7 +226,7 @@ class _Run:
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
     self.ticks = _Ticks()
     self.evaluate = make_eval(mlp_apply)
-    self.trainers, self.compiled, self.heads = {}, {}, {}
+    self.trainers, self.compiled, self.heads = {}, {}, heads
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
@@ -331,14 +332,17 @@ def run_method(
   *,
   return_state: bool = False,
   on_record: Callable[[dict], None] | None = None,
+  heads: dict | None = None,
 ) -> list[dict]:
   """Trains one method on the stream for each seed; returns one record per seed.
 
   With ``return_state`` each record also holds ``"final_state"``:
   ``(params, opt_state, aux)`` after the last task (not JSON-serialisable).
-  ``on_record`` is called with each record as soon as its seed is done.
+  ``on_record`` is called with each record as soon as its seed is done. ``heads``: a
+  dict to share the model's per-layout forward passes (and so the estimators'
+  compiles) between calls, e.g. the methods of one CLI run; it is filled as needed.
   """
-  run = _Run(name, cfg)
+  run = _Run(name, cfg, {} if heads is None else heads)
   records = []
   for seed in seeds:
     record, state = run.seed(seed, make_stream)
