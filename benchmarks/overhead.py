@@ -233,14 +233,14 @@ CASES += [
   Case(
     "online_ewc",
     "adam",
-    lambda b: optax.chain(cl_optax.online_ewc(100.0, 0.9), b),
+    lambda b: optax.chain(cl_optax.online_ewc(100.0, decay=0.9), b),
     _consolidate_importance,
   ),
   Case("mas", "adam", lambda b: optax.chain(cl_optax.mas(1.0), b), _consolidate_importance),
   Case(
     "si",
     "adam",
-    lambda b: optax.chain(cl_optax.si(1.0, 0.1), b),
+    lambda b: optax.chain(cl_optax.si(1.0, xi=0.1), b),
     lambda state, params: cl_optax.consolidate(state, params),
   ),
   Case(

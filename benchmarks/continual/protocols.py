@@ -169,7 +169,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **_rows(_AGEM_PMNIST, ["ewc", "online_ewc"], {"lr": 0.03, "strength": 10.0}),
   **_rows(_AGEM_PMNIST, ["mas"], {"lr": 0.1, "strength": 2 * 0.1}),
   **_rows(
-    _AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "damping": 0.1, "include_penalty": False}
+    _AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "xi": 0.1, "include_penalty": False}
   ),
   # GEM (Lopez-Paz & Ranzato 2017): 256 memories per task
   **_rows(_GEM_MNIST, ["agem"], {"memory_per_task": 256}),

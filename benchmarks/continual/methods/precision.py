@@ -32,7 +32,8 @@ register(
   Method(
     "ncl",
     lambda h: optax.chain(
-      cl_optax.ncl(h.hp["data_size"], h.hp["strength"], h.hp["damping"]), optax.sgd(h.lr)
+      cl_optax.ncl(h.hp["data_size"], strength=h.hp["strength"], damping=h.hp["damping"]),
+      optax.sgd(h.lr),
     ),
     "NCL (Kao et al. 2021), diagonal precision from importance.fisher_diag; plain SGD",
     "sgd",
@@ -46,8 +47,8 @@ register(
     lambda h: optax.chain(
       cl_optax.ncl(
         h.hp["data_size"],
-        h.hp["strength"],
-        h.hp["damping"],
+        strength=h.hp["strength"],
+        damping=h.hp["damping"],
         precision="kfac",
         layers=h.model.layers,
       ),

@@ -32,7 +32,7 @@ def _consolidate_gpm(e: TaskEnd):
     reps = {k: v for k, v in reps.items() if k != "head"}
   thr = e.hp["thresholds"]  # per layer, in order (the paper's PMNIST: 0.95, 0.99, 0.99)
   gpm_thr = {k: {"kernel": float(thr[min(i, len(thr) - 1)])} for i, k in enumerate(reps)}
-  state = cl_optax.consolidate(e.opt_state, e.params, representations=reps, gpm_threshold=gpm_thr)
+  state = cl_optax.consolidate(e.opt_state, e.params, representations=reps, threshold=gpm_thr)
   return state, e.aux
 
 

@@ -45,7 +45,7 @@ register(
 register(
   Method(
     "online_ewc",
-    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], h.hp["decay"]), h.base()),
+    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], decay=h.hp["decay"]), h.base()),
     "online EWC (Schwarz et al. 2018): running Fisher, latest anchor",
     end_task=_consolidate_fisher,
     defaults={"strength": 10.0, "decay": 1.0, "fisher": "exact", "fisher_n": 1000},
@@ -60,16 +60,16 @@ register(
     defaults={"strength": 2.0, "fisher_n": 1000},
   )
 )
-# strength = 2c (the papers' penalty has no 1/2); damping is SI's xi
+# strength = 2c (the papers' penalty has no 1/2); xi is SI's damping term
 register(
   Method(
     "si",
     lambda h: optax.chain(
-      cl_optax.si(h.hp["strength"], h.hp["damping"], include_penalty=h.hp["include_penalty"]),
+      cl_optax.si(h.hp["strength"], xi=h.hp["xi"], include_penalty=h.hp["include_penalty"]),
       h.base(),
     ),
     "SI (Zenke et al. 2017): path integral inside update, consolidate needs no signal",
     end_task=_consolidate_plain,
-    defaults={"strength": 2.0, "damping": 0.1, "include_penalty": True},
+    defaults={"strength": 2.0, "xi": 0.1, "include_penalty": True},
   )
 )

@@ -81,10 +81,10 @@ register(
 register(
   Method(
     "gem",
-    lambda h: optax.chain(cl_optax.gem(h.hp["memory_strength"]), h.base()),
+    lambda h: optax.chain(cl_optax.gem(h.hp["strength"]), h.base()),
     "GEM (Lopez-Paz & Ranzato 2017): one memory gradient per past task, QP in jit",
     init_aux=ring_init,
     step=gem_step,
-    defaults={"memory_per_task": 256, "memory_strength": 0.5},
+    defaults={"memory_per_task": 256, "strength": 0.5},
   )
 )
