@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _trees
-from cl_optax._penalty import add_penalty, copy_f32, importance_signal, zeros
+from cl_optax._penalty import add_penalty, copy_f32, importance_signal, penalty_update, zeros
 
 
 class EWCState(NamedTuple):
@@ -89,11 +89,7 @@ def ewc(
   def init_fn(params):
     return EWCState(ewc_anchor=copy_f32(params), ewc_importance=zeros(params, importance_dtype))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    out = add_penalty(updates, params, state.ewc_anchor, state.ewc_importance, strength, "ewc")
-    return out, state
-
+  update_fn = penalty_update("ewc_anchor", "ewc_importance", strength, "ewc")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -142,9 +138,7 @@ def online_ewc(
   Args:
     strength: :math:`\lambda`.
     decay: :math:`\gamma \in [0, 1]`, applied at ``consolidate``.
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -8,7 +8,7 @@ import jax
 import optax
 
 from cl_optax import _trees
-from cl_optax._penalty import add_penalty, copy_f32, importance_signal, zeros
+from cl_optax._penalty import copy_f32, importance_signal, penalty_update, zeros
 
 
 class MASState(NamedTuple):
@@ -50,9 +50,7 @@ def mas(
 
   Args:
     strength: :math:`\lambda` (twice the paper's).
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -65,9 +63,5 @@ def mas(
   def init_fn(params):
     return MASState(mas_anchor=copy_f32(params), mas_importance=zeros(params, importance_dtype))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    out = add_penalty(updates, params, state.mas_anchor, state.mas_importance, strength, "mas")
-    return out, state
-
+  update_fn = penalty_update("mas_anchor", "mas_importance", strength, "mas")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -60,3 +60,14 @@ def add_penalty(updates, params, anchor, omega, strength, transform):
     return (u.astype(jnp.float32) + pen).astype(u.dtype)
 
   return jax.tree.map(add, updates, params, anchor, omega, is_leaf=_trees.is_masked)
+
+
+def penalty_update(anchor: str, importance: str, strength, transform: str):
+  """``update_fn`` adding ``strength * state.<importance> * (params - state.<anchor>)``."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    omega = getattr(state, importance)
+    return add_penalty(updates, params, getattr(state, anchor), omega, strength, transform), state
+
+  return update_fn

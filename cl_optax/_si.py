@@ -104,9 +104,7 @@ def si(
     xi: :math:`\xi`, used at ``consolidate`` (kept in the state, refreshed at
       every update).
     include_penalty: record the gradient with SI's penalty added.
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
