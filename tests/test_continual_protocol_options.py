@@ -9,6 +9,8 @@ import optax
 import pytest
 
 from benchmarks import continual
+from benchmarks.continual import protocols
+from benchmarks.continual.methods import agem_code
 
 close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)  # noqa: E731
 
@@ -35,29 +37,30 @@ def test_agem_code_running_fisher_and_minmax():
   """Every 10th step F <- 0.1 F + 0.09 * (sum of the squared minibatch gradients since the
   last flush); the consolidated importance is min-max normalised over all leaves."""
   params = continual.mlp_init(jax.random.key(1), (6, 5, 3))
-  aux = continual._agem_fisher_init(continual.AuxInit(params, 2, (6,), None, {}))
+  aux = agem_code._fisher_init(continual.AuxInit(2, (6,), {}, params))
   hp = {"fisher_every": 10, "fisher_decay": 0.9}
   rng = np.random.default_rng(0)
   squares = []
   for i in range(12):
     x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 4))
-    s = continual.Step(params, x, y, jnp.int32(0), jnp.int32(i), None, None, aux, None, _loss, hp)
-    _, aux = continual._agem_fisher_step(s)
+    s = continual.Step(params, x, y, jnp.int32(0), 2, aux, None, _loss, hp)
+    _, aux = agem_code._fisher_step(s)
     squares.append(jax.tree.map(jnp.square, jax.grad(_loss)(params, x, y, None)))
   total = lambda sq: jax.tree.map(lambda *a: sum(a), *sq)  # noqa: E731
   jax.tree.map(close, aux["running"], jax.tree.map(lambda t: 0.09 * t, total(squares[:9])))
   jax.tree.map(close, aux["tmp"], total(squares[9:]))
-  norm = jax.tree.leaves(continual.minmax_normalise(aux["running"]))
+  norm = jax.tree.leaves(agem_code.minmax_normalise(aux["running"]))
   assert min(float(x.min()) for x in norm) == 0.0
   assert abs(max(float(x.max()) for x in norm) - 1.0) < 1e-6
+  assert int(aux["step"]) == 12
 
 
 def test_agem_code_mas_importance_is_mean_abs_minibatch_gradient():
   params = continual.mlp_init(jax.random.key(2), (6, 5, 3))
   xs = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 6)), jnp.float32)
   fn = continual.mlp_apply
-  got = continual.agem_code_mas_importance(fn, params, xs)
+  got = agem_code.mas_importance(fn, params, xs)
   grads = [jax.grad(lambda p, x=x: jnp.sum(fn(p, x) ** 2))(params) for x in xs]
   want = jax.tree.map(lambda *g: sum(jnp.abs(a) for a in g) / 12, *grads)
   jax.tree.map(close, got, want)
@@ -67,8 +70,8 @@ def test_split_mnist_2019_assigns_digits_to_tasks_per_seed(monkeypatch):
   rng = np.random.default_rng(0)
   x = rng.random((200, 4, 4)).astype(np.float32)
   y = np.repeat(np.arange(10), 20)
-  ds = continual.streams.Dataset(x, y, x, y)
-  monkeypatch.setattr(continual, "_mnist", lambda path: ds)
+  ds = protocols.streams.Dataset(x, y, x, y)
+  monkeypatch.setattr(protocols, "_mnist", lambda path: ds)
 
   class Args:
     data, scenario = None, "task"

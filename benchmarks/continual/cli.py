@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import benchmarks.continual.methods  # noqa: F401  registers every method
+from benchmarks.continual.model import INITS
 from benchmarks.continual.protocols import PRESETS
 from benchmarks.continual.registry import BASES, METHODS
 from benchmarks.continual.report import fmt, results_table, save_plots
@@ -49,6 +50,8 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
   parser.add_argument("--optimizer", default=None, choices=sorted(BASES))
   parser.add_argument("--hp", action="append", help="method hyper-parameter name=value")
+  parser.add_argument("--init", default=None, choices=INITS,
+                      help="parameter init (default: the preset's; agem: the A-GEM code's)")  # fmt: skip
   parser.add_argument(
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )
@@ -102,6 +105,7 @@ def main(argv=None):
     protocol=args.stream,
     lr_override=args.lr,
     scenario=args.scenario,
+    init=args.init or preset.init,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]

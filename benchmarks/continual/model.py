@@ -25,16 +25,33 @@ def mlp_layer_names(n_layers: int) -> list[str]:
   return [f"layer{i}" for i in range(n_layers - 1)] + ["head"]
 
 
-def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True) -> dict:
-  """MLP parameters, PyTorch's default Linear init (U(+-1/sqrt(fan_in)))."""
+INITS = ("torch", "agem")
+
+
+def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True, init: str = "torch") -> dict:
+  """MLP parameters.
+
+  ``init="torch"``: PyTorch's default Linear init, U(+-1/sqrt(fan_in)) for kernels and
+  biases. ``init="agem"``: the A-GEM code's (facebookresearch/agem, model/model.py
+  ``weight_variable``, ``bias_variable``): kernels from TF's
+  ``truncated_normal_initializer(stddev=0.1)`` (a normal of std 0.1 redrawn outside
+  +-2 std), biases the constant 0.1.
+  """
+  if init not in INITS:
+    raise ValueError(f"mlp_init: init must be one of {INITS}; got {init!r}.")
   params = {}
   keys = jax.random.split(key, 2 * (len(sizes) - 1))
   names = mlp_layer_names(len(sizes) - 1)
   for i, (name, m, k) in enumerate(zip(names, sizes[:-1], sizes[1:])):
-    bound = 1.0 / np.sqrt(m)
-    layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
-    if bias:
-      layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
+    if init == "agem":
+      layer = {"kernel": 0.1 * jax.random.truncated_normal(keys[2 * i], -2.0, 2.0, (m, k))}
+      if bias:
+        layer["bias"] = jnp.full((k,), 0.1, jnp.float32)
+    else:
+      bound = 1.0 / np.sqrt(m)
+      layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
+      if bias:
+        layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
     params[name] = layer
   return params
 
@@ -83,6 +100,7 @@ class MLP(NamedTuple):
 
   hidden: tuple[int, ...]
   bias: bool = True
+  scheme: str = "torch"  # mlp_init's init: "torch" or "agem" (the A-GEM code's)
 
   @property
   def layers(self) -> list[str]:
@@ -90,7 +108,7 @@ class MLP(NamedTuple):
     return mlp_layer_names(len(self.hidden) + 1)
 
   def init(self, key, d_in: int, d_out: int) -> dict:
-    return mlp_init(key, (d_in, *self.hidden, d_out), bias=self.bias)
+    return mlp_init(key, (d_in, *self.hidden, d_out), bias=self.bias, init=self.scheme)
 
   @staticmethod
   def is_head(params: PyTree) -> PyTree:

@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
+
 from cl_optax import streams
 
 
@@ -27,6 +29,7 @@ class Preset(NamedTuple):
   iters: int | None = None  # iterations per task (overrides epochs)
   bias: bool = True
   scenario: str | None = None  # default scenario of split streams
+  init: str = "torch"  # parameter init (model.mlp_init); --init overrides
 
 
 @functools.lru_cache(maxsize=2)
@@ -41,10 +44,14 @@ def _digits_split(args, seed):
   )
 
 
-def _mnist_split(args, seed):
+def _mnist_split(args, seed, shuffle_classes=False):
   ds = _mnist(args.data)
+  groups = None
+  if shuffle_classes:  # van de Ven's code: a random digit -> task assignment per seed
+    perm = np.random.default_rng(seed).permutation(10)
+    groups = [tuple(int(c) for c in perm[i : i + 2]) for i in range(0, 10, 2)]
   return streams.split(
-    ds.x_train, ds.y_train, classes_per_task=2, scenario=args.scenario,
+    ds.x_train, ds.y_train, classes_per_task=2, groups=groups, scenario=args.scenario,
     test=(ds.x_test, ds.y_test), seed=seed,
   )  # fmt: skip
 
@@ -85,6 +92,18 @@ PRESETS: dict[str, Preset] = {
   "split-mnist": Preset(
     "van de Ven et al.: split MNIST 5 x 2, MLP 784-400-400, Adam 1e-3, batch 128, 2000 iters/task",
     _mnist_split,
+    (400, 400),
+    "adam",
+    {"sgd": 0.1, "adam": 1e-3},
+    128,
+    epochs=None,
+    iters=2000,
+    scenario="task",
+  ),
+  "split-mnist-2019": Preset(
+    "split-mnist as van de Ven & Tolias' 2019 code runs it: the digits assigned to the 5 "
+    "tasks at random per seed (data.py), methods at that code's per-scenario values",
+    functools.partial(_mnist_split, shuffle_classes=True),
     (400, 400),
     "adam",
     {"sgd": 0.1, "adam": 1e-3},
@@ -171,6 +190,10 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **_rows(
     _AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "xi": 0.1, "include_penalty": False}
   ),
+  # The A-GEM code's own EWC and MAS (methods/agem_code.py): lambda 10 at lr 0.03, lambda 0.1
+  # at lr 0.1; their penalty lambda * sum(Omega (theta - theta*)^2) has no 1/2: strength 2 lambda
+  **_rows(_AGEM_PMNIST, ["ewc_agem_code"], {"lr": 0.03, "strength": 2 * 10.0}),
+  **_rows(_AGEM_PMNIST, ["mas_agem_code"], {"lr": 0.1, "strength": 2 * 0.1}),
   # GEM (Lopez-Paz & Ranzato 2017): 256 memories per task
   **_rows(_GEM_MNIST, ["agem"], {"memory_per_task": 256}),
   # van de Ven, Tuytelaars & Tolias (param_values.py), split MNIST: EWC lambda 1e5 / 1e10 /
@@ -183,6 +206,23 @@ SETTINGS: dict[tuple[str, str], dict] = {
     for sc, ewc, si in [("task", 1e5, 10.0), ("domain", 1e10, 5e4), ("class", 1e9, 5e3)]
     for m, s in [("ewc", ewc), ("online_ewc", ewc), ("si", 2 * si)]
   },
+  # van de Ven & Tolias 2019 as its code ran it (commit f0b1461, param_values.py, split MNIST,
+  # task / domain / class): EWC lambda 1e7 / 1e6 / 1e8; online EWC lambda 1e8 / 1e8 / 1e9 with
+  # gamma 0.8 / 0.7 / 0.8 (its loss is (lambda / 2) gamma F~ (theta - theta*)^2: strength
+  # lambda gamma); SI c 50 / 500 / 0.5 (strength 2c); the Fisher of the model's predicted
+  # label (on every example there; on 1000 per task here, as the split-mnist rows)
+  **_rows(["split-mnist-2019"], ["ewc", "online_ewc"], {"fisher": "predicted", "fisher_n": 1000}),
+  **{
+    (f"split-mnist-2019/{sc}", m): s
+    for sc, ewc, oewc, gamma, si in [
+      ("task", 1e7, 1e8, 0.8, 50.0), ("domain", 1e6, 1e8, 0.7, 500.0),
+      ("class", 1e8, 1e9, 0.8, 0.5),
+    ]
+    for m, s in [
+      ("ewc", {"strength": ewc}), ("online_ewc", {"strength": oewc * gamma, "decay": gamma}),
+      ("si", {"strength": 2 * si}),
+    ]
+  },  # fmt: skip
   # NCL (Kao et al. 2021): data_size N = the examples per task
   **_rows(["split-mnist"], ["ncl", "ncl_kfac"], {"data_size": 12000.0, "fisher_n": None}),
   **_rows(["pmnist-agem"], ["ncl", "ncl_kfac"], {"data_size": 55000.0}),  # train[5000:]

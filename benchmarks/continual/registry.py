@@ -47,6 +47,7 @@ class AuxInit(NamedTuple):
   n_tasks: int
   input_shape: tuple[int, ...]
   hp: dict
+  params: PyTree = None  # the initial parameters (for state shaped like them)
 
 
 class TaskEnd(NamedTuple):

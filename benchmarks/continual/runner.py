@@ -38,6 +38,7 @@ class Config(NamedTuple):
   protocol: str = ""  # the preset's name (selects protocols.SETTINGS rows)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
+  init: str = "torch"  # the parameter init (model.mlp_init): the preset's, or --init
 
 
 def batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -222,7 +223,7 @@ class _Run:
     self.lr = cfg.lr_override if cfg.lr_override is not None else lr
     self.hp = {**method.defaults, **spec}
     self.hp.update({k: v for k, v in cfg.hp.items() if k in self.hp})
-    self.model = MLP(tuple(cfg.hidden), cfg.bias)
+    self.model = MLP(tuple(cfg.hidden), cfg.bias, cfg.init)
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
     self.ticks = _Ticks()
     self.evaluate = make_eval(mlp_apply)
@@ -266,7 +267,7 @@ class _Run:
     opt_state = self.tx.init(params)
     aux = None
     if method.init_aux is not None:
-      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp))
+      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, params))
     ticks_every = max(1, s_max // cfg.ticks) if cfg.progress else 0
     train = self.trainer(padded, ticks_every)
     heads = self.heads_for(stream)
@@ -314,7 +315,7 @@ class _Run:
     record = {
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
-      "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "n_tasks": T,
+      "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "init": cfg.init, "n_tasks": T,
       "acc_matrix": R.tolist(), "baseline": np.asarray(baseline).tolist(),
       **metrics.summary(R, baseline),
       "samples": samples, "train_s": train_s,

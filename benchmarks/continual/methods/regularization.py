@@ -5,6 +5,7 @@ the task's training examples, through the task's own head; SI accumulates its pa
 integral inside `update` and consolidates without a signal.
 """
 
+import jax.numpy as jnp
 import optax
 
 import cl_optax
@@ -12,11 +13,18 @@ from benchmarks.continual.registry import Method, TaskEnd, register
 
 
 def fisher(e: TaskEnd):
-  """``importance.fisher_diag`` (kind ``hp["fisher"]``) through the task's head."""
+  """``importance.fisher_diag`` (kind ``hp["fisher"]``) through the task's head.
+
+  ``"predicted"`` (van de Ven's 2019 code): the empirical Fisher at the model's most
+  likely label of each example instead of its data label.
+  """
+  fn, kind = e.heads.task[e.task], e.hp["fisher"]
   batches = e.first_batches(e.hp.get("fisher_n"))
-  return cl_optax.importance.fisher_diag(
-    e.heads.task[e.task], e.params, batches, fisher=e.hp["fisher"], key=e.key
-  )
+  if kind == "predicted":
+    xs, _ = batches
+    ys = jnp.stack([jnp.argmax(fn(e.params, x), -1) for x in xs]).astype(jnp.int32)
+    batches, kind = (xs, ys), "empirical"
+  return cl_optax.importance.fisher_diag(fn, e.params, batches, fisher=kind, key=e.key)
 
 
 def _consolidate_fisher(e: TaskEnd):
