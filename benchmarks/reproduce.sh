@@ -13,8 +13,9 @@ run() {  # name, then the arguments of benchmarks.continual
   if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
   mkdir -p "$OUT/$name"
   echo "=== $name: $* ($(date -u +%H:%M:%S))"
+  # a run that stops (e.g. a method whose loss diverges) does not stop the script
   /usr/bin/time -f "$name wall %e s" $PY -m benchmarks.continual --out "$OUT/$name" --no-progress "$@" \
-    2>&1 | tee "$OUT/$name/log.txt"
+    2>&1 | tee "$OUT/$name/log.txt" || echo "=== $name stopped (exit $?): see $OUT/$name/log.txt"
 }
 # (a) A-GEM, permuted MNIST: 17 evaluation tasks, every example once, VAN lr 0.03
 #     (replicate_results_iclr19.sh); and the code's later 1000-examples default
@@ -72,3 +73,15 @@ run agem-pmnist-more --stream pmnist-agem --methods gpm,online_ewc,ncl --seeds 1
 run agem-pmnist-gem --stream pmnist-agem --methods gem --seeds 1  # ~40 min of training
 run vdv-splitmnist-class-reg --stream split-mnist --scenario class --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
 run vdv-splitmnist-task-ncl-kfac --stream split-mnist --scenario task --methods ncl_kfac --seeds 1 --hp fisher_n=1000
+# ---- the variants of the first table of REPRODUCTION.md: the official codes' settings
+# (a) the A-GEM code's initialisation, and its own EWC and MAS (methods/agem_code.py)
+run agem-pmnist-sgd-agem-init --stream pmnist-agem --methods sgd --seeds 3 --init agem
+run agem-pmnist-ewc-agem-code --stream pmnist-agem --methods ewc_agem_code --seeds 2 --init agem
+run agem-pmnist-mas-agem-code --stream pmnist-agem --methods mas_agem_code --seeds 2 --init agem
+run agem-pmnist-mas-agem-code-torch-init --stream pmnist-agem --methods mas_agem_code --seeds 1
+# (c) split MNIST "None" rows, and van de Ven's 2019 code: digits assigned to tasks at
+#     random per seed, that code's per-scenario strengths (preset split-mnist-2019)
+run vdv-splitmnist-task-adam --stream split-mnist --scenario task --methods adam --seeds 3
+run vdv-splitmnist-domain-adam --stream split-mnist --scenario domain --methods adam --seeds 3
+run vdv19-splitmnist-task --stream split-mnist-2019 --scenario task --methods adam --seeds 2
+run vdv19-splitmnist-domain --stream split-mnist-2019 --scenario domain --methods adam,si,online_ewc --seeds 2

@@ -238,8 +238,10 @@ def test_from_jsonl_replots(tiny, tmp_path, capsys):
 
 def _run_tiny(name):
   """`name` on two tasks of the tiny stream (one epoch each, SGD lr 0.1): record, final params."""
+  # fisher_every 2: ewc_agem_code's running Fisher flushes every 10 steps, more than a tiny task
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=1, iters=None,
-                         progress=False, protocol="tiny", scenario="task")  # fmt: skip
+                         hp={"fisher_every": 2}, progress=False, protocol="tiny",
+                         scenario="task")  # fmt: skip
   make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
   (rec,) = continual.run_method(name, make, cfg, [0], return_state=True)
   return rec, rec.pop("final_state")[0]
