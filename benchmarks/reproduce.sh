@@ -85,3 +85,5 @@ run vdv-splitmnist-task-adam --stream split-mnist --scenario task --methods adam
 run vdv-splitmnist-domain-adam --stream split-mnist --scenario domain --methods adam --seeds 3
 run vdv19-splitmnist-task --stream split-mnist-2019 --scenario task --methods adam --seeds 2
 run vdv19-splitmnist-domain --stream split-mnist-2019 --scenario domain --methods adam,si,online_ewc --seeds 2
+run vdv19-splitmnist-task-seed2 --stream split-mnist-2019 --scenario task --methods adam --seeds 2 --seed0 2
+run vdv19-splitmnist-domain-adam-seed2 --stream split-mnist-2019 --scenario domain --methods adam --seeds 2 --seed0 2
