@@ -10,16 +10,19 @@ domains (standard-library packages, read from disk) with one of
              standardised |gradient| of the domain loss through tanh (SPG's
              parameter-level rule), max-merged by ``consolidate``
   ewc        ``chain(ewc(strength), adam)``; importance per domain: the mean
-             squared gradient of the domain loss over a few batches
+             squared gradient of the domain's last steps (a batch Fisher)
   agem       ``chain(agem(), adam)``; the reference gradient on a batch drawn
              from a reservoir memory (``cl_optax.replay``) whose slots are
-             split over ``data``; each domain's windows are written to it
+             split over ``data``; each domain's last batches are written to it
 
-and calls ``cl_optax.consolidate`` between domains. The optimiser state shards
+or ``all``, the three in one chain, ``chain(agem(), ewc(strength), adam,
+soft_mask())``, consolidated with the soft mask's importance (in [0, 1]) as
+EWC's too: one compiled step exercises every transform (what the tests run).
+It calls ``cl_optax.consolidate`` between domains. The optimiser state shards
 like the parameters: nothing in this file places a state leaf, the transforms
 build their state from the sharded parameters.
 
-  python examples/sharded_training.py --methods soft_mask,ewc,agem
+  python examples/sharded_training.py --methods all,soft_mask,ewc,agem
 
 runs on 8 host devices (``--xla_force_host_platform_device_count=8`` is set
 here); ``--mesh 1x1`` runs the same numbers on one device. Multi-host, the way
@@ -67,7 +70,7 @@ from continual_pretraining import DOMAINS, ByteLM, load_corpus, split, windows  
 
 import cl_optax  # noqa: E402
 
-METHODS = ("soft_mask", "ewc", "agem")
+METHODS = ("all", "soft_mask", "ewc", "agem")
 TINY = {
   "d": 32,
   "layers": 1,
@@ -143,6 +146,13 @@ def make_transform(method: str, cfg: dict) -> optax.GradientTransformationExtraA
     return optax.chain(cl_optax.ewc(cfg["ewc_strength"]), optax.adam(cfg["lr"]))
   if method == "agem":
     return optax.chain(cl_optax.agem(), optax.adam(cfg["lr"]))
+  if method == "all":
+    return optax.chain(
+      cl_optax.agem(),
+      cl_optax.ewc(cfg["ewc_strength"]),
+      optax.adam(cfg["lr"]),
+      cl_optax.soft_mask(),
+    )
   raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -163,11 +173,11 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, mesh.shape["model"])), host)
   params = jax.tree.map(put, host, shardings)
   tx = make_transform(method, cfg)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # scalars (counts) replicated over the mesh
   replicated = NamedSharding(mesh, P())
   row = data_sharding(mesh, 2)
   memory = None
-  if method == "agem":
+  if method in ("agem", "all"):
     example = jnp.zeros((cfg["length"] + 1,), jnp.int32)
     memory = cl_optax.replay.init(example, cfg["memory"])
     memory = memory._replace(items=put(memory.items, row), seen=put(memory.seen, replicated))
@@ -188,7 +198,7 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
       extra["ref_grads"] = jax.grad(loss_fn)(params, ref, valid.astype(jnp.float32))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
-    return jax.lax.with_sharding_constraint(params, shardings), opt_state, loss
+    return jax.lax.with_sharding_constraint(params, shardings), opt_state, loss, grads
 
   @jax.jit
   def remember(memory, batch, key):
@@ -196,8 +206,8 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
     return memory._replace(items=jax.lax.with_sharding_constraint(memory.items, row))
 
   @jax.jit
-  def importance(params, batches):
-    grads = [jax.grad(loss_fn)(params, b) for b in batches]
+  def importance(grads):
+    """From the gradients of the domain's last steps (no second compiled backward pass)."""
     if method == "ewc":  # mean squared (batch) gradient: an empirical Fisher
       return jax.tree.map(lambda *g: sum(x * x for x in g) / len(g), *grads)
     mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
@@ -207,23 +217,22 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
   key = jax.random.key(seed + 1)
   losses = []
   for t, data in enumerate(domains):
+    recent = []
     for s in range(cfg["steps"]):
       batch = put(windows(data, cfg["batch"], cfg["length"], rng), row)
-      params, opt_state, loss = step(
+      params, opt_state, loss, grads = step(
         params, opt_state, batch, memory, jax.random.fold_in(key, 1000 * t + s)
       )
       losses.append(float(loss))
+      recent = (recent + [grads])[-cfg["impt_batches"] :]
+      if memory is not None and s >= cfg["steps"] - cfg["impt_batches"]:
+        memory = remember(memory, batch, jax.random.fold_in(key, 10_000 * (t + 1) + s))
     if t + 1 == len(domains):
       break
-    batches = [
-      put(windows(data, cfg["batch"], cfg["length"], rng), row) for _ in range(cfg["impt_batches"])
-    ]
     if method == "agem":
-      for i, b in enumerate(batches):
-        memory = remember(memory, b, jax.random.fold_in(key, 10_000 * (t + 1) + i))
       opt_state = cl_optax.consolidate(opt_state, params)
     else:
-      opt_state = cl_optax.consolidate(opt_state, params, importance=importance(params, batches))
+      opt_state = cl_optax.consolidate(opt_state, params, importance=importance(recent))
     if on_consolidate is not None:
       on_consolidate(opt_state, params, tx)
   return losses
@@ -231,14 +240,14 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
 
 def update_hlo(tx, opt_state, params, method: str) -> str:
   """The compiled optimiser update (no model): the text to search for all-gathers."""
-  extra = {"ref_grads": params} if method == "agem" else {}
+  extra = {"ref_grads": params} if method in ("agem", "all") else {}
   fn = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
   return fn.lower(params, opt_state, params, extra).compile().as_text()
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--methods", default="all", help=f"comma-separated, of {METHODS}")
   parser.add_argument("--mesh", default="4x2", help="data x model, e.g. 4x2 or 1x1")
   parser.add_argument("--processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
