@@ -118,24 +118,24 @@ def data_sharding(mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
-def check_state_sharding(opt_state, params) -> int:
-  """Asserts every state leaf shaped like a parameter has that parameter's sharding.
+def sharding_mismatches(opt_state, params) -> tuple[int, list[str]]:
+  """The state leaves shaped like a parameter whose sharding is not that parameter's.
 
   A state leaf matches a parameter when its key path ends with the
   parameter's key path and the shapes agree (adam's ``mu``/``nu``, EWC's
-  anchor and Fisher, the soft mask's importance). Returns the count checked.
+  anchor and Fisher, the soft mask's importance). Returns the number of
+  leaves compared and a line per mismatch.
   """
   by_path = {jax.tree_util.keystr(k): p for k, p in jax.tree_util.tree_leaves_with_path(params)}
-  checked = 0
+  checked, bad = 0, []
   for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
     s = jax.tree_util.keystr(path)
     for ppath, p in by_path.items():
       if s.endswith(ppath) and np.shape(leaf) == np.shape(p):
-        assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), (
-          f"state leaf {s} has sharding {leaf.sharding}; its parameter has {p.sharding}"
-        )
         checked += 1
-  return checked
+        if not leaf.sharding.is_equivalent_to(p.sharding, p.ndim):
+          bad.append(f"{s}: {leaf.sharding.spec}, its parameter {p.sharding.spec}")
+  return checked, bad
 
 
 # ------------------------------------------------------------------ training

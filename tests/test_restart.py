@@ -15,6 +15,7 @@ import chex
 import jax
 import pytest
 import restart_program as prog
+from subprocess_env import checkout_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,11 @@ def restarted(tmp_path_factory):
     prog.checkpoint(root, name)
   script = pathlib.Path(prog.__file__)
   proc = subprocess.run(
-    [sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=600
+    [sys.executable, str(script), str(root)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=checkout_env(),
   )
   return root, proc
 

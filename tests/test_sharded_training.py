@@ -1,17 +1,13 @@
 """The sharded training example: 8 host devices, and 2 processes x 4 devices (own processes)."""
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).parents[1]
-pytestmark = pytest.mark.slow
+from subprocess_env import ROOT, checkout_env
 
 
 def _free_port() -> int:
@@ -26,7 +22,11 @@ def single_process(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharded") / "single.json"
   script = ROOT / "tests" / "multidevice" / "check_sharded_training.py"
   proc = subprocess.run(
-    [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=600
+    [sys.executable, str(script), str(out)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=checkout_env(),
   )
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -42,7 +42,7 @@ def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
   _, single = single_process
   assert single is not None, "the single-process run failed (see the test above)"
   port, out = _free_port(), tmp_path / "two.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {k: v for k, v in checkout_env().items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, str(ROOT / "examples" / "sharded_training.py"), "--processes", "2"]
   cmd += ["--port", str(port), "--out", str(out)]
   procs = [

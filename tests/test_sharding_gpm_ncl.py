@@ -4,10 +4,14 @@ import pathlib
 import subprocess
 import sys
 
+from subprocess_env import checkout_env
+
 
 def test_gpm_and_kronecker_ncl_shard_or_replicate_as_documented():
   script = pathlib.Path(__file__).parent / "multidevice" / "check_sharding_gpm_ncl.py"
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=checkout_env()
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for name in ("gpm", "ncl_kfac"):
     assert f"{name}: ok" in proc.stdout, proc.stdout

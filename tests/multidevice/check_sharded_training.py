@@ -17,6 +17,7 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "examples"))
@@ -29,11 +30,13 @@ def main():
   one = example.train("all", cfg, example.make_mesh(1, 1), domains)
   print("1 device:", np.round(one, 6).tolist(), flush=True)
 
-  checked = []
+  checked, mismatches = [], []
   last = {}
 
   def on_consolidate(opt_state, params, tx):
-    checked.append(example.check_state_sharding(opt_state, params))
+    n, bad = example.sharding_mismatches(opt_state, params)
+    checked.append(n)
+    mismatches.extend(bad)
     last.update(tx=tx, opt_state=opt_state, params=params)
 
   mesh = example.make_mesh(4, 2)
@@ -42,8 +45,9 @@ def main():
   np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
   print("losses: ok")
   # adam mu and nu, ewc anchor and fisher, soft_mask importance: 5 per parameter.
-  n_params = len(jax_leaves(last["params"]))
+  n_params = len(jax.tree.leaves(last["params"]))
   assert checked == [5 * n_params] * (cfg["domains"] - 1), (checked, n_params)
+  assert not mismatches, "state leaves not sharded like their parameter:\n" + "\n".join(mismatches)
   print("state sharding: ok")
   hlo = example.update_hlo(last["tx"], last["opt_state"], last["params"], "all")
   assert "all-gather" not in hlo, "the compiled update gathers a sharded leaf"
@@ -51,12 +55,6 @@ def main():
   print("update hlo: ok")
   if len(sys.argv) > 1:
     pathlib.Path(sys.argv[1]).write_text(json.dumps({"all": eight}))
-
-
-def jax_leaves(tree):
-  import jax
-
-  return jax.tree.leaves(tree)
 
 
 if __name__ == "__main__":
