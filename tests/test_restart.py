@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory):
+  """Every case checkpointed here, finished in one new process; its final runs."""
   root = tmp_path_factory.mktemp("restart")
-  for name in prog.CASES:
-    prog.checkpoint(root, name)
+  prog.checkpoint_all(root)
   script = pathlib.Path(prog.__file__)
   proc = subprocess.run(
     [sys.executable, str(script), str(root)],
@@ -33,17 +33,23 @@ def restarted(tmp_path_factory):
     timeout=600,
     env=checkout_env(),
   )
-  return root, proc
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  whole = {
+    prog.key(n): _final(prog.train(n, prog.init_run(n), prog.TASKS * prog.STEPS))
+    for n in prog.CASES
+  }
+  return whole, prog.restore(root / "final", whole)
+
+
+def _final(run):
+  return {"params": run["params"], "opt_state": run["opt_state"]}
 
 
 @pytest.mark.parametrize("name", list(prog.CASES))
 def test_restored_run_equals_uninterrupted_run_exactly(restarted, name):
-  root, proc = restarted
-  assert f"{name}: finished" in proc.stdout, proc.stdout + proc.stderr
-  whole = prog.train(name, prog.init_run(name), prog.TASKS * prog.STEPS)
-  want = {"params": whole["params"], "opt_state": whole["opt_state"]}
-  got = prog.restore(prog.case_dir(root, name) / "final", want)
+  whole, restored = restarted
+  want, got = whole[prog.key(name)], restored[prog.key(name)]
   assert jax.tree.structure(got) == jax.tree.structure(want)
   chex.assert_trees_all_equal(got, want)
-  # The run really crossed two task boundaries and the checkpoint sat between them.
+  # The run crossed two task boundaries and the checkpoint sat in the third task.
   assert prog.STEPS * 2 < prog.HALF < prog.STEPS * prog.TASKS
