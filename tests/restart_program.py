@@ -122,12 +122,15 @@ CASES = {
   "gem": Case(_sgd(lambda: cl_optax.gem(max_tasks=TASKS)), no_signals, "ring"),
   "ogd": Case(_sgd(lambda: cl_optax.ogd(8)), output_grads),
   "gpm": Case(_sgd(lambda: cl_optax.gpm(0.9)), representations),
-  "ncl_diag": Case(_sgd(lambda: cl_optax.ncl(16.0, 0.5, 0.1)), squared("precision")),
+  "ncl_diag": Case(
+    _sgd(lambda: cl_optax.ncl(16.0, strength=0.5, damping=0.1)), squared("precision")
+  ),
   "ncl_kfac": Case(
-    _sgd(lambda: cl_optax.ncl(16.0, 0.5, 0.1, precision="kfac", layers=LAYERS)), kfac
+    _sgd(lambda: cl_optax.ncl(16.0, strength=0.5, damping=0.1, precision="kfac", layers=LAYERS)),
+    kfac,
   ),
   "ewc": Case(_sgd(lambda: cl_optax.ewc(3.0)), squared("importance")),
-  "online_ewc": Case(_sgd(lambda: cl_optax.online_ewc(3.0, 0.9)), squared("importance")),
+  "online_ewc": Case(_sgd(lambda: cl_optax.online_ewc(3.0, decay=0.9)), squared("importance")),
   "mas": Case(_sgd(lambda: cl_optax.mas(3.0)), squared("importance")),
   "si": Case(_sgd(lambda: cl_optax.si(3.0)), no_signals),
   "inject_hyperparams(ewc)": Case(

@@ -57,7 +57,9 @@ def signals(params):
 
 TRANSFORMS = {
   "gpm": lambda: cl_optax.gpm(0.9),
-  "ncl_kfac": lambda: cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense",)),
+  "ncl_kfac": lambda: cl_optax.ncl(
+    10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense",)
+  ),
 }
 
 
