@@ -119,6 +119,37 @@ def _check_values(tree: Any, *, transform: str, name: str, low: float, high: flo
       raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
 
 
+def check_hyperparameter(
+  value: Any,
+  *,
+  transform: str,
+  name: str,
+  low: float | None = None,
+  high: float | None = None,
+  open_low: bool = False,
+  integer: bool = False,
+) -> None:
+  """Raises a ``ValueError`` when a factory argument is outside its range.
+
+  ``value`` must be finite and in ``[low, high]`` (``(low, high]`` with
+  ``open_low``). ``None``, schedules (callables) and traced values (under
+  ``optax.inject_hyperparams`` inside ``jit``) are not checked.
+  """
+  if value is None or callable(value) or not is_concrete(value) or np.ndim(value) != 0:
+    return
+  v = float(np.asarray(value))
+  parts = []
+  if low is not None:
+    parts.append(f"{'>' if open_low else '>='} {low:g}")
+  if high is not None:
+    parts.append(f"<= {high:g}")
+  expected = ("an integer " if integer else "a finite number ") + " and ".join(parts)
+  ok = np.isfinite(v) and (not integer or v == int(v))
+  ok = ok and (low is None or (v > low if open_low else v >= low)) and (high is None or v <= high)
+  if not ok:
+    raise ValueError(f"{transform}: `{name}` must be {expected.strip()}; got {v:g}.")
+
+
 def check_in_unit_interval(tree: Any, *, transform: str, name: str) -> None:
   """Raises a ``ValueError`` naming the leaf whose values leave [0, 1]."""
   _check_values(tree, transform=transform, name=name, low=0.0, high=1.0)

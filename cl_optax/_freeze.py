@@ -69,6 +69,8 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
     Array([-1., -1., -0.], dtype=float32)
   """
 
+  _checks.check_hyperparameter(threshold, transform="freeze", name="threshold", low=0.0, high=1.0)
+
   def init_fn(params):
     frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
     return FreezeState(frozen=frozen, freeze_threshold=jnp.asarray(threshold, jnp.float32))

@@ -274,6 +274,8 @@ def gpm(
 
   dtype = _f32 if basis_dtype is None else basis_dtype
 
+  _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
+
   def init_fn(params):
     labels = (
       _trees.resolve_labels(layers, params) if layers is not None else (_default_projected(params))

@@ -238,6 +238,15 @@ def ncl(
 
   prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
 
+  for arg, value, low, open_low in (
+    ("data_size", data_size, 0.0, True),
+    ("strength", strength, 0.0, False),
+    ("damping", damping, 0.0, False),
+    ("radius", radius, 0.0, True),
+  ):
+    _checks.check_hyperparameter(value, transform="ncl", name=arg, low=low, open_low=open_low)
+  _checks.check_hyperparameter(decay, transform="ncl", name="decay", low=0.0, high=1.0)
+
   def init_fn(params):
     n = jnp.asarray(data_size, jnp.float32)
     if prior_mean == "zeros":

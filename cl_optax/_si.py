@@ -115,6 +115,9 @@ def si(
     (``update_importance_estimates``, ``update_omega``).
   """
 
+  _checks.check_hyperparameter(strength, transform="si", name="strength", low=0.0)
+  _checks.check_hyperparameter(xi, transform="si", name="xi", low=0.0)
+
   def init_fn(params):
     return SIState(
       si_anchor=copy_f32(params),
