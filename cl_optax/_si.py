@@ -42,7 +42,10 @@ class SIState(NamedTuple):
       if _trees.is_masked(o):
         return o
       w = w - g * (p - prev)  # the last step's contribution
-      return (o + w / (jnp.square(p - start) + self.si_xi)).astype(o.dtype)
+      # A parameter that did not move (with xi = 0: 0 / 0) gains no importance.
+      den = jnp.square(p - start) + self.si_xi
+      gain = jnp.where(den > 0, w / jnp.where(den > 0, den, 1.0), 0.0)
+      return (o + gain).astype(o.dtype)
 
     omega = jax.tree.map(
       merge,
