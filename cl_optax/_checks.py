@@ -72,6 +72,48 @@ def check_shapes(
   jax.tree_util.tree_map_with_path(check, template, tree, is_leaf=_trees.is_masked)
 
 
+def check_updates(
+  updates: Any,
+  template: Any,
+  *,
+  transform: str,
+  name: str = "updates",
+  shapes: bool = True,
+  broadcastable: bool = False,
+) -> None:
+  """Raises a ``ValueError`` when ``updates`` do not fit a state tree built at init.
+
+  ``template`` is a state field laid out like the params at init (``MaskedNode``
+  where the transform keeps nothing, possibly for a whole subtree). The message
+  names the missing and unexpected leaves, or the first leaf whose shape differs
+  (with ``broadcastable``, a template leaf may broadcast to the update leaf).
+  """
+  t_def = jax.tree.structure(template, is_leaf=_trees.is_masked)
+  try:
+    u_leaves = t_def.flatten_up_to(updates)
+  except (ValueError, TypeError):
+    t_paths, u_paths = _trees.key_strings(template), _trees.key_strings(updates)
+    covers = lambda a, b: b == a or b.startswith(a)  # noqa: E731
+    missing = [t for t in t_paths if not any(covers(t, u) for u in u_paths)]
+    extra = [u for u in u_paths if not any(covers(t, u) for t in t_paths)]
+    raise ValueError(
+      f"{transform}: `{name}` do not match the state (built from the params at init): "
+      f"missing leaves {missing or 'none'}, unexpected leaves {extra or 'none'}; expected "
+      f"the leaves {t_paths}."
+    ) from None
+  if not shapes:
+    return
+  for path, t, u in zip(_trees.key_strings(template), t_def.flatten_up_to(template), u_leaves):
+    if _trees.is_masked(t) or _trees.is_masked(u) or u is None:
+      continue
+    tshape, ushape = tuple(np.shape(t)), tuple(np.shape(u))
+    if tshape != ushape and not (broadcastable and broadcasts_to(tshape, ushape)):
+      raise ValueError(
+        f"{transform}: `{name}` leaf {path} has shape {ushape}; expected {tshape} "
+        "(the shape of that parameter at init)."
+      )
+
+
 def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = ()) -> list:
   """Pairs of (update leaf, ``tree`` leaf), skipping ``MaskedNode`` updates.
 

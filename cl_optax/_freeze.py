@@ -77,6 +77,7 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _checks.check_updates(updates, state.frozen, transform="freeze")
     updates = jax.tree.map(lambda f, u: mask_leaf(u, ~f), state.frozen, updates)
     return updates, state._replace(freeze_threshold=jnp.asarray(threshold, jnp.float32))
 

@@ -293,6 +293,8 @@ def ncl(
     alpha2 = jnp.square(jnp.asarray(damping, jnp.float32))
     lam = jnp.asarray(strength, jnp.float32)
     n = jnp.asarray(data_size, jnp.float32)
+    _checks.check_updates(updates, state.prior_mean, transform="ncl")
+    _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
     p_leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
     m_leaves = jax.tree.leaves(state.prior_mean, is_leaf=_trees.is_masked)
