@@ -148,11 +148,12 @@ def _check_values(tree: Any, *, transform: str, name: str, low: float, high: flo
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     if not is_concrete(x) or np.size(x) == 0:
       continue
-    a = np.asarray(jnp.asarray(x, jnp.float32))
+    # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
+    a = jnp.asarray(x, jnp.float32)
     where = f"{transform}: `{name}` leaf {_trees.key_string(path)}"
-    if not np.all(np.isfinite(a)):
+    if not bool(jnp.all(jnp.isfinite(a))):
       raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
-    lo, hi = float(a.min()), float(a.max())
+    lo, hi = float(jnp.min(a)), float(jnp.max(a))
     if high is None and lo < low:
       raise ValueError(
         f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
