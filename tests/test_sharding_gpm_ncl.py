@@ -13,5 +13,6 @@ def test_gpm_and_kronecker_ncl_shard_or_replicate_as_documented():
     [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=checkout_env()
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "gathers the layer's gradient only" in proc.stdout, proc.stdout
   for name in ("gpm", "ncl_kfac"):
     assert f"{name}: ok" in proc.stdout, proc.stdout

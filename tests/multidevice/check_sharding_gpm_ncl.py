@@ -13,7 +13,9 @@ small: a layer's fan-in or fan-out squared). What must hold:
 * the replicated matrices are replicated (not placed on one device);
 * the jitted update is matmuls of a replicated matrix with the sharded
   gradient: partial products reduced across devices (all-reduce), no
-  all-gather of the sharded gradient, parameters or state;
+  all-gather of the sharded gradient, parameters or state (a Kronecker
+  layer: with its kernel split over its output axis; split over its input
+  axis, the layer's gradient is gathered along it, see SPECS);
 * the updates keep the parameters' sharding and equal the single-device ones.
 """
 
@@ -30,7 +32,16 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import cl_optax  # noqa: E402
 
-SPECS = {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")}
+# GPM projects the input axis (rows) of a kernel split over both axes. A Kronecker
+# layer's kernel is split over `model` on its output axis, as in
+# examples/sharded_training.py: A^-1 mixes all input rows of the layer's gradient,
+# so a kernel whose input axis is split has its *gradient* gathered along that
+# axis (checked below: only kernel-shaped all-gathers, never a factor).
+SPECS = {
+  "gpm": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
+  "ncl_kfac": {"dense": {"kernel": P(None, "model"), "bias": P("model")}, "table": P(None, "data")},
+  "input_split": {"dense": {"kernel": P("data", None), "bias": P()}, "table": P(None, "data")},
+}
 SHAPES = {"dense": {"kernel": (16, 8), "bias": (8,)}, "table": (3, 32)}
 is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)  # noqa: E731
 
@@ -69,7 +80,7 @@ def replicated(x):
   return x.is_fully_replicated
 
 
-def run(name, params, mesh):
+def run(name, params, mesh, *, gathers=False):
   tx = optax.chain(TRANSFORMS[name](), optax.sgd(0.1))
   state = tx.init(params)
   for task in range(2):
@@ -81,7 +92,12 @@ def run(name, params, mesh):
   if mesh is not None:
     grads = jax.tree.map(jax.device_put, grads, jax.tree.map(lambda p: p.sharding, params))
     hlo = update.lower(grads, state, params).compile().as_text()
-    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
+    gathered = [line.split("=")[1].split("{")[0].strip() for line in hlo.splitlines()
+                if "all-gather(" in line]  # fmt: skip
+    if not gathers:
+      assert not gathered, f"{name}: the compiled update gathers {gathered}"
+    else:  # the Kronecker layer's gradient rows, never a factor or another leaf
+      assert gathered and set(gathered) == {"f32[16,8]"}, gathered
   updates, _ = update(grads, state, params)
   if mesh is not None:
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
@@ -111,13 +127,15 @@ def main():
   assert jax.device_count() == 8, jax.devices()
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   host = values(0)
-  params = jax.tree.map(
-    lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-    host,
-    SPECS,
-    is_leaf=lambda x: isinstance(x, P),
-  )
+
+  def place(specs):
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    return jax.tree.map(put, host, specs, is_leaf=lambda x: isinstance(x, P))
+
+  run("ncl_kfac", place(SPECS["input_split"]), mesh, gathers=True)
+  print("ncl_kfac with the input axis split: gathers the layer's gradient only", flush=True)
   for name in TRANSFORMS:
+    params = place(SPECS[name])
     sharded = run(name, params, mesh)
     single = run(name, host, None)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
