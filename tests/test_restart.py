@@ -8,14 +8,12 @@ and optimiser state must equal an uninterrupted run exactly (CPU).
 """
 
 import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
 import pytest
 import restart_program as prog
-from subprocess_env import checkout_env
+from subprocess_env import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +24,7 @@ def restarted(tmp_path_factory):
   root = tmp_path_factory.mktemp("restart")
   prog.checkpoint_all(root)
   script = pathlib.Path(prog.__file__)
-  proc = subprocess.run(
-    [sys.executable, str(script), str(root)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=checkout_env(),
-  )
+  proc = run_script(script, root)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   whole = {
     prog.key(n): _final(prog.train(n, prog.init_run(n), prog.TASKS * prog.STEPS))

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from subprocess_env import ROOT, checkout_env
+from subprocess_env import ROOT, checkout_env, run_script
 
 
 def _free_port() -> int:
@@ -21,13 +21,7 @@ def single_process(tmp_path_factory):
   """The check script's run: 1 device vs a 4x2 mesh in one process; its 4x2 losses."""
   out = tmp_path_factory.mktemp("sharded") / "single.json"
   script = ROOT / "tests" / "multidevice" / "check_sharded_training.py"
-  proc = subprocess.run(
-    [sys.executable, str(script), str(out)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=checkout_env(),
-  )
+  proc = run_script(script, out)
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
