@@ -173,8 +173,13 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, mesh.shape["model"])), host)
   params = jax.tree.map(put, host, shardings)
   tx = make_transform(method, cfg)
-  opt_state = jax.jit(tx.init)(params)  # scalars (counts) replicated over the mesh
   replicated = NamedSharding(mesh, P())
+  # The transforms build every params-shaped leaf from the sharded params (eager
+  # init keeps their sharding; a jitted init would leave it to XLA). Scalars
+  # (step counts) are put on every device, as the compiled step returns them.
+  opt_state = jax.tree.map(
+    lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, replicated), tx.init(params)
+  )
   row = data_sharding(mesh, 2)
   memory = None
   if method in ("agem", "all"):
