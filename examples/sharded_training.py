@@ -19,8 +19,9 @@ or ``all``, the three in one chain, ``chain(agem(), ewc(strength), adam,
 soft_mask())``, consolidated with the soft mask's importance (in [0, 1]) as
 EWC's too: one compiled step exercises every transform (what the tests run).
 It calls ``cl_optax.consolidate`` between domains. The optimiser state shards
-like the parameters: nothing in this file places a state leaf, the transforms
-build their state from the sharded parameters.
+like the parameters: the transforms build their state from the sharded
+parameters and ``consolidate`` keeps it there; this file only puts the scalar
+step counts on every device.
 
   python examples/sharded_training.py --methods all,soft_mask,ewc,agem
 
