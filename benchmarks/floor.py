@@ -1,0 +1,223 @@
+"""The memory-traffic floor of each element-wise transform, and what XLA compiles.
+
+An element-wise transform's update (``update`` + ``apply_updates``, params
+and state donated) on a large model is bound by memory traffic: its floor is
+the bytes of the params-sized arrays it must read and write over the copy
+bandwidth, measured in the same run by a jitted fused ``a * x + y`` (two
+reads, one write) over as many bytes. ``TRAFFIC`` says, one line per
+transform, which arrays those are and in which dtype.
+
+  python -m benchmarks.floor --model lm-100m            # times vs floor
+  python -m benchmarks.floor --model lm-10m --hlo si    # + the compiled kernels of si
+
+``--hlo`` prints each compiled kernel (fusion, copy, ...) of the entry
+computation that touches a params-sized array, with the bytes it reads and
+writes: a transform above its floor shows the extra pass here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import lm, overhead
+
+# Params-sized arrays each update reads and writes, "name:dtype"; dtype P is the
+# parameters' dtype. "base" expands to the base optimiser's line. g = the
+# incoming gradient, p = params (read, then written by apply_updates).
+BASE_TRAFFIC = {
+  "sgd": ("g:P p:P", "p:P"),
+  "sgdm": ("g:P p:P trace:P", "p:P trace:P"),
+  "adam": ("g:P p:P mu:P nu:P", "p:P mu:P nu:P"),
+}
+TRAFFIC = {
+  "soft_mask": ("base importance:f32", "base"),
+  "soft_mask_bf16": ("base importance:bf16", "base"),
+  "freeze": ("base frozen:bool", "base"),
+  "soft_mask_units": ("base", "base"),  # per-unit importance: a vector per leaf
+  "ewc": ("base anchor:f32 fisher:f32", "base"),
+  "ewc_bf16": ("base anchor:f32 fisher:bf16", "base"),
+  "online_ewc": ("base anchor:f32 fisher:f32", "base"),
+  "mas": ("base anchor:f32 importance:f32", "base"),
+  # SI: penalty reads anchor, importance; path integral reads and rewrites
+  # omega, prev_params, prev_grad (the formulation of the current code)
+  "si": ("base anchor:f32 importance:f32 omega:f32 prev_p:f32 prev_g:f32", "base omega:f32 prev_p:f32 prev_g:f32"),
+  # NCL diag with radius=None: one pass, reads mean and precision
+  "ncl_diag": ("base mean:f32 precision:f32", "base"),
+  # A-GEM: a first pass reads g and r for the two dot products, the second
+  # reads g, r (and p) to project and apply
+  "agem": ("base g:P r:f32 r:f32", "base"),
+}
+_SIZES = {"P": None, "f32": 4, "bf16": 2, "bool": 1}
+
+
+def traffic(case: str, base: str, param_bytes: int) -> tuple[float, list[str], list[str]]:
+  """(bytes per parameter, reads, writes) of ``case``'s update."""
+  reads, writes = TRAFFIC.get(case, ("base", "base")) if case != base else ("base", "base")
+
+  def expand(line, which):
+    out = []
+    for tok in line.split():
+      out += BASE_TRAFFIC[base][which].split() if tok == "base" else [tok]
+    return out
+
+  reads, writes = expand(reads, 0), expand(writes, 1)
+  size = lambda tok: _SIZES[tok.split(":")[1]] or param_bytes  # noqa: E731
+  return sum(size(t) for t in reads + writes), reads, writes
+
+
+def copy_bandwidth(n: int, repeats: int = 5) -> float:
+  """Bytes/s of a jitted, fused ``a * x + y`` over float32 arrays of ``n`` (12 n bytes)."""
+  x = jnp.ones((n,), jnp.float32)
+  y = jnp.ones((n,), jnp.float32)
+  axpy = jax.jit(lambda a, x, y: a * x + y, donate_argnums=2)
+  y = axpy(0.5, x, y).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    y = axpy(0.5, x, y).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 12 * n / best
+
+
+# ------------------------------------------------------------------- HLO
+_SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred|s64)\[([\d,]*)\]")
+_BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
+
+
+def _arrays(text: str, min_elems: int) -> int:
+  total = 0
+  for dt, dims in _SHAPE.findall(text):
+    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+    if n >= min_elems:
+      total += n * _BYTES[dt]
+  return total
+
+
+def entry_kernels(hlo: str, min_elems: int) -> list[tuple[str, str, int, int]]:
+  """(name, op, bytes read, bytes written) of every entry instruction touching big arrays."""
+  entry = hlo[hlo.index("\nENTRY") :]
+  sizes, rows = {}, []
+  for line in entry.splitlines()[1:]:
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", line)
+    if not m:
+      continue
+    name, out, op, rest = m.groups()
+    sizes[name] = _arrays(out, min_elems)
+    if op in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast"):
+      continue
+    args = rest.split(")")[0]
+    r = sum(sizes.get(a.strip().lstrip("%"), 0) for a in args.split(","))
+    if r or sizes[name]:
+      kind = re.search(r"kind=(\w+)", line)
+      rows.append((name, op + (f"/{kind.group(1)}" if kind else ""), r, sizes[name]))
+  return rows
+
+
+def update_hlo(tx, params, state, extra) -> str:
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, g, e):
+    updates, s = tx.update(g, s, p, **e)
+    return optax.apply_updates(p, updates), s
+
+  return step.lower(params, state, params, extra).compile().as_text()
+
+
+def print_kernels(tx, params, state, extra, label: str) -> int:
+  sizes = [p.size for p in jax.tree.leaves(params)]
+  min_elems = sorted(sizes)[len(sizes) // 2]  # the median leaf and above
+  rows = entry_kernels(update_hlo(tx, params, state, extra), min_elems)
+  total = sum(r + w for _, _, r, w in rows)
+  big = sum(p.size for p in jax.tree.leaves(params) if p.size >= min_elems)
+  print(f"  {label}: {len(rows)} kernels on leaves >= {min_elems} elements, "
+        f"{total / big:.2f} bytes per parameter (of those leaves)")
+  ops = {}
+  for _, op, r, w in rows:
+    n, rr, ww = ops.get(op, (0, 0, 0))
+    ops[op] = (n + 1, rr + r, ww + w)
+  for op, (n, r, w) in sorted(ops.items()):
+    print(f"    {op:<22}{n:>4} x  read {r / big:6.2f}  write {w / big:6.2f}  bytes/param")
+  return total
+
+
+# ------------------------------------------------------------------ times
+def params_for(model: str, dtype):
+  if model in lm.CONFIGS:
+    return lm.lm_params(model, dtype)
+  return jax.tree.map(lambda p: p.astype(dtype), overhead.model_params(model))
+
+
+def measure(case, params, repeats, calls, bandwidth):
+  base = overhead.BASES[case.base]()
+  tx = case.make(overhead.BASES[case.base]())
+  extra = case.extra_args(params)
+  state_base, state = base.init(params), case.prepare(tx.init(params), params)
+  t_base, t_tx = overhead._timer(base, params, extra, calls), overhead._timer(tx, params, extra, calls)
+  tb, tt = [], []
+  for _ in range(repeats):
+    t, state_base = t_base(state_base)
+    tb.append(t)
+    t, state = t_tx(state)
+    tt.append(t)
+  n = sum(p.size for p in jax.tree.leaves(params))
+  pbytes = jax.tree.leaves(params)[0].dtype.itemsize
+  fb, reads, writes = traffic(case.name, case.base, pbytes)
+  bb, _, _ = traffic(case.base, case.base, pbytes)
+  return {
+    "case": case.name, "base": case.base, "n_params": n,
+    "base_s": min(tb), "update_s": min(tt), "ratio": min(tt) / min(tb),
+    "floor_bytes": fb * n, "base_floor_bytes": bb * n,
+    "achieved_floor": min(tt) / (fb * n / bandwidth),
+    "base_achieved_floor": min(tb) / (bb * n / bandwidth),
+    "floor_ratio": fb / bb, "reads": reads, "writes": writes,
+    "state_bytes": overhead.state_bytes(state),
+  }
+
+
+ELEMENTWISE = ["soft_mask", "soft_mask_bf16", "freeze", "soft_mask_units", "ewc", "ewc_bf16",
+               "online_ewc", "mas", "si", "ncl_diag", "agem"]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="lm-100m")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--cases", default=",".join(ELEMENTWISE))
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--calls", type=int, default=3)
+  parser.add_argument("--hlo", default="", help="cases whose compiled kernels to print")
+  parser.add_argument("--no-time", action="store_true")
+  args = parser.parse_args()
+  dtype = jnp.dtype(args.dtype)
+  params = params_for(args.model, dtype)
+  n = sum(p.size for p in jax.tree.leaves(params))
+  bw = copy_bandwidth(n)
+  print(f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; copy bandwidth "
+        f"(a*x+y, {12 * n / 1e9:.2f} GB) {bw / 1e9:.2f} GB/s")
+  by_name = {c.name: c for c in overhead.CASES}
+  for name in [c for c in args.hlo.split(",") if c]:
+    case = by_name[name]
+    base = overhead.BASES[case.base]()
+    tx = case.make(overhead.BASES[case.base]())
+    print_kernels(base, params, base.init(params), {}, case.base)
+    print_kernels(tx, params, case.prepare(tx.init(params), params), case.extra_args(params), name)
+  if args.no_time:
+    return
+  print(f"{'case':<16}{'base':<6}{'base ms':>9}{'ms':>9}{'x base':>8}{'floor x':>9}"
+        f"{'base/floor':>11}{'ach/floor':>10}")
+  for name in args.cases.split(","):
+    r = measure(by_name[name], params, args.repeats, args.calls, bw)
+    print(f"{name:<16}{r['base']:<6}{1e3 * r['base_s']:>9.1f}{1e3 * r['update_s']:>9.1f}"
+          f"{r['ratio']:>8.2f}{r['floor_ratio']:>9.2f}{r['base_achieved_floor']:>11.2f}"
+          f"{r['achieved_floor']:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
