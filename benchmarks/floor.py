@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import time
 
@@ -154,30 +155,94 @@ def params_for(model: str, dtype):
   return jax.tree.map(lambda p: p.astype(dtype), overhead.model_params(model))
 
 
-def measure(case, params, repeats, calls, bandwidth):
+def _timer(tx, params, state, grads, extra, calls):
+  """Times ``calls`` chained ``update`` + ``apply_updates`` (params and state donated).
+
+  The gradient is an argument (a constant would be folded into the executable).
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, g, e):
+    updates, s = tx.update(g, s, p, **e)
+    return optax.apply_updates(p, updates), s
+
+  carry = [jax.tree.map(jnp.copy, params), state]
+  compiled = step.lower(*carry, grads, extra).compile()
+  step = compiled
+
+  def run():
+    p, s = step(*carry, grads, extra)
+    jax.block_until_ready((p, s))
+    start = time.perf_counter()
+    for _ in range(calls):
+      p, s = step(p, s, grads, extra)
+    jax.block_until_ready((p, s))
+    carry[:] = [p, s]
+    return (time.perf_counter() - start) / calls
+
+  run.hlo = compiled.as_text()
+  return run
+
+
+def compiled_bytes(hlo: str, params) -> float:
+  """Bytes per parameter that the compiled update's kernels read and write (leaves >= median)."""
+  sizes = [p.size for p in jax.tree.leaves(params)]
+  min_elems = sorted(sizes)[len(sizes) // 2]
+  big = sum(s for s in sizes if s >= min_elems)
+  return sum(r + w for _, _, r, w in entry_kernels(hlo, min_elems)) / big
+
+
+def _axpy_timer(n, calls):
+  x, y = jnp.ones((n,), jnp.float32), [jnp.ones((n,), jnp.float32)]
+  axpy = jax.jit(lambda a, x, y: a * x + y, donate_argnums=2)
+
+  def run():
+    y[0] = axpy(0.5, x, y[0]).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(calls):
+      y[0] = axpy(0.5, x, y[0])
+    y[0].block_until_ready()
+    return (time.perf_counter() - start) / calls
+
+  return run
+
+
+def measure(case, params, repeats, calls):
+  """Base, transform and ``a * x + y`` timed interleaved; the floor from the bandwidth."""
   base = overhead.BASES[case.base]()
   tx = case.make(overhead.BASES[case.base]())
   extra = case.extra_args(params)
-  state_base, state = base.init(params), case.prepare(tx.init(params), params)
-  t_base, t_tx = overhead._timer(base, params, extra, calls), overhead._timer(tx, params, extra, calls)
-  tb, tt = [], []
-  for _ in range(repeats):
-    t, state_base = t_base(state_base)
-    tb.append(t)
-    t, state = t_tx(state)
-    tt.append(t)
+  grads = overhead._uniform_like(params, seed=2)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   n = sum(p.size for p in jax.tree.leaves(params))
+  state = case.prepare(tx.init(params), params)
+  state_bytes = overhead.state_bytes(state)
+  timers = {
+    "base": _timer(base, params, base.init(params), grads, extra, calls),
+    "tx": _timer(tx, params, state, grads, extra, calls),
+    "axpy": _axpy_timer(n, calls),
+  }
+  del state
+  times = {k: [] for k in timers}
+  for _ in range(repeats):  # interleaved: drifts in machine load hit all three
+    for k, run in timers.items():
+      times[k].append(run())
+  t = {k: min(v) for k, v in times.items()}
+  bw = 12 * n / t["axpy"]
   pbytes = jax.tree.leaves(params)[0].dtype.itemsize
   fb, reads, writes = traffic(case.name, case.base, pbytes)
   bb, _, _ = traffic(case.base, case.base, pbytes)
   return {
-    "case": case.name, "base": case.base, "n_params": n,
-    "base_s": min(tb), "update_s": min(tt), "ratio": min(tt) / min(tb),
+    "case": case.name, "base": case.base, "n_params": n, "bandwidth": bw,
+    "base_s": t["base"], "update_s": t["tx"], "ratio": t["tx"] / t["base"],
     "floor_bytes": fb * n, "base_floor_bytes": bb * n,
-    "achieved_floor": min(tt) / (fb * n / bandwidth),
-    "base_achieved_floor": min(tb) / (bb * n / bandwidth),
+    "achieved_floor": t["tx"] / (fb * n / bw),
+    "base_achieved_floor": t["base"] / (bb * n / bw),
     "floor_ratio": fb / bb, "reads": reads, "writes": writes,
-    "state_bytes": overhead.state_bytes(state),
+    "state_bytes": state_bytes,
+    "compiled_bytes_per_param": compiled_bytes(timers["tx"].hlo, params),
+    "base_compiled_bytes_per_param": compiled_bytes(timers["base"].hlo, params),
+    "floor_bytes_per_param": fb, "base_floor_bytes_per_param": bb,
   }
 
 
@@ -194,13 +259,13 @@ def main():
   parser.add_argument("--calls", type=int, default=3)
   parser.add_argument("--hlo", default="", help="cases whose compiled kernels to print")
   parser.add_argument("--no-time", action="store_true")
+  parser.add_argument("--json", default="")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
   params = params_for(args.model, dtype)
   n = sum(p.size for p in jax.tree.leaves(params))
-  bw = copy_bandwidth(n)
-  print(f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; copy bandwidth "
-        f"(a*x+y, {12 * n / 1e9:.2f} GB) {bw / 1e9:.2f} GB/s")
+  print(f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; floor = traffic / bandwidth of "
+        f"a*x+y over {12 * n / 1e9:.2f} GB, timed interleaved with each case")
   by_name = {c.name: c for c in overhead.CASES}
   for name in [c for c in args.hlo.split(",") if c]:
     case = by_name[name]
@@ -210,13 +275,19 @@ def main():
     print_kernels(tx, params, case.prepare(tx.init(params), params), case.extra_args(params), name)
   if args.no_time:
     return
-  print(f"{'case':<16}{'base':<6}{'base ms':>9}{'ms':>9}{'x base':>8}{'floor x':>9}"
-        f"{'base/floor':>11}{'ach/floor':>10}")
+  print(f"{'case':<16}{'base':<6}{'GB/s':>6}{'base ms':>9}{'ms':>9}{'x base':>8}{'floor x':>9}"
+        f"{'base/floor':>11}{'ach/floor':>10}  compiled B/param (floor): base, case")
+  rows = []
   for name in args.cases.split(","):
-    r = measure(by_name[name], params, args.repeats, args.calls, bw)
-    print(f"{name:<16}{r['base']:<6}{1e3 * r['base_s']:>9.1f}{1e3 * r['update_s']:>9.1f}"
+    r = measure(by_name[name], params, args.repeats, args.calls)
+    print(f"{name:<16}{r['base']:<6}{r['bandwidth'] / 1e9:>6.2f}{1e3 * r['base_s']:>9.1f}{1e3 * r['update_s']:>9.1f}"
           f"{r['ratio']:>8.2f}{r['floor_ratio']:>9.2f}{r['base_achieved_floor']:>11.2f}"
-          f"{r['achieved_floor']:>10.2f}", flush=True)
+          f"{r['achieved_floor']:>10.2f}  {r['base_compiled_bytes_per_param']:.0f} ({r['base_floor_bytes_per_param']:.0f}), "
+          f"{r['compiled_bytes_per_param']:.0f} ({r['floor_bytes_per_param']:.0f})", flush=True)
+    rows.append(r)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
