@@ -155,10 +155,12 @@ def params_for(model: str, dtype):
   return jax.tree.map(lambda p: p.astype(dtype), overhead.model_params(model))
 
 
-def _timer(tx, params, state, grads, extra, calls):
+def _timer(tx, params, make_state, grads, extra, calls):
   """Times ``calls`` chained ``update`` + ``apply_updates`` (params and state donated).
 
   The gradient is an argument (a constant would be folded into the executable).
+  Each run builds fresh params and state and drops them after, so that only one
+  case's buffers are alive at a time (100 M parameters on a shared machine).
   """
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -166,19 +168,18 @@ def _timer(tx, params, state, grads, extra, calls):
     updates, s = tx.update(g, s, p, **e)
     return optax.apply_updates(p, updates), s
 
-  carry = [jax.tree.map(jnp.copy, params), state]
-  compiled = step.lower(*carry, grads, extra).compile()
-  step = compiled
+  compiled = step.lower(params, jax.eval_shape(make_state), grads, extra).compile()
 
   def run():
-    p, s = step(*carry, grads, extra)
+    p, s = compiled(jax.tree.map(jnp.copy, params), make_state(), grads, extra)
     jax.block_until_ready((p, s))
     start = time.perf_counter()
     for _ in range(calls):
-      p, s = step(p, s, grads, extra)
+      p, s = compiled(p, s, grads, extra)
     jax.block_until_ready((p, s))
-    carry[:] = [p, s]
-    return (time.perf_counter() - start) / calls
+    elapsed = (time.perf_counter() - start) / calls
+    del p, s
+    return elapsed
 
   run.hlo = compiled.as_text()
   return run
@@ -193,16 +194,18 @@ def compiled_bytes(hlo: str, params) -> float:
 
 
 def _axpy_timer(n, calls):
-  x, y = jnp.ones((n,), jnp.float32), [jnp.ones((n,), jnp.float32)]
   axpy = jax.jit(lambda a, x, y: a * x + y, donate_argnums=2)
 
   def run():
-    y[0] = axpy(0.5, x, y[0]).block_until_ready()
+    x, y = jnp.ones((n,), jnp.float32), jnp.ones((n,), jnp.float32)
+    y = axpy(0.5, x, y).block_until_ready()
     start = time.perf_counter()
     for _ in range(calls):
-      y[0] = axpy(0.5, x, y[0])
-    y[0].block_until_ready()
-    return (time.perf_counter() - start) / calls
+      y = axpy(0.5, x, y)
+    y.block_until_ready()
+    elapsed = (time.perf_counter() - start) / calls
+    del x, y
+    return elapsed
 
   return run
 
@@ -215,14 +218,15 @@ def measure(case, params, repeats, calls):
   grads = overhead._uniform_like(params, seed=2)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   n = sum(p.size for p in jax.tree.leaves(params))
-  state = case.prepare(tx.init(params), params)
-  state_bytes = overhead.state_bytes(state)
+  make_state = lambda: case.prepare(tx.init(params), params)  # noqa: E731
+  state_bytes = sum(
+    x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_state))
+  )
   timers = {
-    "base": _timer(base, params, base.init(params), grads, extra, calls),
-    "tx": _timer(tx, params, state, grads, extra, calls),
+    "base": _timer(base, params, lambda: base.init(params), grads, extra, calls),
+    "tx": _timer(tx, params, make_state, grads, extra, calls),
     "axpy": _axpy_timer(n, calls),
   }
-  del state
   times = {k: [] for k in timers}
   for _ in range(repeats):  # interleaved: drifts in machine load hit all three
     for k, run in timers.items():
