@@ -174,7 +174,7 @@ CASES += [
     lambda: cl_optax.gem(0.5, max_tasks=3),
     _no_signals,
     lambda: optax.inject_hyperparams(cl_optax.gem, static_args=("max_tasks",))(
-      memory_strength=0.5, max_tasks=3
+      strength=0.5, max_tasks=3
     ),
     _task_grads,
   ),
@@ -202,28 +202,32 @@ _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 CASES += [
   Case(
     "ncl_diag",
-    lambda: cl_optax.ncl(10.0, 0.5, 0.1),
+    lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
     _rand_precision,
-    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(10.0, 0.5, 0.1),
+    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
+      10.0, strength=0.5, damping=0.1
+    ),
   ),
   Case(
     "ncl_diag_radius_pre",
-    lambda: cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True),
+    lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1, radius=0.3, precondition_penalty=True),
     _rand_precision,
     lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
-      10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True
+      10.0, strength=0.5, damping=0.1, radius=0.3, precondition_penalty=True
     ),
   ),
   Case(
     "ncl_kfac",
     lambda: optax.masked(
-      cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")),
+      cl_optax.ncl(
+        10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense", "head")
+      ),
       _KF_MASK,
     ),
     _kron_precision,
     lambda: optax.masked(
       optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
-        10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")
+        10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense", "head")
       ),
       _KF_MASK,
     ),
@@ -244,9 +248,9 @@ CASES += [
   ),
   Case(
     "online_ewc",
-    lambda: cl_optax.online_ewc(3.0, 0.9),
+    lambda: cl_optax.online_ewc(3.0, decay=0.9),
     _rand_importance,
-    lambda: optax.inject_hyperparams(cl_optax.online_ewc)(3.0, 0.9),
+    lambda: optax.inject_hyperparams(cl_optax.online_ewc)(3.0, decay=0.9),
   ),
   Case(
     "mas",
@@ -256,9 +260,9 @@ CASES += [
   ),
   Case(
     "si",
-    lambda: cl_optax.si(3.0, 0.1),
+    lambda: cl_optax.si(3.0, xi=0.1),
     lambda params: {},
-    lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, 0.1),
+    lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, xi=0.1),
   ),
 ]
 IDS = [c.name for c in CASES]
@@ -395,19 +399,22 @@ def test_train_step_donating_params_and_state(case):
 
 
 class JitEqualityTest(chex.TestCase):
+  """Each transform's update, jitted and not, against the same update run under
+  `jax.disable_jit()` (every inner `jit`, `lax.cond`/`switch` and loop in Python)."""
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_same_with_and_without_jit(self):
     params = make_params()
+    grads = _grads(params)
     for case in CASES:
       tx = optax.chain(optax.adam(0.1), case.make())
       state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
       extra = case.extra_args(params)
+      with jax.disable_jit():
+        expected, _ = tx.update(grads, state, params, **extra)
       update = self.variant(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
-      got, _ = update(_grads(params), state, params, extra)
-      expected, _ = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, **extra))(
-        _grads(params), state, params
-      )
-      chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
+      got, _ = update(grads, state, params, extra)
+      chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7, custom_message=case.name)
 
 
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])
