@@ -47,9 +47,9 @@ TRAFFIC = {
   "ewc_bf16": ("base anchor:f32 fisher:bf16", "base"),
   "online_ewc": ("base anchor:f32 fisher:f32", "base"),
   "mas": ("base anchor:f32 importance:f32", "base"),
-  # SI: penalty reads anchor, importance; path integral reads and rewrites
-  # omega, prev_params, prev_grad (the formulation of the current code)
-  "si": ("base anchor:f32 importance:f32 omega:f32 prev_p:f32 prev_g:f32", "base omega:f32 prev_p:f32 prev_g:f32"),
+  # SI: the penalty reads anchor and importance; the path integral reads and
+  # rewrites s = omega + g_t (theta_t - anchor) and the recorded gradient g_t
+  "si": ("base anchor:f32 importance:f32 s:f32 prev_g:f32", "base s:f32 prev_g:f32"),
   # NCL diag with radius=None: one pass, reads mean and precision
   "ncl_diag": ("base mean:f32 precision:f32", "base"),
   # A-GEM: a first pass reads g and r for the two dot products, the second
