@@ -50,8 +50,9 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=None, help="override the preset's lr")
   parser.add_argument("--optimizer", default=None, choices=sorted(BASES))
   parser.add_argument("--hp", action="append", help="method hyper-parameter name=value")
-  parser.add_argument("--init", default=None, choices=INITS,
-                      help="parameter init (default: the preset's; agem: the A-GEM code's)")  # fmt: skip
+  parser.add_argument(
+    "--init", default=None, choices=INITS, help="parameter init (default: the preset's)"
+  )
   parser.add_argument(
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )

@@ -215,11 +215,13 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **{
     (f"split-mnist-2019/{sc}", m): s
     for sc, ewc, oewc, gamma, si in [
-      ("task", 1e7, 1e8, 0.8, 50.0), ("domain", 1e6, 1e8, 0.7, 500.0),
+      ("task", 1e7, 1e8, 0.8, 50.0),
+      ("domain", 1e6, 1e8, 0.7, 500.0),
       ("class", 1e8, 1e9, 0.8, 0.5),
     ]
     for m, s in [
-      ("ewc", {"strength": ewc}), ("online_ewc", {"strength": oewc * gamma, "decay": gamma}),
+      ("ewc", {"strength": ewc}),
+      ("online_ewc", {"strength": oewc * gamma, "decay": gamma}),
       ("si", {"strength": 2 * si}),
     ]
   },  # fmt: skip

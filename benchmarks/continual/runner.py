@@ -345,7 +345,8 @@ class _Run:
     record = {
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
-      "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "init": cfg.init, "n_tasks": T,
+      "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "init": cfg.init,
+      "n_tasks": T,
       "acc_matrix": R.tolist(), "baseline": np.asarray(baseline).tolist(),
       **metrics.summary(R, baseline),
       "samples": samples, "train_s": train_s,

@@ -93,7 +93,7 @@ register(
   Method(
     "ewc_agem_code",
     lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], decay=0.0), h.base()),
-    "the A-GEM code's EWC: one anchor, running minibatch Fisher of the last task, min-max normalised",
+    "the A-GEM code's EWC: one anchor, last task's running minibatch Fisher, min-max normalised",
     end_task=_consolidate_ewc,
     init_aux=_fisher_init,
     step=_fisher_step,
