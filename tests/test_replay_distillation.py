@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 import test_common as battery
-from conftest import make_params
 
 from cl_optax._distillation import der_logit_mse, lwf_distillation
 from cl_optax._experience_replay import experience_replay
+
+from conftest import make_params
 
 
 def _flat(tree):
