@@ -53,7 +53,7 @@ def der_logit_mse(
   :math:`\alpha / C`). DER's objective is :math:`\ell_{CE}(B) + \alpha
   L_{DER}`; DER++ adds :math:`\beta\,\ell_{CE}` on a second memory batch with
   its labels (Eq. 6), a gradient the user feeds to
-  :func:`cl_optax.experience_replay` (``memory_weight=beta``). The memory is a
+  :func:`cl_optax.experience_replay` (``strength=beta``). The memory is a
   :mod:`cl_optax.replay` buffer whose items hold the logits, e.g.
   ``{"x": x, "y": y, "logits": z}`` (reservoir sampling, as in the paper).
 

@@ -38,7 +38,7 @@ class ExperienceReplayState(NamedTuple):
     return self
 
 
-def experience_replay(memory_weight: float = 1.0) -> optax.GradientTransformationExtraArgs:
+def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtraArgs:
   r"""Experience replay: adds the memory batch's gradient to the current one.
 
   With :math:`g` the gradient of the loss on the current batch and
@@ -46,20 +46,20 @@ def experience_replay(memory_weight: float = 1.0) -> optax.GradientTransformatio
   episodic memory (the extra arg ``replay_grads=``),
 
   .. math::
-    \tilde g = g + w \, g_{mem},
+    \tilde g = g + \lambda \, g_{mem},
 
-  the gradient of :math:`\ell(B) + w\,\ell(B_M)` (Chaudhry et al. 2019,
+  the gradient of :math:`\ell(B) + \lambda\,\ell(B_M)` (Chaudhry et al. 2019,
   Alg. 1, "ER-reservoir"; Riemer et al. 2019). Chaudhry et al. and the DER
   authors' code take one step on the *union* :math:`B \cup B_M`, whose mean
   loss is :math:`(|B|\,\ell(B) + |B_M|\,\ell(B_M)) / (|B| + |B_M|)`: that is
-  this update with :math:`w = |B_M| / |B|`, scaled by :math:`|B| / (|B| +
+  this update with :math:`\lambda = |B_M| / |B|`, scaled by :math:`|B| / (|B| +
   |B_M|)` (half the learning rate for equal batch sizes). The sum form is kept
   so that an empty memory (a zero replay gradient, e.g. the weighted loss of
   a sample with no valid row) leaves :math:`g` unchanged.
 
   DER++'s second term, :math:`\beta\,\ell(x', y')` on a memory batch with its
   labels (Buzzega et al. 2020, Eq. 6), is this transform with
-  :math:`w = \beta`; the logit term goes in the loss
+  :math:`\lambda = \beta`; the logit term goes in the loss
   (:func:`cl_optax.losses.der_logit_mse`).
 
   Without ``replay_grads``, or when it holds a non-finite value (or ``g``
@@ -68,7 +68,7 @@ def experience_replay(memory_weight: float = 1.0) -> optax.GradientTransformatio
   sees the combined gradient, as in the papers.
 
   Args:
-    memory_weight: :math:`w`, the weight of the memory loss (1.0: equal
+    strength: :math:`\lambda`, the weight of the memory loss (1.0: equal
       weight per batch).
 
   Returns:
@@ -107,7 +107,7 @@ def experience_replay(memory_weight: float = 1.0) -> optax.GradientTransformatio
     if not pairs:
       return updates, state
     ok = _all_finite([x for pair in pairs for x in pair])
-    weight = jnp.asarray(memory_weight, _f32)
+    weight = jnp.asarray(strength, _f32)
 
     def leaf(u, r):
       if _is_masked(u) or u is None:

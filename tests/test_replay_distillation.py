@@ -91,7 +91,7 @@ ER_CASES = [
     "experience_replay",
     lambda: experience_replay(0.5),
     battery._no_signals,
-    lambda: optax.inject_hyperparams(experience_replay)(memory_weight=0.5),
+    lambda: optax.inject_hyperparams(experience_replay)(strength=0.5),
     lambda params: {"replay_grads": battery._grads(params, 3)},
   )
 ]

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from benchmarks.continual.model import MLP
@@ -46,6 +45,8 @@ class NNXModel:
       layer ``head`` so that methods which treat the head apart (``soft_mask``)
       find it.
     name: shown in the records.
+    shaped: the factory takes ``(rngs, input_shape, n_outputs)`` (the
+      registry's models, built for each stream's shapes).
 
   The module's non-parameter state (e.g. BatchNorm statistics) is held fixed at
   its initial value: train models without mutable state, or in eval mode.
@@ -53,12 +54,13 @@ class NNXModel:
 
   layers = None  # no per-layer taps: gpm and ncl_kfac need the MLP
 
-  def __init__(self, factory: Callable[[nnx.Rngs], nnx.Module], name: str = "nnx"):
-    self.factory, self.name = factory, name
+  def __init__(self, factory: Callable[..., nnx.Module], name: str = "nnx", *, shaped=False):
+    self.factory, self.name, self.shaped = factory, name, shaped
     self.graph = None  # (graphdef, non-parameter state, input shape), set by init
 
   def init(self, key: jax.Array, input_shape: tuple[int, ...], n_outputs: int) -> dict:
-    module = self.factory(nnx.Rngs(params=key))
+    rngs = nnx.Rngs(params=key)
+    module = self.factory(rngs, input_shape, n_outputs) if self.shaped else self.factory(rngs)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     self.graph = (graphdef, rest, tuple(int(d) for d in input_shape))
     params = nnx.to_pure_dict(params)
@@ -100,21 +102,27 @@ class SmallCNN(nnx.Module):
     return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
 
 
-def _cnn(hidden: tuple[int, ...], bias: bool, input_shape, n_outputs: int) -> NNXModel:
+def _cnn(hidden: tuple[int, ...], bias: bool) -> NNXModel:
   del bias
   width = hidden[-1] if hidden else 100
-  return NNXModel(lambda rngs: SmallCNN(input_shape, n_outputs, width, rngs=rngs), "cnn")
+  return NNXModel(
+    lambda rngs, shape, n: SmallCNN(shape, n, width, rngs=rngs), "cnn", shaped=True
+  )
 
 
-def _mlp(hidden: tuple[int, ...], bias: bool, input_shape, n_outputs: int) -> MLP:
-  del input_shape, n_outputs
-  return MLP(tuple(hidden), bias)
+# name -> (the preset's hidden widths, bias) -> model
+MODELS: dict[str, Callable[[tuple[int, ...], bool], Any]] = {"mlp": MLP, "cnn": _cnn}
 
 
-# name -> (hidden widths of the preset, bias, input shape, n_outputs) -> model
-MODELS: dict[str, Callable[..., Any]] = {"mlp": _mlp, "cnn": _cnn}
-
-
-def input_shape_of(x: np.ndarray) -> tuple[int, ...]:
-  """One example's shape (the stream's ``x_train.shape[1:]``)."""
-  return tuple(int(d) for d in np.shape(x)[1:])
+def make_model(model: Any, hidden: tuple[int, ...] = (100, 100), bias: bool = True) -> Any:
+  """A runner model from a registry name (``"mlp"``, ``"cnn"``), a model object
+  (``init``/``apply``/``is_head``) or an ``nnx.Module`` factory ``rngs -> module``."""
+  if isinstance(model, str):
+    if model not in MODELS:
+      raise ValueError(f"unknown model {model!r}; registered: {sorted(MODELS)}")
+    return MODELS[model](tuple(hidden), bias)
+  if all(hasattr(model, a) for a in ("init", "apply", "is_head")):
+    return model
+  if callable(model):
+    return NNXModel(model, getattr(model, "__name__", "nnx"))
+  raise TypeError(f"`model` must be a name, a model or an nnx.Module factory; got {model!r}.")

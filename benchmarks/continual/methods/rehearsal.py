@@ -101,7 +101,7 @@ def _keep_model(e: TaskEnd):
 
 
 def _er_make(h):
-  w = h.hp["memory_weight"]
+  w = h.hp["strength"]
   parts = [cl_optax.experience_replay(w)]
   if h.hp["union_mean"]:  # one step on the union batch: the mean, not the sum, of the losses
     parts.append(optax.scale(1.0 / (1.0 + w)))
@@ -116,7 +116,7 @@ register(
     "ER (Chaudhry et al. 2019): reservoir memory, chain(experience_replay, base)",
     init_aux=reservoir_init,
     step=replay_grads_step,
-    defaults={**_MEMORY, "memory_weight": 1.0, "union_mean": True},
+    defaults={**_MEMORY, "strength": 1.0, "union_mean": True},
   )
 )
 register(
