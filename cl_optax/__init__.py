@@ -7,6 +7,7 @@ from cl_optax import replay as replay
 from cl_optax import streams as streams
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
+from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
@@ -21,7 +22,6 @@ from cl_optax.projection import agem as agem
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
 from cl_optax.projection import ogd as ogd
-from cl_optax.projection import output_gradients as output_gradients
 from cl_optax.regularization import EWCState as EWCState
 from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState

@@ -37,117 +37,22 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
-import os
-import pathlib
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 
+from cl_optax._datasets import ENV_VAR as ENV_VAR
+from cl_optax._datasets import Dataset as Dataset
+from cl_optax._datasets import load_digits as load_digits
+from cl_optax._datasets import load_fashion_mnist as load_fashion_mnist
+from cl_optax._datasets import load_mnist as load_mnist
+from cl_optax._datasets import read_idx as read_idx
+from cl_optax._image_maps import permute, rotate
+from cl_optax._image_maps import rotation_weights as rotation_weights
+from cl_optax._stream_types import Stream as Stream
+from cl_optax._stream_types import Task as Task
+
 SCENARIOS = ("task", "domain", "class")
-ENV_VAR = "CL_OPTAX_DATA"
-
-
-class Dataset(NamedTuple):
-  """Train and test arrays. ``x_test``/``y_test`` are ``None`` when the
-  source has no official test split (scikit-learn's digits)."""
-
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray | None
-  y_test: np.ndarray | None
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Task:
-  """One task: a view of base arrays (indices + an optional transform).
-
-  Attributes:
-    name: a readable description (``"classes (0, 1)"``, ``"permutation 3"``).
-    classes: the global class ids present in this task.
-    x_train, y_train, x_test, y_test: the base arrays (shared, never copied).
-    train_index, test_index: rows of the base arrays (``None``: all rows).
-    labels: maps base labels to this task's targets (``None``: identity).
-    transform: maps a batch of base inputs to this task's inputs.
-  """
-
-  name: str
-  classes: np.ndarray
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-  train_index: np.ndarray | None = None
-  test_index: np.ndarray | None = None
-  labels: np.ndarray | None = None
-  transform: Callable[[np.ndarray], np.ndarray] | None = None
-
-  def _view(self, x, y, index):
-    if index is not None:
-      x, y = x[index], y[index]
-    if self.transform is not None:
-      x = self.transform(x)
-    y = y if self.labels is None else self.labels[y]
-    return x, np.asarray(y, np.int32)
-
-  def train(self) -> tuple[np.ndarray, np.ndarray]:
-    """The task's training inputs and targets (materialised now)."""
-    return self._view(self.x_train, self.y_train, self.train_index)
-
-  def test(self) -> tuple[np.ndarray, np.ndarray]:
-    """The task's test inputs and targets (materialised now)."""
-    return self._view(self.x_test, self.y_test, self.test_index)
-
-  @property
-  def n_train(self) -> int:
-    return len(self.y_train) if self.train_index is None else len(self.train_index)
-
-  @property
-  def n_test(self) -> int:
-    return len(self.y_test) if self.test_index is None else len(self.test_index)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Stream(Sequence):
-  """A sequence of tasks and the output layout of its scenario.
-
-  Attributes:
-    name: a readable description.
-    scenario: ``"task"``, ``"domain"`` or ``"class"``.
-    tasks: the tasks in training order.
-    n_outputs: width of the model's output layer.
-    columns: ``int32 [n_tasks, k]``: the output columns task ``t`` reads; the
-      target of an example is an index into its row.
-    train_valid: ``bool [n_tasks, k]``: the columns active while training
-      task ``t`` (all ``True`` except in class-incremental streams, where
-      only the classes seen so far are active).
-  """
-
-  name: str
-  scenario: str
-  tasks: tuple[Task, ...]
-  n_outputs: int
-  columns: np.ndarray
-  train_valid: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.tasks)
-
-  @property
-  def eval_valid(self) -> np.ndarray:
-    """``bool [n_tasks, k]``: the columns read when evaluating task ``j``
-    (every output in class-incremental streams, else ``train_valid``)."""
-    if self.scenario == "class":
-      return np.ones_like(self.train_valid)
-    return self.train_valid
-
-  def __getitem__(self, i):
-    return self.tasks[i]
-
-
-# ------------------------------------------------------------------ checks
 
 
 def _check_xy(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -331,10 +236,6 @@ def _domain_stream(name, x, y, xt, yt, transforms, names, n_train, seed, what) -
   )
 
 
-def _permute(perm):
-  return lambda x: x.reshape(len(x), -1)[:, perm]
-
-
 def permuted(
   x,
   y,
@@ -384,67 +285,12 @@ def permuted(
     y,
     xt,
     yt,
-    [_permute(p) for p in perms],
+    [permute(p) for p in perms],
     [f"permutation {t}" for t in range(n_tasks)],
     n_train,
     seed,
     what,
   )
-
-
-def rotation_weights(shape: tuple[int, int], degrees: float, *, interpolation: str = "nearest"):
-  """Source pixels and weights of a counter-clockwise rotation about the centre.
-
-  Returns ``(index [4, h*w], weight [4, h*w])`` into the flattened image;
-  pixels that fall outside the source image get weight 0 (black fill), as
-  PIL's ``Image.rotate`` does. ``interpolation="nearest"`` is PIL's default
-  (what GEM's ``mnist_rotations.py`` used); ``"bilinear"`` is smoother.
-  """
-  if interpolation not in ("nearest", "bilinear"):
-    raise ValueError(
-      f"rotation: interpolation must be 'nearest' or 'bilinear'; got {interpolation!r}."
-    )
-  h, w = shape
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  theta = np.deg2rad(degrees)
-  # Output pixel (r, c) in centred coordinates with y up; rotate back by -theta.
-  xo, yo = c - cx, cy - r
-  xs = np.cos(theta) * xo + np.sin(theta) * yo
-  ys = -np.sin(theta) * xo + np.cos(theta) * yo
-  src_c, src_r = (xs + cx).ravel(), (cy - ys).ravel()
-  if interpolation == "nearest":
-    rr, cc = np.rint(src_r).astype(int), np.rint(src_c).astype(int)
-    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    index = np.where(inside, rr * w + cc, 0)[None]
-    return index, inside.astype(np.float32)[None]
-  r0, c0 = np.floor(src_r).astype(int), np.floor(src_c).astype(int)
-  fr, fc = src_r - r0, src_c - c0
-  idx, wts = [], []
-  for dr, dc, wt in (
-    (0, 0, (1 - fr) * (1 - fc)),
-    (0, 1, (1 - fr) * fc),
-    (1, 0, fr * (1 - fc)),
-    (1, 1, fr * fc),
-  ):
-    rr, cc = r0 + dr, c0 + dc
-    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    idx.append(np.where(inside, rr * w + cc, 0))
-    wts.append(np.where(inside, wt, 0.0))
-  return np.stack(idx), np.stack(wts).astype(np.float32)
-
-
-def _rotate(shape, degrees, interpolation):
-  index, weight = rotation_weights(shape, degrees, interpolation=interpolation)
-
-  def apply(x):
-    flat = x.reshape(len(x), -1).astype(np.float32, copy=False)
-    out = np.zeros_like(flat)
-    for i, wt in zip(index, weight):
-      out += flat[:, i] * wt
-    return out.reshape(x.shape)
-
-  return apply
 
 
 def rotated(
@@ -507,7 +353,7 @@ def rotated(
     y,
     xt,
     yt,
-    [_rotate((h, w), a, interpolation) for a in angles],
+    [rotate((h, w), a, interpolation) for a in angles],
     [f"rotation {a:.1f} deg" for a in angles],
     n_train,
     seed,
@@ -542,129 +388,3 @@ def minibatches(x, y, batch_size: int, rng: np.random.Generator):
   for i in range(0, len(x) - batch_size + 1, batch_size):
     j = order[i : i + batch_size]
     yield x[j], y[j]
-
-
-def load_digits() -> Dataset:
-  """scikit-learn's bundled 8x8 digits (1797 images, offline), in [0, 1].
-
-  Returns ``Dataset(x [1797, 64] float32, y int32, None, None)``: there is no
-  official test split, so :func:`split` holds out a fraction per task.
-  scikit-learn is imported here, not by ``cl_optax``: it is in the ``test``
-  and ``bench`` extras (``pip install 'cl-optax[bench]'``).
-  """
-  try:
-    from sklearn.datasets import load_digits as _load
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-      "cl_optax.streams.load_digits needs scikit-learn (its bundled digits are the "
-      "offline default data set): pip install scikit-learn, or the extras "
-      "`pip install 'cl-optax[bench]'`."
-    ) from e
-  x, y = _load(return_X_y=True)
-  return Dataset((x / 16.0).astype(np.float32), y.astype(np.int32), None, None)
-
-
-_IDX = {
-  "x_train": "train-images-idx3-ubyte",
-  "y_train": "train-labels-idx1-ubyte",
-  "x_test": "t10k-images-idx3-ubyte",
-  "y_test": "t10k-labels-idx1-ubyte",
-}
-_SOURCES = {
-  "mnist": "http://yann.lecun.com/exdb/mnist/ (or any mirror of the four IDX files)",
-  "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)",
-}
-
-
-def read_idx(path) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped): ``uint8`` images or labels."""
-  path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
-  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f"read_idx: {path} is not an unsigned-byte IDX file (bad magic number).")
-  ndim = data[3]
-  dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-  payload = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-  if payload.size != int(np.prod(dims)):
-    raise ValueError(f"read_idx: {path} holds {payload.size} values; its header says {dims}.")
-  return payload.reshape(dims)
-
-
-def _find_idx(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
-  for name in (
-    stem,
-    stem + ".gz",
-    stem.replace("-idx", ".idx"),
-    stem.replace("-idx", ".idx") + ".gz",
-  ):
-    if (folder / name).is_file():
-      return folder / name
-  return None
-
-
-def _candidates(name: str, path) -> list[pathlib.Path]:
-  if path is not None:
-    roots = [pathlib.Path(path).expanduser()]
-  elif os.environ.get(ENV_VAR):
-    roots = [pathlib.Path(os.environ[ENV_VAR]).expanduser()]
-  else:
-    roots = [pathlib.Path("data")]
-  out = []
-  for root in roots:
-    if root.suffix == ".npz":
-      out.append(root)
-    else:
-      out += [root / f"{name}.npz", root, root / name]
-  return out
-
-
-def _load_arrays(name: str, path) -> Dataset:
-  looked = []
-  for cand in _candidates(name, path):
-    looked.append(str(cand))
-    if cand.suffix == ".npz" and cand.is_file():
-      with np.load(cand) as z:
-        missing = [k for k in _IDX if k not in z.files]
-        if missing:
-          raise ValueError(f"load_{name}: {cand} lacks the arrays {missing}; it has {z.files}.")
-        return Dataset(*(np.asarray(z[k]) for k in _IDX))
-    if cand.is_dir():
-      found = {k: _find_idx(cand, stem) for k, stem in _IDX.items()}
-      if all(found.values()):
-        return Dataset(*(read_idx(found[k]) for k in _IDX))
-  raise FileNotFoundError(
-    f"load_{name}: no {name} data found. Looked for `{name}.npz` (arrays x_train, y_train, "
-    f"x_test, y_test) or the four IDX files ({', '.join(_IDX.values())}, optionally .gz) in: "
-    f"{', '.join(looked)}. Pass path= (a .npz file or a folder) or set {ENV_VAR}. "
-    f"Get the files from {_SOURCES[name]}; nothing is downloaded automatically."
-  )
-
-
-def _normalise(ds: Dataset) -> Dataset:
-  x_train = (ds.x_train.astype(np.float32) / 255.0).reshape(len(ds.x_train), 28, 28)
-  x_test = (ds.x_test.astype(np.float32) / 255.0).reshape(len(ds.x_test), 28, 28)
-  return Dataset(x_train, ds.y_train.astype(np.int32), x_test, ds.y_test.astype(np.int32))
-
-
-def load_mnist(path: str | os.PathLike | None = None) -> Dataset:
-  """MNIST from a local ``.npz`` or IDX folder, as float32 in [0, 1].
-
-  Args:
-    path: a ``.npz`` file (keys ``x_train, y_train, x_test, y_test``) or a
-      folder holding ``mnist.npz`` or the four IDX files (``.gz`` or not).
-      Default: ``$CL_OPTAX_DATA``, else ``./data``.
-
-  Returns:
-    ``Dataset`` with images ``[n, 28, 28]`` float32 and int32 labels.
-
-  Raises:
-    FileNotFoundError: naming every place it looked and where to get the data.
-  """
-  return _normalise(_load_arrays("mnist", path))
-
-
-def load_fashion_mnist(path: str | os.PathLike | None = None) -> Dataset:
-  """Fashion-MNIST, like :func:`load_mnist` (file ``fashion_mnist.npz``)."""
-  return _normalise(_load_arrays("fashion_mnist", path))

@@ -395,19 +395,22 @@ def test_train_step_donating_params_and_state(case):
 
 
 class JitEqualityTest(chex.TestCase):
+  """Each transform's update, jitted and not, against the same update run under
+  `jax.disable_jit()` (every inner `jit`, `lax.cond`/`switch` and loop in Python)."""
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_same_with_and_without_jit(self):
     params = make_params()
+    grads = _grads(params)
     for case in CASES:
       tx = optax.chain(optax.adam(0.1), case.make())
       state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
       extra = case.extra_args(params)
+      with jax.disable_jit():
+        expected, _ = tx.update(grads, state, params, **extra)
       update = self.variant(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
-      got, _ = update(_grads(params), state, params, extra)
-      expected, _ = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, **extra))(
-        _grads(params), state, params
-      )
-      chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
+      got, _ = update(grads, state, params, extra)
+      chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7, custom_message=case.name)
 
 
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])

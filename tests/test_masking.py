@@ -158,6 +158,18 @@ def test_freeze_matches_numpy(grads, importances, threshold):
   chex.assert_trees_all_equal(got, want)
 
 
+def test_freeze_at_the_threshold_freezes():
+  """An entry whose importance equals the threshold freezes; one ulp below does not."""
+  t = np.float32(0.3)
+  below, above = np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(1))
+  params = {"w": jnp.zeros(4)}
+  tx = cl_optax.freeze(threshold=0.3)
+  imp = {"w": jnp.array([below, t, above, 0.0], jnp.float32)}
+  state = cl_optax.consolidate(tx.init(params), params, importance=imp)
+  got, _ = tx.update({"w": jnp.ones(4)}, state, params)
+  np.testing.assert_array_equal(got["w"], [1.0, 0.0, 0.0, 1.0])
+
+
 def test_freeze_never_unfreezes(params):
   tx = cl_optax.freeze()
   ones = jax.tree.map(jnp.ones_like, params)

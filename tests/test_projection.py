@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cl_optax
-from cl_optax.projection import solve_box_qp
+from cl_optax._qp import solve_box_qp
 
 from conftest import make_params
 

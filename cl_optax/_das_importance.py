@@ -28,16 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _state
+from cl_optax import _trees
 from cl_optax._standardize import standardised_tanh
 
-PyTree = Any
-GatedFn = Callable[[PyTree, PyTree, Any, jax.Array], jax.Array]
+GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
 
 _LOSSES = ("proxy_kl",)
 
 
-def das_normalize(raw: PyTree, *, stacked: bool = False) -> PyTree:
+def das_normalize(raw: Any, *, stacked: bool = False) -> Any:
   r"""DAS per-layer normalisation ``|tanh((I - mean I) / std I)|``, values in [0, 1).
 
   The official ``impt_norm`` standardises each layer's units separately
@@ -97,8 +96,8 @@ def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
 
 def das_units(
   fn: GatedFn,
-  params: PyTree,
-  gates: PyTree,
+  params: Any,
+  gates: Any,
   batches: Iterable[Any],
   *,
   key: jax.Array | None = None,
@@ -107,7 +106,7 @@ def das_units(
   tokens: Callable[[Any], jax.Array] | None = None,
   stacked: bool = False,
   normalize: bool = True,
-) -> PyTree:
+) -> Any:
   r"""DAS importance of attention heads and feed-forward units (Ke et al., 2023).
 
   With virtual gates :math:`g` (all ones) multiplying the heads' outputs and
@@ -205,13 +204,6 @@ def das_units(
 _QKV = ("query", "key", "value")
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _as_path(path) -> tuple[str, ...]:
   if isinstance(path, str):
     return tuple(p for p in path.split("/") if p)
@@ -238,9 +230,9 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
 
 
 def das_param_importance(
-  params: PyTree,
+  params: Any,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
-) -> PyTree:
+) -> Any:
   r"""Spreads DAS head / unit importance onto parameter leaves (broadcastable).
 
   ``units`` maps the path of a layer inside ``params`` (``"blocks/0/attn"`` or
@@ -291,7 +283,7 @@ def das_param_importance(
     >>> imp["ffn"]["kernel"], imp["ln"]["scale"]
     (Array([0. , 0.5, 1. ], dtype=float32), Array(0., dtype=float32))
   """
-  plain = _state._unwrap_variables(params)
+  plain = _trees.unwrap_variables(params)
   specs = {}
   for path, spec in units.items():
     if not (isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("heads", "units")):
@@ -309,7 +301,7 @@ def das_param_importance(
   used = set()
 
   def leaf(kpath, p):
-    names = tuple(_key_name(k) for k in kpath)
+    names = _trees.path_names(kpath)
     hits = [s for s in specs if names[: len(s)] == s]
     if len(hits) > 1:
       raise ValueError(
@@ -336,10 +328,7 @@ def das_param_importance(
   missing = [s for s in specs if s not in used]
   if missing:
     available = sorted(
-      {
-        "/".join(_key_name(k) for k in kp[:-1])
-        for kp, _ in jax.tree_util.tree_leaves_with_path(plain)
-      }
+      {"/".join(_trees.path_names(kp)[:-1]) for kp, _ in jax.tree_util.tree_leaves_with_path(plain)}
     )
     raise ValueError(
       f"das_param_importance: no parameters under {['/'.join(m) for m in missing]}; "

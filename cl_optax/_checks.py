@@ -1,0 +1,197 @@
+"""Checks shared by the transforms and estimators: signals, trees, shapes, values.
+
+Every check raises a ``ValueError`` whose message names the transform, the
+argument and, for a tree, the leaf (by its key string, see
+:func:`cl_optax._trees.key_string`). Value checks need concrete arrays; under
+``jit`` they are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cl_optax import _trees
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether ``x`` holds values (not a tracer inside ``jit`` / ``grad``)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def require_signal(signals: dict, name: str, transform: str, what: str) -> Any:
+  """Returns ``signals[name]`` or raises a ``ValueError`` naming what is missing."""
+  value = signals.get(name)
+  if value is None:
+    given = sorted(k for k, v in signals.items() if v is not None)
+    raise ValueError(
+      f"{transform}: consolidate needs the signal `{name}=` ({what}); "
+      f"got signals {given or 'none'}."
+    )
+  return value
+
+
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+  """Whether an array of ``shape`` broadcasts to ``target`` without growing it."""
+  try:
+    return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+  except ValueError:
+    return False
+
+
+def check_shapes(
+  template: optax.Params,
+  tree: optax.Params,
+  *,
+  transform: str,
+  name: str,
+  broadcastable: bool = False,
+) -> None:
+  """Raises a ``ValueError`` naming the first leaf whose shape does not fit."""
+
+  def check(path, t, x):
+    if _trees.is_masked(t):
+      return
+    tshape, xshape = np.shape(t), np.shape(x)
+    ok = tshape == xshape or (broadcastable and broadcasts_to(xshape, tshape))
+    if not ok:
+      raise ValueError(
+        f"{transform}: `{name}` leaf {_trees.key_string(path)} has shape "
+        f"{xshape}; expected {tshape}"
+        f"{' or a shape broadcastable to it' if broadcastable else ''}."
+      )
+
+  jax.tree_util.tree_map_with_path(check, template, tree, is_leaf=_trees.is_masked)
+
+
+def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = ()) -> list:
+  """Pairs of (update leaf, ``tree`` leaf), skipping ``MaskedNode`` updates.
+
+  ``tree`` may be a full tree where the updates hold ``MaskedNode`` (under
+  ``optax.masked``). Raises a ``ValueError`` when ``tree`` does not have the
+  updates' structure or a leaf's shape is not ``lead + update_shape``.
+  """
+  u_def = jax.tree.structure(updates, is_leaf=_trees.is_masked)
+  try:
+    t_leaves = u_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"{transform}: `{name}` must be a pytree like the updates; expected structure "
+      f"{u_def}, got {jax.tree.structure(tree, is_leaf=_trees.is_masked)}."
+    ) from e
+  pairs = []
+  for path, u, t in zip(_trees.key_strings(updates), u_def.flatten_up_to(updates), t_leaves):
+    if _trees.is_masked(u) or u is None:
+      continue
+    want = tuple(lead) + tuple(np.shape(u))
+    if tuple(np.shape(t)) != want:
+      raise ValueError(
+        f"{transform}: `{name}` leaf {path} has shape {tuple(np.shape(t))}; expected {want}"
+        f"{' (leading axis = max_tasks)' if lead else ''}."
+      )
+    pairs.append((u, t))
+  return pairs
+
+
+def _check_values(tree: Any, *, transform: str, name: str, low: float, high: float | None):
+  expected = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if not is_concrete(x) or np.size(x) == 0:
+      continue
+    a = np.asarray(jnp.asarray(x, jnp.float32))
+    where = f"{transform}: `{name}` leaf {_trees.key_string(path)}"
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
+    lo, hi = float(a.min()), float(a.max())
+    if high is None and lo < low:
+      raise ValueError(
+        f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
+      )
+    if high is not None and (lo < low or hi > high):
+      raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+
+
+def check_in_unit_interval(tree: Any, *, transform: str, name: str) -> None:
+  """Raises a ``ValueError`` naming the leaf whose values leave [0, 1]."""
+  _check_values(tree, transform=transform, name=name, low=0.0, high=1.0)
+
+
+def check_nonnegative(tree: Any, *, transform: str, name: str) -> None:
+  """Raises a ``ValueError`` naming the leaf with negative or non-finite values."""
+  _check_values(tree, transform=transform, name=name, low=0.0, high=None)
+
+
+def renamed_arguments(
+  *, renamed: dict[str, str] | None = None, positional: Sequence[str] = ()
+) -> Callable[[Callable], Callable]:
+  """Keeps a factory's old keywords (and old positional order) working, with a warning.
+
+  ``renamed`` maps an old keyword to its new name; ``positional`` names, in
+  order, the arguments that followed the positional ones that remain (they are
+  keyword-only now). Either use emits one ``DeprecationWarning`` and calls the
+  factory with the new names. The wrapper keeps the factory's signature
+  (``__wrapped__``), so ``optax.inject_hyperparams`` sees the new names only.
+  """
+  renamed = dict(renamed or {})
+  positional = tuple(positional)
+
+  def wrap(factory: Callable) -> Callable:
+    n_pos = sum(
+      p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+      for p in inspect.signature(factory).parameters.values()
+    )
+
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+      name = factory.__name__
+      if len(args) > n_pos:
+        extra = args[n_pos:]
+        if len(extra) > len(positional):
+          raise TypeError(f"{name}() takes at most {n_pos + len(positional)} positional arguments")
+        names = positional[: len(extra)]
+        warnings.warn(
+          f"{name}: passing {', '.join(names)} by position is deprecated; pass "
+          f"{'them' if len(names) > 1 else 'it'} by keyword ({names[0]}=...).",
+          DeprecationWarning,
+          stacklevel=2,
+        )
+        for n, v in zip(names, extra, strict=True):
+          if n in kwargs:
+            raise TypeError(f"{name}() got multiple values for argument {n!r}")
+          kwargs[n] = v
+        args = args[:n_pos]
+      for old, new in renamed.items():
+        if old in kwargs:
+          warnings.warn(
+            f"{name}: `{old}=` is deprecated; use `{new}=`.", DeprecationWarning, stacklevel=2
+          )
+          if new in kwargs:
+            raise TypeError(f"{name}() got both `{old}=` (deprecated) and `{new}=`.")
+          kwargs[new] = kwargs.pop(old)
+      return factory(*args, **kwargs)
+
+    return wrapper
+
+  return wrap
+
+
+def renamed_signal(signals: dict, old: str, new: str, transform: str) -> Any:
+  """``signals[new]``, or the deprecated ``signals[old]`` with a ``DeprecationWarning``."""
+  if signals.get(old) is None:
+    return signals.get(new)
+  warnings.warn(
+    f"{transform}: the consolidate signal `{old}=` is deprecated; use `{new}=`.",
+    DeprecationWarning,
+    stacklevel=3,
+  )
+  if signals.get(new) is not None:
+    raise ValueError(f"{transform}: got both `{old}=` (deprecated) and `{new}=`.")
+  return signals[old]

@@ -1,0 +1,80 @@
+"""Hard 0/1 masking (PackNet / HAT style): :func:`freeze`."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cl_optax import _checks, _trees
+from cl_optax._soft_mask import like, mask_leaf
+
+
+class FreezeState(NamedTuple):
+  """State of :func:`freeze`.
+
+  Attributes:
+    frozen: boolean pytree like params; ``True`` entries get a zero update.
+    threshold: importance at or above which an entry freezes.
+  """
+
+  frozen: Any
+  threshold: jax.Array  # shape=(), float32
+
+  def consolidate(self, params, **signals) -> FreezeState:
+    """Freezes every entry whose task ``importance`` reaches the threshold."""
+    del params
+    new = _checks.require_signal(
+      signals, "importance", "freeze", "a pytree like params, values in [0, 1]"
+    )
+    new = _trees.restrict_like(self.frozen, new, transform="freeze", name="importance")
+    _checks.check_shapes(self.frozen, new, transform="freeze", name="importance")
+    _checks.check_in_unit_interval(new, transform="freeze", name="importance")
+    frozen = jax.tree.map(
+      lambda f, i: f | like(f, jnp.asarray(i) >= self.threshold), self.frozen, new
+    )
+    return self._replace(frozen=frozen)
+
+
+def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
+  r"""Hard 0/1 masking: entries important to an earlier task never move again.
+
+  .. math::
+    u \leftarrow (1 - M) \odot u, \qquad M^{t} = M^{t-1} \lor (\gamma^{t-1} \ge \tau)
+
+  The limit of :func:`soft_mask` with binary importance, as in PackNet
+  (Mallya & Lazebnik, CVPR 2018; parameters pruned and kept per task) and HAT
+  (Serra et al., ICML 2018; hard attention masks with ``s_max`` large).
+  :func:`cl_optax.consolidate` with ``importance=`` (a 0/1 mask or a soft
+  importance in [0, 1]) adds the entries at or above ``threshold``.
+
+  Args:
+    threshold: importance level from which an entry is frozen (kept in the
+      state, used at ``consolidate``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, cl_optax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = optax.chain(optax.sgd(1.0), cl_optax.freeze())
+    >>> state = tx.init(params)
+    >>> state = cl_optax.consolidate(
+    ...     state, params, importance={"w": jnp.array([0.0, 0.4, 1.0])})
+    >>> tx.update({"w": jnp.ones(3)}, state, params)[0]["w"]
+    Array([-1., -1., -0.], dtype=float32)
+  """
+
+  def init_fn(params):
+    frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
+    return FreezeState(frozen=frozen, threshold=jnp.asarray(threshold, jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    updates = jax.tree.map(lambda f, u: mask_leaf(u, ~f), state.frozen, updates)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,53 @@
+"""MAS parameter importance (Aljundi et al., 2018): :func:`mas`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cl_optax._batches import batch_list
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _mas_batch(fn, params, x):
+  def one(xi):
+    g = jax.grad(lambda p: jnp.sum(jnp.square(fn(p, xi[None]).astype(jnp.float32))))(params)
+    return jax.tree.map(lambda g: jnp.abs(g.astype(jnp.float32)), g)
+
+  return jax.tree.map(lambda g: jnp.sum(g, 0), jax.vmap(one)(x))
+
+
+def mas(fn: Callable[[Any, jax.Array], jax.Array], params: Any, batches) -> Any:
+  r"""MAS importance (Aljundi et al., 2018): mean absolute output-norm gradient.
+
+  .. math::
+    \Omega = \frac{1}{N} \sum_n \left| \nabla_\theta \, \| f(x_n; \theta) \|_2^2 \right|
+
+  per example (``jax.vmap``), as in the paper's Eq. 2-4. (Avalanche / FACIL
+  take the absolute value of the gradient of the *batch-mean*, un-squared norm
+  instead; this follows the paper.) Unsupervised: labels are ignored.
+
+  Args:
+    fn: ``fn(params, x) -> outputs`` ``[batch, ...]`` (the logits, pre-softmax).
+    params: the parameters at the end of the task.
+    batches: stacked ``(xs, ys)``, or an iterable of ``(x, y)`` pairs or of
+      plain ``x`` arrays.
+
+  Returns:
+    A float32 pytree like ``params``: the ``importance=`` of :func:`cl_optax.mas`.
+
+  References:
+    Aljundi, Babiloni, Elhoseiny, Rohrbach, Tuytelaars, *Memory Aware Synapses:
+    Learning what (not) to forget*, ECCV 2018, Eq. 4.
+  """
+  total, count = None, 0
+  for x, _ in batch_list(batches, "mas"):
+    s = _mas_batch(fn, params, x)
+    total = s if total is None else optax.tree.add(total, s)
+    count += x.shape[0]
+  return jax.tree.map(lambda s: s / count, total)

@@ -1,0 +1,62 @@
+r"""Shared pieces of the quadratic-penalty transforms (EWC, online EWC, MAS, SI).
+
+Each adds :math:`\lambda\,\Omega \odot (\theta - \theta^*)` to the gradient; the
+anchor :math:`\theta^*` is kept in float32 and owns its buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cl_optax import _checks, _trees
+
+
+def f32_like(template: Any, tree: Any) -> Any:
+  """Float32 copies of the leaves of ``tree`` where ``template`` is not masked."""
+  return jax.tree.map(
+    lambda t, x: t if _trees.is_masked(t) else _trees.fresh(x, jnp.float32),
+    template,
+    tree,
+    is_leaf=_trees.is_masked,
+  )
+
+
+def zeros(params: Any, dtype: Any = None) -> Any:
+  """Zeros like ``params`` in ``dtype`` (float32 when ``None``)."""
+  return optax.tree.zeros_like(params, jnp.float32 if dtype is None else dtype)
+
+
+def copy_f32(params: Any) -> Any:
+  """A float32 copy of ``params`` that owns its buffers (an anchor)."""
+  return jax.tree.map(lambda p: _trees.fresh(p, jnp.float32), params)
+
+
+def importance_signal(state, params, signals, transform):
+  """Validated ``importance`` and params, cut to the state's structure."""
+  new = _checks.require_signal(
+    signals, "importance", transform, "a non-negative pytree like params"
+  )
+  new = _trees.restrict_like(state.anchor_params, new, transform=transform, name="importance")
+  _checks.check_shapes(state.anchor_params, new, transform=transform, name="importance")
+  _checks.check_nonnegative(new, transform=transform, name="importance")
+  params = _trees.restrict_like(state.anchor_params, params, transform=transform, name="params")
+  return f32_like(state.anchor_params, new), f32_like(state.anchor_params, params)
+
+
+def add_penalty(updates, params, anchor, omega, strength, transform):
+  """``updates + strength * omega * (params - anchor)`` in the updates' dtypes."""
+  if params is None:
+    raise ValueError(f"{transform}: update needs `params` (the penalty pulls them to the anchor).")
+  lam = jnp.asarray(strength, jnp.float32)
+
+  def add(u, p, a, o):
+    if _trees.is_masked(u) or _trees.is_masked(a) or u is None:
+      return u
+    pen = lam * o.astype(jnp.float32) * (jnp.asarray(p, jnp.float32) - a)
+    return (u.astype(jnp.float32) + pen).astype(u.dtype)
+
+  return jax.tree.map(add, updates, params, anchor, omega, is_leaf=_trees.is_masked)

@@ -1,0 +1,156 @@
+"""Tree helpers shared by the transforms and estimators.
+
+Leaves are named two ways, each for one use:
+
+- a **layer path** (:func:`leaf_path`) is the ``/``-joined key names from the
+  root (dict keys, attribute names, sequence indices), with the trailing
+  ``value`` of a Flax NNX ``Variable`` dropped: ``"dense/kernel"``,
+  ``"blocks/0/attn"``. Arguments a user writes by hand use it (``layers=``
+  of :func:`cl_optax.ncl` and :func:`cl_optax.importance.kfac_factors`, the
+  ``units=`` of :func:`cl_optax.importance.das_param_importance`).
+- a **key string** (:func:`key_string`, ``jax.tree_util.keystr``:
+  ``"['dense']['kernel']"``) names a leaf in error messages and matches the
+  leaves of two trees by position in the tree (GPM's ``representations=``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` is an ``optax.MaskedNode`` (a leaf a transform does not keep)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def is_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX ``Variable`` (duck-typed: cl_optax never imports flax)."""
+  return hasattr(type(x), "get_value") and hasattr(type(x), "set_value")
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """``tree`` with every NNX ``Variable`` replaced by its value."""
+  return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def key_name(k: Any) -> str:
+  """The name of one path entry: a dict key, an attribute name or an index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """The key names of a ``jax.tree_util`` key path, NNX's trailing ``value`` dropped."""
+  names = tuple(key_name(k) for k in path)
+  if len(names) > 1 and names[-1] == "value":  # an NNX Variable
+    names = names[:-1]
+  return names
+
+
+def leaf_path(path: Sequence[Any]) -> str:
+  """The ``/``-joined path of a ``jax.tree_util`` key path (the module convention)."""
+  return "/".join(path_names(path))
+
+
+def key_string(path: Sequence[Any]) -> str:
+  """A key path as ``jax.tree_util.keystr`` writes it (messages, tree matching)."""
+  return jax.tree_util.keystr(tuple(path))
+
+
+def key_strings(tree: Any) -> list[str]:
+  """The key string of every leaf of ``tree`` in flatten order (``MaskedNode`` is a leaf)."""
+  return [
+    key_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
+  ]
+
+
+def leaf_paths(tree: Any, *, is_leaf: Callable[[Any], bool] = is_masked) -> list[str]:
+  """The path of every leaf of ``tree`` in flatten order (``MaskedNode`` counts as a leaf)."""
+  return [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def unmasked_leaves(tree: Any) -> list:
+  """The leaves of ``tree`` that are not ``MaskedNode``, in flatten order."""
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_masked) if not is_masked(x)]
+
+
+def replace_unmasked(tree: Any, new_leaves: Sequence[Any]) -> Any:
+  """``tree`` with its non-``MaskedNode`` leaves replaced, in order, by ``new_leaves``."""
+  treedef = jax.tree.structure(tree, is_leaf=is_masked)
+  it = iter(new_leaves)
+  return treedef.unflatten([x if is_masked(x) else next(it) for x in treedef.flatten_up_to(tree)])
+
+
+def restrict_like(template: Any, tree: Any, *, transform: str, name: str) -> Any:
+  """Cuts ``tree`` (a full params-shaped tree) down to ``template``'s structure.
+
+  ``template`` is a state tree built from the params the transform was
+  initialised with; inside ``optax.masked`` / ``optax.partition`` (or for
+  leaves a transform does not keep) it holds ``optax.MaskedNode`` where the
+  full tree has a leaf or a subtree. Those positions become ``MaskedNode``.
+  """
+  try:
+    return jax.tree.map(lambda t, x: t if is_masked(t) else x, template, tree, is_leaf=is_masked)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"{transform}: `{name}` does not match the parameters the transform was "
+      f"initialised with. Expected a tree of structure "
+      f"{jax.tree.structure(template, is_leaf=is_masked)}, got "
+      f"{jax.tree.structure(tree)}."
+    ) from e
+
+
+def restrict_to_updates(updates: Any, tree: Any) -> Any:
+  """``tree`` cut to the updates' structure (``MaskedNode`` / ``None`` where they have one)."""
+  u_def = jax.tree.structure(updates, is_leaf=is_masked)
+  pairs = zip(u_def.flatten_up_to(updates), u_def.flatten_up_to(tree), strict=True)
+  return u_def.unflatten([u if is_masked(u) or u is None else t for u, t in pairs])
+
+
+def resolve_labels(labels: Any, params: Any) -> Any:
+  """Evaluates an optax-style label tree or ``fn(params) -> labels`` (all ``False`` if None)."""
+  if labels is None:
+    return jax.tree.map(lambda _: False, params)
+  return labels(params) if callable(labels) else labels
+
+
+def layer_subtree(params: Any, name: str) -> Any:
+  """The dense layer (``{kernel, bias?}``) of ``params`` at the path ``name``."""
+  node = params
+  for k in name.split("/"):
+    try:
+      node = node[k]
+    except (KeyError, TypeError, IndexError) as e:
+      try:
+        node = node[int(k)]
+      except (ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"layer {name!r} not found in params (no key {k!r}).") from e
+  if not hasattr(node, "__getitem__") or "kernel" not in node:
+    raise ValueError(
+      f"layer {name!r}: expected a dense layer, a mapping with a 2-D `kernel` "
+      f"[in, out] and optionally a `bias` [out]; got {type(node).__name__}."
+    )
+  return node
+
+
+def fresh(x: jax.Array, dtype: Any) -> jax.Array:
+  """A copy of ``x`` in ``dtype`` that never shares ``x``'s buffer.
+
+  States that keep parameters (anchors, prior means) must own their buffers:
+  a train step that donates both params and optimiser state would otherwise
+  be handed the same buffer twice.
+  """
+  return jnp.array(x, dtype=dtype, copy=True)
+
+
+def unmasked_key_strings(tree: Any) -> list[str]:
+  """The key strings of the leaves of ``tree`` that are not ``MaskedNode``, in flatten order."""
+  leaves = jax.tree.leaves(tree, is_leaf=is_masked)
+  return [p for p, x in zip(key_strings(tree), leaves, strict=True) if not is_masked(x)]
