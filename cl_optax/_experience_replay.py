@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax.projection import _all_finite, _is_masked, _matching_leaves, _restrict
+from cl_optax import _checks, _trees
 
 _f32 = jnp.float32
 
@@ -102,20 +102,22 @@ def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtr
     del params, extra_args
     if replay_grads is None:
       return updates, state
-    pairs = _matching_leaves(updates, replay_grads, transform="experience_replay",
-                             name="replay_grads")  # fmt: skip
+    pairs = _checks.matching_leaves(
+      updates, replay_grads, transform="experience_replay", name="replay_grads"
+    )
     if not pairs:
       return updates, state
-    ok = _all_finite([x for pair in pairs for x in pair])
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for pair in pairs for x in pair]))
     weight = jnp.asarray(strength, _f32)
 
     def leaf(u, r):
-      if _is_masked(u) or u is None:
+      if _trees.is_masked(u) or u is None:
         return u
       mixed = (u.astype(_f32) + weight * r.astype(_f32)).astype(u.dtype)
       return jnp.where(ok, mixed, u)
 
-    new = jax.tree.map(leaf, updates, _restrict(updates, replay_grads), is_leaf=_is_masked)
+    replay = _trees.restrict_to_updates(updates, replay_grads)
+    new = jax.tree.map(leaf, updates, replay, is_leaf=_trees.is_masked)
     return new, ExperienceReplayState(state.replay_steps + ok.astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

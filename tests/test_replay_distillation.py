@@ -1,4 +1,5 @@
-"""ER (a transform), DER's and LwF's loss terms: numpy references, edge cases, the battery."""
+"""ER (a transform; the shared battery runs it in test_common.py), DER's and LwF's loss
+terms: numpy references and edge cases."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import optax
 import pytest
 import test_common as battery
 
-from cl_optax._distillation import der_logit_mse, lwf_distillation
-from cl_optax._experience_replay import experience_replay
+from cl_optax import experience_replay
+from cl_optax.losses import der_logit_mse, lwf_distillation
 
 from conftest import make_params
 
@@ -83,39 +84,6 @@ def test_er_bfloat16_keeps_dtype():
   got, _ = tx.update(g, tx.init(params), params, replay_grads=r)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
   np.testing.assert_allclose(_flat(got), _flat(g) + 0.5 * _flat(r), rtol=2e-2, atol=2e-2)
-
-
-# The shared battery (tests/test_common.py) for experience_replay.
-ER_CASES = [
-  battery.Case(
-    "experience_replay",
-    lambda: experience_replay(0.5),
-    battery._no_signals,
-    lambda: optax.inject_hyperparams(experience_replay)(strength=0.5),
-    lambda params: {"replay_grads": battery._grads(params, 3)},
-  )
-]
-_BATTERY = [
-  battery.test_accepts_unknown_extra_args,
-  battery.test_state_stable_across_steps_and_consolidate,
-  battery.test_works_under_multisteps,
-  battery.test_works_under_inject_hyperparams,
-  battery.test_train_step_donating_params_and_state,
-]
-
-
-@pytest.mark.parametrize("check", _BATTERY, ids=[f.__name__[5:] for f in _BATTERY])
-def test_er_battery(check):
-  check(ER_CASES[0])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_er_battery_preserves_dtype(dtype):
-  battery.test_preserves_dtype(ER_CASES[0], dtype)
-
-
-def test_er_battery_no_recompile(caplog):
-  battery.test_no_retrace_or_recompile_after_consolidate(ER_CASES[0], caplog)
 
 
 @pytest.mark.parametrize("jit", [True, False])
