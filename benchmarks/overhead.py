@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import cl_optax
+from benchmarks.continual.model import mlp_apply, mlp_init, mlp_layer_names
 
 MODELS = {
   "mlp": (784, 256, 256, 10),  # ~0.27M parameters
@@ -57,14 +57,8 @@ def model_params(model):
 
 
 def mlp_params(sizes, seed=0):
-  keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
-  return {
-    f"layer{i}": {
-      "kernel": jax.random.normal(k, (m, n)) / np.sqrt(m),
-      "bias": jnp.zeros((n,)),
-    }
-    for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
-  }
+  """The continual runner's MLP (``layer0, ..., head``) at these sizes."""
+  return mlp_init(jax.random.key(seed), sizes)
 
 
 def _uniform_like(params, seed=1):
@@ -226,7 +220,7 @@ def _consolidate_kron(state, params):
   return cl_optax.consolidate(state, params, precision=kron)
 
 
-_LAYERS = ("layer0", "layer1", "layer2")  # every model in MODELS has three dense layers
+_LAYERS = mlp_layer_names(3)  # every MLP in MODELS has three dense layers
 
 CASES += [
   Case("ewc", "adam", lambda b: optax.chain(cl_optax.ewc(100.0), b), _consolidate_importance),
@@ -239,14 +233,14 @@ CASES += [
   Case(
     "online_ewc",
     "adam",
-    lambda b: optax.chain(cl_optax.online_ewc(100.0, 0.9), b),
+    lambda b: optax.chain(cl_optax.online_ewc(100.0, decay=0.9), b),
     _consolidate_importance,
   ),
   Case("mas", "adam", lambda b: optax.chain(cl_optax.mas(1.0), b), _consolidate_importance),
   Case(
     "si",
     "adam",
-    lambda b: optax.chain(cl_optax.si(1.0, 0.1), b),
+    lambda b: optax.chain(cl_optax.si(1.0, xi=0.1), b),
     lambda state, params: cl_optax.consolidate(state, params),
   ),
   Case(
@@ -335,16 +329,6 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
 
 
 # ------------------------------------------- whole train step (A-GEM vs GEM)
-
-
-def mlp_apply(params, x):
-  n = len(params)
-  for i in range(n):
-    layer = params[f"layer{i}"]
-    x = x @ layer["kernel"] + layer["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
 
 
 def _ce(params, x, y):

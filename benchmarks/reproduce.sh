@@ -35,8 +35,8 @@ done
 run gpm-pmnist-sgd --stream pmnist-gpm --methods sgd --seeds 2
 # masks on the full A-GEM protocol (slow: SPG reads all 55000 examples after each task)
 run agem-pmnist-masks --stream pmnist-agem --methods soft_mask,freeze --seeds 1
-# ---- the methods of issues 4 and 5 (each method's lr / strength per protocol: Method.protocol);
-#      seeds as in REPRODUCTION.md (time-limited: 1-2)
+# ---- the other methods (each method's lr / strength per protocol: protocols.SETTINGS in
+#      benchmarks/continual/); seeds as in REPRODUCTION.md (time-limited: 1-2)
 # (a') A-GEM protocol, 1000 examples per task
 run agem1k-pmnist-agem --stream pmnist-agem-1k --methods agem --seeds 2
 run agem1k-pmnist-gem --stream pmnist-agem-1k --methods gem --seeds 2
@@ -59,7 +59,7 @@ run gem-rmnist-gem --stream rmnist-gem --methods gem,agem --seeds 1
 # (d) GPM permuted MNIST (two seeds: 0, then 1)
 run gpm-pmnist-gpm --stream pmnist-gpm --methods gpm --seeds 1
 run gpm-pmnist-gpm-seed1 --stream pmnist-gpm --methods gpm --seeds 1 --seed0 1
-# ---- second session: projection methods on the other protocols, full-data (a), class-IL, K-FAC NCL
+# ---- projection methods on the other protocols, full-data (a), class-IL, K-FAC NCL
 run agem1k-pmnist-gpm --stream pmnist-agem-1k --methods gpm --seeds 2
 run agem1k-pmnist-ogd --stream pmnist-agem-1k --methods ogd --seeds 1  # 3.4 GB basis, ~13 min
 run agem1k-pmnist-ncl-kfac --stream pmnist-agem-1k --methods ncl_kfac --seeds 2

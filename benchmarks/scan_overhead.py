@@ -19,6 +19,10 @@ import optax
 from benchmarks import continual as c
 
 
+def _no_bar(n):
+  """The runner's tick callback when no progress bar is open."""
+
+
 def main(steps=5500, batch=10, repeats=3):
   tx = optax.sgd(0.03)
   params = c.mlp_init(jax.random.key(0), (784, 256, 256, 10))
@@ -45,7 +49,7 @@ def main(steps=5500, batch=10, repeats=3):
   variants = {"runner": (steps // 50, False), "runner, no ticks": (0, False),
               "runner, padded": (steps // 50, True)}  # fmt: skip
   for name, (ticks, padded) in variants.items():
-    f, _ = c._make_train(c.METHODS["sgd"], tx, c.mlp_apply, {}, ticks, padded)
+    f = c.make_train(c.METHODS["sgd"], tx, ticks_every=ticks, on_tick=_no_bar, padded=padded)
     args = (params, tx.init(params), None, jax.random.key(0), X, Y, idx, jnp.ones(steps, bool),
             jnp.int32(0), cols, valid)  # fmt: skip
     compiled = f.lower(*args).compile()
@@ -68,7 +72,7 @@ def main(steps=5500, batch=10, repeats=3):
 
   agem_tx = optax.chain(project(), tx)
   method = c.Method("agem-shaped", lambda h: agem_tx, step=ref_step)
-  f, _ = c._make_train(method, agem_tx, c.mlp_apply, {}, steps // 50, False)
+  f = c.make_train(method, agem_tx, ticks_every=steps // 50, on_tick=_no_bar)
   args = (params, agem_tx.init(params), None, jax.random.key(0), X, Y, idx, jnp.ones(steps, bool),
           jnp.int32(1), cols, valid)  # fmt: skip
   compiled = f.lower(*args).compile()

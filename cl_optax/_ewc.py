@@ -8,25 +8,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _trees
-from cl_optax._penalty import add_penalty, copy_f32, importance_signal, zeros
+from cl_optax import _checks, _trees
+from cl_optax._penalty import add_penalty, copy_f32, importance_signal, penalty_update, zeros
 
 
 class EWCState(NamedTuple):
   """State of :func:`ewc`.
 
   Attributes:
-    anchor_params: the Fisher-weighted mean of the per-task anchors,
+    ewc_anchor: the Fisher-weighted mean of the per-task anchors,
       :math:`\\bar\\theta = \\sum_k F_k\\theta^*_k / \\sum_k F_k`.
-    fisher: :math:`\\sum_k F_k`, the summed diagonal Fisher of all tasks.
+    ewc_importance: :math:`\\sum_k F_k`, the summed diagonal Fisher of all tasks.
   """
 
-  anchor_params: Any
-  fisher: Any
+  ewc_anchor: Any
+  ewc_importance: Any
 
   def consolidate(self, params, **signals) -> EWCState:
     """Adds the task's penalty: ``F <- F + F_k``, anchor <- weighted mean."""
-    new, params = importance_signal(self, params, signals, "ewc")
+    new, params = importance_signal(self.ewc_anchor, params, signals, "ewc")
 
     def merge(a, f, fk, p):
       if _trees.is_masked(a):
@@ -37,12 +37,12 @@ class EWCState(NamedTuple):
       return jnp.where(total > 0, (f32 * a + fk * p) / safe, p), total.astype(f.dtype)
 
     pairs = jax.tree.map(
-      merge, self.anchor_params, self.fisher, new, params, is_leaf=_trees.is_masked
+      merge, self.ewc_anchor, self.ewc_importance, new, params, is_leaf=_trees.is_masked
     )
     anchor, fisher = jax.tree.transpose(
-      jax.tree.structure(self.anchor_params), jax.tree.structure((0, 0)), pairs
+      jax.tree.structure(self.ewc_anchor), jax.tree.structure((0, 0)), pairs
     )
-    return EWCState(anchor_params=anchor, fisher=fisher)
+    return EWCState(ewc_anchor=anchor, ewc_importance=fisher)
 
 
 def ewc(
@@ -87,13 +87,9 @@ def ewc(
   """
 
   def init_fn(params):
-    return EWCState(anchor_params=copy_f32(params), fisher=zeros(params, importance_dtype))
+    return EWCState(ewc_anchor=copy_f32(params), ewc_importance=zeros(params, importance_dtype))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    out = add_penalty(updates, params, state.anchor_params, state.fisher, strength, "ewc")
-    return out, state
-
+  update_fn = penalty_update("ewc_anchor", "ewc_importance", strength, "ewc")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -101,30 +97,31 @@ class OnlineEWCState(NamedTuple):
   """State of :func:`online_ewc`.
 
   Attributes:
-    anchor_params: :math:`\\theta^*`, the params at the end of the last task.
-    fisher: :math:`\\tilde F = \\gamma \\tilde F + F_k`, the running Fisher.
-    decay: :math:`\\gamma` used at ``consolidate``; refreshed from the factory
+    online_ewc_anchor: :math:`\\theta^*`, the params at the end of the last task.
+    online_ewc_importance: :math:`\\tilde F = \\gamma \\tilde F + F_k`, the running Fisher.
+    online_ewc_decay: :math:`\\gamma` used at ``consolidate``; refreshed from the factory
       argument at every update (so ``optax.inject_hyperparams`` reaches it).
   """
 
-  anchor_params: Any
-  fisher: Any
-  decay: jax.Array  # shape=(), float32
+  online_ewc_anchor: Any
+  online_ewc_importance: Any
+  online_ewc_decay: jax.Array  # shape=(), float32
 
   def consolidate(self, params, **signals) -> OnlineEWCState:
     """``F <- decay * F + F_k``; anchor <- params."""
-    new, params = importance_signal(self, params, signals, "online_ewc")
+    new, params = importance_signal(self.online_ewc_anchor, params, signals, "online_ewc")
     fisher = jax.tree.map(
-      lambda f, fk: f if _trees.is_masked(f) else (self.decay * f + fk).astype(f.dtype),
-      self.fisher,
+      lambda f, fk: f if _trees.is_masked(f) else (self.online_ewc_decay * f + fk).astype(f.dtype),
+      self.online_ewc_importance,
       new,
       is_leaf=_trees.is_masked,
     )
-    return self._replace(anchor_params=params, fisher=fisher)
+    return self._replace(online_ewc_anchor=params, online_ewc_importance=fisher)
 
 
+@_checks.renamed_arguments(positional=("decay",))
 def online_ewc(
-  strength: float = 1.0, decay: float = 1.0, *, importance_dtype: Any = None
+  strength: float = 1.0, *, decay: float = 1.0, importance_dtype: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Online EWC (Schwarz et al., 2018; EWC++ of Chaudhry et al., 2018).
 
@@ -141,9 +138,7 @@ def online_ewc(
   Args:
     strength: :math:`\lambda`.
     decay: :math:`\gamma \in [0, 1]`, applied at ``consolidate``.
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -156,14 +151,16 @@ def online_ewc(
 
   def init_fn(params):
     return OnlineEWCState(
-      anchor_params=copy_f32(params),
-      fisher=zeros(params, importance_dtype),
-      decay=jnp.asarray(decay, jnp.float32),
+      online_ewc_anchor=copy_f32(params),
+      online_ewc_importance=zeros(params, importance_dtype),
+      online_ewc_decay=jnp.asarray(decay, jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    out = add_penalty(updates, params, state.anchor_params, state.fisher, strength, "online_ewc")
-    return out, state._replace(decay=jnp.asarray(decay, jnp.float32))
+    out = add_penalty(
+      updates, params, state.online_ewc_anchor, state.online_ewc_importance, strength, "online_ewc"
+    )
+    return out, state._replace(online_ewc_decay=jnp.asarray(decay, jnp.float32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

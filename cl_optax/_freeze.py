@@ -17,11 +17,12 @@ class FreezeState(NamedTuple):
 
   Attributes:
     frozen: boolean pytree like params; ``True`` entries get a zero update.
-    threshold: importance at or above which an entry freezes.
+    freeze_threshold: importance at or above which an entry freezes; refreshed
+      from the factory argument at every update.
   """
 
   frozen: Any
-  threshold: jax.Array  # shape=(), float32
+  freeze_threshold: jax.Array  # shape=(), float32
 
   def consolidate(self, params, **signals) -> FreezeState:
     """Freezes every entry whose task ``importance`` reaches the threshold."""
@@ -33,7 +34,7 @@ class FreezeState(NamedTuple):
     _checks.check_shapes(self.frozen, new, transform="freeze", name="importance")
     _checks.check_in_unit_interval(new, transform="freeze", name="importance")
     frozen = jax.tree.map(
-      lambda f, i: f | like(f, jnp.asarray(i) >= self.threshold), self.frozen, new
+      lambda f, i: f | like(f, jnp.asarray(i) >= self.freeze_threshold), self.frozen, new
     )
     return self._replace(frozen=frozen)
 
@@ -52,7 +53,7 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
 
   Args:
     threshold: importance level from which an entry is frozen (kept in the
-      state, used at ``consolidate``).
+      state, refreshed at every update, used at ``consolidate``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -70,11 +71,11 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
     frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
-    return FreezeState(frozen=frozen, threshold=jnp.asarray(threshold, jnp.float32))
+    return FreezeState(frozen=frozen, freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     updates = jax.tree.map(lambda f, u: mask_leaf(u, ~f), state.frozen, updates)
-    return updates, state
+    return updates, state._replace(freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -18,7 +18,7 @@ _f32 = jnp.float32
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
-def _gem_dual(gram, dots, mask, memory_strength, eps, *, iterations):
+def _gem_dual(gram, dots, mask, strength, eps, *, iterations):
   """Whether to project, and the dual solution ``v`` (0 on masked rows)."""
   k = dots.shape[0]
   both = mask[:, None] & mask[None, :]
@@ -30,7 +30,7 @@ def _gem_dual(gram, dots, mask, memory_strength, eps, *, iterations):
   def solve(_):
     # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
     P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, _f32), 1.0))
-    lower = jnp.where(mask, jnp.asarray(memory_strength, _f32), 0.0)
+    lower = jnp.where(mask, jnp.asarray(strength, _f32), 0.0)
     v = solve_box_qp(P, dots, lower, iterations=iterations)
     return jnp.where(mask, v, 0.0)
 
@@ -53,8 +53,9 @@ class GEMState(NamedTuple):
     return self
 
 
+@_checks.renamed_arguments(renamed={"memory_strength": "strength"})
 def gem(
-  memory_strength: float = 0.5,
+  strength: float = 0.5,
   *,
   max_tasks: int | None = None,
   eps: float = 1e-3,
@@ -73,7 +74,7 @@ def gem(
     \qquad \tilde g = G^\top v^\star + g,
 
   set up as in the official code: :math:`P = G G^\top` symmetrised plus
-  ``eps * I``, the lower bound :math:`\gamma` = ``memory_strength`` (0.5 in the
+  ``eps * I``, the lower bound :math:`\gamma` = ``strength`` (0.5 in the
   paper's runs) in place of the paper's "add a small constant to :math:`v^\star`",
   and the projection only when some :math:`\langle g, g_k \rangle < 0`.
   The official code ships the gradients to the host and calls ``quadprog`` in
@@ -83,7 +84,7 @@ def gem(
   = \lambda_k - \epsilon v_k \ge -\epsilon v_k`.
 
   Args:
-    memory_strength: the lower bound :math:`\gamma \ge 0` on the dual variables.
+    strength: the lower bound :math:`\gamma \ge 0` on the dual variables.
     max_tasks: the expected leading axis of ``task_grads`` (checked when given;
       inferred otherwise).
     eps: ridge added to :math:`G G^\top` (official code: 1e-3).
@@ -105,7 +106,7 @@ def gem(
 
   Example:
     >>> import jax.numpy as jnp, optax, cl_optax
-    >>> gem = cl_optax.gem(memory_strength=0.0, max_tasks=2, eps=0.0)
+    >>> gem = cl_optax.gem(strength=0.0, max_tasks=2, eps=0.0)
     >>> tx = optax.chain(gem, optax.sgd(1.0))
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
@@ -150,7 +151,7 @@ def gem(
       t32, rest = t.astype(_f32), list(range(1, t.ndim))
       gram = gram + contract(t32, t32, (rest, rest))
       dots = dots + contract(t32, u.astype(_f32), (rest, list(range(u.ndim))))
-    project, v = _gem_dual(gram, dots, mask, memory_strength, eps, iterations=solver_iterations)
+    project, v = _gem_dual(gram, dots, mask, strength, eps, iterations=solver_iterations)
 
     def leaf(u, t):
       if _trees.is_masked(u) or u is None:

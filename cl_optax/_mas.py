@@ -8,30 +8,30 @@ import jax
 import optax
 
 from cl_optax import _trees
-from cl_optax._penalty import add_penalty, copy_f32, importance_signal, zeros
+from cl_optax._penalty import copy_f32, importance_signal, penalty_update, zeros
 
 
 class MASState(NamedTuple):
   """State of :func:`mas`.
 
   Attributes:
-    anchor_params: :math:`\\theta^*`, the params at the end of the last task.
+    mas_anchor: :math:`\\theta^*`, the params at the end of the last task.
     mas_importance: :math:`\\Omega`, the sum of the tasks' MAS importances.
   """
 
-  anchor_params: Any
+  mas_anchor: Any
   mas_importance: Any
 
   def consolidate(self, params, **signals) -> MASState:
     """``Omega <- Omega + Omega_k`` (the paper's accumulation); anchor <- params."""
-    new, params = importance_signal(self, params, signals, "mas")
+    new, params = importance_signal(self.mas_anchor, params, signals, "mas")
     total = jax.tree.map(
       lambda o, n: o if _trees.is_masked(o) else (o + n).astype(o.dtype),
       self.mas_importance,
       new,
       is_leaf=_trees.is_masked,
     )
-    return MASState(anchor_params=params, mas_importance=total)
+    return MASState(mas_anchor=params, mas_importance=total)
 
 
 def mas(
@@ -50,9 +50,7 @@ def mas(
 
   Args:
     strength: :math:`\lambda` (twice the paper's).
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -63,11 +61,7 @@ def mas(
   """
 
   def init_fn(params):
-    return MASState(anchor_params=copy_f32(params), mas_importance=zeros(params, importance_dtype))
+    return MASState(mas_anchor=copy_f32(params), mas_importance=zeros(params, importance_dtype))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    out = add_penalty(updates, params, state.anchor_params, state.mas_importance, strength, "mas")
-    return out, state
-
+  update_fn = penalty_update("mas_anchor", "mas_importance", strength, "mas")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

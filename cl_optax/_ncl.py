@@ -31,17 +31,17 @@ class NCLState(NamedTuple):
     prior_precision: diagonal :math:`\\Lambda`, like params; ``MaskedNode`` at
       the leaves of Kronecker-factored layers.
     kron: ``{layer name: NCLKron}`` for ``precision="kfac"`` (empty for diag).
-    damping: :math:`\\alpha` the Kronecker inverses were (or will be) built
+    ncl_damping: :math:`\\alpha` the Kronecker inverses were (or will be) built
       with; refreshed from the factory argument at every update so that a
       value set through ``optax.inject_hyperparams`` reaches ``consolidate``.
-    decay: :math:`\\gamma` of the prior update, refreshed the same way.
+    ncl_decay: :math:`\\gamma` of the prior update, refreshed the same way.
   """
 
   prior_mean: Any
   prior_precision: Any
   kron: dict
-  damping: jax.Array  # shape=(), float32
-  decay: jax.Array  # shape=(), float32
+  ncl_damping: jax.Array  # shape=(), float32
+  ncl_decay: jax.Array  # shape=(), float32
 
   def consolidate(self, params, **signals) -> NCLState:
     """New prior = posterior: ``mu <- params``, ``Lambda <- decay * Lambda + F``."""
@@ -59,20 +59,24 @@ class NCLState(NamedTuple):
       mean,
       is_leaf=_trees.is_masked,
     )
-    decay = self.decay
+    decay = self.ncl_decay
     if self.kron:
       kron = {}
       for name, old in self.kron.items():
         a_new, g_new = check_factors(name, lookup_factors(new, name), old)
         a, g = nearest_kron_sum(decay * old.a, old.g, a_new, g_new)
-        a_inv, g_inv = damped_inverses(a, g, self.damping)
+        a_inv, g_inv = damped_inverses(a, g, self.ncl_damping)
         kron[name] = NCLKron(a, g, a_inv, g_inv)
       return self._replace(prior_mean=mean, kron=kron, prior_precision=self._diag_outside(new))
     new = _trees.restrict_like(self.prior_precision, new, transform="ncl", name="precision")
     _checks.check_shapes(self.prior_precision, new, transform="ncl", name="precision")
     _checks.check_nonnegative(new, transform="ncl", name="precision")
     precision = jax.tree.map(
-      lambda old, f: old if _trees.is_masked(old) else decay * old + jnp.asarray(f, old.dtype),
+      lambda old, f: (
+        old
+        if _trees.is_masked(old)
+        else (decay * old.astype(jnp.float32) + jnp.asarray(f, jnp.float32)).astype(old.dtype)
+      ),
       self.prior_precision,
       new,
       is_leaf=_trees.is_masked,
@@ -107,21 +111,23 @@ class NCLState(NamedTuple):
           f"ncl: `precision` leaf {name!r} has shape {x.shape}; expected {old.shape}."
         )
       _checks.check_nonnegative({name: x}, transform="ncl", name="precision")
-      out.append(self.decay * old + x)
+      out.append((self.ncl_decay * old.astype(jnp.float32) + x).astype(old.dtype))
     return treedef.unflatten(out)
 
 
+@_checks.renamed_arguments(positional=("strength", "damping", "decay", "radius"))
 def ncl(
   data_size: float,
+  *,
   strength: float = 1.0,
   damping: float = 1e-3,
   decay: float = 1.0,
   radius: float | None = None,
-  *,
   precision: str = "diag",
   layers: Sequence[str] = (),
   prior_mean: str = "zeros",
   precondition_penalty: bool = False,
+  precision_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Natural continual learning (Kao et al., 2021): precision-preconditioned steps.
 
@@ -195,6 +201,10 @@ def ncl(
     layers: with ``"kfac"``, ``/``-separated key paths of the dense layers.
     prior_mean: ``"zeros"`` (official) or ``"init"``.
     precondition_penalty: precondition the pull too (official codes), see above.
+    precision_dtype: storage dtype of the diagonal precision (float32 when
+      ``None``; ``jnp.bfloat16`` halves its memory and traffic; the prior mean
+      and the Kronecker factors stay float32). Under
+      ``optax.inject_hyperparams`` list it in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -226,6 +236,8 @@ def ncl(
   if precision == "diag" and layers:
     raise ValueError("ncl: `layers=` is only used with precision='kfac'.")
 
+  prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
+
   def init_fn(params):
     n = jnp.asarray(data_size, jnp.float32)
     if prior_mean == "zeros":
@@ -249,18 +261,20 @@ def ncl(
         [
           optax.MaskedNode()
           if r is not None or _trees.is_masked(x)
-          else jnp.ones_like(x, dtype=jnp.float32) / n
+          else (jnp.ones_like(x, dtype=jnp.float32) / n).astype(prec_dtype)
           for r, x in zip(roles, leaves)
         ]
       )
     else:
-      prec = jax.tree.map(lambda p: jnp.ones_like(p, dtype=jnp.float32) / n, params)
+      prec = jax.tree.map(
+        lambda p: (jnp.ones_like(p, dtype=jnp.float32) / n).astype(prec_dtype), params
+      )
     return NCLState(
       prior_mean=mean,
       prior_precision=prec,
       kron=kron,
-      damping=jnp.asarray(damping, jnp.float32),
-      decay=jnp.asarray(decay, jnp.float32),
+      ncl_damping=jnp.asarray(damping, jnp.float32),
+      ncl_decay=jnp.asarray(decay, jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -286,6 +300,7 @@ def ncl(
       if _trees.is_masked(u) or _trees.is_masked(f) or u is None:
         continue
       g = u.astype(jnp.float32)
+      f = f.astype(jnp.float32)
       diff = jnp.asarray(p, jnp.float32) - m
       if precondition_penalty:
         d = (g + lam * f * diff) / (f + alpha2)
@@ -335,7 +350,7 @@ def ncl(
 
     new = treedef.unflatten([finish(u, d) for u, d in zip(u_leaves, out)])
     state = state._replace(
-      damping=jnp.asarray(damping, jnp.float32), decay=jnp.asarray(decay, jnp.float32)
+      ncl_damping=jnp.asarray(damping, jnp.float32), ncl_decay=jnp.asarray(decay, jnp.float32)
     )
     return new, state
 

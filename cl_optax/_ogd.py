@@ -33,14 +33,15 @@ class OGDState(NamedTuple):
     basis_dropped: independent directions that did not fit in the buffer
       (int32; only a ``consolidate`` traced under ``jit`` can leave it > 0,
       an eager one raises instead).
-    rtol: a candidate whose residual norm after Gram-Schmidt is below
-      ``rtol`` times its norm is taken as already in the span and skipped.
+    ogd_rtol: a candidate whose residual norm after Gram-Schmidt is below
+      ``ogd_rtol`` times its norm is taken as already in the span and skipped;
+      refreshed from the factory argument at every update.
   """
 
   basis: Any
   basis_count: jax.Array  # shape=(), int32
   basis_dropped: jax.Array  # shape=(), int32
-  rtol: jax.Array  # shape=(), float32
+  ogd_rtol: jax.Array  # shape=(), float32
 
   def consolidate(self, params, **signals) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
@@ -68,7 +69,7 @@ class OGDState(NamedTuple):
       if not bool(_all_finite(g_leaves)):
         raise ValueError("ogd: `output_grads` holds non-finite values; expected finite values.")
     basis, count, dropped = gram_schmidt_add(
-      b_leaves, self.basis_count, self.basis_dropped, g_leaves, self.rtol
+      b_leaves, self.basis_count, self.basis_dropped, g_leaves, self.ogd_rtol
     )
     if _checks.is_concrete(dropped) and int(dropped) > int(self.basis_dropped):
       cap = int(np.shape(b_leaves[0])[0])
@@ -145,6 +146,7 @@ def ogd(
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
     )
+    state = state._replace(ogd_rtol=jnp.asarray(rtol, _f32))
     if not pairs:
       return updates, state
     coef = sum(contract(b.astype(_f32), u.astype(_f32), u.ndim) for u, b in pairs)  # [K]

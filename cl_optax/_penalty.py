@@ -35,16 +35,16 @@ def copy_f32(params: Any) -> Any:
   return jax.tree.map(lambda p: _trees.fresh(p, jnp.float32), params)
 
 
-def importance_signal(state, params, signals, transform):
-  """Validated ``importance`` and params, cut to the state's structure."""
+def importance_signal(anchor, params, signals, transform):
+  """Validated ``importance`` and params, cut to the structure of ``anchor``."""
   new = _checks.require_signal(
     signals, "importance", transform, "a non-negative pytree like params"
   )
-  new = _trees.restrict_like(state.anchor_params, new, transform=transform, name="importance")
-  _checks.check_shapes(state.anchor_params, new, transform=transform, name="importance")
+  new = _trees.restrict_like(anchor, new, transform=transform, name="importance")
+  _checks.check_shapes(anchor, new, transform=transform, name="importance")
   _checks.check_nonnegative(new, transform=transform, name="importance")
-  params = _trees.restrict_like(state.anchor_params, params, transform=transform, name="params")
-  return f32_like(state.anchor_params, new), f32_like(state.anchor_params, params)
+  params = _trees.restrict_like(anchor, params, transform=transform, name="params")
+  return f32_like(anchor, new), f32_like(anchor, params)
 
 
 def add_penalty(updates, params, anchor, omega, strength, transform):
@@ -60,3 +60,14 @@ def add_penalty(updates, params, anchor, omega, strength, transform):
     return (u.astype(jnp.float32) + pen).astype(u.dtype)
 
   return jax.tree.map(add, updates, params, anchor, omega, is_leaf=_trees.is_masked)
+
+
+def penalty_update(anchor: str, importance: str, strength, transform: str):
+  """``update_fn`` adding ``strength * state.<importance> * (params - state.<anchor>)``."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    omega = getattr(state, importance)
+    return add_penalty(updates, params, getattr(state, anchor), omega, strength, transform), state
+
+  return update_fn

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _trees
+from cl_optax import _checks, _trees
 from cl_optax._penalty import add_penalty, copy_f32, f32_like, zeros
 
 
@@ -16,33 +16,33 @@ class SIState(NamedTuple):
   """State of :func:`si`.
 
   Attributes:
-    anchor_params: :math:`\\tilde\\theta`, params at the end of the previous
+    si_anchor: :math:`\\tilde\\theta`, params at the end of the previous
       task (= the start of the current one).
     si_importance: :math:`\\Omega`, the consolidated importance.
     path_integral: :math:`\\omega`, this task's running path integral.
     prev_params: the ``params`` seen at the previous update.
     prev_grad: the gradient recorded at the previous update.
-    damping: :math:`\\xi` used at ``consolidate`` (refreshed at every update).
+    si_xi: :math:`\\xi` used at ``consolidate`` (refreshed at every update).
   """
 
-  anchor_params: Any
+  si_anchor: Any
   si_importance: Any
   path_integral: Any
   prev_params: Any
   prev_grad: Any
-  damping: jax.Array  # shape=(), float32
+  si_xi: jax.Array  # shape=(), float32
 
   def consolidate(self, params, **signals) -> SIState:
     """Closes the path integral and adds ``omega / (Delta^2 + xi)`` to ``Omega``."""
     del signals  # SI needs none
-    params = _trees.restrict_like(self.anchor_params, params, transform="si", name="params")
-    params = f32_like(self.anchor_params, params)
+    params = _trees.restrict_like(self.si_anchor, params, transform="si", name="params")
+    params = f32_like(self.si_anchor, params)
 
     def merge(o, w, g, prev, p, start):
       if _trees.is_masked(o):
         return o
       w = w - g * (p - prev)  # the last step's contribution
-      return (o + w / (jnp.square(p - start) + self.damping)).astype(o.dtype)
+      return (o + w / (jnp.square(p - start) + self.si_xi)).astype(o.dtype)
 
     omega = jax.tree.map(
       merge,
@@ -51,14 +51,14 @@ class SIState(NamedTuple):
       self.prev_grad,
       self.prev_params,
       params,
-      self.anchor_params,
+      self.si_anchor,
       is_leaf=_trees.is_masked,
     )
     zeros = jax.tree.map(
       lambda o: o if _trees.is_masked(o) else jnp.zeros_like(o), omega, is_leaf=_trees.is_masked
     )
     return self._replace(
-      anchor_params=params,
+      si_anchor=params,
       si_importance=omega,
       path_integral=zeros,
       prev_params=jax.tree.map(jnp.copy, params),  # every state leaf owns its buffer
@@ -66,10 +66,11 @@ class SIState(NamedTuple):
     )
 
 
+@_checks.renamed_arguments(renamed={"damping": "xi"}, positional=("xi",))
 def si(
   strength: float = 1.0,
-  damping: float = 0.1,
   *,
+  xi: float = 0.1,
   include_penalty: bool = False,
   importance_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -100,11 +101,10 @@ def si(
 
   Args:
     strength: :math:`\lambda` (= 2c).
-    damping: :math:`\xi`, used at ``consolidate``.
+    xi: :math:`\xi`, used at ``consolidate`` (kept in the state, refreshed at
+      every update).
     include_penalty: record the gradient with SI's penalty added.
-    importance_dtype: storage dtype of the importance (float32 when ``None``;
-      ``jnp.bfloat16`` halves its memory and traffic; the anchor stays float32).
-      Under ``optax.inject_hyperparams`` list it in ``static_args``.
+    importance_dtype: storage dtype of the importance, as in :func:`cl_optax.ewc`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -117,17 +117,17 @@ def si(
 
   def init_fn(params):
     return SIState(
-      anchor_params=copy_f32(params),
+      si_anchor=copy_f32(params),
       si_importance=zeros(params, importance_dtype),
       path_integral=zeros(params),
       prev_params=copy_f32(params),
       prev_grad=zeros(params),
-      damping=jnp.asarray(damping, jnp.float32),
+      si_xi=jnp.asarray(xi, jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    out = add_penalty(updates, params, state.anchor_params, state.si_importance, strength, "si")
+    out = add_penalty(updates, params, state.si_anchor, state.si_importance, strength, "si")
     recorded = out if include_penalty else updates
 
     def step(w, g, prev, p):
@@ -149,7 +149,7 @@ def si(
       path_integral=path,
       prev_params=prev_params,
       prev_grad=prev_grad,
-      damping=jnp.asarray(damping, jnp.float32),
+      si_xi=jnp.asarray(xi, jnp.float32),
     )
     return out, state
 

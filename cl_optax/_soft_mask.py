@@ -1,14 +1,6 @@
-r"""Importance soft-masking (SPG per parameter, DAS per unit or head).
+r"""Importance soft-masking: :func:`soft_mask` (SPG per parameter, DAS per unit or head).
 
-Where to put the mask in a chain matters. SPG (and the official code) masks
-the *gradient* before plain SGD, where gradient and update masking coincide.
-An adaptive optimiser such as Adam divides each coordinate by its own running
-scale, which undoes a per-coordinate factor that stays constant over a task:
-in ``chain(soft_mask(), adam(lr))`` the mask acts only while Adam's second
-moment still remembers the previous task (about ``1 / (1 - b2)`` steps) and
-not at all from a fresh Adam state. Putting the mask *after* the base
-optimiser scales the step itself at every step:
-``chain(adam(lr), soft_mask())``. With SGD both orders are the same.
+Where it goes in a chain: see :mod:`cl_optax.masking`.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def train(method: str, tasks, seed: int, make_step, mem_per_task: int, batch: in
   elif method == "agem":
     tx = optax.chain(cl_optax.agem(), optax.sgd(lr))
   elif method == "gem":
-    tx = optax.chain(cl_optax.gem(memory_strength=0.5, max_tasks=n_tasks), optax.sgd(lr))
+    tx = optax.chain(cl_optax.gem(strength=0.5, max_tasks=n_tasks), optax.sgd(lr))
   else:
     raise ValueError(f"unknown method {method!r}")
   step = make_step(method, graphdef, tx)

@@ -45,8 +45,8 @@ def methods(args):
   return {
     "sgd": (lambda n: optax.sgd(args.lr, momentum=0.9), None),
     "ewc": (chain(lambda: cl_optax.ewc(args.ewc)), end_fisher),
-    "online_ewc": (chain(lambda: cl_optax.online_ewc(args.ewc, args.decay)), end_fisher),
-    "si": (chain(lambda: cl_optax.si(args.si, args.xi)), end_si),
+    "online_ewc": (chain(lambda: cl_optax.online_ewc(args.ewc, decay=args.decay)), end_fisher),
+    "si": (chain(lambda: cl_optax.si(args.si, xi=args.xi)), end_si),
     "mas": (chain(lambda: cl_optax.mas(args.mas)), end_mas),
   }
 

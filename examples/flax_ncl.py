@@ -33,7 +33,9 @@ def methods(args):
     def make(data_size):
       layers = LAYERS if precision == "kfac" else ()
       return optax.chain(
-        cl_optax.ncl(data_size, args.strength, args.alpha, precision=precision, layers=layers),
+        cl_optax.ncl(
+          data_size, strength=args.strength, damping=args.alpha, precision=precision, layers=layers
+        ),
         base(),
       )
 

@@ -174,7 +174,7 @@ CASES += [
     lambda: cl_optax.gem(0.5, max_tasks=3),
     _no_signals,
     lambda: optax.inject_hyperparams(cl_optax.gem, static_args=("max_tasks",))(
-      memory_strength=0.5, max_tasks=3
+      strength=0.5, max_tasks=3
     ),
     _task_grads,
   ),
@@ -209,28 +209,32 @@ _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 CASES += [
   Case(
     "ncl_diag",
-    lambda: cl_optax.ncl(10.0, 0.5, 0.1),
+    lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
     _rand_precision,
-    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(10.0, 0.5, 0.1),
+    lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
+      10.0, strength=0.5, damping=0.1
+    ),
   ),
   Case(
     "ncl_diag_radius_pre",
-    lambda: cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True),
+    lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1, radius=0.3, precondition_penalty=True),
     _rand_precision,
     lambda: optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
-      10.0, 0.5, 0.1, radius=0.3, precondition_penalty=True
+      10.0, strength=0.5, damping=0.1, radius=0.3, precondition_penalty=True
     ),
   ),
   Case(
     "ncl_kfac",
     lambda: optax.masked(
-      cl_optax.ncl(10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")),
+      cl_optax.ncl(
+        10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense", "head")
+      ),
       _KF_MASK,
     ),
     _kron_precision,
     lambda: optax.masked(
       optax.inject_hyperparams(cl_optax.ncl, static_args=_NCL_STATIC)(
-        10.0, 0.5, 0.1, radius=0.3, precision="kfac", layers=("dense", "head")
+        10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense", "head")
       ),
       _KF_MASK,
     ),
@@ -251,9 +255,9 @@ CASES += [
   ),
   Case(
     "online_ewc",
-    lambda: cl_optax.online_ewc(3.0, 0.9),
+    lambda: cl_optax.online_ewc(3.0, decay=0.9),
     _rand_importance,
-    lambda: optax.inject_hyperparams(cl_optax.online_ewc)(3.0, 0.9),
+    lambda: optax.inject_hyperparams(cl_optax.online_ewc)(3.0, decay=0.9),
   ),
   Case(
     "mas",
@@ -263,9 +267,9 @@ CASES += [
   ),
   Case(
     "si",
-    lambda: cl_optax.si(3.0, 0.1),
+    lambda: cl_optax.si(3.0, xi=0.1),
     lambda params: {},
-    lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, 0.1),
+    lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, xi=0.1),
   ),
 ]
 IDS = [c.name for c in CASES]

@@ -11,6 +11,8 @@ import pytest
 
 import cl_optax
 from benchmarks import continual
+from benchmarks.continual import runner
+from benchmarks.continual.methods import replay
 from cl_optax import streams
 
 
@@ -182,22 +184,19 @@ def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
     def close(self):
       counts.append((self.n, self.total))
 
-  monkeypatch.setattr(continual, "_progress", lambda cfg, *a: Bar(a[-1]))
+  monkeypatch.setattr(runner, "progress_bar", lambda desc, total: Bar(total))
   continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--out", str(tmp_path)])
   steps = 2 * (int(0.8 * 12) * 2 // 4)
   assert counts == [(steps, steps)] * 2
 
 
-def _register_tuned_freeze(monkeypatch, name, protocol):
-  """`freeze` registered again under `name` with per-protocol settings; its CLI args."""
-  method = continual.Method(
-    name,
-    continual.METHODS["freeze"].make,
-    end_task=continual.METHODS["freeze"].end_task,
-    defaults={"threshold": 0.95},
-    protocol=protocol,
-  )
+def _register_tuned_freeze(monkeypatch, name, settings):
+  """`freeze` registered again under `name` with `settings` ({preset: row}) added to the
+  protocols' settings table; its CLI args."""
+  method = continual.METHODS["freeze"]._replace(name=name)
   monkeypatch.setitem(continual.METHODS, name, method)
+  for preset, row in settings.items():
+    monkeypatch.setitem(continual.SETTINGS, (preset, name), row)
   return ["--methods", name, "--seeds", "1", "--no-progress"]
 
 
@@ -237,17 +236,36 @@ def test_from_jsonl_replots(tiny, tmp_path, capsys):
 # ------------------------------------------------- every registered method
 
 
-@pytest.mark.parametrize("name", sorted(continual.METHODS))
-def test_every_registered_method_runs_end_to_end(name):
-  """Each registry entry trains two tasks of the tiny stream: R finite and in [0, 1]."""
+def _run_tiny(name):
+  """`name` on two tasks of the tiny stream (one epoch each, SGD lr 0.1): record, final params."""
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=1, iters=None,
                          progress=False, protocol="tiny", scenario="task")  # fmt: skip
   make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
-  (rec,) = continual.run_method(name, make, cfg, [0])
+  (rec,) = continual.run_method(name, make, cfg, [0], return_state=True)
+  return rec, rec.pop("final_state")[0]
+
+
+@pytest.fixture(scope="module")
+def sgd_params():
+  return _run_tiny("sgd")[1]
+
+
+@pytest.mark.parametrize("name", sorted(continual.METHODS))
+def test_every_registered_method_runs_and_acts(name, sgd_params):
+  """Each registry entry trains two tasks of the tiny stream (R finite, in [0, 1]) and ACTS:
+  its final parameters differ from plain SGD's from the same initialisation and batches
+  (a method whose transform, memory or consolidation did nothing would match SGD exactly)."""
+  rec, params = _run_tiny(name)
   R = np.asarray(rec["acc_matrix"])
   assert R.shape == (2, 2)
   assert np.all(np.isfinite(R)) and np.all((0 <= R) & (R <= 1)), R
   assert np.isfinite(rec["acc"]) and rec["samples_per_s"] > 0
+  if name == "sgd":
+    return
+  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, sgd_params)
+  diff = max(jax.tree.leaves(gaps))
+  print(f"{name}: max |params - sgd params| = {diff:.3g}")
+  assert diff > 1e-4, f"{name}: final parameters within {diff:.1e} of plain SGD's"  # A-GEM: 1e-3
 
 
 def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
@@ -260,8 +278,7 @@ def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
 
 
 def _ring_with_task0(params, key, n=5):
-  a = continual.AuxInit(params, 3, (6,), np.zeros((3, 2), np.int32), {"memory_per_task": 8})
-  mem = continual._ring_init(a)
+  mem = replay.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}))
   x = jax.random.normal(key, (n, 6))
   y = jnp.arange(n, dtype=jnp.int32) % 2
   mem = cl_optax.replay.add(mem, {"x": x, "y": y, "task": jnp.zeros(n, jnp.int32)}, task=0)
@@ -278,8 +295,7 @@ def _step(params, mem, task, hp):
 
   x = jnp.ones((4, 6))
   y = jnp.zeros(4, jnp.int32)
-  s = continual.Step(params, x, y, jnp.int32(task), jnp.int32(0), columns, valid, mem,
-                     jax.random.key(3), loss_fn, hp)  # fmt: skip
+  s = continual.Step(params, x, y, jnp.int32(task), 3, mem, jax.random.key(3), loss_fn, hp)
   return s, loss_fn
 
 
@@ -293,14 +309,14 @@ def test_agem_and_gem_steps_read_the_past_tasks_memory():
     ).mean()
   )(params)
   s, _ = _step(params, mem, 1, {"memory_batch": 16})
-  extra, new_mem = jax.jit(lambda: continual._agem_step(s))()
+  extra, new_mem = jax.jit(lambda: replay.agem_step(s))()
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
   jax.tree.map(chex_close, extra["ref_grads"], want)
   assert int(new_mem.written[1]) == 4 and int(new_mem.written[0]) == 5
-  extra, _ = jax.jit(lambda: continual._gem_step(s))()
+  extra, _ = jax.jit(lambda: replay.gem_step(s))()
   assert np.asarray(extra["task_mask"]).tolist() == [True, False, False]
   jax.tree.map(lambda g, w: chex_close(g[0], w), extra["task_grads"], want)
   jax.tree.map(lambda g: chex_close(g[1:], 0.0), extra["task_grads"])  # empty rings: 0
   s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
-  extra, _ = jax.jit(lambda: continual._agem_step(s))()
+  extra, _ = jax.jit(lambda: replay.agem_step(s))()
   jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])

@@ -1,17 +1,22 @@
 """The hypothesis profiles of `conftest.py`: derandomised under CI, and not overridden."""
 
 import pytest
+import test_masking
+import test_projection
 from hypothesis import settings
 
 import conftest
-import test_masking
-import test_projection
 
 
 @pytest.mark.parametrize(
   ("env", "profile"),
-  [({}, "dev"), ({"CI": "true"}, "ci"), ({"CI": "1"}, "ci"), ({"CI": "false"}, "dev"),
-   ({"CI": "true", "HYPOTHESIS_PROFILE": "dev"}, "dev")],
+  [
+    ({}, "dev"),
+    ({"CI": "true"}, "ci"),
+    ({"CI": "1"}, "ci"),
+    ({"CI": "false"}, "dev"),
+    ({"CI": "true", "HYPOTHESIS_PROFILE": "dev"}, "dev"),
+  ],
 )
 def test_profile_follows_ci(monkeypatch, env, profile):
   monkeypatch.delenv("CI", raising=False)

@@ -54,7 +54,7 @@ def test_diag_matches_numpy(pre):
   params = _layer(0)
   f = jax.tree.map(lambda p: jnp.abs(p) * 2.0, _layer(1))
   theta, g = _layer(2), _layer(3)
-  tx = cl_optax.ncl(n, lam, alpha, gamma, precondition_penalty=pre)
+  tx = cl_optax.ncl(n, strength=lam, damping=alpha, decay=gamma, precondition_penalty=pre)
   state = cl_optax.consolidate(tx.init(params), params, precision=f)
   got, _ = jax.jit(tx.update)(g, state, theta)
   for name in ("kernel", "bias"):
@@ -72,10 +72,12 @@ def test_first_task_is_official_prior():
   # before any consolidate: Lambda_0 = I/N, mu_0 = 0 -> delta = (g/(1/N + a^2) + lam theta)/N
   n, lam, alpha = 100.0, 1.0, 1e-3
   theta, g = _layer(0), _layer(1)
-  got, _ = cl_optax.ncl(n, lam, alpha).update(g, cl_optax.ncl(n, lam, alpha).init(theta), theta)
+  got, _ = cl_optax.ncl(n, strength=lam, damping=alpha).update(
+    g, cl_optax.ncl(n, strength=lam, damping=alpha).init(theta), theta
+  )
   want = jax.tree.map(lambda gg, t: (gg / (1 / n + alpha**2) + lam * t) / n, g, theta)
   chex.assert_trees_all_close(got, want, rtol=1e-5)
-  tx = cl_optax.ncl(n, lam, alpha, prior_mean="init")
+  tx = cl_optax.ncl(n, strength=lam, damping=alpha, prior_mean="init")
   got, _ = tx.update(g, tx.init(theta), theta)
   chex.assert_trees_all_close(got, jax.tree.map(lambda gg: gg / (1 + n * alpha**2), g), rtol=1e-5)
 
@@ -84,7 +86,7 @@ def test_first_task_is_official_prior():
 def test_identity_precision_at_mean_is_plain_gradient(precision):
   theta, g = _layer(0), _layer(1)
   kw = {"layers": ["dense"]} if precision == "kfac" else {}
-  tx = cl_optax.ncl(1.0, 1.0, 0.0, 0.0, precision=precision, **kw)
+  tx = cl_optax.ncl(1.0, strength=1.0, damping=0.0, decay=0.0, precision=precision, **kw)
   if precision == "kfac":
     prec = {"dense": KronFactors(jnp.eye(D_IN + 1), jnp.eye(D_OUT))}
   else:
@@ -105,7 +107,13 @@ def test_kfac_matches_dense_numpy_solve(bias, pre):
   d_in = D_IN + bias
   a_new, g_new = _psd(3, d_in), _psd(4, D_OUT)
   tx = cl_optax.ncl(
-    n, lam, alpha, gamma, precision="kfac", layers=["dense"], precondition_penalty=pre
+    n,
+    strength=lam,
+    damping=alpha,
+    decay=gamma,
+    precision="kfac",
+    layers=["dense"],
+    precondition_penalty=pre,
   )
   state = cl_optax.consolidate(
     tx.init(params), params, precision={"dense": KronFactors(a_new, g_new)}
@@ -151,12 +159,12 @@ def test_singular_precision_is_kept_positive_definite_by_damping():
   theta, g = _layer(0), _layer(1)
   alpha = 0.5
   # diagonal: Lambda = 0 exactly (decay 0, zero Fisher) -> g / alpha^2
-  tx = cl_optax.ncl(1.0, 0.0, alpha, 0.0)
+  tx = cl_optax.ncl(1.0, strength=0.0, damping=alpha, decay=0.0)
   state = cl_optax.consolidate(tx.init(theta), theta, precision=jax.tree.map(jnp.zeros_like, g))
   got, _ = tx.update(g, state, theta)
   chex.assert_trees_all_close(got, jax.tree.map(lambda x: x / alpha**2, g), rtol=1e-6)
   # Kronecker: rank-one (singular) factors -> finite, equal to the damped dense solve
-  tx = cl_optax.ncl(1.0, 0.0, alpha, 0.0, precision="kfac", layers=["dense"])
+  tx = cl_optax.ncl(1.0, strength=0.0, damping=alpha, decay=0.0, precision="kfac", layers=["dense"])
   a1, g1 = _psd(0, D_IN + 1, rank=1), _psd(1, D_OUT, rank=1)
   state = cl_optax.consolidate(tx.init(theta), theta, precision={"dense": KronFactors(a1, g1)})
   got, _ = tx.update(g, state, theta)
@@ -199,10 +207,10 @@ def test_trust_region_norm_never_exceeds_radius(seed, radius, scale, kfac):
 
 
 _DIAG_TX = optax.inject_hyperparams(cl_optax.ncl, static_args=("precision", "layers"))(
-  1.0, 1.0, 0.01, radius=1.0
+  1.0, strength=1.0, damping=0.01, radius=1.0
 )
 _KF_TX = optax.inject_hyperparams(cl_optax.ncl, static_args=("precision", "layers"))(
-  1.0, 1.0, 0.01, radius=1.0, precision="kfac", layers=("dense",)
+  1.0, strength=1.0, damping=0.01, radius=1.0, precision="kfac", layers=("dense",)
 )
 _JITTED = {}
 
@@ -214,10 +222,10 @@ def _jit_update(tx):
 def test_radius_clips_only_when_needed():
   theta, g = _layer(0), _layer(1)
   prec = jax.tree.map(jnp.ones_like, theta)
-  big = cl_optax.ncl(1.0, 0.0, 0.0, 0.0, radius=1e6)
+  big = cl_optax.ncl(1.0, strength=0.0, damping=0.0, decay=0.0, radius=1e6)
   state = cl_optax.consolidate(big.init(theta), theta, precision=prec)
   chex.assert_trees_all_close(big.update(g, state, theta)[0], g, rtol=1e-6)
-  small = cl_optax.ncl(1.0, 0.0, 0.0, 0.0, radius=0.1)
+  small = cl_optax.ncl(1.0, strength=0.0, damping=0.0, decay=0.0, radius=0.1)
   got = small.update(g, state, theta)[0]
   norm = np.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
   chex.assert_trees_all_close(got, jax.tree.map(lambda x: x * 0.1 / norm, g), rtol=1e-5)
@@ -228,7 +236,7 @@ def test_kfac_with_diagonal_leaves_outside_the_layers():
   params = {"dense": _layer(0)["dense"], "scale": jnp.array([1.0, -2.0])}
   theta = {"dense": _layer(1)["dense"], "scale": jnp.array([0.5, 0.5])}
   g = {"dense": _layer(2)["dense"], "scale": jnp.array([1.0, 3.0])}
-  tx = cl_optax.ncl(n, lam, alpha, precision="kfac", layers=["dense"])
+  tx = cl_optax.ncl(n, strength=lam, damping=alpha, precision="kfac", layers=["dense"])
   kf = {"dense": KronFactors(_psd(0, D_IN + 1), _psd(1, D_OUT)), "scale": jnp.array([2.0, 0.0])}
   state = cl_optax.consolidate(tx.init(params), params, precision=kf)
   got, _ = jax.jit(tx.update)(g, state, theta)

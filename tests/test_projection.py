@@ -151,8 +151,8 @@ def gem_quadprog(g, G, margin=0.5, eps=1e-3):
   return G.T @ v + g
 
 
-def _gem_update(memory_strength=0.5, eps=1e-3):
-  tx = cl_optax.gem(memory_strength, max_tasks=K, eps=eps)
+def _gem_update(strength=0.5, eps=1e-3):
+  tx = cl_optax.gem(strength, max_tasks=K, eps=eps)
   return jax.jit(lambda g, tg, m: tx.update(g, tx.init(None), None, task_grads=tg, task_mask=m))
 
 
@@ -490,7 +490,7 @@ def test_gpm_bad_signals():
     cl_optax.consolidate(state, params, representations={"other": jnp.ones((4, 3))})
   with pytest.raises(ValueError, match="expected a value in \\[0, 1\\]"):
     cl_optax.consolidate(
-      state, params, representations={"kernel": jnp.ones((4, 3))}, gpm_threshold={"kernel": 1.5}
+      state, params, representations={"kernel": jnp.ones((4, 3))}, threshold={"kernel": 1.5}
     )
   with pytest.raises(ValueError, match="needs the signal `representations=`"):
     cl_optax.consolidate(state, params, output_grads={})

@@ -56,7 +56,7 @@ def test_ewc_gradient_is_grad_of_one_penalty_per_task():
 def test_online_ewc_gradient_is_grad_of_decayed_penalty():
   params, lam, gamma = make_params(), 2.0, 0.7
   tasks, theta, g = _tasks(params), _rand(params, 1), _rand(params, 2)
-  got = _run(cl_optax.online_ewc(lam, gamma), tasks, theta, g)
+  got = _run(cl_optax.online_ewc(lam, decay=gamma), tasks, theta, g)
   fisher = jax.tree.map(lambda a, b, c: gamma**2 * a + gamma * b + c, *[imp for _, imp in tasks])
   penalty = lambda t: lam * _quad(fisher, t, tasks[-1][0])  # noqa: E731
   want = jax.tree.map(jnp.add, g, jax.grad(penalty)(theta))
@@ -94,7 +94,7 @@ def test_no_penalty_before_consolidate_and_inject_changes_strength():
   chex.assert_trees_all_close(got, want, rtol=1e-6)
   # the injected decay is the one consolidate uses
   state = cl_optax.consolidate(state, params, importance=_uniform(params, 5))
-  fisher = optax.tree.get(state, "fisher")
+  fisher = optax.tree.get(state, "online_ewc_importance")
   want_f = jax.tree.map(lambda a, b: 0.25 * a + b, _uniform(params, 4), _uniform(params, 5))
   chex.assert_trees_all_close(fisher, want_f, rtol=1e-6)
 
@@ -149,7 +149,7 @@ def _train_si(tx, state, theta, steps):
 def test_si_omega_matches_hand_computation(base, include):
   xi, lam, steps = 0.1, 2.0, 12
   opt = optax.sgd(0.1) if base == "sgd" else optax.adam(0.1)
-  tx = optax.chain(cl_optax.si(lam, xi, include_penalty=include), opt)
+  tx = optax.chain(cl_optax.si(lam, xi=xi, include_penalty=include), opt)
   theta0 = np.array([0.0, 0.5, -1.0, 2.0])
   theta = jnp.asarray(theta0, jnp.float32)
   state = tx.init(theta)
@@ -168,13 +168,13 @@ def test_si_omega_matches_hand_computation(base, include):
   np.testing.assert_allclose(
     optax.tree.get(state, "si_importance"), omega1 + omega2, rtol=2e-3, atol=1e-4
   )
-  np.testing.assert_allclose(optax.tree.get(state, "anchor_params"), theta2, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(optax.tree.get(state, "si_anchor"), theta2, rtol=1e-4, atol=1e-4)
 
 
 def test_si_sits_after_the_optimiser_too():
   # SI reads the param change from consecutive params, so after sgd it records the
   # sgd step as "gradient": omega = sum -(-lr g) * (-lr g) = -lr^2 sum g^2 ... in its own units.
-  tx = optax.chain(optax.sgd(0.1), cl_optax.si(1.0, 0.1))
+  tx = optax.chain(optax.sgd(0.1), cl_optax.si(1.0, xi=0.1))
   theta0 = np.array([0.0, 0.5, -1.0, 2.0])
   theta = jnp.asarray(theta0, jnp.float32)
   theta, state = _train_si(tx, tx.init(theta), theta, 5)

@@ -1,0 +1,55 @@
+"""Continual-learning benchmark: a stream x methods -> accuracy matrices, table, JSON, plots.
+
+  python -m benchmarks.continual                                  # split digits, every method
+  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data ../shared/data
+  python -m benchmarks.continual --stream split-mnist --scenario class --methods adam,soft_mask
+
+Each task trains in ONE jitted `lax.scan` over its batches; a method's end-of-task
+work (importance estimation, `cl_optax.consolidate`) runs between tasks. Results: a
+table in the terminal, `results.jsonl` (one line per method and seed, with the full
+accuracy matrix and samples/s), and PNG plots (accuracy-matrix heatmap per method;
+average accuracy vs tasks seen).
+
+Modules, by role: `model` (the MLP and its per-head forward passes), `registry`
+(`Method` and what its hooks get), `methods/` (one module per family: entries and
+hooks), `protocols` (presets and the papers' per-(preset, method) settings),
+`runner` (`make_train`, `run_method`), `report` (table, plots), `cli`.
+Add a method with one module in `methods/` (see benchmarks/ADDING_METHODS.md).
+"""
+
+from benchmarks.continual import methods  # noqa: F401  registers every method
+from benchmarks.continual.cli import main
+from benchmarks.continual.model import (
+  MLP,
+  Heads,
+  head_logits,
+  is_head,
+  make_heads,
+  mlp_apply,
+  mlp_init,
+  mlp_layer_inputs,
+  mlp_layer_names,
+  mlp_tapped,
+  xent,
+)
+from benchmarks.continual.protocols import PRESETS, SETTINGS, Preset, settings
+from benchmarks.continual.registry import (
+  BASES,
+  METHODS,
+  AuxInit,
+  Hyper,
+  Method,
+  Step,
+  TaskEnd,
+  register,
+)
+from benchmarks.continual.report import results_table, save_plots
+from benchmarks.continual.runner import Config, make_eval, make_train, run_method, task_loss
+
+__all__ = [
+  "BASES", "METHODS", "MLP", "PRESETS", "SETTINGS", "AuxInit", "Config", "Heads", "Hyper",
+  "Method", "Preset", "Step", "TaskEnd", "head_logits", "is_head", "main", "make_eval",
+  "make_heads", "make_train", "mlp_apply", "mlp_init", "mlp_layer_inputs", "mlp_layer_names",
+  "mlp_tapped", "register", "results_table", "run_method", "save_plots", "settings", "task_loss",
+  "xent",
+]  # fmt: skip

@@ -1,0 +1,3 @@
+from benchmarks.continual.cli import main
+
+main()

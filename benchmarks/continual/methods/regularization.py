@@ -1,0 +1,75 @@
+"""Importance-weighted penalties as gradients (EWC, online EWC, MAS, SI).
+
+EWC and MAS estimate importance with `cl_optax.importance` on (at most `fisher_n` of)
+the task's training examples, through the task's own head; SI accumulates its path
+integral inside `update` and consolidates without a signal.
+"""
+
+import optax
+
+import cl_optax
+from benchmarks.continual.registry import Method, TaskEnd, register
+
+
+def fisher(e: TaskEnd):
+  """``importance.fisher_diag`` (kind ``hp["fisher"]``) through the task's head."""
+  batches = e.first_batches(e.hp.get("fisher_n"))
+  return cl_optax.importance.fisher_diag(
+    e.heads.task[e.task], e.params, batches, fisher=e.hp["fisher"], key=e.key
+  )
+
+
+def _consolidate_fisher(e: TaskEnd):
+  return cl_optax.consolidate(e.opt_state, e.params, importance=fisher(e)), e.aux
+
+
+def _consolidate_mas(e: TaskEnd):
+  batches = e.first_batches(e.hp.get("fisher_n"))
+  imp = cl_optax.importance.mas(e.heads.task[e.task], e.params, batches)
+  return cl_optax.consolidate(e.opt_state, e.params, importance=imp), e.aux
+
+
+def _consolidate_plain(e: TaskEnd):
+  return cl_optax.consolidate(e.opt_state, e.params), e.aux
+
+
+register(
+  Method(
+    "ewc",
+    lambda h: optax.chain(cl_optax.ewc(h.hp["strength"]), h.base()),
+    "EWC (Kirkpatrick et al. 2017): importance.fisher_diag per task, one penalty per task",
+    end_task=_consolidate_fisher,
+    defaults={"strength": 10.0, "fisher": "exact", "fisher_n": 1000},
+  )
+)
+register(
+  Method(
+    "online_ewc",
+    lambda h: optax.chain(cl_optax.online_ewc(h.hp["strength"], decay=h.hp["decay"]), h.base()),
+    "online EWC (Schwarz et al. 2018): running Fisher, latest anchor",
+    end_task=_consolidate_fisher,
+    defaults={"strength": 10.0, "decay": 1.0, "fisher": "exact", "fisher_n": 1000},
+  )
+)
+register(
+  Method(
+    "mas",
+    lambda h: optax.chain(cl_optax.mas(h.hp["strength"]), h.base()),
+    "MAS (Aljundi et al. 2018): importance.mas (output-norm gradients) per task",
+    end_task=_consolidate_mas,
+    defaults={"strength": 2.0, "fisher_n": 1000},
+  )
+)
+# strength = 2c (the papers' penalty has no 1/2); xi is SI's damping term
+register(
+  Method(
+    "si",
+    lambda h: optax.chain(
+      cl_optax.si(h.hp["strength"], xi=h.hp["xi"], include_penalty=h.hp["include_penalty"]),
+      h.base(),
+    ),
+    "SI (Zenke et al. 2017): path integral inside update, consolidate needs no signal",
+    end_task=_consolidate_plain,
+    defaults={"strength": 2.0, "xi": 0.1, "include_penalty": True},
+  )
+)

@@ -1,0 +1,150 @@
+"""The benchmark model: a ReLU MLP whose output layer ``head`` holds every task's columns.
+
+One definition for the continual runner and ``benchmarks/overhead.py``. ``Heads``
+binds the forward passes to one stream's column layout, once per run, so the
+estimators of ``cl_optax.importance`` (which jit with ``fn`` as a static argument)
+see the same function object for every task and seed of that run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+def mlp_layer_names(n_layers: int) -> list[str]:
+  """``layer0, layer1, ..., head``: the keys of an MLP with ``n_layers`` dense layers."""
+  return [f"layer{i}" for i in range(n_layers - 1)] + ["head"]
+
+
+def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True) -> dict:
+  """MLP parameters, PyTorch's default Linear init (U(+-1/sqrt(fan_in)))."""
+  params = {}
+  keys = jax.random.split(key, 2 * (len(sizes) - 1))
+  names = mlp_layer_names(len(sizes) - 1)
+  for i, (name, m, k) in enumerate(zip(names, sizes[:-1], sizes[1:])):
+    bound = 1.0 / np.sqrt(m)
+    layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
+    if bias:
+      layer["bias"] = jax.random.uniform(keys[2 * i + 1], (k,), jnp.float32, -bound, bound)
+    params[name] = layer
+  return params
+
+
+def mlp_tapped(params: dict, x: jax.Array, taps: dict | None = None) -> tuple[jax.Array, dict]:
+  """ReLU MLP (output layer ``head``) -> ``(logits, inputs)``.
+
+  ``inputs[name]`` is the input ``[n, d_in]`` of layer ``name``; ``taps[name]``,
+  if given, is added to that layer's output (the ``fn`` contract of
+  :func:`cl_optax.importance.kfac_factors`).
+  """
+  h = x.reshape(x.shape[0], -1)
+  inputs = {}
+  for name in mlp_layer_names(len(params)):
+    layer = params[name]
+    inputs[name] = h
+    h = h @ layer["kernel"] + layer.get("bias", 0.0)
+    if taps is not None:
+      h = h + taps[name]
+    if name != "head":
+      h = jax.nn.relu(h)
+  return h, inputs
+
+
+def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
+  """ReLU MLP; the output layer is the leaf ``head``."""
+  return mlp_tapped(params, x)[0]
+
+
+def mlp_layer_inputs(params: dict, x: jax.Array) -> dict:
+  """The input of every layer at ``x``, at the path of its kernel.
+
+  ``{"layer0": {"kernel": x [n, d_in]}, ..., "head": {"kernel": h [n, d]}}``:
+  the ``representations=`` signal GPM's consolidate reads (Saha et al. 2021).
+  """
+  return {name: {"kernel": h} for name, h in mlp_tapped(params, x)[1].items()}
+
+
+def is_head(params: PyTree) -> PyTree:
+  """Labels (optax.masked style): True on the output layer's leaves."""
+  return {k: jax.tree.map(lambda _: k == "head", v) for k, v in params.items()}
+
+
+class MLP(NamedTuple):
+  """The model a method's ``make`` sees: hidden widths, layer names, head labels."""
+
+  hidden: tuple[int, ...]
+  bias: bool = True
+
+  @property
+  def layers(self) -> list[str]:
+    """The dense layers' keys, input to output (``layer0, ..., head``)."""
+    return mlp_layer_names(len(self.hidden) + 1)
+
+  def init(self, key, d_in: int, d_out: int) -> dict:
+    return mlp_init(key, (d_in, *self.hidden, d_out), bias=self.bias)
+
+  @staticmethod
+  def is_head(params: PyTree) -> PyTree:
+    return is_head(params)
+
+
+def head_logits(logits, columns, valid):
+  """Gathers each example's head columns; inactive columns get -1e9."""
+  cols = jnp.broadcast_to(columns, logits.shape[:1] + columns.shape[-1:])
+  ok = jnp.broadcast_to(valid, cols.shape)
+  return jnp.where(ok, jnp.take_along_axis(logits, cols, axis=1), -1e9)
+
+
+def xent(logits, columns, valid, y):
+  return optax.softmax_cross_entropy_with_integer_labels(head_logits(logits, columns, valid), y)
+
+
+class Heads(NamedTuple):
+  """The MLP's forward passes bound to one column layout (built once per run and layout).
+
+  Attributes:
+    columns: ``int32 [n_tasks, k]``, the output columns of each task.
+    valid: ``bool [n_tasks, k]``, the columns active while training each task.
+    logits: ``logits(params, x, head)``: the logits of task ``head``'s columns
+      (the ``logits_fn`` of :func:`cl_optax.importance.spg`).
+    task: ``task[t](params, x)``: the logits of task ``t`` (``fisher_diag``, ``mas``,
+      ``output_gradients``).
+    tapped: ``tapped[t](params, x, taps) -> (logits of task t, layer inputs)``
+      (``kfac_factors``).
+  """
+
+  columns: np.ndarray
+  valid: np.ndarray
+  logits: Callable
+  task: tuple[Callable, ...]
+  tapped: tuple[Callable, ...]
+
+
+def make_heads(columns: np.ndarray, valid: np.ndarray) -> Heads:
+  """The forward passes of every task head for this layout (one function object each)."""
+  cols, ok = jnp.asarray(columns), jnp.asarray(valid)
+
+  def logits(p, x, head):
+    return head_logits(mlp_apply(p, x), cols[head], ok[head])
+
+  def tapped_for(t):
+    c, o = jnp.asarray(columns[t]), jnp.asarray(valid[t])
+
+    def fn(params, x, taps):
+      out, inputs = mlp_tapped(params, x, taps)
+      return head_logits(out, c, o), inputs
+
+    return fn
+
+  n = len(columns)
+  task = tuple(functools.partial(logits, head=t) for t in range(n))
+  return Heads(columns, valid, logits, task, tuple(tapped_for(t) for t in range(n)))

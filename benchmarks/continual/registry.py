@@ -1,0 +1,116 @@
+"""The method registry: what a method's hooks get, and the table of registered methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from benchmarks.continual.model import MLP, Heads
+
+PyTree = Any
+
+BASES = {"sgd": optax.sgd, "adam": optax.adam}
+
+
+class Hyper(NamedTuple):
+  """What a method's `make` gets: the optimiser choice, hyper-parameters and the model."""
+
+  optimizer: str  # "sgd" or "adam": the base optimiser of the protocol
+  lr: float
+  hp: dict  # the method's hyper-parameters (defaults < protocol settings < --hp)
+  model: MLP  # hidden widths, `model.layers` (layer keys), `model.is_head(params)`
+
+  def base(self) -> optax.GradientTransformation:
+    return BASES[self.optimizer](self.lr)
+
+
+class Step(NamedTuple):
+  """What a method's `step` hook sees, inside the jitted scan (arrays are traced)."""
+
+  params: PyTree
+  x: jax.Array  # the current batch
+  y: jax.Array
+  task: jax.Array  # int32 scalar, index of the current task
+  n_tasks: int  # static
+  aux: PyTree  # the method's own carried state (e.g. a replay memory)
+  key: jax.Array  # a fresh PRNG key for this step
+  loss_fn: Callable  # loss_fn(params, x, y, task_ids, weights=None) -> (weighted) mean CE
+  hp: dict
+
+
+class AuxInit(NamedTuple):
+  """What a method's `init_aux` gets (once per seed, before task 0)."""
+
+  n_tasks: int
+  input_shape: tuple[int, ...]
+  hp: dict
+
+
+class TaskEnd(NamedTuple):
+  """What a method's `end_task` hook gets after training task `task` (eager)."""
+
+  task: int
+  params: PyTree
+  opt_state: PyTree
+  aux: PyTree
+  batches: tuple[jax.Array, jax.Array]  # the task's training data, [n_batches, B, ...]
+  heads: Heads  # the model's forward passes per task head (one object per run and layout)
+  hp: dict
+  key: jax.Array
+
+  def first_batches(self, n: int | None) -> tuple[jax.Array, jax.Array]:
+    """The first batches holding at least ``n`` examples (``None``: every batch)."""
+    xs, ys = self.batches
+    if n is not None:
+      k = max(1, -(-int(n) // xs.shape[1]))
+      xs, ys = xs[:k], ys[:k]
+    return xs, ys
+
+  def examples(self, n: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` training examples, flat: ``x [n, ...]``, ``y [n]``."""
+    xs, ys = self.batches
+    return xs.reshape(-1, *xs.shape[2:])[:n], ys.reshape(-1)[:n]
+
+
+class Method(NamedTuple):
+  """One registry entry: everything the runner needs to train a method.
+
+  Attributes:
+    name: CLI name.
+    make: ``Hyper -> optax.GradientTransformation`` (use ``hyper.base()`` for
+      the protocol's optimiser).
+    doc: one line for ``--list``.
+    optimizer: force the base optimiser (``"sgd"``/``"adam"``) whatever the
+      protocol says; ``None`` uses the protocol's.
+    end_task: ``TaskEnd -> (opt_state, aux)`` between tasks (importance
+      estimation + ``cl_optax.consolidate``, memory writes, ...).
+    init_aux: ``AuxInit -> aux``: the method's own state carried through the
+      scan (a replay memory); ``None`` carries nothing.
+    step: ``Step -> (extra_args, aux)`` inside the jitted step, before the
+      gradient: extra args for ``tx.update`` (e.g. ``ref_grads`` from the
+      memory) and the new aux.
+    defaults: the method's hyper-parameters (``--hp name=value`` overrides;
+      a paper's settings for one protocol go in ``protocols.SETTINGS``).
+  """
+
+  name: str
+  make: Callable[[Hyper], optax.GradientTransformation]
+  doc: str = ""
+  optimizer: str | None = None
+  end_task: Callable[[TaskEnd], tuple[PyTree, PyTree]] | None = None
+  init_aux: Callable[[AuxInit], PyTree] | None = None
+  step: Callable[[Step], tuple[dict, PyTree]] | None = None
+  defaults: dict = {}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  if method.name in METHODS:
+    raise ValueError(f"register: a method named {method.name!r} is already registered.")
+  METHODS[method.name] = method
+  return method
