@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import benchmarks.continual.methods  # noqa: F401  registers every method
+from benchmarks.continual.nnx_models import MODELS
 from benchmarks.continual.protocols import PRESETS
 from benchmarks.continual.registry import BASES, METHODS
 from benchmarks.continual.report import fmt, results_table, save_plots
@@ -53,7 +54,13 @@ def main(argv=None):
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--model", default="mlp", choices=sorted(MODELS),
+                      help="mlp: the preset's MLP; cnn: a small Flax NNX CNN")  # fmt: skip
+  parser.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="none (default: tqdm on a terminal, else a line per task)",
+  )
   parser.add_argument("--list", action="store_true", help="list methods and streams")
   parser.add_argument(
     "--from-jsonl",
@@ -102,6 +109,7 @@ def main(argv=None):
     protocol=args.stream,
     lr_override=args.lr,
     scenario=args.scenario,
+    model=args.model,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]

@@ -52,7 +52,11 @@ class NNXModel:
   its initial value: train models without mutable state, or in eval mode.
   """
 
-  layers = None  # no per-layer taps: gpm and ncl_kfac need the MLP
+  @property
+  def layers(self):
+    raise ValueError(
+      f"{self.name}: gpm and ncl_kfac read every layer's inputs and need the MLP (--model mlp)."
+    )
 
   def __init__(self, factory: Callable[..., nnx.Module], name: str = "nnx", *, shaped=False):
     self.factory, self.name, self.shaped = factory, name, shaped
@@ -105,9 +109,7 @@ class SmallCNN(nnx.Module):
 def _cnn(hidden: tuple[int, ...], bias: bool) -> NNXModel:
   del bias
   width = hidden[-1] if hidden else 100
-  return NNXModel(
-    lambda rngs, shape, n: SmallCNN(shape, n, width, rngs=rngs), "cnn", shaped=True
-  )
+  return NNXModel(lambda rngs, shape, n: SmallCNN(shape, n, width, rngs=rngs), "cnn", shaped=True)
 
 
 # name -> (the preset's hidden widths, bias) -> model

@@ -11,14 +11,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.continual.model import MLP, Heads, head_logits, make_heads, mlp_apply, xent
+from benchmarks.continual.model import Heads, head_logits, make_heads, mlp_apply, xent
+from benchmarks.continual.nnx_models import make_model
 from benchmarks.continual.protocols import settings
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
 from cl_optax import metrics, streams
@@ -38,6 +39,7 @@ class Config(NamedTuple):
   protocol: str = ""  # the preset's name (selects protocols.SETTINGS rows)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
+  model: Any = "mlp"  # a nnx_models.MODELS name, a model, or an nnx.Module factory
 
 
 def batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -56,12 +58,28 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
 
 
-def task_loss(apply: Callable, columns, valid) -> Callable:
+def active_columns(columns, valid, task_ids, task):
+  """Which of each example's head columns are active while training ``task``.
+
+  An example of task ``j`` reads its own head, ``columns[j]``; a column is active if
+  it was while training task ``j`` or is one of the current task's active output
+  units. Task-IL: task ``j``'s own columns. Class-IL (one shared head): every class
+  seen so far, so a replayed example competes with the new classes (over
+  ``valid[j]`` alone it would only keep its old decisions and let every new class
+  take it).
+  """
+  now = valid[task][None, :] & (columns[task_ids] == columns[task][None, :])
+  return valid[task_ids] | now
+
+
+def task_loss(apply: Callable, columns, valid, task) -> Callable:
   """``loss_fn(params, x, y, task_ids, weights=None)``: the mean cross-entropy where each
-  example reads its own task's columns; with ``weights`` the weighted mean."""
+  example reads its own task's columns active now (:func:`active_columns`) while
+  training ``task``; with ``weights`` the weighted mean."""
 
   def loss_fn(params, x, y, task_ids, weights=None):
-    losses = xent(apply(params, x), columns[task_ids], valid[task_ids], y)
+    ok = active_columns(columns, valid, task_ids, task)
+    losses = xent(apply(params, x), columns[task_ids], ok, y)
     if weights is None:
       return losses.mean()
     w = weights.astype(losses.dtype)  # e.g. the `valid` rows of a replay sample
@@ -92,7 +110,7 @@ def make_train(
 
   @jax.jit
   def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid):
-    loss_fn = task_loss(apply, columns, valid)
+    loss_fn = task_loss(apply, columns, valid, task)
 
     def body(carry, inp):
       params, opt_state, aux, key = carry
@@ -103,12 +121,17 @@ def make_train(
 
       def do(c):
         params, opt_state, aux = c
+        s = Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp, apply, columns,
+                 valid)  # fmt: skip
         extra = {}
         if method.step is not None:
-          extra, aux = method.step(
-            Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp)
-          )
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, tids)
+          extra, aux = method.step(s)
+
+        def total(p):
+          loss = loss_fn(p, x, y, tids)
+          return loss if method.loss is None else loss + method.loss(s, p)
+
+        loss, grads = jax.value_and_grad(total)(params)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return optax.apply_updates(params, updates), opt_state, aux, loss
 
@@ -189,23 +212,32 @@ def progress_bar(desc: str, total: int):
   return tqdm(total=total, desc=desc, leave=False, unit="step", file=sys.stderr, mininterval=0.2)
 
 
+def on_terminal() -> bool:
+  return sys.stderr.isatty()
+
+
 class _Ticks:
-  """The progress bar of the task being trained; the scan's tick callback updates it."""
+  """Progress of the task being trained: a tqdm bar that the scan's tick callback
+  updates on a terminal; elsewhere (a pipe, a CI log) one line per task when it ends."""
 
   def __init__(self):
-    self.bar = None
+    self.bar, self.line, self.t0 = None, None, 0.0
 
   def __call__(self, n):
     if self.bar is not None:
       self.bar.update(int(n))
 
   def open(self, cfg: Config, desc: str, total: int):
-    self.bar = progress_bar(desc, total) if cfg.progress else None
+    self.bar = progress_bar(desc, total) if cfg.progress and on_terminal() else None
+    self.line = desc if cfg.progress and self.bar is None else None
+    self.t0 = time.perf_counter()
 
   def close(self):
     if self.bar is not None:
       self.bar.close()
-    self.bar = None
+    if self.line is not None:
+      print(f"{self.line}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+    self.bar = self.line = None
 
 
 class _Run:
@@ -217,29 +249,30 @@ class _Run:
     self.name, self.cfg = name, cfg
     self.method = method = METHODS[name]
     self.opt = method.optimizer or cfg.optimizer
-    spec = settings(cfg.protocol, cfg.scenario, name)
+    spec = settings(cfg.protocol, cfg.scenario, name, cfg.hp.get("buffer"))
     lr = spec.pop("lr", cfg.lr[self.opt])
     self.lr = cfg.lr_override if cfg.lr_override is not None else lr
     self.hp = {**method.defaults, **spec}
     self.hp.update({k: v for k, v in cfg.hp.items() if k in self.hp})
-    self.model = MLP(tuple(cfg.hidden), cfg.bias)
+    self.model = make_model(cfg.model, tuple(cfg.hidden), cfg.bias)
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
     self.ticks = _Ticks()
-    self.evaluate = make_eval(mlp_apply)
+    self.evaluate = make_eval(self.model.apply)
     self.trainers, self.compiled, self.heads = {}, {}, heads
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
       self.trainers[padded, ticks_every] = make_train(
-        self.method, self.tx, hp=self.hp, ticks_every=ticks_every, on_tick=self.ticks,
-        padded=padded,
+        self.method, self.tx, hp=self.hp, apply=self.model.apply, ticks_every=ticks_every,
+        on_tick=self.ticks, padded=padded,
       )  # fmt: skip
     return self.trainers[padded, ticks_every]
 
   def heads_for(self, stream: streams.Stream) -> Heads:
-    layout = (stream.columns.tobytes(), stream.columns.shape, stream.train_valid.tobytes())
+    layout = (self.model.name, stream.columns.tobytes(), stream.columns.shape,
+              stream.train_valid.tobytes())  # fmt: skip
     if layout not in self.heads:
-      self.heads[layout] = make_heads(stream.columns, stream.train_valid)
+      self.heads[layout] = make_heads(stream.columns, stream.train_valid, self.model)
     return self.heads[layout]
 
   def seed(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> tuple[dict, tuple]:
@@ -262,12 +295,12 @@ class _Run:
     tests = TestSets(stream)
     x0, _ = stream[0].train()
     key, k_init = jax.random.split(key)
-    params = self.model.init(k_init, int(np.prod(x0.shape[1:])), stream.n_outputs)
+    params = self.model.init(k_init, x0.shape[1:], stream.n_outputs)
     opt_state = self.tx.init(params)
     aux = None
     if method.init_aux is not None:
-      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp))
-    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress else 0
+      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, stream.n_outputs))
+    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress and on_terminal() else 0
     train = self.trainer(padded, ticks_every)
     heads = self.heads_for(stream)
 
@@ -315,6 +348,7 @@ class _Run:
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
       "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "n_tasks": T,
+      "model": getattr(self.model, "name", "mlp"),
       "acc_matrix": R.tolist(), "baseline": np.asarray(baseline).tolist(),
       **metrics.summary(R, baseline),
       "samples": samples, "train_s": train_s,
