@@ -157,3 +157,16 @@ def test_readme_own_model_snippet_runs(capsys):
   exec(compile(blocks[0], "README.md", "exec"), {})
   out = capsys.readouterr().out
   assert "er" in out and "forgetting" in out
+
+
+# ------------------------------------------------ the papers' settings per buffer
+
+
+def test_settings_by_buffer_size():
+  """The DER code's seq-mnist settings depend on the buffer: --hp buffer=N picks them."""
+  assert continual.settings("seq-mnist", "class", "er", 200) == {"buffer": 500, "lr": 0.01,
+                                                                  "memory_batch": 10}  # fmt: skip
+  assert continual.settings("seq-mnist", "class", "er")["lr"] == 0.1  # the row's buffer, 500
+  assert continual.settings("seq-mnist", "class", "gem", 200)["memory_per_task"] == 40
+  with pytest.raises(ValueError, match=r"buffers \[200, 500\]; got 300"):
+    continual.settings("seq-mnist", "class", "derpp", 300)

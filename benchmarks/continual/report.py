@@ -97,6 +97,7 @@ def _scatter(by, style, plt, out, xkey, xlabel, name, *, xscale=100.0, logx=Fals
   for m, rs in by.items():
     (x, xs), (y, ys) = _mean_std(rs, xkey, xscale), _mean_std(rs, "acc")
     ax.errorbar(x, y, xerr=xs, yerr=ys, ls="none", ms=8, label=m, **style[m])
+    ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
   if logx:
     ax.set_xscale("log")
   title = next(iter(by.values()))[0]["stream"]
