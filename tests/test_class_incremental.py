@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from benchmarks import continual
 from benchmarks.continual import runner
 from benchmarks.continual.api import run_stream
 from benchmarks.continual.nnx_models import NNXModel
