@@ -14,7 +14,7 @@ from flax import nnx
 
 from benchmarks import continual
 from benchmarks.continual import runner
-from benchmarks.continual.api import run_stream
+from benchmarks.continual import run_stream
 from benchmarks.continual.nnx_models import NNXModel
 from cl_optax import streams
 
