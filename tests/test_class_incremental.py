@@ -13,8 +13,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import continual
-from benchmarks.continual import runner
-from benchmarks.continual import run_stream
+from benchmarks.continual import run_stream, runner
 from benchmarks.continual.nnx_models import NNXModel
 from cl_optax import streams
 
