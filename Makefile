@@ -20,8 +20,8 @@ $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 
 # Class-incremental split digits (offline), 3 seeds: SGD, Adam, soft_mask, SI, LwF and A-GEM
 # forget (16-20 % accuracy), GEM, ER, DER, DER++ do not (84-93 %); table + results/demo/*.png.
-# 93 s of CPU time (90 s user, 3 s sys; JAX 0.10.2, CPU) measured on 2 cores shared with
-# ~8 other jobs (wall 391 s there): under 3 minutes on 2 idle cores.
+# Measured: 93 s of CPU time (90 s user, 3 s sys; JAX 0.10.2, CPU), wall 391 s on 2 cores
+# shared with ~8 other jobs; on 2 idle cores the wall time is at most about the CPU time.
 DEMO_METHODS := sgd,adam,soft_mask,si,lwf,agem,gem,er,der,derpp
 demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --scenario class \
