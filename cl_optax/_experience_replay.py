@@ -94,6 +94,8 @@ def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtr
     Array([-1., -1.], dtype=float32)
   """
 
+  _checks.check_hyperparameter(strength, transform="experience_replay", name="strength", low=0.0)
+
   def init_fn(params):
     del params
     return ExperienceReplayState(replay_steps=jnp.zeros((), jnp.int32))

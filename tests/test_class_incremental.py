@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import continual
-from benchmarks.continual import run_stream, runner
+from benchmarks.continual import progress, run_stream, runner
 from benchmarks.continual.nnx_models import NNXModel
 from cl_optax import streams
 
@@ -135,7 +135,7 @@ def test_layer_methods_name_the_mlp():
 
 
 def test_progress_is_one_line_per_task_off_a_terminal(capsys, monkeypatch):
-  monkeypatch.setattr(runner, "on_terminal", lambda: False)
+  monkeypatch.setattr(progress, "on_terminal", lambda: False)
   x, y = _blobs()
   stream = streams.split(x, y, classes_per_task=2, scenario="class", seed=0)
   run_stream(stream, "mlp", ["sgd"], seeds=[3], hidden=(8,), batch_size=8)

@@ -11,7 +11,7 @@ import pytest
 
 import cl_optax
 from benchmarks import continual
-from benchmarks.continual import runner
+from benchmarks.continual import progress
 from benchmarks.continual.methods import replay
 from cl_optax import streams
 
@@ -179,8 +179,8 @@ def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
     def close(self):
       counts.append((self.n, self.total))
 
-  monkeypatch.setattr(runner, "progress_bar", lambda desc, total: Bar(total))
-  monkeypatch.setattr(runner, "on_terminal", lambda: True)  # bars only on a terminal
+  monkeypatch.setattr(progress, "progress_bar", lambda desc, total: Bar(total))
+  monkeypatch.setattr(progress, "on_terminal", lambda: True)  # bars only on a terminal
   continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--out", str(tmp_path)])
   steps = 2 * (int(0.8 * 12) * 2 // 4)
   assert counts == [(steps, steps)] * 2

@@ -77,6 +77,11 @@ def test_er_bad_replay_tree_is_named():
     tx.update(battery._grads(params), tx.init(params), params, replay_grads={"w": jnp.zeros(2)})
 
 
+def test_er_negative_strength_is_named():
+  with pytest.raises(ValueError, match="experience_replay"):
+    experience_replay(-1.0)
+
+
 def test_er_bfloat16_keeps_dtype():
   params = make_params(jnp.bfloat16)
   g, r = battery._grads(params, 1), battery._grads(params, 2)

@@ -18,10 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.continual import progress
 from benchmarks.continual.model import Heads, head_logits, make_heads, mlp_apply, xent
 from benchmarks.continual.nnx_models import make_model
+from benchmarks.continual.progress import Ticks
 from benchmarks.continual.protocols import settings
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
+from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
 from cl_optax import metrics, streams
 
 
@@ -40,6 +43,8 @@ class Config(NamedTuple):
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
   model: Any = "mlp"  # a nnx_models.MODELS name, a model, or an nnx.Module factory
+  resume: str | None = None  # --resume DIR: checkpoint every task there, continue from the last
+  stop_after: int | None = None  # --stop-after-task K: checkpoint task K and stop (tests)
 
 
 def batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -206,40 +211,6 @@ class TestSets:
     return np.asarray(accs)
 
 
-def progress_bar(desc: str, total: int):
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, desc=desc, leave=False, unit="step", file=sys.stderr, mininterval=0.2)
-
-
-def on_terminal() -> bool:
-  return sys.stderr.isatty()
-
-
-class _Ticks:
-  """Progress of the task being trained: a tqdm bar that the scan's tick callback
-  updates on a terminal; elsewhere (a pipe, a CI log) one line per task when it ends."""
-
-  def __init__(self):
-    self.bar, self.line, self.t0 = None, None, 0.0
-
-  def __call__(self, n):
-    if self.bar is not None:
-      self.bar.update(int(n))
-
-  def open(self, cfg: Config, desc: str, total: int):
-    self.bar = progress_bar(desc, total) if cfg.progress and on_terminal() else None
-    self.line = desc if cfg.progress and self.bar is None else None
-    self.t0 = time.perf_counter()
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-    if self.line is not None:
-      print(f"{self.line}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
-    self.bar = self.line = None
-
-
 class _Run:
   """One method's run over seeds: its transform and jitted trainers, built once and shared
   by every seed; ``heads`` maps a column layout to the model's forward passes (``Heads``),
@@ -256,9 +227,10 @@ class _Run:
     self.hp.update({k: v for k, v in cfg.hp.items() if k in self.hp})
     self.model = make_model(cfg.model, tuple(cfg.hidden), cfg.bias)
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
-    self.ticks = _Ticks()
+    self.ticks = Ticks()
     self.evaluate = make_eval(self.model.apply)
     self.trainers, self.compiled, self.heads = {}, {}, heads
+    self.warned = False  # the stability note is printed once per run
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
@@ -300,15 +272,29 @@ class _Run:
     aux = None
     if method.init_aux is not None:
       aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, stream.n_outputs))
-    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress and on_terminal() else 0
+    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
     train = self.trainer(padded, ticks_every)
     heads = self.heads_for(stream)
 
     baseline = tests.evaluate(self.evaluate, params, eval_valid)
     R = np.zeros((T, T))
     train_s = end_s = compile_s = 0.0
-    samples = 0
+    samples, start, diverged, note = 0, 0, None, None
+    ckpt = TaskCheckpoints(cfg.resume, name, seed) if cfg.resume else None
+    if ckpt is not None and ckpt.latest() is not None:
+      last = ckpt.latest()
+      target = {"params": params, "opt_state": opt_state, "key": key, "R": R}
+      arrays, meta = ckpt.restore(last, target | ({"aux": aux} if aux is not None else {}))
+      params, opt_state, key = arrays["params"], arrays["opt_state"], arrays["key"]
+      aux, R = arrays.get("aux", aux), np.asarray(arrays["R"])
+      rng.bit_generator.state = meta["rng"]
+      samples, train_s, end_s, compile_s = (
+        meta[k] for k in ("samples", "train_s", "end_s", "compile_s")
+      )
+      start = last + 1
     for t, task in enumerate(stream):
+      if t < start:
+        continue
       x, y = task.train()
       X = jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), n_max))
       Y = jnp.asarray(pad_rows(y, n_max))
@@ -325,7 +311,7 @@ class _Run:
         self.compiled[sig] = train.lower(*args).compile()
         compile_s += time.perf_counter() - c0
       desc = f"{name:>10} seed {seed} task {t + 1}/{T}"
-      self.ticks.open(cfg, desc, len(plan) if not padded else s_max)
+      self.ticks.open(cfg.progress, desc, len(plan) if not padded else s_max)
       t0 = time.perf_counter()
       params, opt_state, aux, losses = self.compiled[sig](*args)
       jax.block_until_ready((params, losses))
@@ -334,7 +320,8 @@ class _Run:
       self.ticks.close()
       samples += len(plan) * cfg.batch_size
       if not np.all(np.isfinite(np.asarray(losses)[active])):
-        raise FloatingPointError(f"{name}: non-finite training loss on task {t} (seed {seed}).")
+        diverged = t  # recorded as such; the run goes on with the other methods
+        break
       R[t] = tests.evaluate(self.evaluate, params, eval_valid)
       if method.end_task is not None and t < T - 1:
         s0 = time.perf_counter()
@@ -344,6 +331,17 @@ class _Run:
         opt_state, aux = method.end_task(end)
         jax.block_until_ready(opt_state)
         end_s += time.perf_counter() - s0
+        note = stability_note(opt_state, self.opt, self.lr, self.hp)
+        if note and not self.warned:
+          self.warned = True
+          print(f"warning: {name} after task {t}: {note}", file=sys.stderr, flush=True)
+      if ckpt is not None:
+        arrays = {"params": params, "opt_state": opt_state, "key": key, "R": jnp.asarray(R)}
+        meta = {"rng": rng.bit_generator.state, "samples": samples, "train_s": train_s,
+                "end_s": end_s, "compile_s": compile_s}  # fmt: skip
+        ckpt.save(t, arrays | ({"aux": aux} if aux is not None else {}), meta)
+      if cfg.stop_after is not None and t + 1 == cfg.stop_after:
+        return None, (params, opt_state, aux)
     record = {
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
@@ -355,6 +353,8 @@ class _Run:
       "samples_per_s": samples / train_s if train_s > 0 else None,
       "compile_s": compile_s, "end_task_s": end_s, "wall_s": time.perf_counter() - t_wall,
     }  # fmt: skip
+    if diverged is not None:
+      record = diverged_record(record, diverged, seed, note)
     return record, (params, opt_state, aux)
 
 
@@ -380,6 +380,8 @@ def run_method(
   records = []
   for seed in seeds:
     record, state = run.seed(seed, make_stream)
+    if record is None:  # stopped after cfg.stop_after tasks (its checkpoint is saved)
+      continue
     records.append(record)
     if on_record is not None:
       on_record(record)
