@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import cl_optax
+from benchmarks import floor, lm
 from benchmarks.continual.model import mlp_apply, mlp_init, mlp_layer_names
 
 MODELS = {
@@ -34,7 +35,13 @@ MODELS = {
   "mlp-10m": (784, 3000, 3000, 10),  # ~11.4M parameters
   "mlp-1000": (784, 1000, 1000, 10),  # ~1.8M parameters (the NCL-KFAC target size)
   "lm": None,  # the byte-level Transformer of examples/continual_pretraining.py, ~0.88M
+  # the same Transformer at benchmark sizes (benchmarks/lm.py), float32 / bfloat16 parameters
+  "lm-10m": None,
+  "lm-10m-bf16": None,
+  "lm-100m": None,
+  "lm-100m-bf16": None,
 }
+BIG = 50_000_000  # from this size: element-wise cases only, few repeats (memory and time)
 
 
 def example_lm_params(seed=0):
@@ -53,7 +60,12 @@ def example_lm_params(seed=0):
 
 
 def model_params(model):
-  return example_lm_params() if model == "lm" else mlp_params(MODELS[model])
+  if model == "lm":
+    return example_lm_params()
+  name = model.removesuffix("-bf16")
+  if name in lm.CONFIGS:
+    return lm.lm_params(name, jnp.bfloat16 if model.endswith("-bf16") else jnp.float32)
+  return mlp_params(MODELS[model])
 
 
 def mlp_params(sizes, seed=0):
@@ -260,71 +272,55 @@ CASES += [
 
 
 def state_bytes(state) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
-
-
-def _timer(tx, params, extra, calls):
-  """Times `calls` chained `update` + `apply_updates`, params and state donated.
-
-  This is the optimiser's share of a real train step. Timing `tx.update`
-  alone and returning `updates` misleads: JAX aliases donated buffers to
-  outputs by shape and order, so the first donated state leaf is reused for
-  `updates` and every state leaf that passes through unchanged (importance,
-  anchors) is then copied.
-  """
-  grads = _uniform_like(params, seed=2)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, s, e):
-    updates, s = tx.update(grads, s, p, **e)
-    return optax.apply_updates(p, updates), s
-
-  def time_calls(state):
-    p, state = step(jax.tree.map(jnp.copy, params), state, extra)  # warm-up / compile
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(calls):
-      p, state = step(p, state, extra)
-    jax.block_until_ready((p, state))
-    return (time.perf_counter() - start) / calls, state
-
-  return time_calls
+  """Bytes of the array leaves (arrays or ``jax.ShapeDtypeStruct`` s)."""
+  leaves = jax.tree.leaves(state)
+  return sum(x.size * x.dtype.itemsize for x in leaves if hasattr(x, "dtype"))
 
 
 def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 0) -> dict:
+  """The update's time vs the base's and vs its floor; with ``step_batch``, the train step's."""
   params = model_params(model)
+  row = floor.measure(case, params, repeats, calls)
   base = BASES[case.base]()
   tx = case.make(BASES[case.base]())
-  extra = case.extra_args(params)
-  base_state, state = base.init(params), case.prepare(tx.init(params), params)
-  bytes_base, bytes_tx = state_bytes(base_state), state_bytes(state)
-  time_base, time_tx = _timer(base, params, extra, calls), _timer(tx, params, extra, calls)
-  t_base, t_tx = [], []
-  for _ in range(repeats):  # interleaved, so drifts in machine load hit both
-    t, base_state = time_base(base_state)
-    t_base.append(t)
-    t, state = time_tx(state)
-    t_tx.append(t)
+  bytes_base = state_bytes(jax.eval_shape(base.init, params))
   row_step = {}
-  if step_batch and model != "lm":  # the step timer trains the MLPs
-    step_base = _step_timer(base, params, base_state, step_batch, calls)
-    step_tx = _step_timer(tx, params, state, step_batch, calls)
+  if step_batch:
+    step_base = _step_timer(base, params, lambda: base.init(params), step_batch, calls, model)
+    step_tx = _step_timer(
+      tx, params, lambda: case.prepare(tx.init(params), params), step_batch, calls, model
+    )
     s_base, s_tx = [], []
     for _ in range(repeats):
       s_base.append(step_base())
       s_tx.append(step_tx())
-    row_step = {"step_batch": step_batch, "step_ratio": min(s_tx) / min(s_base)}
+    row_step = {
+      "step_batch": step_batch,
+      "base_step_us": 1e6 * min(s_base),
+      "step_us": 1e6 * min(s_tx),
+      "step_ratio": min(s_tx) / min(s_base),
+    }
   return row_step | {
     "case": case.name,
     "model": model,
     "base": case.base,
-    "n_params": int(sum(p.size for p in jax.tree.leaves(params))),
-    "base_update_us": 1e6 * min(t_base),
-    "update_us": 1e6 * min(t_tx),
-    "update_ratio": min(t_tx) / min(t_base),
+    "n_params": row["n_params"],
+    "base_update_us": 1e6 * row["base_s"],
+    "update_us": 1e6 * row["update_s"],
+    "update_ratio": row["ratio"],
     # sgd keeps no state: then the ratio is to the parameters' bytes instead
-    "state_bytes_ratio": bytes_tx / (bytes_base or state_bytes(params)),
+    "state_bytes": row["state_bytes"],
+    "state_bytes_ratio": row["state_bytes"] / (bytes_base or state_bytes(params)),
     "state_bytes_vs": "base" if bytes_base else "params",
+    "bandwidth_gbs": row["bandwidth"] / 1e9,
+    "floor_bytes": row["floor_bytes"],
+    "floor_us": 1e6 * row["floor_bytes"] / row["bandwidth"],
+    "achieved_over_floor": row["achieved_floor"],
+    "base_achieved_over_floor": row["base_achieved_floor"],
+    "reads": row["reads"],
+    "writes": row["writes"],
+    "compiled_bytes_per_param": row["compiled_bytes_per_param"],
+    "floor_bytes_per_param": row["floor_bytes_per_param"],
   }
 
 
@@ -335,18 +331,26 @@ def _ce(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y).mean()
 
 
-def _step_timer(tx, params, state, batch, calls):
-  """Times a whole train step (forward, backward, transform, apply); state donated."""
-  x = jax.random.normal(jax.random.key(3), (batch, params["layer0"]["kernel"].shape[0]))
-  y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
+def _step_timer(tx, params, make_state, batch, calls, model="mlp"):
+  """Times a whole train step (forward, backward, transform, apply); params and state donated.
+
+  MLPs: ``batch`` examples of 784 inputs; the LMs: ``batch`` sequences of bytes.
+  """
+  if model.startswith("lm"):
+    name = model.removesuffix("-bf16")
+    loss, data = lm.lm_loss(name), (lm.lm_batch(batch, lm.lm_config(name)["length"]),)
+  else:
+    x = jax.random.normal(jax.random.key(3), (batch, params["layer0"]["kernel"].shape[0]))
+    y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
+    loss, data = _ce, (x, y)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(p, s):
-    u, s = tx.update(jax.grad(_ce)(p, x, y), s, p)
+    u, s = tx.update(jax.grad(loss)(p, *data), s, p)
     return optax.apply_updates(p, u), s
 
   def run():
-    out = step(*jax.tree.map(jnp.copy, (params, state)))
+    out = step(jax.tree.map(jnp.copy, params), make_state())
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(calls):
@@ -444,6 +448,30 @@ def measure_train_steps(
   }
 
 
+def plot_floor(rows, path):
+  """Bar chart: achieved / floor per case, one group of bars per model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  width = 0.8 / len(models)
+  fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases) * max(1, len(models) / 2)), 4))
+  for i, m in enumerate(models):
+    got = {r["case"]: r["achieved_over_floor"] for r in rows if r["model"] == m}
+    xs = [j + i * width for j, c in enumerate(cases) if c in got]
+    ax.bar(xs, [got[c] for c in cases if c in got], width, label=m)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(1.15, color="r", lw=0.8, ls="--", label="goal 1.15")
+  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=45, ha="right")
+  ax.set_ylabel("update time / floor")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=",".join(c.name for c in CASES))
@@ -451,6 +479,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows to this file")
+  parser.add_argument("--png", default=None, help="bar chart of achieved / floor per case")
   parser.add_argument(
     "--step-batch",
     type=int,
@@ -478,24 +507,33 @@ def main():
     + (f", step x = train step at batch {args.step_batch}" if args.step_batch else "")
   )
   print(
-    f"{'case':<18}{'model':<9}{'base':<6}{'base us':>10}{'update us':>11}"
-    f"{'time x':>8}{'state x':>9}" + (f"{'step x':>8}" if args.step_batch else "")
+    f"{'case':<18}{'model':<13}{'base':<6}{'base us':>10}{'update us':>11}"
+    f"{'time x':>8}{'state x':>9}{'GB/s':>6}{'floor us':>10}{'ach/floor':>10}{'base/floor':>11}"
+    f"{'B/param':>8}{'floor':>6}" + (f"{'step x':>8}" if args.step_batch else "")
   )
   rows = []
   for model in args.models.split(","):
+    big = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda m=model: model_params(m)))) >= BIG
     for name in args.cases.split(","):
       if by_name[name].models and model not in by_name[name].models:
         continue
-      row = measure(by_name[name], model, args.repeats, args.calls, args.step_batch)
+      if big and name not in floor.ELEMENTWISE:
+        continue  # GEM / OGD hold k params-sized rows, K-FAC / GPM run on the MLPs
+      repeats, calls = (min(args.repeats, 2), 1) if big else (args.repeats, args.calls)
+      row = measure(by_name[name], model, repeats, calls, 0 if big else args.step_batch)
       rows.append(row)
       print(
-        f"{row['case']:<18}{model:<9}{row['base']:<6}{row['base_update_us']:>10.1f}"
+        f"{row['case']:<18}{model:<13}{row['base']:<6}{row['base_update_us']:>10.1f}"
         f"{row['update_us']:>11.1f}{row['update_ratio']:>8.2f}"
-        f"{row['state_bytes_ratio']:>9.2f}"
+        f"{row['state_bytes_ratio']:>9.2f}{row['bandwidth_gbs']:>6.1f}{row['floor_us']:>10.1f}"
+        f"{row['achieved_over_floor']:>10.2f}{row['base_achieved_over_floor']:>11.2f}"
+        f"{row['compiled_bytes_per_param']:>8.0f}{row['floor_bytes_per_param']:>6.0f}"
         + (f"{row['step_ratio']:>8.2f}" if "step_ratio" in row else "")
         + ("" if row["state_bytes_vs"] == "base" else " (state x of params)"),
         flush=True,
       )
+  if args.png and rows:
+    plot_floor(rows, args.png)
   step_rows = []
   if args.steps:
     print(

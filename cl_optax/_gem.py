@@ -18,8 +18,12 @@ _f32 = jnp.float32
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
-def _gem_dual(gram, dots, mask, strength, eps, *, iterations):
-  """Whether to project, and the dual solution ``v`` (0 on masked rows)."""
+def _gem_dual(gram, dots, mask, strength, eps, active, *, iterations):
+  """Whether to project, the dual solution ``v`` (0 on masked rows) and its active set.
+
+  ``active``: the bounds the solver starts from (the previous solution's; all
+  when it has no entries).
+  """
   k = dots.shape[0]
   both = mask[:, None] & mask[None, :]
   gram = jnp.where(both, 0.5 * (gram + gram.T), 0.0)
@@ -27,14 +31,23 @@ def _gem_dual(gram, dots, mask, strength, eps, *, iterations):
   finite = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(dots))
   project = jnp.any(mask & (dots < 0)) & finite
 
+  warm = active.shape == (k,)
+  start = active | ~mask if warm else None  # masked rows sit on their bound (0)
+
   def solve(_):
     # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
     P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, _f32), 1.0))
     lower = jnp.where(mask, jnp.asarray(strength, _f32), 0.0)
-    v = solve_box_qp(P, dots, lower, iterations=iterations)
-    return jnp.where(mask, v, 0.0)
+    v, act = solve_box_qp(
+      P, dots, lower, iterations=iterations, active=start, return_active=True
+    )
+    return jnp.where(mask, v, 0.0), act if warm else active
 
-  return project, jax.lax.cond(project, solve, lambda _: jnp.zeros((k,), _f32), None)
+  def keep(_):
+    return jnp.zeros((k,), _f32), active
+
+  v, active = jax.lax.cond(project, solve, keep, None)
+  return project, v, active
 
 
 class GEMState(NamedTuple):
@@ -43,9 +56,13 @@ class GEMState(NamedTuple):
   Attributes:
     gem_projected: number of steps in which some constraint was violated and
       the QP projection ran (a diagnostic; int32).
+    gem_active: ``[max_tasks]`` bool, the bounds active at the last QP
+      solution, where the next solve starts (shape ``(0,)`` without
+      ``max_tasks``: then every solve starts with all bounds active).
   """
 
   gem_projected: jax.Array  # shape=(), int32
+  gem_active: jax.Array  # shape=(max_tasks,) or (0,), bool
 
   def consolidate(self, params, **signals) -> GEMState:
     """GEM keeps no task state: its memory is the user's replay buffer."""
@@ -79,17 +96,20 @@ def gem(
   and the projection only when some :math:`\langle g, g_k \rangle < 0`.
   The official code ships the gradients to the host and calls ``quadprog`` in
   float64; here the QP is solved inside ``jit`` in float32 by
-  :func:`solve_box_qp` (fixed iterations; tested against ``quadprog``). With
+  :func:`solve_box_qp` (an active-set method that stops once converged, at
+  most ``solver_iterations`` steps, starting from the previous step's active
+  set when ``max_tasks`` is given; tested against ``quadprog``). With
   ``eps > 0`` the exact solution has :math:`\langle \tilde g, g_k \rangle
   = \lambda_k - \epsilon v_k \ge -\epsilon v_k`.
 
   Args:
     strength: the lower bound :math:`\gamma \ge 0` on the dual variables.
     max_tasks: the expected leading axis of ``task_grads`` (checked when given;
-      inferred otherwise).
+      inferred otherwise). Given, the state keeps the QP's active set and the
+      next step's solve starts from it.
     eps: ridge added to :math:`G G^\top` (official code: 1e-3).
-    solver_iterations: iterations of the in-jit active-set QP solver
-      (``3 * max_tasks + 5`` when ``None``).
+    solver_iterations: the most iterations of the in-jit active-set QP solver
+      (``3 * max_tasks + 5`` when ``None``); it stops earlier once converged.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -123,7 +143,10 @@ def gem(
 
   def init_fn(params):
     del params
-    return GEMState(gem_projected=jnp.zeros((), jnp.int32))
+    return GEMState(
+      gem_projected=jnp.zeros((), jnp.int32),
+      gem_active=jnp.ones((max_tasks or 0,), jnp.bool_),
+    )
 
   def update_fn(updates, state, params=None, *, task_grads=None, task_mask=None, **extra_args):
     del params, extra_args
@@ -154,7 +177,9 @@ def gem(
       t32, rest = t.astype(_f32), list(range(1, t.ndim))
       gram = gram + contract(t32, t32, (rest, rest))
       dots = dots + contract(t32, u.astype(_f32), (rest, list(range(u.ndim))))
-    project, v = _gem_dual(gram, dots, mask, strength, eps, iterations=solver_iterations)
+    project, v, active = _gem_dual(
+      gram, dots, mask, strength, eps, state.gem_active, iterations=solver_iterations
+    )
 
     def leaf(u, t):
       if _trees.is_masked(u) or u is None:
@@ -165,6 +190,6 @@ def gem(
     new = jax.tree.map(
       leaf, updates, _trees.restrict_to_updates(updates, task_grads), is_leaf=_trees.is_masked
     )
-    return new, GEMState(state.gem_projected + project.astype(jnp.int32))
+    return new, GEMState(state.gem_projected + project.astype(jnp.int32), active)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,13 +9,22 @@ _f32 = jnp.float32
 
 
 def solve_box_qp(
-  P: jax.Array, c: jax.Array, lower: jax.Array, *, iterations: int | None = None
-) -> jax.Array:
+  P: jax.Array,
+  c: jax.Array,
+  lower: jax.Array,
+  *,
+  iterations: int | None = None,
+  active: jax.Array | None = None,
+  return_active: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Solves :math:`\min_v \tfrac12 v^\top P v + c^\top v` s.t. :math:`v \ge` ``lower``.
 
-  A primal active-set method with a fixed number of iterations, so it runs
-  inside ``jit`` on any device. It starts with every bound active
-  (``v = lower``, GEM's common case) and at each iteration either moves to the
+  A primal active-set method in a ``lax.while_loop``, so it runs inside
+  ``jit`` on any device and stops as soon as the KKT conditions hold (at most
+  ``iterations`` steps). It starts at ``v = lower`` with every bound active
+  (GEM's common case) or with the bounds of ``active`` (e.g. the previous
+  step's active set: then a problem whose active set did not change takes two
+  iterations) and at each iteration either moves to the
   minimiser over the free coordinates (stopping at the first bound in the way,
   which becomes active) or, at that minimiser, frees the active bound with the
   most negative multiplier. Each step is a ``[k, k]`` Cholesky solve; the
@@ -35,10 +44,13 @@ def solve_box_qp(
     P: ``[k, k]`` symmetric positive-definite matrix.
     c: ``[k]`` linear term.
     lower: ``[k]`` lower bounds.
-    iterations: number of active-set iterations (static; ``3 k + 5`` if ``None``).
+    iterations: the most active-set iterations (static; ``3 k + 5`` if ``None``).
+    active: ``[k]`` bool, the bounds active at the start (all if ``None``).
+    return_active: also return the active set at the solution.
 
   Returns:
-    ``v`` of shape ``[k]`` (float32), feasible (``v >= lower``).
+    ``v`` of shape ``[k]`` (float32), feasible (``v >= lower``); with
+    ``return_active``, ``(v, active)``.
   """
   P = jnp.asarray(P, _f32)
   c = jnp.asarray(c, _f32)
@@ -54,8 +66,8 @@ def solve_box_qp(
   if iterations is None:
     iterations = 3 * k + 5
 
-  def body(_, carry):
-    w, active = carry
+  def body(carry):
+    i, w, active, _ = carry
     free = ~active
     H = jnp.where(free[:, None] & free[None, :], P, 0.0) + eye * active[:, None]
     fixed = jnp.where(active, lo, 0.0)
@@ -76,11 +88,19 @@ def solve_box_qp(
     lam = P @ target + c
     lam_active = jnp.where(active, lam, jnp.inf)
     release = jnp.argmin(lam_active)
-    active_stay = active & ~((jnp.arange(k) == release) & (lam_active[release] < 0))
+    releasing = lam_active[release] < 0
+    active_stay = active & ~((jnp.arange(k) == release) & releasing)
     w_new = jnp.where(moving, w_move, jnp.maximum(target, lo))
     active_new = jnp.where(moving, active_move, active_stay)
     ok = jnp.all(jnp.isfinite(w_new))
-    return jnp.where(ok, w_new, w), jnp.where(ok, active_new, active)
+    done = ~ok | ~(moving | releasing)  # at the free minimiser, no negative multiplier
+    return i + 1, jnp.where(ok, w_new, w), jnp.where(ok, active_new, active), done
 
-  w, _ = jax.lax.fori_loop(0, iterations, body, (lo, jnp.ones((k,), jnp.bool_)))
-  return jnp.maximum(w * s, lower)
+  start = jnp.ones((k,), jnp.bool_) if active is None else jnp.asarray(active, jnp.bool_)
+  _, w, active, _ = jax.lax.while_loop(
+    lambda carry: (carry[0] < iterations) & ~carry[3],
+    body,
+    (jnp.zeros((), jnp.int32), lo, start, jnp.zeros((), jnp.bool_)),
+  )
+  v = jnp.maximum(w * s, lower)
+  return (v, active) if return_active else v

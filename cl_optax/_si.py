@@ -19,16 +19,18 @@ class SIState(NamedTuple):
     si_anchor: :math:`\\tilde\\theta`, params at the end of the previous
       task (= the start of the current one).
     si_importance: :math:`\\Omega`, the consolidated importance.
-    path_integral: :math:`\\omega`, this task's running path integral.
-    prev_params: the ``params`` seen at the previous update.
-    prev_grad: the gradient recorded at the previous update.
+    path_integral: :math:`s = \\omega + g_{t}\\odot(\\theta_{t} - \\tilde\\theta)`:
+      this task's running path integral :math:`\\omega` plus the gradient
+      recorded at the last update times the displacement from the anchor it
+      was recorded at (so no copy of the previous params is kept; see
+      :func:`si`).
+    prev_grad: the gradient :math:`g_t` recorded at the previous update.
     si_xi: :math:`\\xi` used at ``consolidate`` (refreshed at every update).
   """
 
   si_anchor: Any
   si_importance: Any
   path_integral: Any
-  prev_params: Any
   prev_grad: Any
   si_xi: jax.Array  # shape=(), float32
 
@@ -38,12 +40,13 @@ class SIState(NamedTuple):
     params = _trees.restrict_like(self.si_anchor, params, transform="si", name="params")
     params = f32_like(self.si_anchor, params)
 
-    def merge(o, w, g, prev, p, start):
+    def merge(o, s, g, p, start):
       if _trees.is_masked(o):
         return o
-      w = w - g * (p - prev)  # the last step's contribution
+      delta = p - start
+      w = s - g * delta  # omega, with the last step's contribution
       # A parameter that did not move (with xi = 0: 0 / 0) gains no importance.
-      den = jnp.square(p - start) + self.si_xi
+      den = jnp.square(delta) + self.si_xi
       gain = jnp.where(den > 0, w / jnp.where(den > 0, den, 1.0), 0.0)
       return (o + gain).astype(o.dtype)
 
@@ -52,20 +55,20 @@ class SIState(NamedTuple):
       self.si_importance,
       self.path_integral,
       self.prev_grad,
-      self.prev_params,
       params,
       self.si_anchor,
       is_leaf=_trees.is_masked,
     )
     zeros = jax.tree.map(
-      lambda o: o if _trees.is_masked(o) else jnp.zeros_like(o), omega, is_leaf=_trees.is_masked
+      lambda o: o if _trees.is_masked(o) else jnp.zeros_like(o, jnp.float32),
+      omega,
+      is_leaf=_trees.is_masked,
     )
     return self._replace(
       si_anchor=params,
       si_importance=omega,
       path_integral=zeros,
-      prev_params=jax.tree.map(jnp.copy, params),  # every state leaf owns its buffer
-      prev_grad=jax.tree.map(jnp.copy, zeros),
+      prev_grad=jax.tree.map(jnp.copy, zeros),  # every state leaf owns its buffer
     )
 
 
@@ -88,7 +91,13 @@ def si(
   parameter change of a step is read as the difference of consecutive
   ``params`` (at update :math:`t+1` SI adds :math:`-g_t\odot(\theta_{t+1} -
   \theta_t)` with the gradient :math:`g_t` it recorded at update :math:`t`;
-  ``consolidate`` adds the last step's term from the final params). So SI can
+  ``consolidate`` adds the last step's term from the final params). The state
+  keeps :math:`s_t = \omega_t + g_t\odot(\theta_t-\tilde\theta)` instead of
+  :math:`\omega_t` and :math:`\theta_t`: then :math:`s_{t+1} = s_t +
+  (g_{t+1} - g_t)\odot(\theta_{t+1}-\tilde\theta)` reads the anchor the
+  penalty reads anyway, and :math:`\omega = s - g_t\odot(\theta_{\rm
+  end}-\tilde\theta)` at ``consolidate`` -- the same sum with one
+  params-sized array fewer to keep, read and write at every step. So SI can
   sit anywhere in the chain, before SGD or before Adam, and the change is the
   one really applied. :math:`g_t` is SI's *input* ``updates``: placed first in
   the chain that is the loss gradient without the penalty (Zenke's code);
@@ -126,7 +135,6 @@ def si(
       si_anchor=copy_f32(params),
       si_importance=zeros(params, importance_dtype),
       path_integral=zeros(params),
-      prev_params=copy_f32(params),
       prev_grad=zeros(params),
       si_xi=jnp.asarray(xi, jnp.float32),
     )
@@ -136,25 +144,24 @@ def si(
     out = add_penalty(updates, params, state.si_anchor, state.si_importance, strength, "si")
     recorded = out if include_penalty else updates
 
-    def step(w, g, prev, p):
-      if _trees.is_masked(w):
-        return w
-      return w - g * (jnp.asarray(p, jnp.float32) - prev)
+    def step(s, g_new, g_old, p, start):
+      if _trees.is_masked(s):
+        return s
+      delta = jnp.asarray(p, jnp.float32) - start
+      return s + (jnp.asarray(g_new, jnp.float32) - g_old) * delta
 
     path = jax.tree.map(
       step,
       state.path_integral,
+      recorded,
       state.prev_grad,
-      state.prev_params,
       params,
+      state.si_anchor,
       is_leaf=_trees.is_masked,
     )
-    prev_grad = f32_like(state.prev_grad, recorded)
-    prev_params = f32_like(state.prev_params, params)
     state = state._replace(
       path_integral=path,
-      prev_params=prev_params,
-      prev_grad=prev_grad,
+      prev_grad=f32_like(state.prev_grad, recorded),
       si_xi=jnp.asarray(xi, jnp.float32),
     )
     return out, state

@@ -16,11 +16,18 @@ from cl_optax import _checks, _trees
 
 
 def mask_leaf(u, keep):
-  """``u * keep`` in ``u``'s dtype; non-finite entries of ``u`` pass unchanged."""
+  """``u * keep`` in ``u``'s dtype; non-finite entries of ``u`` pass unchanged.
+
+  The guard selects the *factor* (``keep``, or 1 where ``u`` is not finite)
+  rather than between ``u * keep`` and ``u``: the same values, but XLA then
+  fuses the product into the loop that computes ``u`` (e.g. Adam's last one)
+  also when ``keep`` is broadcast from a unit importance; selecting between
+  two uses of ``u`` made it write ``u`` out and read it back (two passes over
+  the parameters).
+  """
   if _trees.is_masked(u) or u is None:
     return u
-  scaled = u * jnp.asarray(keep, dtype=u.dtype)
-  return jnp.where(jnp.isfinite(u), scaled, u)
+  return u * jnp.where(jnp.isfinite(u), jnp.asarray(keep, dtype=u.dtype), 1)
 
 
 class SoftMaskState(NamedTuple):
