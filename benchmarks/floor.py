@@ -338,11 +338,7 @@ def gem_parts(model: str = "lm-10m", k: int = 20, repeats: int = 5, calls: int =
     "gram": lambda: gram(grads, extra),
     "qp_cold": lambda: qp(gr, dots, jnp.ones((k,), bool)),
     "qp_warm": lambda: qp(gr, dots, solved),
-    "qp_fixed_3k5": lambda: jax.block_until_ready(fixed(gr, dots)),
   }
-
-  def fixed(gr, dots):  # the solver before: 3k + 5 iterations, always
-    return _fixed_qp(gr, dots, mask)
 
   times = {n: [] for n in runs}
   for _ in range(repeats):
@@ -361,20 +357,5 @@ def gem_parts(model: str = "lm-10m", k: int = 20, repeats: int = 5, calls: int =
   t = {n: min(v) for n, v in times.items()}
   t["qp"] = t["qp_cold"]
   return {"model": model, "k": k, "n_params": sum(x.size for x in jax.tree.leaves(params)),
-          **{f"{n}_ms": 1e3 * v for n, v in t.items()}, "qp_share": t["qp"] / t["update"],
-          "qp_fixed_share": t["qp_fixed_3k5"] / t["update"]}
+          **{f"{n}_ms": 1e3 * v for n, v in t.items()}, "qp_share": t["qp"] / t["update"]}
 
-
-@jax.jit
-def _fixed_qp(gram, dots, mask):
-  """GEM's dual with the solver run for 3 k + 5 iterations whatever happens (the old way)."""
-  from cl_optax._qp import solve_box_qp
-
-  k = dots.shape[0]
-  gram = jnp.where(mask[:, None] & mask[None, :], 0.5 * (gram + gram.T), 0.0)
-  P = gram + jnp.diag(jnp.where(mask, 1e-3, 1.0))
-  lower = jnp.where(mask, 0.5, 0.0)
-  # a cap that is never reached: the while loop then runs as the fori loop did
-  return jax.lax.fori_loop(
-    0, 3 * k + 5, lambda i, v: v + 0 * solve_box_qp(P, dots, lower, iterations=1), jnp.zeros(k)
-  )
