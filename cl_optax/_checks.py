@@ -72,6 +72,48 @@ def check_shapes(
   jax.tree_util.tree_map_with_path(check, template, tree, is_leaf=_trees.is_masked)
 
 
+def check_updates(
+  updates: Any,
+  template: Any,
+  *,
+  transform: str,
+  name: str = "updates",
+  shapes: bool = True,
+  broadcastable: bool = False,
+) -> None:
+  """Raises a ``ValueError`` when ``updates`` do not fit a state tree built at init.
+
+  ``template`` is a state field laid out like the params at init (``MaskedNode``
+  where the transform keeps nothing, possibly for a whole subtree). The message
+  names the missing and unexpected leaves, or the first leaf whose shape differs
+  (with ``broadcastable``, a template leaf may broadcast to the update leaf).
+  """
+  t_def = jax.tree.structure(template, is_leaf=_trees.is_masked)
+  try:
+    u_leaves = t_def.flatten_up_to(updates)
+  except (ValueError, TypeError):
+    t_paths, u_paths = _trees.key_strings(template), _trees.key_strings(updates)
+    covers = lambda a, b: b == a or b.startswith(a)  # noqa: E731
+    missing = [t for t in t_paths if not any(covers(t, u) for u in u_paths)]
+    extra = [u for u in u_paths if not any(covers(t, u) for t in t_paths)]
+    raise ValueError(
+      f"{transform}: `{name}` do not match the state (built from the params at init): "
+      f"missing leaves {missing or 'none'}, unexpected leaves {extra or 'none'}; expected "
+      f"the leaves {t_paths}."
+    ) from None
+  if not shapes:
+    return
+  for path, t, u in zip(_trees.key_strings(template), t_def.flatten_up_to(template), u_leaves):
+    if _trees.is_masked(t) or _trees.is_masked(u) or u is None:
+      continue
+    tshape, ushape = tuple(np.shape(t)), tuple(np.shape(u))
+    if tshape != ushape and not (broadcastable and broadcasts_to(tshape, ushape)):
+      raise ValueError(
+        f"{transform}: `{name}` leaf {path} has shape {ushape}; expected {tshape} "
+        "(the shape of that parameter at init)."
+      )
+
+
 def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = ()) -> list:
   """Pairs of (update leaf, ``tree`` leaf), skipping ``MaskedNode`` updates.
 
@@ -106,17 +148,49 @@ def _check_values(tree: Any, *, transform: str, name: str, low: float, high: flo
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     if not is_concrete(x) or np.size(x) == 0:
       continue
-    a = np.asarray(jnp.asarray(x, jnp.float32))
+    # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
+    a = jnp.asarray(x, jnp.float32)
     where = f"{transform}: `{name}` leaf {_trees.key_string(path)}"
-    if not np.all(np.isfinite(a)):
+    if not bool(jnp.all(jnp.isfinite(a))):
       raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
-    lo, hi = float(a.min()), float(a.max())
+    lo, hi = float(jnp.min(a)), float(jnp.max(a))
     if high is None and lo < low:
       raise ValueError(
         f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
       )
     if high is not None and (lo < low or hi > high):
       raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+
+
+def check_hyperparameter(
+  value: Any,
+  *,
+  transform: str,
+  name: str,
+  low: float | None = None,
+  high: float | None = None,
+  open_low: bool = False,
+  integer: bool = False,
+) -> None:
+  """Raises a ``ValueError`` when a factory argument is outside its range.
+
+  ``value`` must be finite and in ``[low, high]`` (``(low, high]`` with
+  ``open_low``). ``None``, schedules (callables) and traced values (under
+  ``optax.inject_hyperparams`` inside ``jit``) are not checked.
+  """
+  if value is None or callable(value) or not is_concrete(value) or np.ndim(value) != 0:
+    return
+  v = float(np.asarray(value))
+  parts = []
+  if low is not None:
+    parts.append(f"{'>' if open_low else '>='} {low:g}")
+  if high is not None:
+    parts.append(f"<= {high:g}")
+  expected = ("an integer " if integer else "a finite number ") + " and ".join(parts)
+  ok = np.isfinite(v) and (not integer or v == int(v))
+  ok = ok and (low is None or (v > low if open_low else v >= low)) and (high is None or v <= high)
+  if not ok:
+    raise ValueError(f"{transform}: `{name}` must be {expected.strip()}; got {v:g}.")
 
 
 def check_in_unit_interval(tree: Any, *, transform: str, name: str) -> None:

@@ -86,6 +86,8 @@ def ewc(
     Array([-2., -0.], dtype=float32)
   """
 
+  _checks.check_hyperparameter(strength, transform="ewc", name="strength", low=0.0)
+
   def init_fn(params):
     return EWCState(ewc_anchor=copy_f32(params), ewc_importance=zeros(params, importance_dtype))
 
@@ -148,6 +150,9 @@ def online_ewc(
     learning*, ICML 2018, Sec. 2.3; Chaudhry et al., *Riemannian Walk for
     incremental learning*, ECCV 2018.
   """
+
+  _checks.check_hyperparameter(strength, transform="online_ewc", name="strength", low=0.0)
+  _checks.check_hyperparameter(decay, transform="online_ewc", name="decay", low=0.0, high=1.0)
 
   def init_fn(params):
     return OnlineEWCState(

@@ -69,12 +69,15 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
     Array([-1., -1., -0.], dtype=float32)
   """
 
+  _checks.check_hyperparameter(threshold, transform="freeze", name="threshold", low=0.0, high=1.0)
+
   def init_fn(params):
     frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
     return FreezeState(frozen=frozen, freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _checks.check_updates(updates, state.frozen, transform="freeze")
     updates = jax.tree.map(lambda f, u: mask_leaf(u, ~f), state.frozen, updates)
     return updates, state._replace(freeze_threshold=jnp.asarray(threshold, jnp.float32))
 

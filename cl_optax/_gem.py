@@ -136,6 +136,9 @@ def gem(
     Array([-0., -1.], dtype=float32)
   """
 
+  _checks.check_hyperparameter(strength, transform="gem", name="strength", low=0.0)
+  _checks.check_hyperparameter(max_tasks, transform="gem", name="max_tasks", low=1.0, integer=True)
+
   def init_fn(params):
     del params
     return GEMState(

@@ -274,6 +274,8 @@ def gpm(
 
   dtype = _f32 if basis_dtype is None else basis_dtype
 
+  _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
+
   def init_fn(params):
     labels = (
       _trees.resolve_labels(layers, params) if layers is not None else (_default_projected(params))
@@ -303,9 +305,10 @@ def gpm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _checks.check_updates(updates, state.feature_basis, transform="gpm", shapes=False)
     frozen = state.gpm_tasks > 0
 
-    def leaf(b, c, u):
+    def leaf(path, b, c, u):
       if _trees.is_masked(u) or u is None:
         return u
       if _trees.is_masked(b):
@@ -313,11 +316,16 @@ def gpm(
           return u
         return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
       d_in = b.shape[0]
+      if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
+        raise ValueError(
+          f"gpm: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; expected "
+          f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
+        )
       g = u.reshape(d_in, -1).astype(_f32)
       new = _project_out(b, c, g).reshape(u.shape)
       return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
-    new_updates = jax.tree.map(
+    new_updates = jax.tree_util.tree_map_with_path(
       leaf, state.feature_basis, state.feature_count, updates, is_leaf=_trees.is_masked
     )
     return new_updates, state._replace(gpm_threshold=jnp.asarray(threshold, _f32))

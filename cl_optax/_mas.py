@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from cl_optax import _trees
+from cl_optax import _checks, _trees
 from cl_optax._penalty import copy_f32, importance_signal, penalty_update, zeros
 
 
@@ -59,6 +59,8 @@ def mas(
     Aljundi, Babiloni, Elhoseiny, Rohrbach, Tuytelaars, *Memory Aware Synapses:
     Learning what (not) to forget*, ECCV 2018, Eq. 3 and 6.
   """
+
+  _checks.check_hyperparameter(strength, transform="mas", name="strength", low=0.0)
 
   def init_fn(params):
     return MASState(mas_anchor=copy_f32(params), mas_importance=zeros(params, importance_dtype))

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cl_optax import _checks, _trees
@@ -115,6 +116,28 @@ class NCLState(NamedTuple):
     return treedef.unflatten(out)
 
 
+def _row_blocks(leaves, rows) -> list[jax.Array]:
+  """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32)."""
+  blocks = [jnp.asarray(leaves[rows[0]], jnp.float32)]
+  if len(rows) > 1:
+    blocks.append(jnp.asarray(leaves[rows[1]], jnp.float32)[None])
+  return blocks
+
+
+def _left(m: jax.Array, blocks: list[jax.Array]) -> list[jax.Array]:
+  """``m @ concatenate(blocks)`` as row blocks, without concatenating.
+
+  Appending the bias row to a kernel whose rows are sharded would gather the
+  kernel on every device; block products keep it sharded (a replicated
+  factor times a sharded block is local work plus a reduction).
+  """
+  edges = np.cumsum([0] + [b.shape[0] for b in blocks])
+  return [
+    sum(m[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] @ b for c, b in enumerate(blocks))
+    for r in range(len(blocks))
+  ]
+
+
 @_checks.renamed_arguments(positional=("strength", "damping", "decay", "radius"))
 def ncl(
   data_size: float,
@@ -186,8 +209,9 @@ def ncl(
   before the preconditioner, which is the same linear map within a task). A
   change of ``damping`` through ``inject_hyperparams`` reaches the Kronecker
   inverses at the next ``consolidate`` (diagonal: at once). Non-finite
-  gradient entries pass through unchanged in diagonal mode; in a Kronecker
-  layer the matmuls spread them over the layer.
+  gradient entries pass through unchanged; a Kronecker layer (kernel and
+  bias) holding one passes its whole gradient unchanged, since the matmuls
+  would spread it over the layer. Both stay out of the trust-region norm.
 
   Args:
     data_size: :math:`N`, the number of training examples per task (official
@@ -238,6 +262,15 @@ def ncl(
 
   prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
 
+  for arg, value, low, open_low in (
+    ("data_size", data_size, 0.0, True),
+    ("strength", strength, 0.0, False),
+    ("damping", damping, 0.0, False),
+    ("radius", radius, 0.0, True),
+  ):
+    _checks.check_hyperparameter(value, transform="ncl", name=arg, low=low, open_low=open_low)
+  _checks.check_hyperparameter(decay, transform="ncl", name="decay", low=0.0, high=1.0)
+
   def init_fn(params):
     n = jnp.asarray(data_size, jnp.float32)
     if prior_mean == "zeros":
@@ -284,6 +317,8 @@ def ncl(
     alpha2 = jnp.square(jnp.asarray(damping, jnp.float32))
     lam = jnp.asarray(strength, jnp.float32)
     n = jnp.asarray(data_size, jnp.float32)
+    _checks.check_updates(updates, state.prior_mean, transform="ncl")
+    _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
     p_leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
     m_leaves = jax.tree.leaves(state.prior_mean, is_leaf=_trees.is_masked)
@@ -307,8 +342,8 @@ def ncl(
       else:
         d = g / (f + alpha2) + lam * diff
       d = d / n
-      if radius is not None:
-        sq_norm += jnp.sum(f * jnp.square(d))
+      if radius is not None:  # non-finite entries pass unchanged, outside the norm
+        sq_norm += jnp.sum(jnp.where(jnp.isfinite(d), f * jnp.square(d), 0.0))
       out[i] = d
 
     if state.kron:
@@ -318,24 +353,21 @@ def ncl(
         ik, ib = idx["kernel"], idx.get("bias")
         rows = [ik] if ib is None else [ik, ib]
 
-        def bar(leaves, rows=rows):
-          parts = [jnp.asarray(leaves[rows[0]], jnp.float32)]
-          if len(rows) > 1:
-            parts.append(jnp.asarray(leaves[rows[1]], jnp.float32)[None])
-          return jnp.concatenate(parts, 0) if len(parts) > 1 else parts[0]
-
-        g = bar(u_leaves)
-        diff = bar(p_leaves) - bar(m_leaves)
+        g = _row_blocks(u_leaves, rows)
+        diff = [x - y for x, y in zip(_row_blocks(p_leaves, rows), _row_blocks(m_leaves, rows))]
         if precondition_penalty:
-          d = k.a_inv @ (g + lam * (k.a @ diff @ k.g)) @ k.g_inv
+          inner = [gi + lam * (x @ k.g) for gi, x in zip(g, _left(k.a, diff))]
+          d = [x @ k.g_inv / n for x in _left(k.a_inv, inner)]
         else:
-          d = k.a_inv @ g @ k.g_inv + lam * diff
-        d = d / n
+          d = [(x @ k.g_inv + lam * di) / n for x, di in zip(_left(k.a_inv, g), diff)]
+        # A non-finite entry would spread over the layer: such a layer passes unchanged.
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
         if radius is not None:
-          sq_norm += jnp.sum(d * (k.a @ d @ k.g))
-        out[ik] = d[: d.shape[0] - (len(rows) - 1)]
+          norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
+          sq_norm += jnp.where(finite, norm2, 0.0)
+        out[ik] = jnp.where(finite, d[0], g[0])
         if ib is not None:
-          out[ib] = d[-1]
+          out[ib] = jnp.where(finite, d[1][0], g[1][0])
 
     if radius is not None:
       r = jnp.asarray(radius, jnp.float32)

@@ -133,6 +133,11 @@ def ogd(
   """
   dtype = _f32 if basis_dtype is None else basis_dtype
 
+  _checks.check_hyperparameter(
+    max_directions, transform="ogd", name="max_directions", low=1.0, integer=True
+  )
+  _checks.check_hyperparameter(rtol, transform="ogd", name="rtol", low=0.0)
+
   def init_fn(params):
     def rows(p):  # broadcast from zeros_like: the rows are sharded like the leaf
       return jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (int(max_directions), *jnp.shape(p)))

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cl_optax import _checks
+
 
 def output_gradients(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
@@ -30,6 +32,8 @@ def output_gradients(
     A pytree like params whose leaves have a leading axis of size ``n``.
   """
 
+  _check_inputs(apply_fn, params, inputs, labels)
+
   def one(x, y):
     def out(p):
       logits = apply_fn(p, x[None])[0]
@@ -39,3 +43,31 @@ def output_gradients(
 
   ys = jnp.zeros(inputs.shape[0], jnp.int32) if labels is None else labels
   return jax.jit(jax.vmap(one))(inputs, ys)
+
+
+def _check_inputs(apply_fn, params, inputs, labels) -> None:
+  """Raises a ``ValueError`` naming the argument that does not fit ``[n, ...]`` / ``[n]``."""
+  if jnp.ndim(inputs) < 1 or jnp.shape(inputs)[0] == 0:
+    raise ValueError(
+      f"output_gradients: `inputs` has shape {jnp.shape(inputs)}; expected [n, ...] "
+      "with n >= 1 stored samples."
+    )
+  if labels is None:
+    return
+  n = jnp.shape(inputs)[0]
+  if jnp.shape(labels) != (n,):
+    raise ValueError(
+      f"output_gradients: `labels` has shape {jnp.shape(labels)}; expected ({n},), one per input."
+    )
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(
+      f"output_gradients: `labels` has dtype {jnp.result_type(labels)}; expected integer labels."
+    )
+  classes = jax.eval_shape(apply_fn, params, inputs[:1]).shape[-1]
+  if _checks.is_concrete(labels):
+    lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+    if lo < 0 or hi >= classes:
+      raise ValueError(
+        f"output_gradients: `labels` has values in [{lo}, {hi}]; expected values in "
+        f"[0, {classes}) (the model's {classes} outputs)."
+      )

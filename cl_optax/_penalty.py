@@ -51,6 +51,8 @@ def add_penalty(updates, params, anchor, omega, strength, transform):
   """``updates + strength * omega * (params - anchor)`` in the updates' dtypes."""
   if params is None:
     raise ValueError(f"{transform}: update needs `params` (the penalty pulls them to the anchor).")
+  _checks.check_updates(updates, anchor, transform=transform)
+  _checks.check_updates(params, anchor, transform=transform, name="params")
   lam = jnp.asarray(strength, jnp.float32)
 
   def add(u, p, a, o):

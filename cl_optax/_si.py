@@ -45,7 +45,10 @@ class SIState(NamedTuple):
         return o
       delta = p - start
       w = s - g * delta  # omega, with the last step's contribution
-      return (o + w / (jnp.square(delta) + self.si_xi)).astype(o.dtype)
+      # A parameter that did not move (with xi = 0: 0 / 0) gains no importance.
+      den = jnp.square(delta) + self.si_xi
+      gain = jnp.where(den > 0, w / jnp.where(den > 0, den, 1.0), 0.0)
+      return (o + gain).astype(o.dtype)
 
     omega = jax.tree.map(
       merge,
@@ -123,6 +126,9 @@ def si(
     ICML 2017, Eq. 3-5; code GMvandeVen/continual-learning
     (``update_importance_estimates``, ``update_omega``).
   """
+
+  _checks.check_hyperparameter(strength, transform="si", name="strength", low=0.0)
+  _checks.check_hyperparameter(xi, transform="si", name="xi", low=0.0)
 
   def init_fn(params):
     return SIState(

@@ -241,6 +241,7 @@ def soft_mask(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _checks.check_updates(updates, state.importance, transform="soft_mask", broadcastable=True)
 
     def mask(imp, u):
       if _trees.is_masked(imp):  # a head leaf or subtree, or one optax.masked left out

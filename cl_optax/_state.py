@@ -16,8 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import optax
+from jax.sharding import NamedSharding
 
-from cl_optax import _trees
+from cl_optax import _checks, _trees
 
 
 @runtime_checkable
@@ -34,6 +35,28 @@ class ContinualState(Protocol):
 
 def _is_continual(x: Any) -> bool:
   return callable(getattr(type(x), "consolidate", None))
+
+
+def _placed_like(new: Any, old: Any) -> Any:
+  """``new`` with every leaf sharded as the same leaf of ``old`` where that was a mesh sharding.
+
+  A merge combines the state with signals of whatever sharding the caller's
+  estimator produced (e.g. an importance sharded differently from its
+  parameter); the state keeps the layout it got at init, like the params.
+  """
+
+  def place(n, o):
+    if not (isinstance(n, jax.Array) and isinstance(o, jax.Array)) or not _checks.is_concrete(n):
+      return n
+    target = o.sharding
+    if not isinstance(target, NamedSharding) or n.shape != o.shape:
+      return n
+    return n if n.sharding.is_equivalent_to(target, n.ndim) else jax.device_put(n, target)
+
+  try:
+    return jax.tree.map(place, new, old)
+  except (ValueError, TypeError):  # a state whose merge changed its tree: leave it as it is
+    return new
 
 
 def consolidate(opt_state: optax.OptState, params: optax.Params, **signals: Any) -> optax.OptState:
@@ -83,7 +106,7 @@ def consolidate(opt_state: optax.OptState, params: optax.Params, **signals: Any)
   def visit(node):
     if _is_continual(node):
       found.append(type(node).__name__)
-      return node.consolidate(params, **signals)
+      return _placed_like(node.consolidate(params, **signals), node)
     return node
 
   new = jax.tree.map(visit, pure, is_leaf=_is_continual)

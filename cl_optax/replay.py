@@ -149,10 +149,13 @@ def add(memory: Memory, batch: PyTree, *, key: jax.Array | None = None, task: An
     counting every item ever offered) fills slot ``n`` while there is room,
     later replaces a uniformly chosen slot with probability ``capacity / (n+1)``.
     A ring writes the batch after the task's most recent item, overwriting
-    the oldest ones.
+    the oldest ones. A batch of zero items leaves the memory as it is;
+    items are stored as given (non-finite values too).
   """
   b = _batch_size(memory, batch)
   cap = _capacity(memory)
+  if b == 0:  # nothing offered: the memory (and its count) stays as it is
+    return memory
   if isinstance(memory, Reservoir):
     if key is None:
       raise ValueError("replay.add: a Reservoir needs `key=` (a PRNG key).")

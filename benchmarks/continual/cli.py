@@ -54,6 +54,13 @@ def main(argv=None):
   )
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument(
+    "--resume",
+    type=pathlib.Path,
+    default=None,
+    help="checkpoint every task under DIR; a run stopped after task k continues from there",
+  )
+  parser.add_argument("--stop-after-task", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--list", action="store_true", help="list methods and streams")
   parser.add_argument(
     "--from-jsonl",
@@ -102,6 +109,8 @@ def main(argv=None):
     protocol=args.stream,
     lr_override=args.lr,
     scenario=args.scenario,
+    resume=None if args.resume is None else str(args.resume),
+    stop_after=args.stop_after_task,
   )
   seeds = list(range(args.seed0, args.seed0 + args.seeds))
   dev = jax.devices()[0]
@@ -116,7 +125,7 @@ def main(argv=None):
   records = []
   heads = {}  # the model's forward passes per column layout, shared by the methods
   jsonl = args.out / "results.jsonl"
-  with open(jsonl, "w") as f:
+  with open(jsonl, "a" if args.resume else "w") as f:
     for name in names:
 
       def write(r):
@@ -135,6 +144,11 @@ def main(argv=None):
         name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write, heads=heads
       )
       records += recs
+      for r in recs:
+        if r.get("diverged"):
+          print(f"  {name}: diverged: {r['diverged']['reason']}", flush=True)
+      if not recs:
+        continue
       print(
         f"  {name}: ACC {fmt([r['acc'] for r in recs])} %, "
         f"{np.mean([r['samples_per_s'] for r in recs]):.0f} samples/s, "

@@ -30,12 +30,19 @@ def results_table(records: list[dict]) -> str:
   )
   lines = [head, "-" * len(head)]
   for m, rs in by.items():
-    sps = np.mean([r["samples_per_s"] for r in rs if r["samples_per_s"]])
+    sps = np.mean([r["samples_per_s"] for r in rs if r["samples_per_s"]] or [np.nan])
     lines.append(
       f"{m:<12}{fmt([r['acc'] for r in rs]):>16}{fmt([r.get('bwt') for r in rs]):>16}"
       f"{fmt([r.get('fwt') for r in rs]):>16}{fmt([r.get('forgetting') for r in rs]):>17}"
       f"{sps:>12.0f}{np.mean([r['wall_s'] for r in rs]):>9.1f}"
     )
+    bad = [r for r in rs if r.get("diverged")]
+    if bad:
+      tasks = sorted({r["diverged"]["task"] for r in bad})
+      lines.append(
+        f"{'':<12}diverged on task {', '.join(map(str, tasks))} in {len(bad)}/{len(rs)} "
+        f"seed(s): {bad[0]['diverged']['reason']}"
+      )
   return "\n".join(lines)
 
 
@@ -46,8 +53,10 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
   import matplotlib.pyplot as plt
   import matplotlib.ticker
 
-  by = by_method(records)
+  by = by_method([r for r in records if not r.get("diverged")])  # no matrix to plot
   paths = []
+  if not by:
+    return paths
   for m, rs in by.items():
     R = np.mean([r["acc_matrix"] for r in rs], 0)
     T = len(R)

@@ -21,6 +21,7 @@ import optax
 from benchmarks.continual.model import MLP, Heads, head_logits, make_heads, mlp_apply, xent
 from benchmarks.continual.protocols import settings
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
+from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
 from cl_optax import metrics, streams
 
 
@@ -38,6 +39,8 @@ class Config(NamedTuple):
   protocol: str = ""  # the preset's name (selects protocols.SETTINGS rows)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
+  resume: str | None = None  # --resume DIR: checkpoint every task there, continue from the last
+  stop_after: int | None = None  # --stop-after-task K: checkpoint task K and stop (tests)
 
 
 def batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
@@ -227,6 +230,7 @@ class _Run:
     self.ticks = _Ticks()
     self.evaluate = make_eval(mlp_apply)
     self.trainers, self.compiled, self.heads = {}, {}, heads
+    self.warned = False  # the stability note is printed once per run
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
@@ -274,8 +278,22 @@ class _Run:
     baseline = tests.evaluate(self.evaluate, params, eval_valid)
     R = np.zeros((T, T))
     train_s = end_s = compile_s = 0.0
-    samples = 0
+    samples, start, diverged, note = 0, 0, None, None
+    ckpt = TaskCheckpoints(cfg.resume, name, seed) if cfg.resume else None
+    if ckpt is not None and ckpt.latest() is not None:
+      last = ckpt.latest()
+      target = {"params": params, "opt_state": opt_state, "key": key, "R": R}
+      arrays, meta = ckpt.restore(last, target | ({"aux": aux} if aux is not None else {}))
+      params, opt_state, key = arrays["params"], arrays["opt_state"], arrays["key"]
+      aux, R = arrays.get("aux", aux), np.asarray(arrays["R"])
+      rng.bit_generator.state = meta["rng"]
+      samples, train_s, end_s, compile_s = (
+        meta[k] for k in ("samples", "train_s", "end_s", "compile_s")
+      )
+      start = last + 1
     for t, task in enumerate(stream):
+      if t < start:
+        continue
       x, y = task.train()
       X = jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), n_max))
       Y = jnp.asarray(pad_rows(y, n_max))
@@ -301,7 +319,8 @@ class _Run:
       self.ticks.close()
       samples += len(plan) * cfg.batch_size
       if not np.all(np.isfinite(np.asarray(losses)[active])):
-        raise FloatingPointError(f"{name}: non-finite training loss on task {t} (seed {seed}).")
+        diverged = t  # recorded as such; the run goes on with the other methods
+        break
       R[t] = tests.evaluate(self.evaluate, params, eval_valid)
       if method.end_task is not None and t < T - 1:
         s0 = time.perf_counter()
@@ -311,6 +330,17 @@ class _Run:
         opt_state, aux = method.end_task(end)
         jax.block_until_ready(opt_state)
         end_s += time.perf_counter() - s0
+        note = stability_note(opt_state, self.opt, self.lr, self.hp)
+        if note and not self.warned:
+          self.warned = True
+          print(f"warning: {name} after task {t}: {note}", file=sys.stderr, flush=True)
+      if ckpt is not None:
+        arrays = {"params": params, "opt_state": opt_state, "key": key, "R": jnp.asarray(R)}
+        meta = {"rng": rng.bit_generator.state, "samples": samples, "train_s": train_s,
+                "end_s": end_s, "compile_s": compile_s}  # fmt: skip
+        ckpt.save(t, arrays | ({"aux": aux} if aux is not None else {}), meta)
+      if cfg.stop_after is not None and t + 1 == cfg.stop_after:
+        return None, (params, opt_state, aux)
     record = {
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
@@ -321,6 +351,8 @@ class _Run:
       "samples_per_s": samples / train_s if train_s > 0 else None,
       "compile_s": compile_s, "end_task_s": end_s, "wall_s": time.perf_counter() - t_wall,
     }  # fmt: skip
+    if diverged is not None:
+      record = diverged_record(record, diverged, seed, note)
     return record, (params, opt_state, aux)
 
 
@@ -346,6 +378,8 @@ def run_method(
   records = []
   for seed in seeds:
     record, state = run.seed(seed, make_stream)
+    if record is None:  # stopped after cfg.stop_after tasks (its checkpoint is saved)
+      continue
     records.append(record)
     if on_record is not None:
       on_record(record)

@@ -1,0 +1,589 @@
+"""Every fault, one table: bad input to the public API gets a clear error or a checked pass-through.
+
+Each row of ``FAULTS`` is one function x one fault. Either the call raises
+``error`` with a message matching ``match`` (it names the argument or leaf and
+what was expected), or the fault is a documented pass-through and ``check``
+verifies the result value by value. ``STATE_FAULTS`` re-runs the errors that
+hit an existing optimiser state and checks that the caller's state is
+unchanged and still consolidates and updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import cl_optax
+from cl_optax import metrics as M
+from cl_optax import replay, streams
+from cl_optax.importance import KronFactors, fisher_diag, kfac_factors
+from cl_optax.importance import mas as mas_importance
+
+NAN, INF = float("nan"), float("inf")
+
+
+def params():
+  k = jax.random.split(jax.random.key(0), 3)
+  return {
+    "dense": {"kernel": jax.random.normal(k[0], (4, 3)), "bias": jax.random.normal(k[1], (3,))},
+    "head": {"kernel": jax.random.normal(k[2], (3, 2))},
+  }
+
+
+def like(value, tree=None):
+  return jax.tree.map(lambda p: jnp.full(p.shape, value, jnp.float32), tree or params())
+
+
+def grads(seed=1):
+  leaves, treedef = jax.tree.flatten(params())
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def poke(tree, value, leaf=("dense", "kernel"), index=(0, 0)):
+  """``tree`` with one entry set to ``value``."""
+  tree = jax.tree.map(jnp.asarray, tree)
+  sub = tree
+  for k in leaf[:-1]:
+    sub = sub[k]
+  sub[leaf[-1]] = sub[leaf[-1]].at[index].set(value)
+  return tree
+
+
+def logits_fn(p, x):
+  return jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"]) @ p["head"]["kernel"]
+
+
+def tapped(p, x, taps):
+  h = jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"] + taps["dense"])
+  return h @ p["head"]["kernel"], {"dense": x}
+
+
+def xs_ys(n_batches=2, n=5):
+  x = jax.random.normal(jax.random.key(3), (n_batches, n, 4))
+  return x, jnp.zeros((n_batches, n), jnp.int32)
+
+
+def kron(a=None, g=None):
+  """A Kronecker precision for ``dense``, and the diagonal one of ``head`` (outside the layer)."""
+  a = jnp.eye(5) if a is None else a
+  g = jnp.eye(3) if g is None else g
+  return {"dense": KronFactors(a, g), "head": {"kernel": jnp.ones((3, 2))}}
+
+
+KFAC = dict(precision="kfac", layers=("dense",))
+
+
+def consolidated(tx, **signals):
+  p = params()
+  return cl_optax.consolidate(tx.init(p), p, **signals)
+
+
+def update(tx, g, state=None, **extra):
+  p = params()
+  state = tx.init(p) if state is None else state
+  return tx.update(g, state, p, **extra)[0]
+
+
+# ------------------------------------------------------------------ checks
+def finite_entries_finite_nonfinite_unchanged(g):
+  """The non-finite entries of ``g`` pass unchanged; no NaN appears elsewhere."""
+
+  def check(out):
+    for o, i in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+      bad = ~np.isfinite(np.asarray(i))
+      np.testing.assert_array_equal(np.asarray(o)[bad], np.asarray(i)[bad])
+      assert np.all(np.isfinite(np.asarray(o)[~bad]))
+
+  return check
+
+
+def all_unchanged(g):
+  def check(out):
+    chex.assert_trees_all_equal(out, g)
+
+  return check
+
+
+def equal_to(want):
+  def check(out):
+    chex.assert_trees_all_equal(out, want)
+
+  return check
+
+
+def all_finite(out):
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out)), out
+
+
+class Fault(NamedTuple):
+  id: str
+  run: Callable[[], Any]
+  error: type | None = ValueError
+  match: str | None = None
+  check: Callable[[Any], None] | None = None
+
+
+def raises(id, run, match, error=ValueError):
+  return Fault(id, run, error, match)
+
+
+def passes(id, run, check):
+  return Fault(id, run, None, None, check)
+
+
+G_NAN = poke(grads(), NAN)
+G_INF = poke(grads(), -INF, ("head", "kernel"), (1, 1))
+G_EXTRA = {**grads(), "extra": jnp.ones(2)}
+G_SHAPE = {**grads(), "head": {"kernel": jnp.ones((2, 3))}}
+
+FAULTS = [
+  # ---------------------------------------------------- factory arguments
+  raises("ncl(data_size=0)", lambda: cl_optax.ncl(0.0), r"data_size.*0"),
+  raises("ncl(data_size=-1)", lambda: cl_optax.ncl(-1.0), r"data_size"),
+  raises("ncl(data_size=inf)", lambda: cl_optax.ncl(INF), r"data_size"),
+  raises("ncl(strength=-1)", lambda: cl_optax.ncl(1.0, strength=-1.0), r"strength"),
+  raises("ncl(damping=-1)", lambda: cl_optax.ncl(1.0, damping=-1.0), r"damping"),
+  raises("ncl(decay=2)", lambda: cl_optax.ncl(1.0, decay=2.0), r"decay"),
+  raises("ncl(radius=0)", lambda: cl_optax.ncl(1.0, radius=0.0), r"radius"),
+  raises("si(xi=-1)", lambda: cl_optax.si(1.0, xi=-1.0), r"si: .*xi.*-1"),
+  raises("si(strength=nan)", lambda: cl_optax.si(NAN), r"strength"),
+  raises("freeze(threshold=-1)", lambda: cl_optax.freeze(threshold=-1.0), r"threshold.*-1"),
+  raises("freeze(threshold=2)", lambda: cl_optax.freeze(threshold=2.0), r"threshold"),
+  raises("online_ewc(decay=5)", lambda: cl_optax.online_ewc(1.0, decay=5.0), r"decay.*5"),
+  raises("online_ewc(decay=-1)", lambda: cl_optax.online_ewc(1.0, decay=-1.0), r"decay"),
+  raises("ewc(strength=-1)", lambda: cl_optax.ewc(-1.0), r"strength.*-1"),
+  raises("mas(strength=-1)", lambda: cl_optax.mas(-1.0), r"strength"),
+  raises("gem(strength=-1)", lambda: cl_optax.gem(-1.0), r"strength.*-1"),
+  raises("gem(max_tasks=0)", lambda: cl_optax.gem(max_tasks=0), r"max_tasks"),
+  raises("ogd(0)", lambda: cl_optax.ogd(0), r"max_directions.*0"),
+  raises("ogd(rtol=-1)", lambda: cl_optax.ogd(4, rtol=-1.0), r"rtol"),
+  raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
+  raises("ncl(precision='full')", lambda: cl_optax.ncl(1.0, precision="full"), r"'diag' or 'kfac'"),
+  # ------------------------------------------------ update: trees, shapes, dtypes
+  *[
+    raises(f"{n}.update(extra leaf)", lambda tx=tx: update(tx(), G_EXTRA, **e), r"update")
+    for n, tx, e in [
+      ("soft_mask", cl_optax.soft_mask, {}),
+      ("freeze", cl_optax.freeze, {}),
+      ("ewc", cl_optax.ewc, {}),
+      ("si", cl_optax.si, {}),
+      ("ncl", lambda: cl_optax.ncl(1.0), {}),
+      ("ogd", lambda: cl_optax.ogd(2), {}),
+      ("gpm", cl_optax.gpm, {}),
+      ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
+    ]
+  ],
+  *[
+    raises(f"{n}.update(wrong shape)", lambda tx=tx: update(tx(), G_SHAPE), r"head.*kernel")
+    for n, tx in [
+      ("soft_mask", cl_optax.soft_mask),
+      ("ewc", cl_optax.ewc),
+      ("ncl", lambda: cl_optax.ncl(1.0)),
+      ("gpm", cl_optax.gpm),
+    ]
+  ],
+  raises(
+    "agem.update(ref_grads wrong tree)",
+    lambda: update(cl_optax.agem(), grads(), ref_grads={"dense": grads()["dense"]}),
+    r"agem.*ref_grads",
+  ),
+  raises(
+    "gem.update(task_grads without the task axis)",
+    lambda: update(cl_optax.gem(max_tasks=2), grads(), task_grads=grads()),
+    r"gem.*task_grads",
+  ),
+  passes(
+    "ewc.update(bfloat16 grads)",
+    lambda: update(cl_optax.ewc(), jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads())),
+    lambda out: chex.assert_trees_all_equal_dtypes(
+      out, jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads())
+    ),
+  ),
+  # ---------------------------------------- update: non-finite gradients pass through
+  *[
+    passes(f"{n}.update({k} gradient)", lambda tx=tx, g=g: update(tx(), g), check(g))
+    for n, tx, check in [
+      ("soft_mask", cl_optax.soft_mask, finite_entries_finite_nonfinite_unchanged),
+      ("freeze", cl_optax.freeze, finite_entries_finite_nonfinite_unchanged),
+      ("ewc", cl_optax.ewc, finite_entries_finite_nonfinite_unchanged),
+      ("online_ewc", cl_optax.online_ewc, finite_entries_finite_nonfinite_unchanged),
+      ("mas", cl_optax.mas, finite_entries_finite_nonfinite_unchanged),
+      ("si", cl_optax.si, finite_entries_finite_nonfinite_unchanged),
+      ("ncl_diag", lambda: cl_optax.ncl(1.0), finite_entries_finite_nonfinite_unchanged),
+      ("ogd", lambda: cl_optax.ogd(2), all_unchanged),
+    ]
+    for k, g in (("nan", G_NAN), ("inf", G_INF))
+  ],
+  passes(
+    "agem.update(nan gradient)",
+    lambda: update(cl_optax.agem(), G_NAN, ref_grads=like(-1.0)),
+    all_unchanged(G_NAN),
+  ),
+  passes(
+    "agem.update(nan ref_grads)",
+    lambda: update(cl_optax.agem(), grads(), ref_grads=poke(like(-1.0), NAN)),
+    all_unchanged(grads()),
+  ),
+  passes(
+    "agem.update(zero ref_grads)",
+    lambda: update(cl_optax.agem(), grads(), ref_grads=like(0.0)),
+    equal_to(grads()),
+  ),
+  passes(
+    "gem.update(nan task_grads)",
+    lambda: update(
+      cl_optax.gem(max_tasks=2),
+      grads(),
+      task_grads=jax.tree.map(lambda g: jnp.stack([g, -g]), poke(grads(3), NAN)),
+    ),
+    all_unchanged(grads()),
+  ),
+  # --------------------------------------- consolidate: signals (trees, values)
+  raises(
+    "ewc.consolidate(importance missing a leaf)",
+    lambda: consolidated(cl_optax.ewc(), importance={"dense": like(1.0)["dense"]}),
+    r"ewc.*importance.*head",
+  ),
+  raises(
+    "online_ewc.consolidate(importance extra leaf)",
+    lambda: consolidated(cl_optax.online_ewc(), importance={**like(1.0), "x": jnp.ones(1)}),
+    r"online_ewc.*importance",
+  ),
+  raises(
+    "mas.consolidate(importance wrong shape)",
+    lambda: consolidated(cl_optax.mas(), importance={**like(1.0), "head": {"kernel": jnp.ones(2)}}),
+    r"mas.*importance.*head.*kernel",
+  ),
+  raises(
+    "ewc.consolidate(importance as a list)",
+    lambda: consolidated(cl_optax.ewc(), importance=jax.tree.leaves(like(1.0))),
+    r"ewc.*importance",
+  ),
+  *[
+    raises(
+      f"{n}.consolidate(importance {k})",
+      lambda tx=tx, v=v: consolidated(tx(), importance=poke(like(0.5), v)),
+      r"importance.*dense.*kernel",
+    )
+    for n, tx in [
+      ("ewc", cl_optax.ewc),
+      ("online_ewc", cl_optax.online_ewc),
+      ("mas", cl_optax.mas),
+      ("soft_mask", cl_optax.soft_mask),
+      ("freeze", cl_optax.freeze),
+    ]
+    for k, v in (("nan", NAN), ("inf", INF), ("negative", -1.0))
+  ],
+  raises(
+    "soft_mask.consolidate(importance > 1)",
+    lambda: consolidated(cl_optax.soft_mask(), importance=poke(like(0.5), 1.5)),
+    r"soft_mask.*importance.*\[0, 1\]",
+  ),
+  raises(
+    "soft_mask.consolidate(no importance)",
+    lambda: consolidated(cl_optax.soft_mask()),
+    r"soft_mask.*importance",
+  ),
+  raises(
+    "ncl.consolidate(precision nan)",
+    lambda: consolidated(cl_optax.ncl(1.0), precision=poke(like(1.0), NAN)),
+    r"ncl.*precision.*dense.*kernel",
+  ),
+  raises(
+    "ncl_kfac.consolidate(non-symmetric factor)",
+    lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(jnp.triu(jnp.ones((5, 5))))),
+    r"ncl.*dense.*symmetric",
+  ),
+  raises(
+    "ncl_kfac.consolidate(nan factor)",
+    lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(g=jnp.eye(3).at[1, 1].set(NAN))),
+    r"ncl.*dense.*non-finite",
+  ),
+  raises(
+    "ncl_kfac.consolidate(negative-definite factor)",
+    lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(a=-jnp.eye(5))),
+    r"ncl.*dense.*positive semi-definite",
+  ),
+  raises(
+    "ncl_kfac.consolidate(factor wrong shape)",
+    lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(a=jnp.eye(4))),
+    r"ncl.*dense.*\(5, 5\)",
+  ),
+  raises(
+    "gpm.consolidate(nan representations)",
+    lambda: consolidated(
+      cl_optax.gpm(),
+      representations={
+        "dense": {"kernel": jnp.ones((3, 4)).at[0, 0].set(NAN)},
+        "head": {"kernel": jnp.ones((3, 3))},
+      },
+    ),
+    r"gpm.*representations.*dense.*kernel.*non-finite",
+  ),
+  raises(
+    "ogd.consolidate(nan output_grads)",
+    lambda: consolidated(
+      cl_optax.ogd(4), output_grads=jax.tree.map(lambda g: g[None], poke(grads(), NAN))
+    ),
+    r"ogd.*output_grads.*non-finite",
+  ),
+  raises(
+    "ogd.consolidate(output_grads without the sample axis)",
+    lambda: consolidated(cl_optax.ogd(4), output_grads=grads()),
+    r"ogd.*output_grads.*dense.*expected",
+  ),
+  # ---------------------------------------------------------- output_gradients
+  raises(
+    "output_gradients(labels of another length)",
+    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(2, int)),
+    r"output_gradients.*labels.*3",
+  ),
+  raises(
+    "output_gradients(float labels)",
+    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(3)),
+    r"output_gradients.*labels.*integer",
+  ),
+  raises(
+    "output_gradients(inputs without a sample axis)",
+    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.asarray(1.0)),
+    r"output_gradients.*inputs",
+  ),
+  raises(
+    "output_gradients(labels out of range)",
+    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.full(3, 7)),
+    r"output_gradients.*labels.*\[0, 2\)",
+  ),
+  # ---------------------------------------------------------------- estimators
+  raises(
+    "fisher_diag(stacked zero batches)",
+    lambda: fisher_diag(logits_fn, params(), xs_ys(0)),
+    r"fisher_diag.*batches.*empty",
+  ),
+  raises(
+    "mas(stacked zero batches)",
+    lambda: mas_importance(logits_fn, params(), jnp.zeros((0, 5, 4))),
+    r"mas.*batches.*empty",
+  ),
+  raises(
+    "kfac_factors(stacked zero batches)",
+    lambda: kfac_factors(tapped, params(), xs_ys(0), layers=["dense"], key=jax.random.key(0)),
+    r"kfac_factors.*batches.*empty",
+  ),
+  raises(
+    "fisher_diag(batches of zero rows)",
+    lambda: fisher_diag(logits_fn, params(), xs_ys(2, 0)),
+    r"fisher_diag.*batches.*empty",
+  ),
+  raises(
+    "fisher_diag(empty list)",
+    lambda: fisher_diag(logits_fn, params(), []),
+    r"fisher_diag.*batches.*empty",
+  ),
+  raises(
+    "fisher_diag(fisher='true')",
+    lambda: fisher_diag(logits_fn, params(), xs_ys(), fisher="true"),
+    r"fisher_diag.*fisher",
+  ),
+  raises(
+    "kfac_factors(sampled without key)",
+    lambda: kfac_factors(tapped, params(), xs_ys(), layers=["dense"]),
+    r"kfac_factors.*key",
+  ),
+  # -------------------------------------------------------------------- replay
+  raises("replay.init(capacity=0)", lambda: replay.init(jnp.zeros(2), 0), r"capacity"),
+  raises(
+    "replay.add(wrong item shape)",
+    lambda: replay.add(replay.init(jnp.zeros(2), 4), jnp.ones((3, 5)), key=jax.random.key(0)),
+    r"replay.add.*shape",
+  ),
+  raises(
+    "replay.add(reservoir without key)",
+    lambda: replay.add(replay.init(jnp.zeros(2), 4), jnp.ones((3, 2))),
+    r"replay.add.*key",
+  ),
+  raises(
+    "replay.add(task out of range)",
+    lambda: replay.add(replay.init(jnp.zeros(2), 4, num_tasks=2), jnp.ones((1, 2)), task=5),
+    r"replay.add.*task 5",
+  ),
+  raises(
+    "replay.sample(batch_size > capacity)",
+    lambda: replay.sample(replay.init(jnp.zeros(2), 4), jax.random.key(0), 5),
+    r"replay.sample.*batch_size",
+  ),
+  passes(
+    "replay.add(nan items)",
+    lambda: (
+      replay.add(
+        replay.init(jnp.zeros(2), 4), jnp.array([[NAN, 1.0], [INF, 2.0]]), key=jax.random.key(0)
+      ).items
+    ),
+    lambda items: np.testing.assert_array_equal(
+      np.asarray(items), [[NAN, 1.0], [INF, 2.0], [0, 0], [0, 0]]
+    ),
+  ),
+  passes(
+    "replay.add(zero rows)",
+    lambda: replay.add(replay.init(jnp.zeros(2), 4), jnp.zeros((0, 2)), key=jax.random.key(0)),
+    lambda m: (
+      np.testing.assert_array_equal(m.items, np.zeros((4, 2))),
+      np.testing.assert_array_equal(m.seen, 0),
+    ),
+  ),
+  # -------------------------------------------------------- streams, metrics
+  raises(
+    "streams.split(x and y of different lengths)",
+    lambda: streams.split(np.zeros((10, 2)), np.zeros(9, int)),
+    r"split.*10.*9|split.*9.*10",
+  ),
+  raises(
+    "streams.permuted(n_tasks=0)",
+    lambda: streams.permuted(np.zeros((10, 4)), np.zeros(10, int), n_tasks=0),
+    r"permuted.*n_tasks",
+  ),
+  raises(
+    "streams.split(float labels)",
+    lambda: streams.split(np.zeros((10, 2)), np.linspace(0, 1, 10)),
+    r"split.*integer",
+  ),
+  raises("metrics(non-square R)", lambda: M.average_accuracy(np.ones((2, 3))), r"square"),
+  raises("metrics(nan in R)", lambda: M.backward_transfer([[NAN, 0], [0, 1]]), r"non-finite"),
+  raises("metrics(empty R)", lambda: M.average_accuracy(np.zeros((0, 0))), r"at least 1"),
+  raises("metrics(one task, BWT)", lambda: M.backward_transfer([[1.0]]), r"at least 2"),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
+def test_fault(fault):
+  if fault.error is not None:
+    with pytest.raises(fault.error, match=fault.match):
+      fault.run()
+  else:
+    fault.check(fault.run())
+
+
+def test_fault_ids_are_unique():
+  ids = [f.id for f in FAULTS]
+  assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+
+
+# ---------------------------------------------- si: a parameter that never moved
+def test_si_with_xi_zero_gives_zero_importance_to_a_parameter_that_did_not_move():
+  p = {"still": jnp.ones(3), "moving": jnp.ones(3)}
+  tx = cl_optax.si(1.0, xi=0.0)
+  state = tx.init(p)
+  for _ in range(3):
+    g = {"still": jnp.zeros(3), "moving": jnp.ones(3)}
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, jax.tree.map(lambda x: -0.1 * x, u))
+  state = cl_optax.consolidate(state, p)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(leaf))), state
+  imp = [x for x in jax.tree.leaves(state) if np.shape(x) == (3,)]
+  assert any(np.all(np.asarray(x) == 0) for x in imp)  # "still" gained no importance
+
+
+# ------------------------------------------ after an error the state is unchanged
+class StateFault(NamedTuple):
+  id: str
+  make: Callable[[], Any]
+  bad: Callable[[Any, Any], Any]  # (tx, state) -> raises
+  good: dict  # consolidate signals that work
+
+
+def _bad_consolidate(**signals):
+  return lambda tx, s: cl_optax.consolidate(s, params(), **signals)
+
+
+def _bad_update(g, **extra):
+  return lambda tx, s: tx.update(g, s, params(), **extra)
+
+
+STATE_FAULTS = [
+  StateFault(
+    "ewc/nan importance",
+    cl_optax.ewc,
+    _bad_consolidate(importance=poke(like(1.0), NAN)),
+    {"importance": like(1.0)},
+  ),
+  StateFault(
+    "soft_mask/importance > 1",
+    cl_optax.soft_mask,
+    _bad_consolidate(importance=poke(like(0.5), 2.0)),
+    {"importance": like(0.5)},
+  ),
+  StateFault(
+    "mas/wrong tree",
+    cl_optax.mas,
+    _bad_consolidate(importance={"dense": like(1.0)["dense"]}),
+    {"importance": like(1.0)},
+  ),
+  StateFault(
+    "ncl_kfac/non-symmetric",
+    lambda: cl_optax.ncl(1.0, **KFAC),
+    _bad_consolidate(precision=kron(jnp.triu(jnp.ones((5, 5))))),
+    {"precision": kron()},
+  ),
+  StateFault(
+    "gpm/nan representations",
+    cl_optax.gpm,
+    _bad_consolidate(
+      representations={
+        "dense": {"kernel": jnp.full((3, 4), NAN)},
+        "head": {"kernel": jnp.ones((3, 3))},
+      }
+    ),
+    {
+      "representations": {
+        "dense": {"kernel": jnp.ones((3, 4))},
+        "head": {"kernel": jnp.ones((3, 3))},
+      }
+    },
+  ),
+  StateFault(
+    "ogd/nan output_grads",
+    lambda: cl_optax.ogd(4),
+    _bad_consolidate(output_grads=jax.tree.map(lambda g: g[None], poke(grads(), NAN))),
+    {"output_grads": jax.tree.map(lambda g: g[None], grads())},
+  ),
+  StateFault(
+    "ewc/update extra leaf", cl_optax.ewc, _bad_update(G_EXTRA), {"importance": like(1.0)}
+  ),
+]
+
+
+@pytest.mark.parametrize("fault", STATE_FAULTS, ids=[f.id for f in STATE_FAULTS])
+def test_state_is_unchanged_after_an_error_and_still_works(fault):
+  tx = fault.make()
+  p = params()
+  state = cl_optax.consolidate(tx.init(p), p, **fault.good)
+  before = jax.tree.map(np.array, state)
+  with pytest.raises(ValueError):
+    fault.bad(tx, state)
+  chex.assert_trees_all_equal(state, before)
+  state = cl_optax.consolidate(state, p, **fault.good)
+  out, _ = tx.update(grads(), state, p)
+  all_finite(out)
+
+
+# ---------------------------------------------- checkpoint into a different tree
+def test_restoring_a_checkpoint_into_a_different_tree_names_the_mismatch(tmp_path):
+  p = params()
+  saved = cl_optax.consolidate(cl_optax.soft_mask().init(p), p, importance=like(0.5))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "opt", saved)
+  with ocp.StandardCheckpointer() as ckpt:
+    with pytest.raises(ValueError, match=r"do not match|mismatch"):
+      ckpt.restore(tmp_path / "opt", target=cl_optax.ewc().init(p))
+    with pytest.raises(ValueError, match=r"head|shape"):
+      q = {**p, "head": {"kernel": jnp.ones((3, 5))}}
+      ckpt.restore(tmp_path / "opt", target=cl_optax.soft_mask().init(q))

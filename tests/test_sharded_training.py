@@ -1,0 +1,57 @@
+"""The sharded training example: 8 host devices, and 2 processes x 4 devices (own processes)."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from subprocess_env import ROOT, checkout_env, run_script
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+  """The check script's run: 1 device vs a 4x2 mesh in one process; its 4x2 losses."""
+  out = tmp_path_factory.mktemp("sharded") / "single.json"
+  script = ROOT / "tests" / "multidevice" / "check_sharded_training.py"
+  proc = run_script(script, out)
+  return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_sharded_run_equals_one_device_and_state_shards_like_params(single_process):
+  proc, _ = single_process
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for line in ("losses: ok", "state sharding: ok", "update hlo: ok"):
+    assert line in proc.stdout, proc.stdout
+
+
+def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
+  _, single = single_process
+  assert single is not None, "the single-process run failed (see the test above)"
+  port, out = _free_port(), tmp_path / "two.json"
+  env = {k: v for k, v in checkout_env().items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, str(ROOT / "examples" / "sharded_training.py"), "--processes", "2"]
+  cmd += ["--port", str(port), "--out", str(out)]
+  procs = [
+    subprocess.Popen(
+      cmd + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    for i in range(2)
+  ]
+  try:
+    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+  finally:
+    for p in procs:  # a hung peer must not outlive the test
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+  assert "2 process(es)" in logs[0], logs[0]
+  two = json.loads(out.read_text())
+  np.testing.assert_allclose(two["all"], single["all"], rtol=0, atol=1e-5)
