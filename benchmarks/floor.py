@@ -90,7 +90,18 @@ def copy_bandwidth(n: int, repeats: int = 5) -> float:
 
 # ------------------------------------------------------------------- HLO
 _SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred|s64)\[([\d,]*)\]")
-_BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
+_BYTES = {
+  "f64": 8,
+  "s64": 8,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "bf16": 2,
+  "f16": 2,
+  "s8": 1,
+  "u8": 1,
+  "pred": 1,
+}
 
 
 def _arrays(text: str, min_elems: int) -> int:
@@ -137,8 +148,10 @@ def print_kernels(tx, params, state, extra, label: str) -> int:
   rows = entry_kernels(update_hlo(tx, params, state, extra), min_elems)
   total = sum(r + w for _, _, r, w in rows)
   big = sum(p.size for p in jax.tree.leaves(params) if p.size >= min_elems)
-  print(f"  {label}: {len(rows)} kernels on leaves >= {min_elems} elements, "
-        f"{total / big:.2f} bytes per parameter (of those leaves)")
+  print(
+    f"  {label}: {len(rows)} kernels on leaves >= {min_elems} elements, "
+    f"{total / big:.2f} bytes per parameter (of those leaves)"
+  )
   ops = {}
   for _, op, r, w in rows:
     n, rr, ww = ops.get(op, (0, 0, 0))
@@ -221,9 +234,7 @@ def measure(case, params, repeats, calls):
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   n = sum(p.size for p in jax.tree.leaves(params))
   make_state = lambda: case.prepare(tx.init(params), params)  # noqa: E731
-  state_bytes = sum(
-    x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_state))
-  )
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_state)))
   timers = {
     "base": _timer(base, params, lambda: base.init(params), grads, extra, calls),
     "tx": _timer(tx, params, make_state, grads, extra, calls),
@@ -239,21 +250,41 @@ def measure(case, params, repeats, calls):
   fb, reads, writes = traffic(case.name, case.base, pbytes)
   bb, _, _ = traffic(case.base, case.base, pbytes)
   return {
-    "case": case.name, "base": case.base, "n_params": n, "bandwidth": bw,
-    "base_s": t["base"], "update_s": t["tx"], "ratio": t["tx"] / t["base"],
-    "floor_bytes": fb * n, "base_floor_bytes": bb * n,
+    "case": case.name,
+    "base": case.base,
+    "n_params": n,
+    "bandwidth": bw,
+    "base_s": t["base"],
+    "update_s": t["tx"],
+    "ratio": t["tx"] / t["base"],
+    "floor_bytes": fb * n,
+    "base_floor_bytes": bb * n,
     "achieved_floor": t["tx"] / (fb * n / bw),
     "base_achieved_floor": t["base"] / (bb * n / bw),
-    "floor_ratio": fb / bb, "reads": reads, "writes": writes,
+    "floor_ratio": fb / bb,
+    "reads": reads,
+    "writes": writes,
     "state_bytes": state_bytes,
     "compiled_bytes_per_param": compiled_bytes(timers["tx"].hlo, params),
     "base_compiled_bytes_per_param": compiled_bytes(timers["base"].hlo, params),
-    "floor_bytes_per_param": fb, "base_floor_bytes_per_param": bb,
+    "floor_bytes_per_param": fb,
+    "base_floor_bytes_per_param": bb,
   }
 
 
-ELEMENTWISE = ["soft_mask", "soft_mask_bf16", "freeze", "soft_mask_units", "ewc", "ewc_bf16",
-               "online_ewc", "mas", "si", "ncl_diag", "agem"]
+ELEMENTWISE = [
+  "soft_mask",
+  "soft_mask_bf16",
+  "freeze",
+  "soft_mask_units",
+  "ewc",
+  "ewc_bf16",
+  "online_ewc",
+  "mas",
+  "si",
+  "ncl_diag",
+  "agem",
+]
 
 
 def main():
@@ -270,8 +301,10 @@ def main():
   dtype = jnp.dtype(args.dtype)
   params = params_for(args.model, dtype)
   n = sum(p.size for p in jax.tree.leaves(params))
-  print(f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; floor = traffic / bandwidth of "
-        f"a*x+y over {12 * n / 1e9:.2f} GB, timed interleaved with each case")
+  print(
+    f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; floor = traffic / bandwidth of "
+    f"a*x+y over {12 * n / 1e9:.2f} GB, timed interleaved with each case"
+  )
   by_name = {c.name: c for c in overhead.CASES}
   for name in [c for c in args.hlo.split(",") if c]:
     case = by_name[name]
@@ -281,15 +314,21 @@ def main():
     print_kernels(tx, params, case.prepare(tx.init(params), params), case.extra_args(params), name)
   if args.no_time:
     return
-  print(f"{'case':<16}{'base':<6}{'GB/s':>6}{'base ms':>9}{'ms':>9}{'x base':>8}{'floor x':>9}"
-        f"{'base/floor':>11}{'ach/floor':>10}  compiled B/param (floor): base, case")
+  print(
+    f"{'case':<16}{'base':<6}{'GB/s':>6}{'base ms':>9}{'ms':>9}{'x base':>8}{'floor x':>9}"
+    f"{'base/floor':>11}{'ach/floor':>10}  compiled B/param (floor): base, case"
+  )
   rows = []
   for name in args.cases.split(","):
     r = measure(by_name[name], params, args.repeats, args.calls)
-    print(f"{name:<16}{r['base']:<6}{r['bandwidth'] / 1e9:>6.2f}{1e3 * r['base_s']:>9.1f}{1e3 * r['update_s']:>9.1f}"
-          f"{r['ratio']:>8.2f}{r['floor_ratio']:>9.2f}{r['base_achieved_floor']:>11.2f}"
-          f"{r['achieved_floor']:>10.2f}  {r['base_compiled_bytes_per_param']:.0f} ({r['base_floor_bytes_per_param']:.0f}), "
-          f"{r['compiled_bytes_per_param']:.0f} ({r['floor_bytes_per_param']:.0f})", flush=True)
+    print(
+      f"{name:<16}{r['base']:<6}{r['bandwidth'] / 1e9:>6.2f}{1e3 * r['base_s']:>9.1f}"
+      f"{1e3 * r['update_s']:>9.1f}{r['ratio']:>8.2f}{r['floor_ratio']:>9.2f}"
+      f"{r['base_achieved_floor']:>11.2f}{r['achieved_floor']:>10.2f}  "
+      f"{r['base_compiled_bytes_per_param']:.0f} ({r['base_floor_bytes_per_param']:.0f}), "
+      f"{r['compiled_bytes_per_param']:.0f} ({r['floor_bytes_per_param']:.0f})",
+      flush=True,
+    )
     rows.append(r)
   if args.json:
     with open(args.json, "w") as f:
@@ -338,11 +377,7 @@ def gem_parts(model: str = "lm-10m", k: int = 20, repeats: int = 5, calls: int =
     "gram": lambda: gram(grads, extra),
     "qp_cold": lambda: qp(gr, dots, jnp.ones((k,), bool)),
     "qp_warm": lambda: qp(gr, dots, solved),
-    "qp_fixed_3k5": lambda: jax.block_until_ready(fixed(gr, dots)),
   }
-
-  def fixed(gr, dots):  # the solver before: 3k + 5 iterations, always
-    return _fixed_qp(gr, dots, mask)
 
   times = {n: [] for n in runs}
   for _ in range(repeats):
@@ -360,21 +395,10 @@ def gem_parts(model: str = "lm-10m", k: int = 20, repeats: int = 5, calls: int =
       times[n].append((time.perf_counter() - start) / calls)
   t = {n: min(v) for n, v in times.items()}
   t["qp"] = t["qp_cold"]
-  return {"model": model, "k": k, "n_params": sum(x.size for x in jax.tree.leaves(params)),
-          **{f"{n}_ms": 1e3 * v for n, v in t.items()}, "qp_share": t["qp"] / t["update"],
-          "qp_fixed_share": t["qp_fixed_3k5"] / t["update"]}
-
-
-@jax.jit
-def _fixed_qp(gram, dots, mask):
-  """GEM's dual with the solver run for 3 k + 5 iterations whatever happens (the old way)."""
-  from cl_optax._qp import solve_box_qp
-
-  k = dots.shape[0]
-  gram = jnp.where(mask[:, None] & mask[None, :], 0.5 * (gram + gram.T), 0.0)
-  P = gram + jnp.diag(jnp.where(mask, 1e-3, 1.0))
-  lower = jnp.where(mask, 0.5, 0.0)
-  # a cap that is never reached: the while loop then runs as the fori loop did
-  return jax.lax.fori_loop(
-    0, 3 * k + 5, lambda i, v: v + 0 * solve_box_qp(P, dots, lower, iterations=1), jnp.zeros(k)
-  )
+  return {
+    "model": model,
+    "k": k,
+    "n_params": sum(x.size for x in jax.tree.leaves(params)),
+    **{f"{n}_ms": 1e3 * v for n, v in t.items()},
+    "qp_share": t["qp"] / t["update"],
+  }

@@ -313,6 +313,9 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
     "state_bytes_ratio": row["state_bytes"] / (bytes_base or state_bytes(params)),
     "state_bytes_vs": "base" if bytes_base else "params",
     "bandwidth_gbs": row["bandwidth"] / 1e9,
+    # element-wise cases (floor.TRAFFIC); for the others (GEM, OGD, GPM, K-FAC: bound by
+    # FLOPs) the floor columns hold the base optimiser's floor
+    "elementwise": case.name in floor.TRAFFIC,
     "floor_bytes": row["floor_bytes"],
     "floor_us": 1e6 * row["floor_bytes"] / row["bandwidth"],
     "achieved_over_floor": row["achieved_floor"],
@@ -455,6 +458,7 @@ def plot_floor(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  rows = [r for r in rows if r["case"] in floor.TRAFFIC]  # the others are bound by FLOPs
   models = list(dict.fromkeys(r["model"] for r in rows))
   cases = list(dict.fromkeys(r["case"] for r in rows))
   width = 0.8 / len(models)
@@ -513,7 +517,7 @@ def main():
   )
   rows = []
   for model in args.models.split(","):
-    big = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda m=model: model_params(m)))) >= BIG
+    big = lm.n_params(model_params(model)) >= BIG  # built for real: the LMs are cached
     for name in args.cases.split(","):
       if by_name[name].models and model not in by_name[name].models:
         continue
@@ -532,7 +536,7 @@ def main():
         + ("" if row["state_bytes_vs"] == "base" else " (state x of params)"),
         flush=True,
       )
-  if args.png and rows:
+  if args.png and any(r["case"] in floor.TRAFFIC for r in rows):
     plot_floor(rows, args.png)
   step_rows = []
   if args.steps:

@@ -73,6 +73,20 @@ run agem-pmnist-more --stream pmnist-agem --methods gpm,online_ewc,ncl --seeds 1
 run agem-pmnist-gem --stream pmnist-agem --methods gem --seeds 1  # ~40 min of training
 run vdv-splitmnist-class-reg --stream split-mnist --scenario class --methods ewc,online_ewc,si,ncl --seeds 1 --hp fisher_n=1000
 run vdv-splitmnist-task-ncl-kfac --stream split-mnist --scenario task --methods ncl_kfac --seeds 1 --hp fisher_n=1000
+# (e) DER paper, seq-MNIST (and Fashion-MNIST): replay and distillation, buffers 500 / 200
+FASHION=${CL_OPTAX_FASHION:-${CL_OPTAX_DATA:-.}/fashion_mnist.npz}
+for sc in class task; do
+  for data in mnist fashion; do
+    d=(); [ $data = fashion ] && d=(--data "$FASHION")
+    run der-seq$data-$sc-500 --stream seq-mnist --scenario $sc --hp buffer=500 "${d[@]}" --seeds 1 \
+      --methods sgd,online_ewc,si,lwf,er,der,derpp,agem,gem
+    run der-seq$data-$sc-200 --stream seq-mnist --scenario $sc --hp buffer=200 "${d[@]}" --seeds 1 \
+      --methods er,der,derpp,agem,gem
+  done
+done
+# the replay methods' class-IL fix on van de Ven's split MNIST; LwF there
+run vdv-splitmnist-class-replay --stream split-mnist --scenario class --epochs 1 --methods agem,gem --seeds 1
+run vdv-splitmnist-class-lwf --stream split-mnist --scenario class --methods lwf --seeds 1
 # ---- the variants of the first table of REPRODUCTION.md: the official codes' settings
 # (a) the A-GEM code's initialisation, and its own EWC and MAS (methods/agem_code.py)
 run agem-pmnist-sgd-agem-init --stream pmnist-agem --methods sgd --seeds 3 --init agem

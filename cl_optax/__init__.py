@@ -30,6 +30,8 @@ from cl_optax.regularization import ewc as ewc
 from cl_optax.regularization import mas as mas
 from cl_optax.regularization import online_ewc as online_ewc
 from cl_optax.regularization import si as si
+from cl_optax.replay import ExperienceReplayState as ExperienceReplayState
+from cl_optax.replay import experience_replay as experience_replay
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,8 @@ __all__ = [
   "ContinualState",
   "ewc",
   "EWCState",
+  "experience_replay",
+  "ExperienceReplayState",
   "freeze",
   "FreezeState",
   "gem",

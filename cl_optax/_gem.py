@@ -38,9 +38,7 @@ def _gem_dual(gram, dots, mask, strength, eps, active, *, iterations):
     # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
     P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, _f32), 1.0))
     lower = jnp.where(mask, jnp.asarray(strength, _f32), 0.0)
-    v, act = solve_box_qp(
-      P, dots, lower, iterations=iterations, active=start, return_active=True
-    )
+    v, act = solve_box_qp(P, dots, lower, iterations=iterations, active=start, return_active=True)
     return jnp.where(mask, v, 0.0), act if warm else active
 
   def keep(_):

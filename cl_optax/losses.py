@@ -1,7 +1,10 @@
 r"""Auxiliary losses that some continual-learning methods add to the task loss.
 
 These are not gradient transformations: they go into the user's loss, and the
-optimiser side of the method (e.g. :func:`cl_optax.soft_mask`) stays separate.
+optimiser side of the method (e.g. :func:`cl_optax.soft_mask`) stays separate:
+DAS's contrastive loss, DER's logit replay (:func:`der_logit_mse`; DER++ adds
+:func:`cl_optax.experience_replay`) and LwF's distillation
+(:func:`lwf_distillation`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
+from cl_optax._distillation import der_logit_mse as der_logit_mse
+from cl_optax._distillation import lwf_distillation as lwf_distillation
+
+__all__ = ["das_contrastive", "der_logit_mse", "lwf_distillation"]
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float) -> jax.Array:

@@ -11,8 +11,10 @@ through a jitted train step like the optimiser state, and ``init`` / ``add`` /
   slots per task, each task's ring holding its most recent items (GEM's
   memory, ``n_memories`` per task).
 
-An item is any pytree of arrays (e.g. ``(x, y)``); ``example`` gives the shape
-and dtype of one item, and a batch is the same pytree with a leading axis.
+An item is any pytree of arrays (e.g. ``(x, y)``, or ``{"x", "y", "logits"}``
+for DER); ``example`` gives the shape and dtype of one item, and a batch is the
+same pytree with a leading axis. :func:`experience_replay` is the transform that
+adds a memory batch's gradient to the current one (ER, DER++'s second term).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -34,6 +36,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cl_optax._experience_replay import ExperienceReplayState as ExperienceReplayState
+from cl_optax._experience_replay import experience_replay as experience_replay
+
+__all__ = [
+  "ExperienceReplayState",
+  "Memory",
+  "Reservoir",
+  "TaskRing",
+  "add",
+  "experience_replay",
+  "filled",
+  "init",
+  "sample",
+]
 
 PyTree = Any
 

@@ -181,6 +181,7 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
   opt_state = jax.tree.map(
     lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, replicated), tx.init(params)
   )
+  layout = jax.tree.map(lambda x: x.sharding, opt_state)
   row = data_sharding(mesh, 2)
   memory = None
   if method in ("agem", "all"):
@@ -204,7 +205,10 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
       extra["ref_grads"] = jax.grad(loss_fn)(params, ref, valid.astype(jnp.float32))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
-    return jax.lax.with_sharding_constraint(params, shardings), opt_state, loss, grads
+    # Left to itself XLA may split adam's moments of a replicated bias like its
+    # gradient; the step keeps params and state on their layout from init.
+    params = jax.lax.with_sharding_constraint(params, shardings)
+    return params, jax.lax.with_sharding_constraint(opt_state, layout), loss, grads
 
   @jax.jit
   def remember(memory, batch, key):

@@ -179,6 +179,13 @@ CASES += [
     _task_grads,
   ),
   Case(
+    "experience_replay",
+    lambda: cl_optax.experience_replay(0.5),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.experience_replay)(strength=0.5),
+    lambda params: {"replay_grads": _grads(params, 3)},
+  ),
+  Case(
     "ogd",
     lambda: cl_optax.ogd(4),
     _output_grads,

@@ -37,14 +37,14 @@ def test_agem_code_running_fisher_and_minmax():
   """Every 10th step F <- 0.1 F + 0.09 * (sum of the squared minibatch gradients since the
   last flush); the consolidated importance is min-max normalised over all leaves."""
   params = continual.mlp_init(jax.random.key(1), (6, 5, 3))
-  aux = agem_code._fisher_init(continual.AuxInit(2, (6,), {}, params))
+  aux = agem_code._fisher_init(continual.AuxInit(2, (6,), {}, 3, params))
   hp = {"fisher_every": 10, "fisher_decay": 0.9}
   rng = np.random.default_rng(0)
   squares = []
   for i in range(12):
     x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 4))
-    s = continual.Step(params, x, y, jnp.int32(0), 2, aux, None, _loss, hp)
+    s = continual.Step(params, x, y, jnp.int32(0), 2, aux, None, _loss, hp, None, None, None)
     _, aux = agem_code._fisher_step(s)
     squares.append(jax.tree.map(jnp.square, jax.grad(_loss)(params, x, y, None)))
   total = lambda sq: jax.tree.map(lambda *a: sum(a), *sq)  # noqa: E731

@@ -11,7 +11,7 @@ import pytest
 
 import cl_optax
 from benchmarks import continual
-from benchmarks.continual import runner
+from benchmarks.continual import progress
 from benchmarks.continual.methods import replay
 from cl_optax import streams
 
@@ -60,12 +60,7 @@ def test_end_to_end_writes_json_and_png(tiny, tmp_path, capsys):
     assert r["samples_per_s"] > 0 and r["wall_s"] > 0
     assert R[0, 0] > 0.75  # learns the first task (two separated blobs)
   assert {json.loads(x)["method"] for x in lines} == {"sgd", "soft_mask", "freeze"}
-  for name in (
-    "heatmap_sgd.png",
-    "heatmap_soft_mask.png",
-    "heatmap_freeze.png",
-    "avg_accuracy.png",
-  ):
+  for name in ("heatmaps.png", "acc_vs_forgetting.png", "acc_vs_speed.png", "avg_accuracy.png"):
     data = (out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
   printed = capsys.readouterr().out
@@ -184,7 +179,8 @@ def test_progress_ticks_from_inside_the_scan(tiny, monkeypatch, tmp_path):
     def close(self):
       counts.append((self.n, self.total))
 
-  monkeypatch.setattr(runner, "progress_bar", lambda desc, total: Bar(total))
+  monkeypatch.setattr(progress, "progress_bar", lambda desc, total: Bar(total))
+  monkeypatch.setattr(progress, "on_terminal", lambda: True)  # bars only on a terminal
   continual.main(["--stream", tiny, "--methods", "sgd", "--seeds", "1", "--out", str(tmp_path)])
   steps = 2 * (int(0.8 * 12) * 2 // 4)
   assert counts == [(steps, steps)] * 2
@@ -229,7 +225,7 @@ def test_from_jsonl_replots(tiny, tmp_path, capsys):
                   "--out", str(tmp_path / "a")])  # fmt: skip
   recs = continual.main(["--from-jsonl", str(tmp_path / "a" / "results.jsonl"),
                          "--out", str(tmp_path / "b")])  # fmt: skip
-  assert len(recs) == 1 and (tmp_path / "b" / "heatmap_sgd.png").is_file()
+  assert len(recs) == 1 and (tmp_path / "b" / "heatmaps.png").is_file()
   assert "sgd" in capsys.readouterr().out
 
 
@@ -280,7 +276,7 @@ def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
 
 
 def _ring_with_task0(params, key, n=5):
-  mem = replay.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}))
+  mem = replay.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}, 6))
   x = jax.random.normal(key, (n, 6))
   y = jnp.arange(n, dtype=jnp.int32) % 2
   mem = cl_optax.replay.add(mem, {"x": x, "y": y, "task": jnp.zeros(n, jnp.int32)}, task=0)
@@ -297,7 +293,8 @@ def _step(params, mem, task, hp):
 
   x = jnp.ones((4, 6))
   y = jnp.zeros(4, jnp.int32)
-  s = continual.Step(params, x, y, jnp.int32(task), 3, mem, jax.random.key(3), loss_fn, hp)
+  s = continual.Step(params, x, y, jnp.int32(task), 3, mem, jax.random.key(3), loss_fn, hp,
+                     continual.mlp_apply, columns, valid)  # fmt: skip
   return s, loss_fn
 
 

@@ -108,6 +108,7 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.OnlineEWCState,
     cl_optax.MASState,
     cl_optax.SIState,
+    cl_optax.ExperienceReplayState,
   ]
   seen = {}
   for s in states:

@@ -13,11 +13,14 @@ average accuracy vs tasks seen).
 Modules, by role: `model` (the MLP and its per-head forward passes), `registry`
 (`Method` and what its hooks get), `methods/` (one module per family: entries and
 hooks), `protocols` (presets and the papers' per-(preset, method) settings),
-`runner` (`make_train`, `run_method`), `report` (table, plots), `cli`.
+`runner` (`make_train`, `run_method`), `report` (table, plots), `cli`, `nnx_models`
+(any Flax NNX module; the `--model` registry), `api` (`run_stream`: your stream, your
+model factory, method names -> records).
 Add a method with one module in `methods/` (see benchmarks/ADDING_METHODS.md).
 """
 
 from benchmarks.continual import methods  # noqa: F401  registers every method
+from benchmarks.continual.api import run_stream
 from benchmarks.continual.cli import main
 from benchmarks.continual.model import (
   MLP,
@@ -32,6 +35,7 @@ from benchmarks.continual.model import (
   mlp_tapped,
   xent,
 )
+from benchmarks.continual.nnx_models import MODELS, NNXModel, make_model
 from benchmarks.continual.protocols import PRESETS, SETTINGS, Preset, settings
 from benchmarks.continual.registry import (
   BASES,
@@ -47,9 +51,9 @@ from benchmarks.continual.report import results_table, save_plots
 from benchmarks.continual.runner import Config, make_eval, make_train, run_method, task_loss
 
 __all__ = [
-  "BASES", "METHODS", "MLP", "PRESETS", "SETTINGS", "AuxInit", "Config", "Heads", "Hyper",
-  "Method", "Preset", "Step", "TaskEnd", "head_logits", "is_head", "main", "make_eval",
-  "make_heads", "make_train", "mlp_apply", "mlp_init", "mlp_layer_inputs", "mlp_layer_names",
-  "mlp_tapped", "register", "results_table", "run_method", "save_plots", "settings", "task_loss",
-  "xent",
+  "BASES", "METHODS", "MLP", "MODELS", "PRESETS", "SETTINGS", "AuxInit", "Config", "Heads",
+  "Hyper", "Method", "NNXModel", "Preset", "Step", "TaskEnd", "head_logits", "is_head", "main",
+  "make_eval", "make_heads", "make_model", "make_train", "mlp_apply", "mlp_init",
+  "mlp_layer_inputs", "mlp_layer_names", "mlp_tapped", "register", "results_table",
+  "run_method", "run_stream", "save_plots", "settings", "task_loss", "xent",
 ]  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 
 import benchmarks.continual.methods  # noqa: F401  registers every method
 from benchmarks.continual.model import INITS
+from benchmarks.continual.nnx_models import MODELS
 from benchmarks.continual.protocols import PRESETS
 from benchmarks.continual.registry import BASES, METHODS
 from benchmarks.continual.report import fmt, results_table, save_plots
@@ -57,7 +58,13 @@ def main(argv=None):
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
-  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--model", default="mlp", choices=sorted(MODELS),
+                      help="mlp: the preset's MLP; cnn: a small Flax NNX CNN")  # fmt: skip
+  parser.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="none (default: tqdm on a terminal, else a line per task)",
+  )
   parser.add_argument(
     "--resume",
     type=pathlib.Path,
@@ -114,6 +121,7 @@ def main(argv=None):
     lr_override=args.lr,
     scenario=args.scenario,
     init=args.init or preset.init,
+    model=args.model,
     resume=None if args.resume is None else str(args.resume),
     stop_after=args.stop_after_task,
   )

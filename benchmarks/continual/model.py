@@ -101,14 +101,20 @@ class MLP(NamedTuple):
   hidden: tuple[int, ...]
   bias: bool = True
   scheme: str = "torch"  # mlp_init's init: "torch" or "agem" (the A-GEM code's)
+  name = "mlp"
 
   @property
   def layers(self) -> list[str]:
     """The dense layers' keys, input to output (``layer0, ..., head``)."""
     return mlp_layer_names(len(self.hidden) + 1)
 
-  def init(self, key, d_in: int, d_out: int) -> dict:
-    return mlp_init(key, (d_in, *self.hidden, d_out), bias=self.bias, init=self.scheme)
+  def init(self, key, input_shape: tuple[int, ...], d_out: int) -> dict:
+    sizes = (int(np.prod(input_shape)), *self.hidden, d_out)
+    return mlp_init(key, sizes, bias=self.bias, init=self.scheme)
+
+  @staticmethod
+  def apply(params: dict, x: jax.Array) -> jax.Array:
+    return mlp_apply(params, x)
 
   @staticmethod
   def is_head(params: PyTree) -> PyTree:
@@ -147,17 +153,21 @@ class Heads(NamedTuple):
   tapped: tuple[Callable, ...]
 
 
-def make_heads(columns: np.ndarray, valid: np.ndarray) -> Heads:
-  """The forward passes of every task head for this layout (one function object each)."""
+def make_heads(columns: np.ndarray, valid: np.ndarray, model: Any = None) -> Heads:
+  """The forward passes of every task head for this layout (one function object each);
+  ``model`` defaults to the MLP (only the MLP has the ``tapped`` passes)."""
   cols, ok = jnp.asarray(columns), jnp.asarray(valid)
+  apply = mlp_apply if model is None else model.apply
 
   def logits(p, x, head):
-    return head_logits(mlp_apply(p, x), cols[head], ok[head])
+    return head_logits(apply(p, x), cols[head], ok[head])
 
   def tapped_for(t):
     c, o = jnp.asarray(columns[t]), jnp.asarray(valid[t])
 
     def fn(params, x, taps):
+      if model is not None and not isinstance(model, MLP):
+        model.layers  # noqa: B018  raises: the layer taps need the MLP
       out, inputs = mlp_tapped(params, x, taps)
       return head_logits(out, c, o), inputs
 

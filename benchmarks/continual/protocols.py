@@ -112,6 +112,17 @@ PRESETS: dict[str, Preset] = {
     iters=2000,
     scenario="task",
   ),
+  "seq-mnist": Preset(
+    "DER (Buzzega et al. 2020; mammoth seq-mnist): split MNIST 5 x 2, MLP 784-100-100, SGD, "
+    "batch 10, 1 epoch, class-IL (Fashion-MNIST: --data fashion_mnist.npz)",
+    _mnist_split,
+    (100, 100),
+    "sgd",
+    {"sgd": 0.03, "adam": 1e-3},
+    10,
+    epochs=1,
+    scenario="class",
+  ),
   "pmnist-agem": Preset(
     "A-GEM (Chaudhry et al., ICLR 2019): permuted MNIST, the 17 evaluation tasks, every training "
     "example once (MNIST train[5000:], TF's 55000 split), batch 10, MLP 784-256-256-10, SGD "
@@ -175,6 +186,30 @@ def _rows(presets, methods, settings: dict) -> dict:
 _AGEM_PMNIST = ("pmnist-agem", "pmnist-agem-1k")
 _GEM_MNIST = ("pmnist-gem", "rmnist-gem")
 _SPLIT = ("split-mnist", "split-digits")
+
+# DER (Buzzega et al. 2020), seq-MNIST: the official code's best_args.py (aimagelab/mammoth
+# utils/best_args.py, 'seq-mnist'), per buffer size. A-GEM and GEM there keep one buffer for
+# all tasks; here a ring per task of buffer / 5. GEM's gamma is its strength. LwF: lr 0.03,
+# alpha 1, T 2 (mammoth also uses weight decay 5e-4 and a head warm-up, not reproduced).
+# Online EWC: lambda 90, gamma 1 (strength = 2 lambda); SI: c 1 (strength = 2c), xi 0.9.
+_SEQ_MNIST = {
+  ("seq-mnist", "er"): {"buffer": 500, "by_buffer": {
+    200: {"lr": 0.01, "memory_batch": 10}, 500: {"lr": 0.1, "memory_batch": 10}}},
+  ("seq-mnist", "der"): {"buffer": 500, "by_buffer": {
+    200: {"lr": 0.03, "memory_batch": 10, "alpha": 0.2},
+    500: {"lr": 0.03, "memory_batch": 128, "alpha": 1.0}}},
+  ("seq-mnist", "derpp"): {"buffer": 500, "by_buffer": {
+    200: {"lr": 0.03, "memory_batch": 128, "alpha": 0.2, "beta": 1.0},
+    500: {"lr": 0.03, "memory_batch": 10, "alpha": 1.0, "beta": 0.5}}},
+  ("seq-mnist", "agem"): {"buffer": 500, "lr": 0.1, "memory_batch": 128, "by_buffer": {
+    200: {"memory_per_task": 40}, 500: {"memory_per_task": 100}}},
+  ("seq-mnist", "gem"): {"buffer": 500, "by_buffer": {
+    200: {"lr": 0.01, "strength": 1.0, "memory_per_task": 40},
+    500: {"lr": 0.03, "strength": 0.5, "memory_per_task": 100}}},
+  ("seq-mnist", "lwf"): {"lr": 0.03, "alpha": 1.0, "temperature": 2.0},
+  ("seq-mnist", "online_ewc"): {"lr": 0.03, "strength": 2 * 90.0, "decay": 1.0},
+  ("seq-mnist", "si"): {"lr": 0.1, "strength": 2 * 1.0, "xi": 0.9},
+}  # fmt: skip
 
 # The learning rate and hyper-parameters a paper used for a method on a protocol,
 # keyed by (preset, method); a key "preset/scenario" (e.g. "split-mnist/domain")
@@ -242,11 +277,30 @@ SETTINGS: dict[tuple[str, str], dict] = {
     ["gpm"],
     {"thresholds": [0.95, 0.99, 0.99], "project_head": True},
   ),
+  **_SEQ_MNIST,
+  # van de Ven & Tolias 2019 (split MNIST, Adam): LwF with T = 2, the distillation
+  # weighted 1 - 1/t against 1/t for the new loss, times T^2 (same direction under Adam
+  # as alpha = T^2 times the number of old tasks)
+  ("split-mnist", "lwf"): {"alpha": 4.0, "scale_by_tasks": True},
+  # the demo (split digits, 1440 training examples per task): a 200-item buffer
+  **_rows(["split-digits"], ["er", "der", "derpp"], {"buffer": 200, "memory_batch": 32}),
+  **_rows(["split-digits"], ["agem", "gem"], {"memory_per_task": 40}),
+  ("split-digits", "agem"): {"memory_per_task": 40, "memory_batch": 64},
 }
 
 
-def settings(preset: str, scenario: str, method: str) -> dict:
-  """``SETTINGS`` of ``method`` on ``preset``, then on ``preset/scenario`` (a copy)."""
+def settings(preset: str, scenario: str, method: str, buffer: int | None = None) -> dict:
+  """``SETTINGS`` of ``method`` on ``preset``, then on ``preset/scenario`` (a copy).
+
+  A row's ``by_buffer`` entry ``{size: settings}`` adds the settings of the memory
+  size ``buffer`` (``--hp buffer=N``; default: the row's ``buffer``).
+  """
   spec = dict(SETTINGS.get((preset, method), {}))
   spec.update(SETTINGS.get((f"{preset}/{scenario}", method), {}))
+  by_buffer = spec.pop("by_buffer", {})
+  size = int(buffer if buffer is not None else spec.get("buffer", 0))
+  if by_buffer and size not in by_buffer:
+    raise ValueError(f"{method} on {preset}: the paper's settings are for buffers "
+                     f"{sorted(by_buffer)}; got {size} (pass --lr / --hp to choose).")  # fmt: skip
+  spec.update(by_buffer.get(size, {}))
   return spec

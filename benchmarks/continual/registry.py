@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from benchmarks.continual.model import MLP, Heads
+from benchmarks.continual.model import Heads
 
 PyTree = Any
 
@@ -21,7 +21,7 @@ class Hyper(NamedTuple):
   optimizer: str  # "sgd" or "adam": the base optimiser of the protocol
   lr: float
   hp: dict  # the method's hyper-parameters (defaults < protocol settings < --hp)
-  model: MLP  # hidden widths, `model.layers` (layer keys), `model.is_head(params)`
+  model: Any  # `model.is_head(params)`; `model.layers` (layer keys; None but for the MLP)
 
   def base(self) -> optax.GradientTransformation:
     return BASES[self.optimizer](self.lr)
@@ -37,8 +37,13 @@ class Step(NamedTuple):
   n_tasks: int  # static
   aux: PyTree  # the method's own carried state (e.g. a replay memory)
   key: jax.Array  # a fresh PRNG key for this step
-  loss_fn: Callable  # loss_fn(params, x, y, task_ids, weights=None) -> (weighted) mean CE
+  # loss_fn(params, x, y, task_ids, weights=None) -> (weighted) mean CE, each example over
+  # its own task's columns that are active now
+  loss_fn: Callable
   hp: dict
+  apply: Callable  # apply(params, x) -> logits over every output unit
+  columns: jax.Array  # int32 [n_tasks, k]: each task's output columns
+  valid: jax.Array  # bool [n_tasks, k]: the columns active while training each task
 
 
 class AuxInit(NamedTuple):
@@ -47,6 +52,7 @@ class AuxInit(NamedTuple):
   n_tasks: int
   input_shape: tuple[int, ...]
   hp: dict
+  n_outputs: int  # the model's output units
   params: PyTree = None  # the initial parameters (for state shaped like them)
 
 
@@ -93,6 +99,9 @@ class Method(NamedTuple):
     step: ``Step -> (extra_args, aux)`` inside the jitted step, before the
       gradient: extra args for ``tx.update`` (e.g. ``ref_grads`` from the
       memory) and the new aux.
+    loss: ``(Step, params) -> scalar``, a term added to the training loss
+      inside the jitted step (DER's logit replay, LwF's distillation); it sees
+      the aux as it was before ``step``.
     defaults: the method's hyper-parameters (``--hp name=value`` overrides;
       a paper's settings for one protocol go in ``protocols.SETTINGS``).
   """
@@ -104,6 +113,7 @@ class Method(NamedTuple):
   end_task: Callable[[TaskEnd], tuple[PyTree, PyTree]] | None = None
   init_aux: Callable[[AuxInit], PyTree] | None = None
   step: Callable[[Step], tuple[dict, PyTree]] | None = None
+  loss: Callable[[Step, PyTree], jax.Array] | None = None
   defaults: dict = {}
 
 

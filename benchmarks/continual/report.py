@@ -46,7 +46,81 @@ def results_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# Distinct colours (tab10, then tab20's lighter shades) and markers: each method gets a
+# colour AND a marker, so no two methods share a style up to 20 methods.
+_COLOURS = [
+  "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+  "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+  "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]  # fmt: skip
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+
+
+def styles(methods: list[str]) -> dict[str, dict]:
+  """``{method: {"color": ..., "marker": ...}}``, distinct for up to 20 methods."""
+  return {
+    m: {"color": _COLOURS[i % len(_COLOURS)], "marker": _MARKERS[i % len(_MARKERS)]}
+    for i, m in enumerate(methods)
+  }
+
+
+def _mean_std(rs, key, scale=100.0):
+  v = np.asarray([r[key] for r in rs if r.get(key) is not None], float) * scale
+  return (v.mean(), v.std()) if len(v) else (np.nan, 0.0)
+
+
+def _heatmap_grid(by: dict, plt, out: pathlib.Path) -> pathlib.Path:
+  n = len(by)
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  T = len(next(iter(by.values()))[0]["acc_matrix"])
+  size = 1.0 + 0.42 * T
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(cols * size, rows * size), squeeze=False, layout="constrained"
+  )
+  for ax in axes.ravel()[n:]:
+    ax.axis("off")
+  for ax, (m, rs) in zip(axes.ravel(), by.items()):
+    R = np.mean([r["acc_matrix"] for r in rs], 0)
+    im = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
+    ax.set_title(f"{m} (ACC {100 * np.mean([r['acc'] for r in rs]):.1f})", fontsize=9)
+    ax.set_xticks(range(T))
+    ax.set_yticks(range(T))
+    ax.tick_params(labelsize=6)
+    if len(R) <= 10:
+      for (i, j), v in np.ndenumerate(R):
+        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w")
+  fig.supxlabel("evaluated on task j")
+  fig.supylabel("after training task i")
+  fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy (%)")
+  path = out / "heatmaps.png"
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def _scatter(by, style, plt, out, xkey, xlabel, name, *, xscale=100.0, logx=False):
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for m, rs in by.items():
+    (x, xs), (y, ys) = _mean_std(rs, xkey, xscale), _mean_std(rs, "acc")
+    ax.errorbar(x, y, xerr=xs, yerr=ys, ls="none", ms=8, label=m, **style[m])
+    ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+  if logx:
+    ax.set_xscale("log")
+  title = next(iter(by.values()))[0]["stream"]
+  ax.set(xlabel=xlabel, ylabel="average accuracy after the last task (%)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2, loc="best")
+  path = out / name
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
 def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+  """``heatmaps.png`` (every method's mean accuracy matrix in one grid),
+  ``acc_vs_forgetting.png``, ``acc_vs_speed.png`` (samples/s, log scale) and
+  ``avg_accuracy.png`` (average accuracy vs tasks seen); one colour and marker per method."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -54,38 +128,35 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
   import matplotlib.ticker
 
   by = by_method([r for r in records if not r.get("diverged")])  # no matrix to plot
-  paths = []
   if not by:
-    return paths
-  for m, rs in by.items():
-    R = np.mean([r["acc_matrix"] for r in rs], 0)
-    T = len(R)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * T, 0.9 + 0.4 * T))
-    im = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
-    ax.set(
-      title=f"{m}: accuracy (%), mean of {len(rs)} seed(s)",
-      xlabel="evaluated on task j",
-      ylabel="after training task i",
-    )
-    if T <= 20:
-      for (i, j), v in np.ndenumerate(R):
-        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    path = out / f"heatmap_{m.replace('/', '_')}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(path)
+    return []
+  style = styles(list(by))
+  paths = [
+    _heatmap_grid(by, plt, out),
+    _scatter(by, style, plt, out, "forgetting", "forgetting (%)", "acc_vs_forgetting.png"),
+    _scatter(
+      by,
+      style,
+      plt,
+      out,
+      "samples_per_s",
+      "training samples / s (log)",
+      "acc_vs_speed.png",
+      xscale=1.0,
+      logx=True,
+    ),  # fmt: skip
+  ]
   fig, ax = plt.subplots(figsize=(6, 4))
   for m, rs in by.items():
     curves = 100 * np.asarray([r["acc_curve"] for r in rs])
     x = np.arange(1, curves.shape[1] + 1)
     mean, std = curves.mean(0), curves.std(0)
-    ax.plot(x, mean, marker="o", ms=3, label=m)
-    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.plot(x, mean, ms=5, label=m, **style[m])
+    ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=style[m]["color"])
   ax.set(xlabel="tasks seen", ylabel="average accuracy on tasks seen (%)", title=rs[0]["stream"])
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8, ncol=2)
   path = out / "avg_accuracy.png"
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)

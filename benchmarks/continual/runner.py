@@ -11,14 +11,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.continual import progress
 from benchmarks.continual.model import MLP, Heads, head_logits, make_heads, mlp_apply, xent
+from benchmarks.continual.nnx_models import make_model
+from benchmarks.continual.progress import Ticks
 from benchmarks.continual.protocols import settings
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
 from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
@@ -40,6 +43,7 @@ class Config(NamedTuple):
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
   init: str = "torch"  # the parameter init (model.mlp_init): the preset's, or --init
+  model: Any = "mlp"  # a nnx_models.MODELS name, a model, or an nnx.Module factory
   resume: str | None = None  # --resume DIR: checkpoint every task there, continue from the last
   stop_after: int | None = None  # --stop-after-task K: checkpoint task K and stop (tests)
 
@@ -60,12 +64,28 @@ def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
 
 
-def task_loss(apply: Callable, columns, valid) -> Callable:
+def active_columns(columns, valid, task_ids, task):
+  """Which of each example's head columns are active while training ``task``.
+
+  An example of task ``j`` reads its own head, ``columns[j]``; a column is active if
+  it was while training task ``j`` or is one of the current task's active output
+  units. Task-IL: task ``j``'s own columns. Class-IL (one shared head): every class
+  seen so far, so a replayed example competes with the new classes (over
+  ``valid[j]`` alone it would only keep its old decisions and let every new class
+  take it).
+  """
+  now = valid[task][None, :] & (columns[task_ids] == columns[task][None, :])
+  return valid[task_ids] | now
+
+
+def task_loss(apply: Callable, columns, valid, task) -> Callable:
   """``loss_fn(params, x, y, task_ids, weights=None)``: the mean cross-entropy where each
-  example reads its own task's columns; with ``weights`` the weighted mean."""
+  example reads its own task's columns active now (:func:`active_columns`) while
+  training ``task``; with ``weights`` the weighted mean."""
 
   def loss_fn(params, x, y, task_ids, weights=None):
-    losses = xent(apply(params, x), columns[task_ids], valid[task_ids], y)
+    ok = active_columns(columns, valid, task_ids, task)
+    losses = xent(apply(params, x), columns[task_ids], ok, y)
     if weights is None:
       return losses.mean()
     w = weights.astype(losses.dtype)  # e.g. the `valid` rows of a replay sample
@@ -96,7 +116,7 @@ def make_train(
 
   @jax.jit
   def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid):
-    loss_fn = task_loss(apply, columns, valid)
+    loss_fn = task_loss(apply, columns, valid, task)
 
     def body(carry, inp):
       params, opt_state, aux, key = carry
@@ -107,12 +127,17 @@ def make_train(
 
       def do(c):
         params, opt_state, aux = c
+        s = Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp, apply, columns,
+                 valid)  # fmt: skip
         extra = {}
         if method.step is not None:
-          extra, aux = method.step(
-            Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp)
-          )
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, tids)
+          extra, aux = method.step(s)
+
+        def total(p):
+          loss = loss_fn(p, x, y, tids)
+          return loss if method.loss is None else loss + method.loss(s, p)
+
+        loss, grads = jax.value_and_grad(total)(params)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return optax.apply_updates(params, updates), opt_state, aux, loss
 
@@ -187,31 +212,6 @@ class TestSets:
     return np.asarray(accs)
 
 
-def progress_bar(desc: str, total: int):
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, desc=desc, leave=False, unit="step", file=sys.stderr, mininterval=0.2)
-
-
-class _Ticks:
-  """The progress bar of the task being trained; the scan's tick callback updates it."""
-
-  def __init__(self):
-    self.bar = None
-
-  def __call__(self, n):
-    if self.bar is not None:
-      self.bar.update(int(n))
-
-  def open(self, cfg: Config, desc: str, total: int):
-    self.bar = progress_bar(desc, total) if cfg.progress else None
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-    self.bar = None
-
-
 class _Run:
   """One method's run over seeds: its transform and jitted trainers, built once and shared
   by every seed; ``heads`` maps a column layout to the model's forward passes (``Heads``),
@@ -221,30 +221,35 @@ class _Run:
     self.name, self.cfg = name, cfg
     self.method = method = METHODS[name]
     self.opt = method.optimizer or cfg.optimizer
-    spec = settings(cfg.protocol, cfg.scenario, name)
+    spec = settings(cfg.protocol, cfg.scenario, name, cfg.hp.get("buffer"))
     lr = spec.pop("lr", cfg.lr[self.opt])
     self.lr = cfg.lr_override if cfg.lr_override is not None else lr
     self.hp = {**method.defaults, **spec}
     self.hp.update({k: v for k, v in cfg.hp.items() if k in self.hp})
-    self.model = MLP(tuple(cfg.hidden), cfg.bias, cfg.init)
+    self.model = make_model(cfg.model, tuple(cfg.hidden), cfg.bias)
+    if cfg.init != "torch":  # --init agem: the A-GEM code's init, for the MLP
+      if not isinstance(self.model, MLP):
+        raise ValueError(f"--init {cfg.init}: only the MLP model has that init.")
+      self.model = self.model._replace(scheme=cfg.init)
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
-    self.ticks = _Ticks()
-    self.evaluate = make_eval(mlp_apply)
+    self.ticks = Ticks()
+    self.evaluate = make_eval(self.model.apply)
     self.trainers, self.compiled, self.heads = {}, {}, heads
     self.warned = False  # the stability note is printed once per run
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
       self.trainers[padded, ticks_every] = make_train(
-        self.method, self.tx, hp=self.hp, ticks_every=ticks_every, on_tick=self.ticks,
-        padded=padded,
+        self.method, self.tx, hp=self.hp, apply=self.model.apply, ticks_every=ticks_every,
+        on_tick=self.ticks, padded=padded,
       )  # fmt: skip
     return self.trainers[padded, ticks_every]
 
   def heads_for(self, stream: streams.Stream) -> Heads:
-    layout = (stream.columns.tobytes(), stream.columns.shape, stream.train_valid.tobytes())
+    layout = (self.model.name, stream.columns.tobytes(), stream.columns.shape,
+              stream.train_valid.tobytes())  # fmt: skip
     if layout not in self.heads:
-      self.heads[layout] = make_heads(stream.columns, stream.train_valid)
+      self.heads[layout] = make_heads(stream.columns, stream.train_valid, self.model)
     return self.heads[layout]
 
   def seed(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> tuple[dict, tuple]:
@@ -267,12 +272,12 @@ class _Run:
     tests = TestSets(stream)
     x0, _ = stream[0].train()
     key, k_init = jax.random.split(key)
-    params = self.model.init(k_init, int(np.prod(x0.shape[1:])), stream.n_outputs)
+    params = self.model.init(k_init, x0.shape[1:], stream.n_outputs)
     opt_state = self.tx.init(params)
     aux = None
     if method.init_aux is not None:
-      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, params))
-    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress else 0
+      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, stream.n_outputs, params))
+    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
     train = self.trainer(padded, ticks_every)
     heads = self.heads_for(stream)
 
@@ -311,7 +316,7 @@ class _Run:
         self.compiled[sig] = train.lower(*args).compile()
         compile_s += time.perf_counter() - c0
       desc = f"{name:>10} seed {seed} task {t + 1}/{T}"
-      self.ticks.open(cfg, desc, len(plan) if not padded else s_max)
+      self.ticks.open(cfg.progress, desc, len(plan) if not padded else s_max)
       t0 = time.perf_counter()
       params, opt_state, aux, losses = self.compiled[sig](*args)
       jax.block_until_ready((params, losses))
@@ -346,7 +351,7 @@ class _Run:
       "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
       "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
       "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "init": cfg.init,
-      "n_tasks": T,
+      "n_tasks": T, "model": getattr(self.model, "name", "mlp"),
       "acc_matrix": R.tolist(), "baseline": np.asarray(baseline).tolist(),
       **metrics.summary(R, baseline),
       "samples": samples, "train_s": train_s,

@@ -31,7 +31,7 @@ TRANSFORMS = {
   "mas": (cl_optax.mas, ("mas_anchor", "mas_importance"), "importance"),
   "si": (
     cl_optax.si,
-    ("si_anchor", "si_importance", "path_integral", "prev_params", "prev_grad"),
+    ("si_anchor", "si_importance", "path_integral", "prev_grad"),
     None,
   ),
   "ncl_diag": (lambda: cl_optax.ncl(100.0), ("prior_mean", "prior_precision"), "precision"),

@@ -1,0 +1,130 @@
+"""Flax NNX models in the runner: any ``nnx.Module`` factory, and the ``--model`` registry.
+
+The runner trains a model through three functions: ``init(key, input_shape,
+n_outputs) -> params``, ``apply(params, x) -> logits`` and ``is_head(params)``
+(labels of the output layer, for the methods that treat it apart). The plain-JAX
+:class:`~benchmarks.continual.model.MLP` is one such model; :class:`NNXModel`
+makes one of any Flax NNX module: its parameters are the module's ``nnx.Param``
+state as a plain nested dict (``nnx.to_pure_dict``), so every optax transform and
+``cl_optax.consolidate`` see an ordinary pytree, and ``apply`` merges them back
+into the module (``nnx.merge``) inside the jitted step.
+
+Registry (``--model``): ``mlp`` (the preset's MLP, the default) and ``cnn``
+(:class:`SmallCNN`). Methods that read layer internals (``gpm``, ``ncl_kfac``:
+per-layer inputs) need the MLP; the others train any model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.continual.model import MLP
+
+PyTree = Any
+
+
+def head_labels(params: PyTree) -> PyTree:
+  """True on the leaves under a key named ``head`` (the output layer by convention)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: any(getattr(k, "key", getattr(k, "name", None)) == "head" for k in path),
+    params,
+  )
+
+
+class NNXModel:
+  """A Flax NNX module as a runner model.
+
+  Args:
+    factory: ``rngs -> nnx.Module``; the module maps a batch ``[n, *input_shape]``
+      to logits ``[n, n_outputs]`` (the stream's ``n_outputs``). Name its output
+      layer ``head`` so that methods which treat the head apart (``soft_mask``)
+      find it.
+    name: shown in the records.
+    shaped: the factory takes ``(rngs, input_shape, n_outputs)`` (the
+      registry's models, built for each stream's shapes).
+
+  The module's non-parameter state (e.g. BatchNorm statistics) is held fixed at
+  its initial value: train models without mutable state, or in eval mode.
+  """
+
+  @property
+  def layers(self):
+    raise ValueError(
+      f"{self.name}: gpm and ncl_kfac read every layer's inputs and need the MLP (--model mlp)."
+    )
+
+  def __init__(self, factory: Callable[..., nnx.Module], name: str = "nnx", *, shaped=False):
+    self.factory, self.name, self.shaped = factory, name, shaped
+    self.graph = None  # (graphdef, non-parameter state, input shape), set by init
+
+  def init(self, key: jax.Array, input_shape: tuple[int, ...], n_outputs: int) -> dict:
+    rngs = nnx.Rngs(params=key)
+    module = self.factory(rngs, input_shape, n_outputs) if self.shaped else self.factory(rngs)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    self.graph = (graphdef, rest, tuple(int(d) for d in input_shape))
+    params = nnx.to_pure_dict(params)
+    out = jax.eval_shape(self.apply, params, jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))
+    if out.shape != (2, n_outputs):
+      raise ValueError(
+        f"{self.name}: the model maps a batch [2, *{tuple(input_shape)}] to {out.shape}; "
+        f"the stream needs logits [2, {n_outputs}]."
+      )
+    return params
+
+  def apply(self, params: dict, x: jax.Array) -> jax.Array:
+    if self.graph is None:
+      raise ValueError(f"{self.name}: call init before apply.")
+    graphdef, rest, shape = self.graph
+    return nnx.merge(graphdef, params, rest)(x.reshape((x.shape[0], *shape)))
+
+  @staticmethod
+  def is_head(params: PyTree) -> PyTree:
+    return head_labels(params)
+
+
+class SmallCNN(nnx.Module):
+  """Two 3x3 conv + 2x2 max-pool blocks (16, 32 channels), a ReLU dense layer, ``head``."""
+
+  def __init__(self, input_shape, n_outputs: int, hidden: int = 100, *, rngs: nnx.Rngs):
+    h, w = (tuple(input_shape) + (1, 1))[:2]
+    channels = input_shape[2] if len(input_shape) > 2 else 1
+    self.conv1 = nnx.Conv(channels, 16, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
+    self.dense = nnx.Linear(32 * (h // 4) * (w // 4), hidden, rngs=rngs)
+    self.head = nnx.Linear(hidden, n_outputs, rngs=rngs)
+
+  def __call__(self, x):
+    if x.ndim == 3:  # [n, h, w] grey images
+      x = x[..., None]
+    for conv in (self.conv1, self.conv2):
+      x = nnx.max_pool(nnx.relu(conv(x)), (2, 2), (2, 2))
+    return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
+
+
+def _cnn(hidden: tuple[int, ...], bias: bool) -> NNXModel:
+  del bias
+  width = hidden[-1] if hidden else 100
+  return NNXModel(lambda rngs, shape, n: SmallCNN(shape, n, width, rngs=rngs), "cnn", shaped=True)
+
+
+# name -> (the preset's hidden widths, bias) -> model
+MODELS: dict[str, Callable[[tuple[int, ...], bool], Any]] = {"mlp": MLP, "cnn": _cnn}
+
+
+def make_model(model: Any, hidden: tuple[int, ...] = (100, 100), bias: bool = True) -> Any:
+  """A runner model from a registry name (``"mlp"``, ``"cnn"``), a model object
+  (``init``/``apply``/``is_head``) or an ``nnx.Module`` factory ``rngs -> module``."""
+  if isinstance(model, str):
+    if model not in MODELS:
+      raise ValueError(f"unknown model {model!r}; registered: {sorted(MODELS)}")
+    return MODELS[model](tuple(hidden), bias)
+  if all(hasattr(model, a) for a in ("init", "apply", "is_head")):
+    return model
+  if callable(model):
+    return NNXModel(model, getattr(model, "__name__", "nnx"))
+  raise TypeError(f"`model` must be a name, a model or an nnx.Module factory; got {model!r}.")
