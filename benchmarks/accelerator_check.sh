@@ -19,7 +19,7 @@ for dtype in float32 bfloat16; do
     --json "$OUT/floor-lm-100m-$dtype.json" || echo "(floor $dtype: stopped, rc $?)"
 done
 echo "=== GEM at 10 M parameters, k = 20: the QP's share of the update ($(date -u +%T))"
-timeout 60 $PY -c "from benchmarks import floor; print(floor.gem_parts('lm-10m', 20))" \
+timeout 60 $PY -c "from benchmarks import gem_parts; print(gem_parts.gem_parts('lm-10m', 20))" \
   || echo "(gem: stopped, rc $?)"
 # 2. the full-data A-GEM protocol (permuted MNIST, 17 tasks, 5500 steps of batch 10 each,
 #    256 reference examples per step): one seed, training time from the runner's log.

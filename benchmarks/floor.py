@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import lm, overhead
+from benchmarks import lm, overhead_cases
 
 # Params-sized arrays each update reads and writes, "name:dtype"; dtype P is the
 # parameters' dtype. "base" expands to the base optimiser's line. g = the
@@ -165,7 +165,7 @@ def print_kernels(tx, params, state, extra, label: str) -> int:
 def params_for(model: str, dtype):
   if model in lm.CONFIGS:
     return lm.lm_params(model, dtype)
-  return jax.tree.map(lambda p: p.astype(dtype), overhead.model_params(model))
+  return jax.tree.map(lambda p: p.astype(dtype), overhead_cases.model_params(model))
 
 
 def _timer(tx, params, make_state, grads, extra, calls):
@@ -227,10 +227,10 @@ def _axpy_timer(n, calls):
 
 def measure(case, params, repeats, calls):
   """Base, transform and ``a * x + y`` timed interleaved; the floor from the bandwidth."""
-  base = overhead.BASES[case.base]()
-  tx = case.make(overhead.BASES[case.base]())
+  base = overhead_cases.BASES[case.base]()
+  tx = case.make(overhead_cases.BASES[case.base]())
   extra = case.extra_args(params)
-  grads = overhead._uniform_like(params, seed=2)
+  grads = overhead_cases.uniform_like(params, seed=2)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   n = sum(p.size for p in jax.tree.leaves(params))
   make_state = lambda: case.prepare(tx.init(params), params)  # noqa: E731
@@ -305,11 +305,11 @@ def main():
     f"{args.model} {args.dtype}: {n / 1e6:.1f} M parameters; floor = traffic / bandwidth of "
     f"a*x+y over {12 * n / 1e9:.2f} GB, timed interleaved with each case"
   )
-  by_name = {c.name: c for c in overhead.CASES}
+  by_name = {c.name: c for c in overhead_cases.CASES}
   for name in [c for c in args.hlo.split(",") if c]:
     case = by_name[name]
-    base = overhead.BASES[case.base]()
-    tx = case.make(overhead.BASES[case.base]())
+    base = overhead_cases.BASES[case.base]()
+    tx = case.make(overhead_cases.BASES[case.base]())
     print_kernels(base, params, base.init(params), {}, case.base)
     print_kernels(tx, params, case.prepare(tx.init(params), params), case.extra_args(params), name)
   if args.no_time:
@@ -337,68 +337,3 @@ def main():
 
 if __name__ == "__main__":
   main()
-
-
-# -------------------------------------------------------------------- GEM
-def gem_parts(model: str = "lm-10m", k: int = 20, repeats: int = 5, calls: int = 3) -> dict:
-  """GEM's optimiser part at ``k`` tasks: the whole update (+ sgd apply) vs its pieces.
-
-  gram: ``G G^T`` and ``G g`` (k^2 P and k P multiply-adds, memory-bound on G);
-  qp: ``solve_box_qp`` on that Gram matrix alone; the QP's share is qp / update.
-  """
-  import cl_optax
-  from cl_optax._gem import _gem_dual
-
-  params = params_for(model, jnp.float32)
-  extra = overhead._gem_extra(k)(params)
-  tx = optax.chain(cl_optax.gem(max_tasks=k), optax.sgd(0.1))
-  grads = overhead._uniform_like(params, seed=2)
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def update(p, s, g, e):
-    u, s = tx.update(g, s, p, **e)
-    return optax.apply_updates(p, u), s
-
-  @jax.jit
-  def gram(g, e):
-    pairs = list(zip(jax.tree.leaves(g), jax.tree.leaves(e["task_grads"])))
-    gr = sum(jnp.tensordot(t, t, (list(range(1, t.ndim)),) * 2) for _, t in pairs)
-    dots = sum(jnp.tensordot(t, u, (list(range(1, t.ndim)), list(range(u.ndim)))) for u, t in pairs)
-    return gr, dots
-
-  gr, dots = gram(grads, extra)
-  mask = extra["task_mask"]
-  qp = jax.jit(lambda gr, d, a: _gem_dual(gr, d, mask, 0.5, 1e-3, a, iterations=None))
-  solved = qp(gr, dots, jnp.ones((k,), bool))[2]
-  state = tx.init(params)
-  p = jax.tree.map(jnp.copy, params)
-  runs = {
-    "update": lambda: update(p, state, grads, extra),
-    "gram": lambda: gram(grads, extra),
-    "qp_cold": lambda: qp(gr, dots, jnp.ones((k,), bool)),
-    "qp_warm": lambda: qp(gr, dots, solved),
-  }
-
-  times = {n: [] for n in runs}
-  for _ in range(repeats):
-    for n, f in runs.items():
-      out = f()
-      jax.block_until_ready(out)
-      if n == "update":
-        p = out[0]
-      start = time.perf_counter()
-      for _ in range(calls):
-        out = f()
-        if n == "update":
-          p = out[0]
-      jax.block_until_ready(out)
-      times[n].append((time.perf_counter() - start) / calls)
-  t = {n: min(v) for n, v in times.items()}
-  t["qp"] = t["qp_cold"]
-  return {
-    "model": model,
-    "k": k,
-    "n_params": sum(x.size for x in jax.tree.leaves(params)),
-    **{f"{n}_ms": 1e3 * v for n, v in t.items()},
-    "qp_share": t["qp"] / t["update"],
-  }
