@@ -39,18 +39,25 @@ def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
   env = {k: v for k, v in checkout_env().items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, str(ROOT / "examples" / "sharded_training.py"), "--processes", "2"]
   cmd += ["--port", str(port), "--out", str(out)]
-  procs = [
-    subprocess.Popen(
-      cmd + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
-    for i in range(2)
-  ]
+  # Each process logs to its own file: a pipe that nobody reads while the other
+  # process is waited on fills up, blocks that process, and stalls the collectives.
+  log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i, path in enumerate(log_paths):
+    with open(path, "wb") as log:
+      procs.append(
+        subprocess.Popen(
+          cmd + ["--process-id", str(i)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+      )
   try:
-    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p in procs:
+      p.wait(timeout=600)
   finally:
     for p in procs:  # a hung peer must not outlive the test
       if p.poll() is None:
         p.kill()
+  logs = [path.read_text(errors="replace") for path in log_paths]
   assert all(p.returncode == 0 for p in procs), "\n".join(logs)
   assert "2 process(es)" in logs[0], logs[0]
   two = json.loads(out.read_text())
