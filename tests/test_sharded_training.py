@@ -35,7 +35,7 @@ def test_sharded_run_equals_one_device_and_state_shards_like_params(single_proce
 
 @pytest.mark.skipif(
   not os.environ.get("CL_OPTAX_MULTIPROCESS"),
-  reason="2 processes x 4 devices over gloo take ~10 min on 2 CPU cores; set CL_OPTAX_MULTIPROCESS=1",
+  reason="2 processes x 4 devices over gloo: ~10 min on 2 CPU cores; CL_OPTAX_MULTIPROCESS=1",
 )
 def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
   _, single = single_process
