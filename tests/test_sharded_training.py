@@ -1,7 +1,6 @@
 """The sharded training example: 8 host devices, and 2 processes x 4 devices (own processes)."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -33,10 +32,6 @@ def test_sharded_run_equals_one_device_and_state_shards_like_params(single_proce
     assert line in proc.stdout, proc.stdout
 
 
-@pytest.mark.skipif(
-  not os.environ.get("CL_OPTAX_MULTIPROCESS"),
-  reason="2 processes x 4 devices over gloo: ~10 min on 2 CPU cores; CL_OPTAX_MULTIPROCESS=1",
-)
 def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
   _, single = single_process
   assert single is not None, "the single-process run failed (see the test above)"
