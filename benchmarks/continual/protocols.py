@@ -144,6 +144,16 @@ PRESETS: dict[str, Preset] = {
     10,
     epochs=1,
   ),
+  "pmnist-5x10k": Preset(
+    "a textbook permuted MNIST: 5 tasks x 10000 training examples, 1 epoch, batch 10, "
+    "MLP 784-256-256-10, SGD lr 0.1 (the setting of the penalties' stability check)",
+    _mnist_permuted(5, 10000),
+    (256, 256),
+    "sgd",
+    {"sgd": 0.1, "adam": 1e-3},
+    10,
+    epochs=1,
+  ),
   "pmnist-gem": Preset(
     "GEM (Lopez-Paz & Ranzato 2017): permuted MNIST, 20 tasks x 1000 examples, 1 epoch, batch 10, "
     "MLP 784-100-100-10, SGD lr 0.1",
