@@ -31,7 +31,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 

@@ -124,11 +124,12 @@ def test_cnn_model_trains_images():
   assert r["acc"] > 0.6, r["acc_matrix"]
 
 
-def test_layer_methods_name_the_mlp():
+@pytest.mark.parametrize("method", ["ncl_kfac", "gpm"])
+def test_layer_methods_name_the_mlp(method):
   x, y = _blobs()
   stream = streams.split(x, y, classes_per_task=2, scenario="task", seed=0)
   with pytest.raises(ValueError, match="need the MLP"):
-    run_stream(stream, _Net, ["ncl_kfac"], progress=False)
+    run_stream(stream, _Net, [method], progress=False)
 
 
 # ----------------------------------------------------------------- progress

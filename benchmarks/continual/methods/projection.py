@@ -16,6 +16,8 @@ def _consolidate_ogd(e: TaskEnd):
 
 
 def _gpm_layers(h: Hyper):
+  h.model.layers  # noqa: B018 -- the MLP only: other models raise a clear error here
+
   def labels(params):
     heads = h.model.is_head(params)
     return jax.tree.map(
