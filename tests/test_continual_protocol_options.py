@@ -29,6 +29,16 @@ def test_agem_init_is_truncated_normal_01_with_biases_01():
     continual.mlp_init(jax.random.key(0), (4, 2), init="xavier")
 
 
+def test_gem_init_is_glorot_uniform_with_zero_biases():
+  p = continual.mlp_init(jax.random.key(0), (784, 100, 10), init="gem")
+  k, bound = np.asarray(p["layer0"]["kernel"]), np.sqrt(6 / (784 + 100))
+  assert np.abs(k).max() <= bound and np.abs(k).max() > 0.99 * bound
+  assert abs(k.std() - bound / np.sqrt(3)) < 0.002  # the std of U(-a, a) is a / sqrt(3)
+  assert np.abs(np.asarray(p["head"]["kernel"])).max() <= np.sqrt(6 / 110)
+  for name in ("layer0", "head"):
+    assert np.all(np.asarray(p[name]["bias"]) == 0.0)
+
+
 def _loss(params, x, y, task_ids, weights=None):
   return optax.softmax_cross_entropy_with_integer_labels(continual.mlp_apply(params, x), y).mean()
 

@@ -25,7 +25,7 @@ def mlp_layer_names(n_layers: int) -> list[str]:
   return [f"layer{i}" for i in range(n_layers - 1)] + ["head"]
 
 
-INITS = ("torch", "agem")
+INITS = ("torch", "agem", "gem")
 
 
 def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True, init: str = "torch") -> dict:
@@ -35,7 +35,9 @@ def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True, init: str = "tor
   biases. ``init="agem"``: the A-GEM code's (facebookresearch/agem, model/model.py
   ``weight_variable``, ``bias_variable``): kernels from TF's
   ``truncated_normal_initializer(stddev=0.1)`` (a normal of std 0.1 redrawn outside
-  +-2 std), biases the constant 0.1.
+  +-2 std), biases the constant 0.1. ``init="gem"``: the GEM code's
+  (facebookresearch/GradientEpisodicMemory, model/common.py ``Xavier``):
+  kernels U(+-sqrt(6 / (fan_in + fan_out))) (Glorot uniform), biases 0.
   """
   if init not in INITS:
     raise ValueError(f"mlp_init: init must be one of {INITS}; got {init!r}.")
@@ -47,6 +49,11 @@ def mlp_init(key, sizes: tuple[int, ...], *, bias: bool = True, init: str = "tor
       layer = {"kernel": 0.1 * jax.random.truncated_normal(keys[2 * i], -2.0, 2.0, (m, k))}
       if bias:
         layer["bias"] = jnp.full((k,), 0.1, jnp.float32)
+    elif init == "gem":
+      bound = np.sqrt(6.0 / (m + k))
+      layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
+      if bias:
+        layer["bias"] = jnp.zeros((k,), jnp.float32)
     else:
       bound = 1.0 / np.sqrt(m)
       layer = {"kernel": jax.random.uniform(keys[2 * i], (m, k), jnp.float32, -bound, bound)}
@@ -100,7 +107,7 @@ class MLP(NamedTuple):
 
   hidden: tuple[int, ...]
   bias: bool = True
-  scheme: str = "torch"  # mlp_init's init: "torch" or "agem" (the A-GEM code's)
+  scheme: str = "torch"  # mlp_init's init: "torch", "agem" or "gem" (the official codes')
   name = "mlp"
 
   @property
