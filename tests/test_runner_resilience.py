@@ -84,3 +84,9 @@ def test_stability_note_names_the_bound():
   assert "= 4 >= 2" in note and "strength below 5" in note and "lr below 0.05" in note
   assert stability_note(state, "sgd", 0.01, {"strength": 10.0}) is None  # 0.4 < 2
   assert stability_note(state, "adam", 0.1, {"strength": 10.0}) is None  # not plain SGD
+  # stable now (0.1 * 2 * 4 = 0.8), but summed over 4 tasks' importance: 0.1 * 2 * 16 = 3.2
+  later = stability_note(state, "sgd", 0.1, {"strength": 2.0}, tasks_done=1, n_tasks=5)
+  assert "= 0.8 < 2 after 1 task(s)" in later and "about 16 " in later, later
+  assert "strength below 1.25 " in later and "lr below 0.0625" in later, later
+  assert stability_note(state, "sgd", 0.1, {"strength": 2.0}, tasks_done=1, n_tasks=2) is None
+  assert stability_note(state, "sgd", 0.1, {"strength": 2.0}, tasks_done=2, n_tasks=3) is None

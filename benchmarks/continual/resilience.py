@@ -4,8 +4,9 @@
   penalty (``ewc``, ``online_ewc``, ``mas``, ``si``) can be followed by plain
   SGD: on the penalty :math:`\\tfrac{\\lambda}{2}\\sum_i\\Omega_i(\\theta_i-\\theta^*_i)^2`
   an SGD step multiplies the distance to the anchor by :math:`1 - \\eta\\lambda\\Omega_i`,
-  which shrinks only while :math:`\\eta\\,\\lambda\\,\\max\\Omega < 2`. The note
-  says which hyper-parameter to lower and to what.
+  which shrinks only while :math:`\\eta\\,\\lambda\\,\\max\\Omega < 2`; the
+  importance sums over tasks, so the check projects it to the last task. The
+  note says which hyper-parameter to lower and to what.
 * :func:`diverged_record` turns a non-finite loss into a record that says so
   (task, seed, the stability note) so the run goes on with the other methods.
 * :class:`TaskCheckpoints` saves a seed's run after every task (orbax for the
@@ -37,19 +38,40 @@ def max_importance(opt_state) -> float | None:
   return max(found) if found else None
 
 
-def stability_note(opt_state, optimizer: str, lr: float, hp: dict) -> str | None:
-  """A message when ``lr * strength * max importance >= 2`` under plain SGD, else None."""
+def stability_note(
+  opt_state, optimizer: str, lr: float, hp: dict, tasks_done: int = 1, n_tasks: int | None = None
+) -> str | None:
+  """A message when ``lr * strength * max importance`` reaches 2 under plain SGD, else None.
+
+  The importance of ``ewc``, ``mas`` and ``si`` is a sum over tasks (``online_ewc``'s
+  too at decay 1), so a run that is stable after ``tasks_done`` tasks can still
+  diverge later: with ``n_tasks`` given, the max importance is projected linearly
+  to the last task's penalty, ``max Ω × (n_tasks - 1) / tasks_done`` (the sum of
+  ``n_tasks - 1`` tasks' importance at the rate seen so far), and the note fires
+  and sets its suggested strength (90 % of the bound) by that projection.
+  """
   omega = max_importance(opt_state)
   if optimizer not in SGD_BASES or "strength" not in hp or not omega or omega <= 0:
     return None
   strength = float(hp["strength"])
-  product = lr * strength * omega
-  if product < 2:
+  ahead = max(1.0, (n_tasks - 1) / tasks_done) if n_tasks else 1.0
+  projected = omega * ahead
+  now, later = lr * strength * omega, lr * strength * projected
+  if later < 2:
     return None
+  if now >= 2:
+    head = f"lr x strength x max importance = {lr:g} x {strength:g} x {omega:.4g} = {now:.4g} "
+    head += ">= 2, so SGD on the penalty diverges"
+  else:
+    head = (
+      f"lr x strength x max importance = {lr:g} x {strength:g} x {omega:.4g} = {now:.4g} < 2 "
+      f"after {tasks_done} task(s), but the importance sums over tasks: at this rate it reaches "
+      f"about {projected:.4g} by the last task's penalty, {later:.4g} >= 2, and SGD diverges"
+    )
+  bound = 2 / (lr * projected)
   return (
-    f"lr x strength x max importance = {lr:g} x {strength:g} x {omega:.4g} = {product:.4g} "
-    f">= 2, so SGD on the penalty diverges: lower strength below {2 / (lr * omega):.4g} "
-    f"(e.g. --hp strength={1.8 / (lr * omega):.3g}) or lr below {2 / (strength * omega):.4g}"
+    f"{head}: lower strength below {bound:.4g} (e.g. --hp strength={0.9 * bound:.3g}) "
+    f"or lr below {2 / (strength * projected):.4g}"
   )
 
 

@@ -336,7 +336,7 @@ class _Run:
         opt_state, aux = method.end_task(end)
         jax.block_until_ready(opt_state)
         end_s += time.perf_counter() - s0
-        note = stability_note(opt_state, self.opt, self.lr, self.hp)
+        note = stability_note(opt_state, self.opt, self.lr, self.hp, t + 1, T)
         if note and not self.warned:
           self.warned = True
           print(f"warning: {name} after task {t}: {note}", file=sys.stderr, flush=True)
