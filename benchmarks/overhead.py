@@ -44,7 +44,9 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
   tx = case.make(BASES[case.base]())
   bytes_base = state_bytes(jax.eval_shape(base.init, params))
   row_step = {}
-  if step_batch:
+  # A-GEM's step needs the reference gradient's extra backward pass: its update
+  # part is what the goal names, so it has no step row here
+  if step_batch and case.extra_args is Case._field_defaults["extra_args"]:
     step_base = _step_timer(base, params, lambda: base.init(params), step_batch, calls, model)
     step_tx = _step_timer(
       tx, params, lambda: case.prepare(tx.init(params), params), step_batch, calls, model
@@ -283,7 +285,7 @@ def main():
       if big and name not in floor.ELEMENTWISE:
         continue  # GEM / OGD hold k params-sized rows, K-FAC / GPM run on the MLPs
       repeats, calls = (min(args.repeats, 2), 1) if big else (args.repeats, args.calls)
-      row = measure(by_name[name], model, repeats, calls, 0 if big else args.step_batch)
+      row = measure(by_name[name], model, repeats, calls, args.step_batch)
       rows.append(row)
       print(
         f"{row['case']:<18}{model:<13}{row['base']:<6}{row['base_update_us']:>10.1f}"
