@@ -48,7 +48,9 @@ def stability_note(
   diverge later: with ``n_tasks`` given, the max importance is projected linearly
   to the last task's penalty, ``max Ω × (n_tasks - 1) / tasks_done`` (the sum of
   ``n_tasks - 1`` tasks' importance at the rate seen so far), and the note fires
-  and sets its suggested strength (90 % of the bound) by that projection.
+  and sets its suggested strength (90 % of the bound) by that projection. SI's
+  per-task importance ``ω / (Δ² + ξ)`` can grow faster than that (a parameter that
+  barely moved has up to ``ω / ξ``): for ``si`` the projection is a lower bound.
   """
   omega = max_importance(opt_state)
   if optimizer not in SGD_BASES or "strength" not in hp or not omega or omega <= 0:
