@@ -101,3 +101,28 @@ run vdv19-splitmnist-task --stream split-mnist-2019 --scenario task --methods ad
 run vdv19-splitmnist-domain --stream split-mnist-2019 --scenario domain --methods adam,si,online_ewc --seeds 2
 run vdv19-splitmnist-task-seed2 --stream split-mnist-2019 --scenario task --methods adam --seeds 2 --seed0 2
 run vdv19-splitmnist-domain-adam-seed2 --stream split-mnist-2019 --scenario domain --methods adam --seeds 2 --seed0 2
+# (b) the GEM code's own init (model/common.py: Glorot-uniform kernels, zero biases)
+run gem-rmnist-sgd-gem-init --stream rmnist-gem --methods sgd --seeds 5 --lr 0.003 --init gem
+run gem-pmnist-sgd-gem-init --stream pmnist-gem --methods sgd --seeds 5 --lr 0.03 --init gem
+run gem-rmnist-gem-gem-init --stream rmnist-gem --methods gem --seeds 3 --init gem
+# (a) GEM with the A-GEM code's init (~50 min of training per seed on 2 cores)
+run agem-pmnist-gem-agem-init --stream pmnist-agem --methods gem --seeds 1 --init agem
+# ---- more seeds for the first table of REPRODUCTION.md (seeds after the runs above)
+run agem-pmnist-agem-seed1 --stream pmnist-agem --methods agem --seeds 2 --seed0 1
+run agem-pmnist-agem-seed3 --stream pmnist-agem --methods agem --seeds 2 --seed0 3
+run gpm-pmnist-gpm-seeds2-4 --stream pmnist-gpm --methods gpm --seeds 3 --seed0 2
+run agem-pmnist-ewc-seeds --stream pmnist-agem --methods ewc --seeds 3
+run agem-pmnist-ewc-agem-code-seed2 --stream pmnist-agem --methods ewc_agem_code --seeds 1 --seed0 2 --init agem
+run agem-pmnist-mas-agem-code-seed2 --stream pmnist-agem --methods mas_agem_code --seeds 1 --seed0 2 --init agem
+run agem-pmnist-mas-agem-code-torch-init-seed1 --stream pmnist-agem --methods mas_agem_code --seeds 2 --seed0 1
+run agem-pmnist-sgd-agem-init-seed3 --stream pmnist-agem --methods sgd --seeds 2 --seed0 3 --init agem
+run vdv-splitmnist-task-reg-seed2 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 1 --seed0 2 --hp fisher_n=1000
+run vdv19-splitmnist-task-seed4 --stream split-mnist-2019 --scenario task --methods adam --seeds 1 --seed0 4
+run vdv19-splitmnist-domain-seed2 --stream split-mnist-2019 --scenario domain --methods si,online_ewc --seeds 3 --seed0 2
+run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 3 --hp fisher_n=1000
+run gem-rmnist-gem-seeds --stream rmnist-gem --methods gem --seeds 3
+run vdv-splitmnist-class-reg-seeds --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 3 --hp fisher_n=1000
+# the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
+run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
+run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1
+run pmnist-5x10k-si-note --stream pmnist-5x10k --methods si --hp strength=0.13 --seeds 1
