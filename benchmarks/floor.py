@@ -88,6 +88,22 @@ def copy_bandwidth(n: int, repeats: int = 5) -> float:
   return 12 * n / best
 
 
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5, calls: int = 10) -> float:
+  """FLOP/s of a jitted float32 ``[m, k] @ [k, n]`` (2 m k n FLOPs), min over repeats."""
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = dot(a, b)
+    out.block_until_ready()
+    best = min(best, (time.perf_counter() - start) / calls)
+  return 2 * m * k * n / best
+
+
 # ------------------------------------------------------------------- HLO
 _SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred|s64)\[([\d,]*)\]")
 _BYTES = {
@@ -297,7 +313,14 @@ def main():
   parser.add_argument("--hlo", default="", help="cases whose compiled kernels to print")
   parser.add_argument("--no-time", action="store_true")
   parser.add_argument("--json", default="")
+  parser.add_argument(
+    "--matmul", action="store_true", help="only the float32 matmul rate (square and MLP shapes)"
+  )
   args = parser.parse_args()
+  if args.matmul:
+    for shape in [(2048, 2048, 2048), (266, 784, 256), (266, 256, 256)]:
+      print(f"matmul {shape}: {matmul_rate(*shape) / 1e9:.1f} GFLOP/s", flush=True)
+    return
   dtype = jnp.dtype(args.dtype)
   params = params_for(args.model, dtype)
   n = sum(p.size for p in jax.tree.leaves(params))
