@@ -107,18 +107,22 @@ run gem-pmnist-sgd-gem-init --stream pmnist-gem --methods sgd --seeds 5 --lr 0.0
 run gem-rmnist-gem-gem-init --stream rmnist-gem --methods gem --seeds 3 --init gem
 # (a) GEM with the A-GEM code's init (~50 min of training per seed on 2 cores)
 run agem-pmnist-gem-agem-init --stream pmnist-agem --methods gem --seeds 1 --init agem
-# ---- more seeds for the first table of REPRODUCTION.md (seeds after the runs above)
+# ---- more seeds for the first table of REPRODUCTION.md (the runs its rows name)
+run agem-pmnist-agem-quiet --stream pmnist-agem --methods agem --seeds 1  # seed 0, the speed row
 run agem-pmnist-agem-seed1 --stream pmnist-agem --methods agem --seeds 2 --seed0 1
-run agem-pmnist-agem-seed3 --stream pmnist-agem --methods agem --seeds 2 --seed0 3
+run agem-pmnist-ewc-seed1 --stream pmnist-agem --methods ewc --seeds 2 --seed0 1
 run gpm-pmnist-gpm-seeds2-4 --stream pmnist-gpm --methods gpm --seeds 3 --seed0 2
-run agem-pmnist-ewc-seeds --stream pmnist-agem --methods ewc --seeds 3
+run vdv-splitmnist-task-reg-seed2 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 1 --seed0 2 --hp fisher_n=1000
+run vdv19-splitmnist-task-seed4 --stream split-mnist-2019 --scenario task --methods adam --seeds 1 --seed0 4
+run vdv19-splitmnist-domain-seed2 --stream split-mnist-2019 --scenario domain --methods si,online_ewc --seeds 3 --seed0 2
+# ---- the seeds the first table still lacks (not run yet: REPRODUCTION.md's seeds column)
+run agem-pmnist-agem-seed3 --stream pmnist-agem --methods agem --seeds 2 --seed0 3
+run agem-pmnist-gem-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1  # ~50 min per seed
+run agem-pmnist-gem-agem-init-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1 --init agem
 run agem-pmnist-ewc-agem-code-seed2 --stream pmnist-agem --methods ewc_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-seed2 --stream pmnist-agem --methods mas_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-torch-init-seed1 --stream pmnist-agem --methods mas_agem_code --seeds 2 --seed0 1
 run agem-pmnist-sgd-agem-init-seed3 --stream pmnist-agem --methods sgd --seeds 2 --seed0 3 --init agem
-run vdv-splitmnist-task-reg-seed2 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 1 --seed0 2 --hp fisher_n=1000
-run vdv19-splitmnist-task-seed4 --stream split-mnist-2019 --scenario task --methods adam --seeds 1 --seed0 4
-run vdv19-splitmnist-domain-seed2 --stream split-mnist-2019 --scenario domain --methods si,online_ewc --seeds 3 --seed0 2
 run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 3 --hp fisher_n=1000
 run gem-rmnist-gem-seeds --stream rmnist-gem --methods gem --seeds 3
 run vdv-splitmnist-class-reg-seeds --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 3 --hp fisher_n=1000
