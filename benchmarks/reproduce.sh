@@ -123,9 +123,12 @@ run agem-pmnist-ewc-agem-code-seed2 --stream pmnist-agem --methods ewc_agem_code
 run agem-pmnist-mas-agem-code-seed2 --stream pmnist-agem --methods mas_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-torch-init-seed1 --stream pmnist-agem --methods mas_agem_code --seeds 2 --seed0 1
 run agem-pmnist-sgd-agem-init-seed3 --stream pmnist-agem --methods sgd --seeds 2 --seed0 3 --init agem
+run agem-pmnist-ewc-seed3 --stream pmnist-agem --methods ewc --seeds 2 --seed0 3
+run agem-pmnist-mas-seeds --stream pmnist-agem --methods mas --seeds 3
 run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 3 --hp fisher_n=1000
 run gem-rmnist-gem-seeds --stream rmnist-gem --methods gem --seeds 3
 run vdv-splitmnist-class-reg-seeds --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 3 --hp fisher_n=1000
+run vdv-splitmnist-task-reg-seed3 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
 run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1

@@ -174,12 +174,22 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
   shardings = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, mesh.shape["model"])), host)
   params = jax.tree.map(put, host, shardings)
   tx = make_transform(method, cfg)
+  # Across processes, every compiled program (each eager op of `init` and
+  # `consolidate` too) runs collectives over gloo. With several programs in
+  # flight at once a process can enter one program's collective while its peer
+  # is in another's, and both wait for ever (seen on 2 processes x 4 devices:
+  # an all-reduce against an all-gather). So with more than one process the
+  # loop runs one program at a time: consolidate as one jitted program, and
+  # each program finished on every local device before the next is dispatched.
+  multi = jax.process_count() > 1
+  settle = jax.block_until_ready if multi else (lambda tree: tree)
   replicated = NamedSharding(mesh, P())
   # The transforms build every params-shaped leaf from the sharded params (eager
   # init keeps their sharding; a jitted init would leave it to XLA). Scalars
   # (step counts) are put on every device, as the compiled step returns them.
   opt_state = jax.tree.map(
-    lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, replicated), tx.init(params)
+    lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, replicated),
+    settle(tx.init(params)),
   )
   layout = jax.tree.map(lambda x: x.sharding, opt_state)
   row = data_sharding(mesh, 2)
@@ -188,6 +198,9 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
     example = jnp.zeros((cfg["length"] + 1,), jnp.int32)
     memory = cl_optax.replay.init(example, cfg["memory"])
     memory = memory._replace(items=put(memory.items, row), seen=put(memory.seen, replicated))
+  consolidate = cl_optax.consolidate
+  if multi:
+    consolidate = jax.jit(cl_optax.consolidate, out_shardings=layout)
 
   def loss_fn(params, batch, weights=None):
     logits = nnx.merge(graphdef, params)(batch[:, :-1])
@@ -230,19 +243,19 @@ def train(method: str, cfg: dict, mesh, domains, *, seed: int = 0, on_consolidat
     recent = []
     for s in range(cfg["steps"]):
       batch = put(windows(data, cfg["batch"], cfg["length"], rng), row)
-      params, opt_state, loss, grads = step(
-        params, opt_state, batch, memory, jax.random.fold_in(key, 1000 * t + s)
+      params, opt_state, loss, grads = settle(
+        step(params, opt_state, batch, memory, jax.random.fold_in(key, 1000 * t + s))
       )
       losses.append(float(loss))
       recent = (recent + [grads])[-cfg["impt_batches"] :]
       if memory is not None and s >= cfg["steps"] - cfg["impt_batches"]:
-        memory = remember(memory, batch, jax.random.fold_in(key, 10_000 * (t + 1) + s))
+        memory = settle(remember(memory, batch, jax.random.fold_in(key, 10_000 * (t + 1) + s)))
     if t + 1 == len(domains):
       break
     if method == "agem":
-      opt_state = cl_optax.consolidate(opt_state, params)
+      opt_state = settle(consolidate(opt_state, params))
     else:
-      opt_state = cl_optax.consolidate(opt_state, params, importance=importance(recent))
+      opt_state = settle(consolidate(opt_state, params, importance=settle(importance(recent))))
     if on_consolidate is not None:
       on_consolidate(opt_state, params, tx)
   return losses

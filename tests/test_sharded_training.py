@@ -50,15 +50,20 @@ def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
           cmd + ["--process-id", str(i)], stdout=log, stderr=subprocess.STDOUT, env=env
         )
       )
+  hung = False
   try:
     for p in procs:
-      p.wait(timeout=600)
+      p.wait(timeout=300)
+  except subprocess.TimeoutExpired:
+    hung = True
   finally:
     for p in procs:  # a hung peer must not outlive the test
       if p.poll() is None:
         p.kill()
   logs = [path.read_text(errors="replace") for path in log_paths]
-  assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+  report = "\n".join(f"--- process {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
+  assert not hung, f"the two processes did not finish in 300 s\n{report}"
+  assert all(p.returncode == 0 for p in procs), report
   assert "2 process(es)" in logs[0], logs[0]
   two = json.loads(out.read_text())
   np.testing.assert_allclose(two["all"], single["all"], rtol=0, atol=1e-5)
