@@ -34,8 +34,10 @@ it runs on several machines (here two processes of 4 host devices on
   python examples/sharded_training.py --processes 2 --process-id 1 --port 23456
 
 Every process computes the same global batches from the same seed and keeps
-only its own shards (``jax.make_array_from_callback``). ``--out F`` writes the
-losses as JSON (process 0).
+only its own shards (``jax.make_array_from_callback``), and runs one compiled
+program at a time (``consolidate`` jitted, each step waited for): XLA:CPU's
+gloo collectives can deadlock when two programs with collectives are in flight
+at once. ``--out F`` writes the losses as JSON (process 0).
 """
 
 from __future__ import annotations
