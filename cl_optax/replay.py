@@ -207,6 +207,12 @@ def sample(
 ) -> tuple[PyTree, jax.Array]:
   """Draws ``batch_size`` distinct stored items uniformly (without replacement).
 
+  In a jitted step (or ``lax.scan`` body) that also calls :func:`add` on a
+  :class:`TaskRing` with ``tasks`` excluding the task being written, call
+  :func:`add` first and sample from its result: the draw is the same, and XLA
+  can then update the memory in place instead of copying it (reading before the
+  write made the benchmark runner copy its 13 MB ring twice per A-GEM step).
+
   Args:
     memory: a :class:`Reservoir` or :class:`TaskRing`.
     key: PRNG key.
