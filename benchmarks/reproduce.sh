@@ -129,6 +129,9 @@ run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --met
 run gem-rmnist-gem-seeds --stream rmnist-gem --methods gem --seeds 3
 run vdv-splitmnist-class-reg-seeds --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 3 --hp fisher_n=1000
 run vdv-splitmnist-task-reg-seed3 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
+run vdv-splitmnist-domain-reg-seed3 --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 2 --seed0 3 --hp fisher_n=1000
+run vdv-splitmnist-class-reg-seed3 --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
+run vdv-splitmnist-class-adam --stream split-mnist --scenario class --methods adam --seeds 5
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
 run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1
