@@ -128,6 +128,7 @@ run agem-pmnist-mas-seeds --stream pmnist-agem --methods mas --seeds 3
 run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 3 --hp fisher_n=1000
 run gem-rmnist-gem-seeds --stream rmnist-gem --methods gem --seeds 3
 run vdv-splitmnist-class-reg-seeds --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 3 --hp fisher_n=1000
+run vdv-splitmnist-task-reg-seeds0-1 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 2 --hp fisher_n=1000
 run vdv-splitmnist-task-reg-seed3 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv-splitmnist-domain-reg-seed3 --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv-splitmnist-class-reg-seed3 --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
