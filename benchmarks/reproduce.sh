@@ -132,6 +132,7 @@ run vdv-splitmnist-task-reg-seeds0-1 --stream split-mnist --scenario task --meth
 run vdv-splitmnist-task-reg-seed3 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv-splitmnist-domain-reg-seed3 --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv-splitmnist-class-reg-seed3 --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
+run vdv19-splitmnist-domain-adam-seed4 --stream split-mnist-2019 --scenario domain --methods adam --seeds 1 --seed0 4
 run vdv-splitmnist-class-adam --stream split-mnist --scenario class --methods adam --seeds 5
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
