@@ -115,10 +115,8 @@ run gpm-pmnist-gpm-seeds2-4 --stream pmnist-gpm --methods gpm --seeds 3 --seed0 
 run vdv-splitmnist-task-reg-seed2 --stream split-mnist --scenario task --methods ewc,online_ewc,si --seeds 1 --seed0 2 --hp fisher_n=1000
 run vdv19-splitmnist-task-seed4 --stream split-mnist-2019 --scenario task --methods adam --seeds 1 --seed0 4
 run vdv19-splitmnist-domain-seed2 --stream split-mnist-2019 --scenario domain --methods si,online_ewc --seeds 3 --seed0 2
-# ---- the seeds the first table still lacks (not run yet: REPRODUCTION.md's seeds column)
+# ---- the later seeds of the first table's rows (the runs its rows name)
 run agem-pmnist-agem-seed3 --stream pmnist-agem --methods agem --seeds 2 --seed0 3
-run agem-pmnist-gem-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1  # ~50 min per seed
-run agem-pmnist-gem-agem-init-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1 --init agem
 run agem-pmnist-ewc-agem-code-seed2 --stream pmnist-agem --methods ewc_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-seed2 --stream pmnist-agem --methods mas_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-torch-init-seed1 --stream pmnist-agem --methods mas_agem_code --seeds 2 --seed0 1
@@ -134,6 +132,9 @@ run vdv-splitmnist-domain-reg-seed3 --stream split-mnist --scenario domain --met
 run vdv-splitmnist-class-reg-seed3 --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv19-splitmnist-domain-adam-seed4 --stream split-mnist-2019 --scenario domain --methods adam --seeds 1 --seed0 4
 run vdv-splitmnist-class-adam --stream split-mnist --scenario class --methods adam --seeds 5
+# ---- not run yet: GEM on (a), seeds 1-2 of both inits (~47 min of training per seed on 2 cores)
+run agem-pmnist-gem-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1
+run agem-pmnist-gem-agem-init-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1 --init agem
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
 run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1
