@@ -319,3 +319,14 @@ def test_agem_and_gem_steps_read_the_past_tasks_memory():
   s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
   extra, _ = jax.jit(lambda: replay.agem_step(s))()
   jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])
+
+
+def test_report_std_over_seeds_is_the_sample_std():
+  """The tables' ``mean ± std`` uses Bessel's correction (numpy's ddof=1), 0 for one seed."""
+  from benchmarks.continual import report
+
+  accs = [0.3114, 0.3918, 0.3857, 0.4287, 0.3294]
+  pct = np.asarray(accs) * 100
+  assert report.fmt(accs) == f"{pct.mean():.2f} ± {np.std(pct, ddof=1):.2f}"
+  assert report.fmt(accs) != f"{pct.mean():.2f} ± {np.std(pct):.2f}"
+  assert report.fmt([0.5]) == "50.00 ± 0.00"

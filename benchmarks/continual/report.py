@@ -7,12 +7,19 @@ import pathlib
 import numpy as np
 
 
+def sample_std(v, axis=0):
+  """The standard deviation over seeds with Bessel's correction (0 for one seed)."""
+  v = np.asarray(v, float)
+  return v.std(axis, ddof=1) if v.shape[axis] > 1 else np.zeros_like(v.mean(axis))
+
+
 def fmt(values, scale=100.0, prec=2):
-  """``mean ± std`` of the non-None values, scaled (percent by default)."""
+  """``mean ± std`` of the non-None values, scaled (percent by default); std over seeds
+  with Bessel's correction."""
   v = np.asarray([x for x in values if x is not None], float) * scale
   if not len(v):
     return "-"
-  return f"{v.mean():.{prec}f} ± {v.std():.{prec}f}"
+  return f"{v.mean():.{prec}f} ± {sample_std(v):.{prec}f}"
 
 
 def by_method(records: list[dict]) -> dict[str, list[dict]]:
@@ -66,7 +73,7 @@ def styles(methods: list[str]) -> dict[str, dict]:
 
 def _mean_std(rs, key, scale=100.0):
   v = np.asarray([r[key] for r in rs if r.get(key) is not None], float) * scale
-  return (v.mean(), v.std()) if len(v) else (np.nan, 0.0)
+  return (v.mean(), sample_std(v)) if len(v) else (np.nan, 0.0)
 
 
 def _heatmap_grid(by: dict, plt, out: pathlib.Path) -> pathlib.Path:
@@ -150,7 +157,7 @@ def save_plots(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
   for m, rs in by.items():
     curves = 100 * np.asarray([r["acc_curve"] for r in rs])
     x = np.arange(1, curves.shape[1] + 1)
-    mean, std = curves.mean(0), curves.std(0)
+    mean, std = curves.mean(0), sample_std(curves)
     ax.plot(x, mean, ms=5, label=m, **style[m])
     ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=style[m]["color"])
   ax.set(xlabel="tasks seen", ylabel="average accuracy on tasks seen (%)", title=rs[0]["stream"])
