@@ -121,6 +121,7 @@ run agem-pmnist-ewc-agem-code-seed2 --stream pmnist-agem --methods ewc_agem_code
 run agem-pmnist-mas-agem-code-seed2 --stream pmnist-agem --methods mas_agem_code --seeds 1 --seed0 2 --init agem
 run agem-pmnist-mas-agem-code-torch-init-seed1 --stream pmnist-agem --methods mas_agem_code --seeds 2 --seed0 1
 run agem-pmnist-sgd-agem-init-seed3 --stream pmnist-agem --methods sgd --seeds 2 --seed0 3 --init agem
+run agem-pmnist-ewc-seed0 --stream pmnist-agem --methods ewc --seeds 1
 run agem-pmnist-ewc-seed3 --stream pmnist-agem --methods ewc --seeds 2 --seed0 3
 run agem-pmnist-mas-seeds --stream pmnist-agem --methods mas --seeds 3
 run vdv-splitmnist-domain-reg-seeds --stream split-mnist --scenario domain --methods ewc,si,online_ewc --seeds 3 --hp fisher_n=1000
