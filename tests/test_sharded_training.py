@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from subprocess_env import ROOT, checkout_env, run_script
 
+TWO_PROCESS_LIMIT_S = 300  # 26-57 s here; a hang otherwise holds CI until its limit
+
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -53,7 +55,7 @@ def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
   hung = False
   try:
     for p in procs:
-      p.wait(timeout=300)
+      p.wait(timeout=TWO_PROCESS_LIMIT_S)
   except subprocess.TimeoutExpired:
     hung = True
   finally:
@@ -62,7 +64,7 @@ def test_two_processes_equal_the_single_process_run(single_process, tmp_path):
         p.kill()
   logs = [path.read_text(errors="replace") for path in log_paths]
   report = "\n".join(f"--- process {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
-  assert not hung, f"the two processes did not finish in 300 s\n{report}"
+  assert not hung, f"the two processes did not finish in {TWO_PROCESS_LIMIT_S} s\n{report}"
   assert all(p.returncode == 0 for p in procs), report
   assert "2 process(es)" in logs[0], logs[0]
   two = json.loads(out.read_text())

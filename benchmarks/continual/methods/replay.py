@@ -3,10 +3,10 @@
 The ring is the method's aux, carried through the scan. Each step writes its batch
 into the current task's ring (the task's most recent examples, GEM's rule), then
 computes the reference gradients from the past tasks' memories inside the same
-jitted step. Writing first lets XLA update the carried ring in place: a read
-before the write made it copy the whole ring (17 x 250 images for A-GEM's
-protocol, 13 MB) twice per step. The reads see only past tasks' rows (rows of the
-current task are masked out, or weighted 0), so the order does not change them.
+jitted step. Writing first lets XLA update the carried ring in place (see
+`cl_optax.replay.sample`: read before the write, the ring is copied twice per
+step). The reads see only past tasks' rows (rows of the current task are masked
+out, or weighted 0), so the order does not change them.
 """
 
 import jax
