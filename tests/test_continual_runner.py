@@ -330,3 +330,5 @@ def test_report_std_over_seeds_is_the_sample_std():
   assert report.fmt(accs) == f"{pct.mean():.2f} ± {np.std(pct, ddof=1):.2f}"
   assert report.fmt(accs) != f"{pct.mean():.2f} ± {np.std(pct):.2f}"
   assert report.fmt([0.5]) == "50.00 ± 0.00"
+  assert report.fmt([None, None]) == "-"
+  assert report.mean_std([None, 0.5, 0.7]) == (60.0, np.std([50.0, 70.0], ddof=1))

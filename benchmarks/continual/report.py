@@ -13,13 +13,19 @@ def sample_std(v, axis=0):
   return v.std(axis, ddof=1) if v.shape[axis] > 1 else np.zeros_like(v.mean(axis))
 
 
-def fmt(values, scale=100.0, prec=2):
-  """``mean ± std`` of the non-None values, scaled (percent by default); std over seeds
-  with Bessel's correction."""
+def mean_std(values, scale=100.0):
+  """(mean, std over seeds with Bessel's correction) of the non-None values, scaled
+  (percent by default); (nan, 0) when there are none."""
   v = np.asarray([x for x in values if x is not None], float) * scale
-  if not len(v):
+  return (v.mean(), sample_std(v)) if len(v) else (np.nan, 0.0)
+
+
+def fmt(values, scale=100.0, prec=2):
+  """``mean ± std`` of `mean_std`, or ``-`` when every value is None."""
+  if all(x is None for x in values):
     return "-"
-  return f"{v.mean():.{prec}f} ± {sample_std(v):.{prec}f}"
+  mean, std = mean_std(values, scale)
+  return f"{mean:.{prec}f} ± {std:.{prec}f}"
 
 
 def by_method(records: list[dict]) -> dict[str, list[dict]]:
@@ -71,11 +77,6 @@ def styles(methods: list[str]) -> dict[str, dict]:
   }
 
 
-def _mean_std(rs, key, scale=100.0):
-  v = np.asarray([r[key] for r in rs if r.get(key) is not None], float) * scale
-  return (v.mean(), sample_std(v)) if len(v) else (np.nan, 0.0)
-
-
 def _heatmap_grid(by: dict, plt, out: pathlib.Path) -> pathlib.Path:
   n = len(by)
   cols = int(np.ceil(np.sqrt(n)))
@@ -109,7 +110,7 @@ def _heatmap_grid(by: dict, plt, out: pathlib.Path) -> pathlib.Path:
 def _scatter(by, style, plt, out, xkey, xlabel, name, *, xscale=100.0, logx=False):
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for m, rs in by.items():
-    (x, xs), (y, ys) = _mean_std(rs, xkey, xscale), _mean_std(rs, "acc")
+    (x, xs), (y, ys) = mean_std([r.get(xkey) for r in rs], xscale), mean_std([r["acc"] for r in rs])
     ax.errorbar(x, y, xerr=xs, yerr=ys, ls="none", ms=8, label=m, **style[m])
     ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
   if logx:
