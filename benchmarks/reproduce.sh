@@ -136,7 +136,7 @@ run vdv-splitmnist-class-adam --stream split-mnist --scenario class --methods ad
 # GEM on (a), seeds 1-2 of both inits (~50 min of training per seed on 2 cores)
 run agem-pmnist-gem-agem-init-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1 --init agem
 run agem-pmnist-gem-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1
-# ---- not run yet: GEM on (a), seeds 3-4 of both inits (5 seeds per row)
+# ---- not run yet: GEM on (a) with the A-GEM code's init, seeds 3-4 (5 seeds on that row)
 run agem-pmnist-gem-agem-init-seed3 --stream pmnist-agem --methods gem --seeds 2 --seed0 3 --init agem
 run agem-pmnist-gem-seed3 --stream pmnist-agem --methods gem --seeds 2 --seed0 3
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
