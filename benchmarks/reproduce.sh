@@ -133,12 +133,12 @@ run vdv-splitmnist-domain-reg-seed3 --stream split-mnist --scenario domain --met
 run vdv-splitmnist-class-reg-seed3 --stream split-mnist --scenario class --methods ewc,online_ewc,si --seeds 2 --seed0 3 --hp fisher_n=1000
 run vdv19-splitmnist-domain-adam-seed4 --stream split-mnist-2019 --scenario domain --methods adam --seeds 1 --seed0 4
 run vdv-splitmnist-class-adam --stream split-mnist --scenario class --methods adam --seeds 5
-# GEM on (a), seeds 1-2 of both inits (~50 min of training per seed on 2 cores)
+# GEM on (a), seeds 1-2 of both inits and 3-4 of PyTorch's (~50 min of training per seed on 2 cores)
 run agem-pmnist-gem-agem-init-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1 --init agem
 run agem-pmnist-gem-seed1 --stream pmnist-agem --methods gem --seeds 2 --seed0 1
+run agem-pmnist-gem-seed3 --stream pmnist-agem --methods gem --seeds 2 --seed0 3
 # ---- not run yet: GEM on (a) with the A-GEM code's init, seeds 3-4 (5 seeds on that row)
 run agem-pmnist-gem-agem-init-seed3 --stream pmnist-agem --methods gem --seeds 2 --seed0 3 --init agem
-run agem-pmnist-gem-seed3 --stream pmnist-agem --methods gem --seeds 2 --seed0 3
 # the penalties' stability on a textbook permuted MNIST (README): defaults, then the note's strengths
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
 run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1
