@@ -203,6 +203,35 @@ def check_nonnegative(tree: Any, *, transform: str, name: str) -> None:
   _check_values(tree, transform=transform, name=name, low=0.0, high=None)
 
 
+def validated_signal(
+  signals: dict,
+  name: str,
+  template: Any,
+  *,
+  transform: str,
+  values: str | None = None,
+  broadcastable: bool = False,
+) -> Any:
+  """The signal ``signals[name]``, checked and cut to ``template``'s structure.
+
+  The one validation path of every state's ``consolidate``: the signal must be
+  given, match the tree the transform was initialised with (positions that
+  ``template`` masks become ``optax.MaskedNode``), have ``template``'s shapes
+  (or shapes broadcastable to them when ``broadcastable``) and, where
+  ``values`` names a rule, values that keep it: ``"unit"`` for [0, 1],
+  ``"nonnegative"`` for finite values >= 0.
+  """
+  if values not in _VALUE_RULES:
+    raise ValueError(f"validated_signal: values must be one of {sorted(map(str, _VALUE_RULES))}.")
+  check, what = _VALUE_RULES[values]
+  new = require_signal(signals, name, transform, what)
+  new = _trees.restrict_like(template, new, transform=transform, name=name)
+  check_shapes(template, new, transform=transform, name=name, broadcastable=broadcastable)
+  if check is not None:
+    check(new, transform=transform, name=name)
+  return new
+
+
 def renamed_arguments(
   *, renamed: dict[str, str] | None = None, positional: Sequence[str] = ()
 ) -> Callable[[Callable], Callable]:
@@ -269,3 +298,10 @@ def renamed_signal(signals: dict, old: str, new: str, transform: str) -> Any:
   if signals.get(new) is not None:
     raise ValueError(f"{transform}: got both `{old}=` (deprecated) and `{new}=`.")
   return signals[old]
+
+
+_VALUE_RULES = {
+  None: (None, "a pytree like params"),
+  "unit": (check_in_unit_interval, "a pytree like params, values in [0, 1]"),
+  "nonnegative": (check_nonnegative, "a non-negative pytree like params"),
+}

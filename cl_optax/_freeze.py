@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks
 from cl_optax._soft_mask import like, mask_leaf
 
 
@@ -27,12 +27,9 @@ class FreezeState(NamedTuple):
   def consolidate(self, params, **signals) -> FreezeState:
     """Freezes every entry whose task ``importance`` reaches the threshold."""
     del params
-    new = _checks.require_signal(
-      signals, "importance", "freeze", "a pytree like params, values in [0, 1]"
+    new = _checks.validated_signal(
+      signals, "importance", self.frozen, transform="freeze", values="unit"
     )
-    new = _trees.restrict_like(self.frozen, new, transform="freeze", name="importance")
-    _checks.check_shapes(self.frozen, new, transform="freeze", name="importance")
-    _checks.check_in_unit_interval(new, transform="freeze", name="importance")
     frozen = jax.tree.map(
       lambda f, i: f | like(f, jnp.asarray(i) >= self.freeze_threshold), self.frozen, new
     )

@@ -69,9 +69,9 @@ class NCLState(NamedTuple):
         a_inv, g_inv = damped_inverses(a, g, self.ncl_damping)
         kron[name] = NCLKron(a, g, a_inv, g_inv)
       return self._replace(prior_mean=mean, kron=kron, prior_precision=self._diag_outside(new))
-    new = _trees.restrict_like(self.prior_precision, new, transform="ncl", name="precision")
-    _checks.check_shapes(self.prior_precision, new, transform="ncl", name="precision")
-    _checks.check_nonnegative(new, transform="ncl", name="precision")
+    new = _checks.validated_signal(
+      signals, "precision", self.prior_precision, transform="ncl", values="nonnegative"
+    )
     precision = jax.tree.map(
       lambda old, f: (
         old

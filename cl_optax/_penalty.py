@@ -37,12 +37,9 @@ def copy_f32(params: Any) -> Any:
 
 def importance_signal(anchor, params, signals, transform):
   """Validated ``importance`` and params, cut to the structure of ``anchor``."""
-  new = _checks.require_signal(
-    signals, "importance", transform, "a non-negative pytree like params"
+  new = _checks.validated_signal(
+    signals, "importance", anchor, transform=transform, values="nonnegative"
   )
-  new = _trees.restrict_like(anchor, new, transform=transform, name="importance")
-  _checks.check_shapes(anchor, new, transform=transform, name="importance")
-  _checks.check_nonnegative(new, transform=transform, name="importance")
   params = _trees.restrict_like(anchor, params, transform=transform, name="params")
   return f32_like(anchor, new), f32_like(anchor, params)
 

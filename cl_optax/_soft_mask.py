@@ -52,14 +52,10 @@ class SoftMaskState(NamedTuple):
     ``importance`` leaves must have the state's shapes (or shapes that
     broadcast to them, e.g. a scalar per leaf).
     """
-    new = _checks.require_signal(
-      signals, "importance", "soft_mask", "a pytree like params, values in [0, 1]"
-    )
-    new = _trees.restrict_like(self.importance, new, transform="soft_mask", name="importance")
-    _checks.check_shapes(
-      self.importance, new, transform="soft_mask", name="importance", broadcastable=True
-    )
-    _checks.check_in_unit_interval(new, transform="soft_mask", name="importance")
+    new = _checks.validated_signal(
+      signals, "importance", self.importance, transform="soft_mask", values="unit",
+      broadcastable=True,
+    )  # fmt: skip
     merged = jax.tree.map(
       lambda old, i: jnp.maximum(old, like(old, i)),
       self.importance,
