@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ class NCLState(NamedTuple):
   ncl_damping: jax.Array  # shape=(), float32
   ncl_decay: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> NCLState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> NCLState:
     """New prior = posterior: ``mu <- params``, ``Lambda <- decay * Lambda + F``."""
     new = _checks.require_signal(
       signals,
@@ -84,7 +84,7 @@ class NCLState(NamedTuple):
     )
     return self._replace(prior_mean=mean, prior_precision=precision)
 
-  def _diag_outside(self, new) -> Any:
+  def _diag_outside(self, new: Any) -> Any:
     """Kronecker mode: merges the diagonal leaves (parameters outside the layers)."""
     leaves, treedef = jax.tree.flatten(self.prior_precision, is_leaf=_trees.is_masked)
     if all(_trees.is_masked(x) for x in leaves):
@@ -116,7 +116,7 @@ class NCLState(NamedTuple):
     return treedef.unflatten(out)
 
 
-def _row_blocks(leaves, rows) -> list[jax.Array]:
+def _row_blocks(leaves: list, rows: list[int]) -> list[jax.Array]:
   """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32)."""
   blocks = [jnp.asarray(leaves[rows[0]], jnp.float32)]
   if len(rows) > 1:
@@ -124,7 +124,7 @@ def _row_blocks(leaves, rows) -> list[jax.Array]:
   return blocks
 
 
-def _left(m: jax.Array, blocks: list[jax.Array]) -> list[jax.Array]:
+def _left(m: jax.Array, blocks: list[jax.Array]) -> list:
   """``m @ concatenate(blocks)`` as row blocks, without concatenating.
 
   Appending the bias row to a kernel whose rows are sharded would gather the
@@ -136,6 +136,195 @@ def _left(m: jax.Array, blocks: list[jax.Array]) -> list[jax.Array]:
     sum(m[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] @ b for c, b in enumerate(blocks))
     for r in range(len(blocks))
   ]
+
+
+def _check_arguments(
+  data_size: float,
+  strength: float,
+  damping: float,
+  decay: float,
+  radius: float | None,
+  precision: str,
+  layers: tuple[str, ...],
+  prior_mean: str,
+) -> None:
+  """Raises a ``ValueError`` for an option or hyperparameter :func:`ncl` does not take."""
+  if precision not in ("diag", "kfac"):
+    raise ValueError(f"ncl: `precision` must be 'diag' or 'kfac'; got {precision!r}.")
+  if prior_mean not in ("zeros", "init"):
+    raise ValueError(f"ncl: `prior_mean` must be 'zeros' or 'init'; got {prior_mean!r}.")
+  if precision == "kfac" and not layers:
+    raise ValueError("ncl: precision='kfac' needs `layers=` (key paths of the dense layers).")
+  if precision == "diag" and layers:
+    raise ValueError("ncl: `layers=` is only used with precision='kfac'.")
+  for arg, value, low, open_low in (
+    ("data_size", data_size, 0.0, True),
+    ("strength", strength, 0.0, False),
+    ("damping", damping, 0.0, False),
+    ("radius", radius, 0.0, True),
+  ):
+    _checks.check_hyperparameter(value, transform="ncl", name=arg, low=low, open_low=open_low)
+  _checks.check_hyperparameter(decay, transform="ncl", name="decay", low=0.0, high=1.0)
+
+
+# ------------------------------------------------------------------- init
+
+
+def _init_mean(params: optax.Params, prior_mean: str) -> optax.Params:
+  """:math:`\\mu_0`: zeros, or a float32 copy of the initial params."""
+  if prior_mean == "zeros":
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+  return jax.tree.map(lambda p: _trees.fresh(p, jnp.float32), params)
+
+
+def _prior_diagonal(x: jax.Array, n: jax.Array, dtype: Any) -> jax.Array:
+  """:math:`\\Lambda_0 = I / N` at one leaf, stored as ``dtype``."""
+  return (jnp.ones_like(x, dtype=jnp.float32) / n).astype(dtype)
+
+
+def _init_diag(params: optax.Params, n: jax.Array, dtype: Any) -> optax.Params:
+  """Diagonal precision: :math:`\\Lambda_0 = I / N` like params."""
+  return jax.tree.map(lambda p: _prior_diagonal(p, n, dtype), params)
+
+
+def _init_kron(
+  params: optax.Params, layers: tuple[str, ...], n: jax.Array, damping: float, dtype: Any
+) -> tuple[dict[str, NCLKron], optax.Params]:
+  """Kronecker precision: :math:`A_0 = G_0 = I/\\sqrt N` per layer, and the
+  diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
+  """
+  subtrees = {name: _trees.layer_subtree(params, name) for name in layers}
+  kron = {}
+  for name, sub in subtrees.items():
+    d_in, d_out = jnp.shape(sub["kernel"])
+    d_in += 1 if "bias" in sub else 0
+    a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
+    g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
+    kron[name] = NCLKron(a, g, *damped_inverses(a, g, damping))
+  roles = leaf_roles(params, layers)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_trees.is_masked)
+  prec = treedef.unflatten(
+    [
+      optax.MaskedNode() if r is not None or _trees.is_masked(x) else _prior_diagonal(x, n, dtype)
+      for r, x in zip(roles, leaves)
+    ]
+  )
+  return kron, prec
+
+
+# --------------------------------------------------------------- direction
+
+
+class _Coefficients(NamedTuple):
+  """The scalars of a step: :math:`\\alpha^2`, :math:`\\lambda`, :math:`N` and the options."""
+
+  alpha2: jax.Array
+  lam: jax.Array
+  n: jax.Array
+  precondition_penalty: bool
+  with_norm: bool  # whether the trust-region norm is needed (``radius`` given)
+
+
+class _Leaves(NamedTuple):
+  """Flattened updates, params, prior mean and diagonal precision (``MaskedNode`` as leaf)."""
+
+  updates: list
+  params: list
+  mean: list
+  precision: list
+
+
+def _state_leaves(params: optax.Params, state: NCLState, count: int) -> tuple[list, list, list]:
+  """The leaves of params, prior mean and precision, checked to number ``count``."""
+  p_leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
+  m_leaves = jax.tree.leaves(state.prior_mean, is_leaf=_trees.is_masked)
+  f_leaves = jax.tree.leaves(state.prior_precision, is_leaf=_trees.is_masked)
+  if not (count == len(p_leaves) == len(m_leaves) == len(f_leaves)):
+    raise ValueError(
+      f"ncl: updates/params do not match the state: {count} update leaves, "
+      f"{len(p_leaves)} params leaves, {len(m_leaves)} state leaves."
+    )
+  return p_leaves, m_leaves, f_leaves
+
+
+def _diag_directions(leaves: _Leaves, c: _Coefficients) -> tuple[list, list[jax.Array]]:
+  """:math:`\\delta` at the diagonal leaves (others as given), and their squared
+  :math:`\\Lambda`-norms (non-finite entries excluded) when ``c.with_norm``.
+  """
+  out, sq_norms = list(leaves.updates), []
+  for i, (u, p, m, f) in enumerate(zip(*leaves)):
+    if _trees.is_masked(u) or _trees.is_masked(f) or u is None:
+      continue
+    g = u.astype(jnp.float32)
+    f = f.astype(jnp.float32)
+    diff = jnp.asarray(p, jnp.float32) - m
+    if c.precondition_penalty:
+      d = (g + c.lam * f * diff) / (f + c.alpha2)
+    else:
+      d = g / (f + c.alpha2) + c.lam * diff
+    out[i] = d = d / c.n
+    if c.with_norm:
+      sq_norms.append(jnp.sum(jnp.where(jnp.isfinite(d), f * jnp.square(d), 0.0)))
+  return out, sq_norms
+
+
+def _kron_direction(k: NCLKron, g: list, diff: list, c: _Coefficients) -> list[jax.Array]:
+  """:math:`\\delta` of one Kronecker layer as row blocks: :math:`A_s^{-1}\\,\\bar g\\,G_s^{-1}`
+  plus the pull (or the whole regularised gradient preconditioned).
+  """
+  if c.precondition_penalty:
+    inner = [gi + c.lam * (x @ k.g) for gi, x in zip(g, _left(k.a, diff))]
+    return [x @ k.g_inv / c.n for x in _left(k.a_inv, inner)]
+  return [(x @ k.g_inv + c.lam * di) / c.n for x, di in zip(_left(k.a_inv, g), diff)]
+
+
+def _layer_rows(roles: list, name: str) -> list[int]:
+  """Flatten-order positions of layer ``name``'s ``[kernel]`` or ``[kernel, bias]`` leaves."""
+  idx = {r[1]: i for i, r in enumerate(roles) if r is not None and r[0] == name}
+  ik, ib = idx["kernel"], idx.get("bias")
+  return [ik] if ib is None else [ik, ib]
+
+
+def _kron_directions(
+  out: list, leaves: _Leaves, kron: dict[str, NCLKron], roles: list, c: _Coefficients
+) -> list[jax.Array]:
+  """Writes :math:`\\delta` of every Kronecker layer into ``out``; returns the layers'
+  squared :math:`\\Lambda`-norms when ``c.with_norm``.
+
+  A non-finite gradient entry would spread over the layer through the matmuls,
+  so such a layer passes its gradient unchanged and stays out of the norm.
+  """
+  sq_norms = []
+  for name, k in kron.items():
+    rows = _layer_rows(roles, name)
+    g = _row_blocks(leaves.updates, rows)
+    diff = [x - y for x, y in zip(_row_blocks(leaves.params, rows), _row_blocks(leaves.mean, rows))]
+    d = _kron_direction(k, g, diff, c)
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
+    if c.with_norm:
+      norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
+      sq_norms.append(jnp.where(finite, norm2, 0.0))
+    out[rows[0]] = jnp.where(finite, d[0], g[0])
+    if len(rows) > 1:
+      out[rows[1]] = jnp.where(finite, d[1][0], g[1][0])
+  return sq_norms
+
+
+def _clip_to_radius(out: list, sq_norm: jax.Array, radius: float) -> list:
+  """The radius clip :math:`\\delta \\min(1, r / \\|\\delta\\|_\\Lambda)`: then
+  :math:`\\|\\delta\\|_\\Lambda \\le r`.
+  """
+  r = jnp.asarray(radius, jnp.float32)
+  norm = jnp.sqrt(sq_norm)
+  scale = jnp.where(norm > r, r / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return [o if _trees.is_masked(o) or o is None else o * scale for o in out]
+
+
+def _finish(u: Any, d: Any) -> Any:
+  """The direction in the update's dtype; non-finite update entries pass unchanged."""
+  if _trees.is_masked(u) or u is None:
+    return u
+  return jnp.where(jnp.isfinite(u), d, u.astype(jnp.float32)).astype(u.dtype)
 
 
 @_checks.renamed_arguments(positional=("strength", "damping", "decay", "radius"))
@@ -161,57 +350,37 @@ def ncl(
              + \lambda\,(\theta - \mu)\right]
 
   with prior mean :math:`\mu` and precision :math:`\Lambda` of the tasks so
-  far (per data point, like a mean loss), :math:`\alpha` = ``damping``,
-  :math:`\lambda` = ``strength`` and :math:`N` = ``data_size``. This is the
-  paper's update (Eq. 9-10: the preconditioned gradient of
-  :math:`\ell_k + \tfrac{\lambda}{2}\|\theta-\mu\|^2_\Lambda` for
-  :math:`\alpha \to 0`). Both official codes precondition the whole
-  regularised gradient instead, :math:`(\Lambda+\alpha^2 I)^{-1}(g +
-  \lambda\Lambda(\theta-\mu))`; ``precondition_penalty=True`` does that (the
-  two agree for :math:`\alpha = 0`; for Kronecker layers it costs two more
-  matmuls per layer and step).
-
-  Trust region: the step is the minimiser of the linearised loss within a
-  :math:`\Lambda`-norm ball, whose size the learning rate sets. With
-  ``radius=r`` the direction is also clipped,
-  :math:`\delta \leftarrow \delta \min(1, r / \|\delta\|_\Lambda)`, so
-  :math:`\sqrt{\delta^\top \Lambda \delta} \le r` always (the step of
-  ``sgd(lr)`` is then at most ``lr * r`` in that norm).
+  far (per data point), :math:`\alpha` = ``damping``, :math:`\lambda` =
+  ``strength`` and :math:`N` = ``data_size`` (the paper's Eq. 9-10).
+  ``precondition_penalty=True`` preconditions the whole regularised gradient,
+  :math:`\frac{1}{N}(\Lambda+\alpha^2 I)^{-1}(g + \lambda\Lambda(\theta-\mu))`,
+  as both official codes do. With ``radius=r`` the direction is clipped to the
+  trust region, :math:`\delta \leftarrow \delta \min(1, r / \|\delta\|_\Lambda)`.
 
   ``precision="diag"``: :math:`\Lambda` is a pytree like params.
   ``precision="kfac"``: :math:`\Lambda \approx A \otimes G` for each of
-  ``layers`` (dense layers ``{kernel [in, out], bias [out]}``, the bias
-  folded in as a homogeneous input coordinate); parameters outside the layers
-  keep a diagonal precision. The ``precision=`` signal is then
-  ``{layer: KronFactors(a, g)}`` (what :func:`cl_optax.importance.kfac_factors`
-  returns) plus, if there are parameters outside the layers, their diagonal
-  Fisher at their key paths in the same dict. The damped inverses
-  :math:`(A + \tfrac{\alpha}{\pi}I)^{-1}`, :math:`(G + \alpha\pi I)^{-1}`
-  (the official code's split of :math:`\alpha^2 I` between the factors) are
-  computed once per task at ``consolidate`` by eigendecomposition, so a step
-  costs two matmuls per layer: :math:`A_s^{-1}\,\bar g\,G_s^{-1}`.
+  ``layers`` (dense ``{kernel [in, out], bias [out]}``, the bias a homogeneous
+  input coordinate), and a step costs two matmuls, :math:`A_s^{-1}\,\bar
+  g\,G_s^{-1}` with :math:`A_s = A + \tfrac{\alpha}{\pi}I`, :math:`G_s = G +
+  \alpha\pi I` inverted once per task; parameters outside the layers keep a
+  diagonal precision. From :math:`\Lambda_0 = I/N` (:math:`A_0 = G_0 =
+  I/\sqrt N`) and :math:`\mu_0 = 0`, ``cl_optax.consolidate(state, params,
+  precision=F_k)`` sets :math:`\mu \leftarrow \theta` and :math:`\Lambda_k =
+  \gamma\Lambda_{k-1} + F_k`. ``docs/precision.md`` derives the step, gives
+  the form of the Kronecker ``precision=`` signal and walks through a Flax
+  model.
 
-  Prior and consolidation, as in both official codes: before the first task
-  :math:`\Lambda_0 = I/N` (Kronecker: :math:`A_0 = G_0 = I/\sqrt N`) and
-  :math:`\mu_0 = 0` (``prior_mean="init"``: the initial params);
-  ``cl_optax.consolidate(state, params, precision=F_k)`` sets
-  :math:`\mu \leftarrow \theta` and :math:`\Lambda_k = \gamma\Lambda_{k-1} +
-  F_k` (Kronecker: the sum re-approximated by one Kronecker product with the
-  trace heuristic, van de Ven's ``additive_nearest_kf``; tachukao/ncl fits a
-  KL-optimal product by fixed-point iteration instead, not done here).
-  Dividing by :math:`N` folds the official code's ``lr / data_size`` into the
-  transform, so ``sgd(lr)`` uses the official learning rate.
-
-  Departures: the prior-sum re-approximation uses the trace heuristic (not the
-  KL-optimal fit of the RNN code); damped eigenvalues get a relative floor of
-  1e-9 so a singular factor never gives an infinite inverse; momentum, if
-  wanted, comes from the following ``sgd`` (the official RNN code applies it
-  before the preconditioner, which is the same linear map within a task). A
-  change of ``damping`` through ``inject_hyperparams`` reaches the Kronecker
-  inverses at the next ``consolidate`` (diagonal: at once). Non-finite
-  gradient entries pass through unchanged; a Kronecker layer (kernel and
-  bias) holding one passes its whole gradient unchanged, since the matmuls
-  would spread it over the layer. Both stay out of the trust-region norm.
+  Departures from the official code: the Kronecker prior sum is
+  re-approximated by one product with the trace heuristic (van de Ven's
+  ``additive_nearest_kf``; tachukao/ncl fits a KL-optimal product by
+  fixed-point iteration); damped eigenvalues get a relative floor of 1e-9, so
+  a singular factor never gives an infinite inverse; momentum, if wanted,
+  comes from the following ``sgd`` (the official RNN code applies it before
+  the preconditioner, the same linear map within a task). A change of
+  ``damping`` through ``inject_hyperparams`` reaches the Kronecker inverses at
+  the next ``consolidate`` (diagonal: at once). Non-finite gradient entries
+  pass through unchanged, and so does the whole gradient of a Kronecker layer
+  (kernel and bias) holding one; both stay out of the trust-region norm.
 
   Args:
     data_size: :math:`N`, the number of training examples per task (official
@@ -250,137 +419,51 @@ def ncl(
     >>> tx.update({"w": jnp.ones(3)}, state, params)[0]["w"]  # -(g / (1 + F))
     Array([-0.5  , -0.25 , -0.125], dtype=float32)
   """
-  if precision not in ("diag", "kfac"):
-    raise ValueError(f"ncl: `precision` must be 'diag' or 'kfac'; got {precision!r}.")
-  if prior_mean not in ("zeros", "init"):
-    raise ValueError(f"ncl: `prior_mean` must be 'zeros' or 'init'; got {prior_mean!r}.")
   layers = tuple(layers)
-  if precision == "kfac" and not layers:
-    raise ValueError("ncl: precision='kfac' needs `layers=` (key paths of the dense layers).")
-  if precision == "diag" and layers:
-    raise ValueError("ncl: `layers=` is only used with precision='kfac'.")
-
+  _check_arguments(data_size, strength, damping, decay, radius, precision, layers, prior_mean)
   prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
 
-  for arg, value, low, open_low in (
-    ("data_size", data_size, 0.0, True),
-    ("strength", strength, 0.0, False),
-    ("damping", damping, 0.0, False),
-    ("radius", radius, 0.0, True),
-  ):
-    _checks.check_hyperparameter(value, transform="ncl", name=arg, low=low, open_low=open_low)
-  _checks.check_hyperparameter(decay, transform="ncl", name="decay", low=0.0, high=1.0)
-
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> NCLState:
     n = jnp.asarray(data_size, jnp.float32)
-    if prior_mean == "zeros":
-      mean = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
-    else:
-      mean = jax.tree.map(lambda p: _trees.fresh(p, jnp.float32), params)
-    kron = {}
     if precision == "kfac":
-      for name in layers:
-        _trees.layer_subtree(params, name)
-      for name in layers:
-        sub = _trees.layer_subtree(params, name)
-        d_in, d_out = jnp.shape(sub["kernel"])
-        d_in += 1 if "bias" in sub else 0
-        a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
-        g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
-        kron[name] = NCLKron(a, g, *damped_inverses(a, g, damping))
-      roles = leaf_roles(params, layers)
-      leaves, treedef = jax.tree.flatten(params, is_leaf=_trees.is_masked)
-      prec = treedef.unflatten(
-        [
-          optax.MaskedNode()
-          if r is not None or _trees.is_masked(x)
-          else (jnp.ones_like(x, dtype=jnp.float32) / n).astype(prec_dtype)
-          for r, x in zip(roles, leaves)
-        ]
-      )
+      kron, prec = _init_kron(params, layers, n, damping, prec_dtype)
     else:
-      prec = jax.tree.map(
-        lambda p: (jnp.ones_like(p, dtype=jnp.float32) / n).astype(prec_dtype), params
-      )
+      kron, prec = {}, _init_diag(params, n, prec_dtype)
     return NCLState(
-      prior_mean=mean,
+      prior_mean=_init_mean(params, prior_mean),
       prior_precision=prec,
       kron=kron,
       ncl_damping=jnp.asarray(damping, jnp.float32),
       ncl_decay=jnp.asarray(decay, jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
+    state = cast(NCLState, state)
     if params is None:
       raise ValueError("ncl: update needs `params` (the pull to the prior mean uses them).")
-    alpha2 = jnp.square(jnp.asarray(damping, jnp.float32))
-    lam = jnp.asarray(strength, jnp.float32)
-    n = jnp.asarray(data_size, jnp.float32)
+    coef = _Coefficients(
+      alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
+      lam=jnp.asarray(strength, jnp.float32),
+      n=jnp.asarray(data_size, jnp.float32),
+      precondition_penalty=precondition_penalty,
+      with_norm=radius is not None,
+    )
     _checks.check_updates(updates, state.prior_mean, transform="ncl")
     _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
-    p_leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
-    m_leaves = jax.tree.leaves(state.prior_mean, is_leaf=_trees.is_masked)
-    f_leaves = jax.tree.leaves(state.prior_precision, is_leaf=_trees.is_masked)
-    if not (len(u_leaves) == len(p_leaves) == len(m_leaves) == len(f_leaves)):
-      raise ValueError(
-        f"ncl: updates/params do not match the state: {len(u_leaves)} update leaves, "
-        f"{len(p_leaves)} params leaves, {len(m_leaves)} state leaves."
-      )
-    out = list(u_leaves)
-    sq_norm = jnp.zeros((), jnp.float32)
-
-    for i, (u, p, m, f) in enumerate(zip(u_leaves, p_leaves, m_leaves, f_leaves)):
-      if _trees.is_masked(u) or _trees.is_masked(f) or u is None:
-        continue
-      g = u.astype(jnp.float32)
-      f = f.astype(jnp.float32)
-      diff = jnp.asarray(p, jnp.float32) - m
-      if precondition_penalty:
-        d = (g + lam * f * diff) / (f + alpha2)
-      else:
-        d = g / (f + alpha2) + lam * diff
-      d = d / n
-      if radius is not None:  # non-finite entries pass unchanged, outside the norm
-        sq_norm += jnp.sum(jnp.where(jnp.isfinite(d), f * jnp.square(d), 0.0))
-      out[i] = d
-
+    leaves = _Leaves(u_leaves, *_state_leaves(params, state, len(u_leaves)))
+    out, sq_norms = _diag_directions(leaves, coef)
     if state.kron:
-      roles = leaf_roles(updates, layers)
-      for name, k in state.kron.items():
-        idx = {r[1]: i for i, r in enumerate(roles) if r is not None and r[0] == name}
-        ik, ib = idx["kernel"], idx.get("bias")
-        rows = [ik] if ib is None else [ik, ib]
-
-        g = _row_blocks(u_leaves, rows)
-        diff = [x - y for x, y in zip(_row_blocks(p_leaves, rows), _row_blocks(m_leaves, rows))]
-        if precondition_penalty:
-          inner = [gi + lam * (x @ k.g) for gi, x in zip(g, _left(k.a, diff))]
-          d = [x @ k.g_inv / n for x in _left(k.a_inv, inner)]
-        else:
-          d = [(x @ k.g_inv + lam * di) / n for x, di in zip(_left(k.a_inv, g), diff)]
-        # A non-finite entry would spread over the layer: such a layer passes unchanged.
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
-        if radius is not None:
-          norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
-          sq_norm += jnp.where(finite, norm2, 0.0)
-        out[ik] = jnp.where(finite, d[0], g[0])
-        if ib is not None:
-          out[ib] = jnp.where(finite, d[1][0], g[1][0])
-
+      sq_norms += _kron_directions(out, leaves, state.kron, leaf_roles(updates, layers), coef)
     if radius is not None:
-      r = jnp.asarray(radius, jnp.float32)
-      norm = jnp.sqrt(sq_norm)
-      scale = jnp.where(norm > r, r / jnp.where(norm > 0, norm, 1.0), 1.0)
-      out = [o if _trees.is_masked(o) or o is None else o * scale for o in out]
-
-    def finish(u, d):
-      if _trees.is_masked(u) or u is None:
-        return u
-      return jnp.where(jnp.isfinite(u), d, u.astype(jnp.float32)).astype(u.dtype)
-
-    new = treedef.unflatten([finish(u, d) for u, d in zip(u_leaves, out)])
+      out = _clip_to_radius(out, sum(sq_norms, start=jnp.zeros((), jnp.float32)), radius)
+    new = treedef.unflatten([_finish(u, d) for u, d in zip(u_leaves, out)])
     state = state._replace(
       ncl_damping=jnp.asarray(damping, jnp.float32), ncl_decay=jnp.asarray(decay, jnp.float32)
     )
