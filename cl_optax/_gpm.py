@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,6 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _trees
-
-_f32 = jnp.float32
 
 
 def _static_widths(top: int) -> tuple[int, ...]:
@@ -45,8 +43,8 @@ class GPMState(NamedTuple):
   gpm_tasks: jax.Array  # shape=(), int32
   gpm_threshold: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> GPMState:
-    """Grows every projected leaf's basis from the task's ``representations``."""
+  def consolidate(self, params: optax.Params, **signals: Any) -> GPMState:
+    """Basis growth: extends every projected leaf's basis from the task's ``representations``."""
     del params
     reps = _checks.require_signal(
       signals,
@@ -57,44 +55,18 @@ class GPMState(NamedTuple):
     )
     thresholds = _checks.renamed_signal(signals, "gpm_threshold", "threshold", "gpm")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
-    b_leaves = _trees.unmasked_leaves(self.feature_basis)
-    c_leaves = _trees.unmasked_leaves(self.feature_count)
-    rep_by_path = {_trees.key_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(reps)}
-    missing = [p for p in basis_paths if p not in rep_by_path]
-    extra = [p for p in rep_by_path if p not in basis_paths]
-    if missing or extra:
-      raise ValueError(
-        f"gpm: `representations` must hold one [n, d_in] array at the path of each "
-        f"projected leaf; expected paths {basis_paths}, got {sorted(rep_by_path)} "
-        f"(missing {missing}, unexpected {extra})."
-      )
-    thr_by_path = {}
-    if thresholds is not None:
-      thr_by_path = {
-        _trees.key_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(thresholds)
-      }
-      unknown = [p for p in thr_by_path if p not in basis_paths]
-      if unknown:
-        raise ValueError(
-          f"gpm: `threshold` has paths {unknown} that are not projected leaves "
-          f"(expected a subset of {basis_paths})."
-        )
+    rep_by_path = _representations_by_path(reps, basis_paths)
+    thr_by_path = _thresholds_by_path(thresholds, basis_paths)
     new_b, new_c = [], []
-    for path, b, c in zip(basis_paths, b_leaves, c_leaves, strict=True):
-      d_in = b.shape[0]
-      x = rep_by_path[path]
-      if np.ndim(x) < 2 or int(np.prod(np.shape(x)[1:])) != d_in:
-        raise ValueError(
-          f"gpm: `representations` leaf {path} has shape {np.shape(x)}; expected "
-          f"(n, {d_in}) (or (n, *in_shape)): the inputs of that layer at n samples."
-        )
-      x = jnp.reshape(jnp.asarray(x, _f32), (np.shape(x)[0], d_in))
-      if _checks.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(f"gpm: `representations` leaf {path} holds non-finite values.")
-      thr = thr_by_path.get(path, self.gpm_threshold)
-      if _checks.is_concrete(thr) and not 0.0 <= float(thr) <= 1.0:
-        raise ValueError(f"gpm: threshold for {path} is {float(thr)}; expected a value in [0, 1].")
-      nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, _f32))
+    for path, b, c in zip(
+      basis_paths,
+      _trees.unmasked_leaves(self.feature_basis),
+      _trees.unmasked_leaves(self.feature_count),
+      strict=True,
+    ):
+      x = _layer_inputs(path, rep_by_path[path], b.shape[0])
+      thr = _checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
+      nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, jnp.float32))
       new_b.append(nb)
       new_c.append(nc)
     return self._replace(
@@ -104,13 +76,69 @@ class GPMState(NamedTuple):
     )
 
 
+# ------------------------------------------------------------ basis growth
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+  """``{key path: leaf}`` of a signal tree."""
+  return {_trees.key_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _representations_by_path(reps: Any, basis_paths: list[str]) -> dict[str, Any]:
+  """The ``representations`` leaves by path, exactly one per projected leaf."""
+  rep_by_path = _by_path(reps)
+  missing = [p for p in basis_paths if p not in rep_by_path]
+  extra = [p for p in rep_by_path if p not in basis_paths]
+  if missing or extra:
+    raise ValueError(
+      f"gpm: `representations` must hold one [n, d_in] array at the path of each "
+      f"projected leaf; expected paths {basis_paths}, got {sorted(rep_by_path)} "
+      f"(missing {missing}, unexpected {extra})."
+    )
+  return rep_by_path
+
+
+def _thresholds_by_path(thresholds: Any, basis_paths: list[str]) -> dict[str, Any]:
+  """The per-layer ``threshold`` signal by path (empty without one), a subset of the leaves."""
+  if thresholds is None:
+    return {}
+  thr_by_path = _by_path(thresholds)
+  unknown = [p for p in thr_by_path if p not in basis_paths]
+  if unknown:
+    raise ValueError(
+      f"gpm: `threshold` has paths {unknown} that are not projected leaves "
+      f"(expected a subset of {basis_paths})."
+    )
+  return thr_by_path
+
+
+def _layer_inputs(path: str, x: Any, d_in: int) -> jax.Array:
+  """A layer's inputs ``[n, d_in]`` (float32) from ``[n, d_in]`` or ``[n, *in_shape]``."""
+  if np.ndim(x) < 2 or int(np.prod(np.shape(x)[1:])) != d_in:
+    raise ValueError(
+      f"gpm: `representations` leaf {path} has shape {np.shape(x)}; expected "
+      f"(n, {d_in}) (or (n, *in_shape)): the inputs of that layer at n samples."
+    )
+  x = jnp.reshape(jnp.asarray(x, jnp.float32), (np.shape(x)[0], d_in))
+  if _checks.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(f"gpm: `representations` leaf {path} holds non-finite values.")
+  return x
+
+
+def _checked_threshold(path: str, thr: Any) -> Any:
+  """``thr``, checked to lie in [0, 1] where it is concrete."""
+  if _checks.is_concrete(thr) and not 0.0 <= float(thr) <= 1.0:
+    raise ValueError(f"gpm: threshold for {path} is {float(thr)}; expected a value in [0, 1].")
+  return thr
+
+
 @jax.jit
 def _gpm_grow(basis, count, x, threshold):
   """GPM Eq. 8-9: adds the top left singular vectors of the residual activations."""
   d_in = basis.shape[0]
   idx = jnp.arange(d_in)
   R = x.T  # [d_in, n], columns are samples (the paper's R_l)
-  M = jnp.where(idx[None, :] < count, basis.astype(_f32), 0.0)
+  M = jnp.where(idx[None, :] < count, basis.astype(jnp.float32), 0.0)
   total = jnp.sum(R * R)
   R_hat = R - M @ (M.T @ R)
   U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
@@ -133,7 +161,7 @@ def _gpm_grow(basis, count, x, threshold):
   # The complement: I - M M^T has eigenvalue 0 on span(M) and 1 off it, and eigh
   # sorts ascending, so its eigenvectors from column `k` on span the rest.
   k = count + r
-  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=_f32) - new @ new.T)
+  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=jnp.float32) - new @ new.T)
   return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
 
 
@@ -167,8 +195,58 @@ def _project_out(q, count, g):
   return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)
 
 
-def _default_projected(params):
+# -------------------------------------------------------------- projection
+
+
+def _project_leaf(path: Any, basis: jax.Array, count: jax.Array, u: jax.Array) -> jax.Array:
+  """A projected kernel's update with the protected input directions removed.
+
+  An update holding a non-finite entry passes unchanged (the projection would
+  spread it over the kernel).
+  """
+  d_in = basis.shape[0]
+  if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
+    raise ValueError(
+      f"gpm: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; expected "
+      f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
+    )
+  g = u.reshape(d_in, -1).astype(jnp.float32)
+  new = _project_out(basis, count, g).reshape(u.shape)
+  return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
+
+
+def _freeze_leaf(u: Any, frozen: jax.Array) -> Any:
+  """An unprojected leaf's update: zeros (finite entries) once ``frozen``."""
+  return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
+
+
+# ------------------------------------------------------------------- init
+
+
+def _default_projected(params: optax.Params) -> Any:
+  """The default ``layers``: every non-empty leaf with 2 or more dimensions."""
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
+
+
+def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, Any]:
+  """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
+
+  def make(is_proj, p):
+    if not is_proj:
+      return optax.MaskedNode(), optax.MaskedNode()
+    shape = jnp.shape(p)
+    if len(shape) < 2:
+      raise ValueError(
+        f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
+      )
+    d_in = int(np.prod(shape[:-1]))
+    return jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32)
+
+  pairs = jax.tree.map(make, labels, params)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _trees.is_masked(x)  # noqa: E731
+  basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
+  count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+  return basis, count
 
 
 def gpm(
@@ -182,58 +260,29 @@ def gpm(
 
   For each projected layer :math:`l` it keeps an orthonormal basis
   :math:`M_l` of the part of its *input space* that past tasks used, and
-  removes that part from the kernel's gradient. A Flax kernel is
-  ``[in, out]`` (a PyTorch weight is ``[out, in]``), so the projection acts on
-  its first axis (all axes but the last for a conv kernel
-  ``[kh, kw, in, out]``, whose inputs are the ``kh * kw * in`` patches):
+  removes that part from the kernel's gradient. The projection acts on the
+  kernel's input axes (Flax ``[in, out]``; all axes but the last for a conv
+  kernel ``[kh, kw, in, out]``):
 
   .. math::
     \nabla W_l \leftarrow \nabla W_l - M_l M_l^\top \nabla W_l .
 
-  :func:`cl_optax.consolidate` with ``representations=`` grows the bases:
-  :math:`R_l = X_l^\top` (the layer's inputs at ``n`` samples of the finished
-  task, ``n = 300`` in the paper), :math:`\hat R_l = R_l - M_l M_l^\top R_l`
-  (Eq. 8), and the top left singular vectors of :math:`\hat R_l` are added until
-  the captured energy reaches ``threshold`` (Eq. 5 and 9). An optional
-  ``threshold=`` signal (a tree like ``representations`` of floats) sets
-  per-layer thresholds (the paper's PMNIST run uses 0.95, 0.99, 0.99).
+  :func:`cl_optax.consolidate` with ``representations=`` (at the path of each
+  projected kernel, that layer's inputs ``[n, d_in]`` at ``n`` samples of the
+  finished task) grows the bases: with :math:`R_l = X_l^\top` and
+  :math:`\hat R_l = R_l - M_l M_l^\top R_l` (Eq. 8), the top left singular
+  vectors of :math:`\hat R_l` are added until the captured energy reaches
+  ``threshold`` (Eq. 5 and 9). An optional ``threshold=`` signal (a tree like
+  ``representations`` of floats) sets per-layer thresholds. Leaves not
+  projected get a zero update from the first consolidate on when
+  ``freeze_unprojected``, and pass unchanged otherwise. ``docs/projection.md``
+  describes the basis buffer and its cost and maps a Flax model's layer inputs
+  to ``representations``.
 
-  The buffer of a ``[d_in, out]`` kernel is ``[d_in, d_in]``, the whole input
-  space, so it cannot overflow: ``feature_count == d_in`` means every input
-  direction is protected and the kernel no longer moves. The buffer keeps an
-  orthonormal basis of the unprotected directions in its other columns, so a
-  step costs ``2 d_in w out`` with ``w`` about ``min(k, d_in - k)`` for ``k``
-  protected directions (rounded up to one of a few static widths) rather than
-  the ``d_in^2 out`` of a dense projector.
-
-  Leaves not projected (by default the leaves with fewer than 2 dimensions:
-  biases, norm scales) get a zero update from the first consolidate on when
-  ``freeze_unprojected`` (as the official CIFAR code does for biases and
-  batch norm), and pass unchanged otherwise.
-
-  **Mapping representations to parameters (Flax).** ``representations`` holds,
-  at the path of each projected kernel in the params tree, the activations
-  that enter that layer, batch-major ``[n, d_in]``:
-
-  .. code-block:: python
-
-    class MLP(nnx.Module):
-      def __init__(self, rngs):
-        self.lin1 = nnx.Linear(784, 100, use_bias=False, rngs=rngs)
-        self.lin2 = nnx.Linear(100, 100, use_bias=False, rngs=rngs)
-        self.fc = nnx.Linear(100, 10, use_bias=False, rngs=rngs)
-
-      def __call__(self, x):
-        return self.fc(relu(self.lin2(relu(self.lin1(x)))))
-
-      def layer_inputs(self, x):  # keys mirror nnx.state(self, nnx.Param)
-        h1 = relu(self.lin1(x))
-        h2 = relu(self.lin2(h1))
-        return {"lin1": {"kernel": x}, "lin2": {"kernel": h1}, "fc": {"kernel": h2}}
-
-    params = nnx.state(model, nnx.Param)
-    reps = model.layer_inputs(x_task[:300])
-    cl_optax.consolidate(optimizer, params, representations=reps)
+  Departures from the official code: the first task keeps the smallest ``k``
+  that reaches the threshold (Eq. 5); the official code keeps one column fewer
+  there. A kernel update holding a non-finite entry passes unchanged (the
+  projection would spread it over the kernel).
 
   Args:
     threshold: energy threshold :math:`\epsilon_{th} \in [0, 1]`.
@@ -255,9 +304,7 @@ def gpm(
   References:
     Saha, Garg, Roy, *Gradient Projection Memory for Continual Learning*,
     ICLR 2021 (arXiv:2103.09762), Eq. 5, 8, 9 and Sec. 4; official code
-    sahagobinda/GPM (``main_pmnist.py`` ``update_GPM``). The first task keeps
-    the smallest ``k`` that reaches the threshold (Eq. 5); the official code
-    keeps one column fewer there.
+    sahagobinda/GPM (``main_pmnist.py`` ``update_GPM``).
 
   Example:
     >>> import jax.numpy as jnp, optax, cl_optax
@@ -272,39 +319,30 @@ def gpm(
            [-1., -1.]], dtype=float32)
   """
 
-  dtype = _f32 if basis_dtype is None else basis_dtype
+  dtype = jnp.float32 if basis_dtype is None else basis_dtype
 
   _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> GPMState:
     labels = (
       _trees.resolve_labels(layers, params) if layers is not None else (_default_projected(params))
     )
-
-    def make(is_proj, p):
-      if not is_proj:
-        return optax.MaskedNode(), optax.MaskedNode()
-      shape = jnp.shape(p)
-      if len(shape) < 2:
-        raise ValueError(
-          f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
-        )
-      d_in = int(np.prod(shape[:-1]))
-      return jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32)
-
-    pairs = jax.tree.map(make, labels, params)
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _trees.is_masked(x)  # noqa: E731
-    basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
-    count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+    basis, count = _init_buffers(labels, params, dtype)
     return GPMState(
       feature_basis=basis,
       feature_count=count,
       gpm_tasks=jnp.zeros((), jnp.int32),
-      gpm_threshold=jnp.asarray(threshold, _f32),
+      gpm_threshold=jnp.asarray(threshold, jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     del params, extra_args
+    state = cast(GPMState, state)
     _checks.check_updates(updates, state.feature_basis, transform="gpm", shapes=False)
     frozen = state.gpm_tasks > 0
 
@@ -312,22 +350,12 @@ def gpm(
       if _trees.is_masked(u) or u is None:
         return u
       if _trees.is_masked(b):
-        if not freeze_unprojected:
-          return u
-        return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
-      d_in = b.shape[0]
-      if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
-        raise ValueError(
-          f"gpm: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; expected "
-          f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
-        )
-      g = u.reshape(d_in, -1).astype(_f32)
-      new = _project_out(b, c, g).reshape(u.shape)
-      return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
+        return _freeze_leaf(u, frozen) if freeze_unprojected else u
+      return _project_leaf(path, b, c, u)
 
     new_updates = jax.tree_util.tree_map_with_path(
       leaf, state.feature_basis, state.feature_count, updates, is_leaf=_trees.is_masked
     )
-    return new_updates, state._replace(gpm_threshold=jnp.asarray(threshold, _f32))
+    return new_updates, state._replace(gpm_threshold=jnp.asarray(threshold, jnp.float32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
