@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from cl_optax._linalg import contract, set_row
 
-_f32 = jnp.float32
 
-
-def rows_dot(basis, vec):
+def rows_dot(basis: Sequence[jax.Array], vec: Sequence[jax.Array]) -> jax.Array:
   """``[K]`` dot products of every basis row with ``vec`` (lists of leaves)."""
-  return sum(contract(b.astype(_f32), v.astype(_f32), v.ndim) for b, v in zip(basis, vec))
+  return cast(
+    jax.Array,
+    sum(contract(b.astype(jnp.float32), v.astype(jnp.float32), v.ndim) for b, v in zip(basis, vec)),
+  )
 
 
 @jax.jit
-def gram_schmidt_add(basis, count, dropped, candidates, rtol):
+def gram_schmidt_add(
+  basis: Sequence[jax.Array],
+  count: jax.Array,
+  dropped: jax.Array,
+  candidates: Sequence[jax.Array],
+  rtol: jax.Array,
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
   """Adds the candidates' new directions: block CGS2 against the stored rows,
   then Gram-Schmidt (twice) among the candidates themselves.
 
@@ -27,13 +37,15 @@ def gram_schmidt_add(basis, count, dropped, candidates, rtol):
   """
   cap = basis[0].shape[0]
   n = candidates[0].shape[0]
-  v = [g.astype(_f32) for g in candidates]
+  v = [g.astype(jnp.float32) for g in candidates]
   norm0 = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in v))
   chunk = min(cap, 256)
 
   def against_chunk(c, v):
-    rows = [jax.lax.dynamic_slice_in_dim(b, c * chunk, chunk).astype(_f32) for b in basis]
-    coef = sum(contract(r, x, (list(range(1, r.ndim)),) * 2) for r, x in zip(rows, v))  # [chunk, n]
+    rows = [jax.lax.dynamic_slice_in_dim(b, c * chunk, chunk).astype(jnp.float32) for b in basis]
+    coef = cast(  # [chunk, n]
+      jax.Array, sum(contract(r, x, (list(range(1, r.ndim)),) * 2) for r, x in zip(rows, v))
+    )
     return [x - jnp.tensordot(coef.T, r, axes=1) for x, r in zip(v, rows)]
 
   n_chunks = (count + chunk - 1) // chunk
@@ -47,7 +59,7 @@ def gram_schmidt_add(basis, count, dropped, candidates, rtol):
   def body(i, carry):
     basis, count, dropped = carry
     x = [y[i] for y in v]
-    new_rows = [jax.lax.dynamic_slice_in_dim(b, first, block).astype(_f32) for b in basis]
+    new_rows = [jax.lax.dynamic_slice_in_dim(b, first, block).astype(jnp.float32) for b in basis]
     for _ in range(2):
       coef = rows_dot(new_rows, x)
       x = [y - jnp.tensordot(coef, r, axes=1) for y, r in zip(x, new_rows)]
@@ -56,7 +68,7 @@ def gram_schmidt_add(basis, count, dropped, candidates, rtol):
     fits = new & (count < cap)
     at = jnp.minimum(count, cap - 1)
     basis = [
-      set_row(b, jnp.where(fits, y / jnp.where(fits, norm, 1.0), b[at].astype(_f32)), at)
+      set_row(b, jnp.where(fits, y / jnp.where(fits, norm, 1.0), b[at].astype(jnp.float32)), at)
       for b, y in zip(basis, x)
     ]
     return basis, count + fits.astype(jnp.int32), dropped + (new & ~fits).astype(jnp.int32)

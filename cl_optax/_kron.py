@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,8 @@ class NCLKron(NamedTuple):
   g_inv: jax.Array  # (g + alpha pi I)^-1
 
 
-def check_factors(name, factors, old: NCLKron):
+def check_factors(name: str, factors: Any, old: NCLKron) -> tuple[jax.Array, jax.Array]:
+  """``factors`` as float32 ``(a, g)``, checked against the state's factors of layer ``name``."""
   try:
     a, g = factors
   except (TypeError, ValueError) as e:
@@ -59,7 +60,9 @@ def check_factors(name, factors, old: NCLKron):
   return a, g
 
 
-def nearest_kron_sum(a1, g1, a2, g2):
+def nearest_kron_sum(
+  a1: jax.Array, g1: jax.Array, a2: jax.Array, g2: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   r"""``a1 (x) g1 + a2 (x) g2 ~= (a1 + a2 / pi) (x) (g1 + pi g2)`` (trace heuristic).
 
   :math:`\pi = \sqrt{\mathrm{tr}(g_1)\,\mathrm{tr}(a_2) / (\mathrm{tr}(g_2)\,
@@ -75,7 +78,7 @@ def nearest_kron_sum(a1, g1, a2, g2):
   return a, g
 
 
-def damped_inverses(a, g, damping):
+def damped_inverses(a: jax.Array, g: jax.Array, damping: Any) -> tuple[jax.Array, jax.Array]:
   r"""Inverses of ``a + alpha / pi I`` and ``g + alpha pi I`` by eigendecomposition.
 
   The nearest Kronecker product of :math:`a \otimes g + \alpha I \otimes \alpha I`
@@ -98,22 +101,23 @@ def damped_inverses(a, g, damping):
   return inv(a, alpha / pi), inv(g, alpha * pi)
 
 
-def is_factors(x) -> bool:
+def is_factors(x: Any) -> bool:
   """Whether ``x`` is a ``KronFactors(a, g)`` (any ``NamedTuple`` with fields ``a, g``)."""
   return isinstance(x, tuple) and getattr(x, "_fields", None) == ("a", "g")
 
 
-def leaf_names(tree) -> list[str]:
+def leaf_names(tree: Any) -> list[str]:
   """The path of every leaf (flatten order; ``MaskedNode`` and ``KronFactors`` are leaves)."""
   return _trees.leaf_paths(tree, is_leaf=lambda x: _trees.is_masked(x) or is_factors(x))
 
 
-def lookup_factors(tree, name: str):
+def lookup_factors(tree: Any, name: str) -> Any:
+  """``tree[name]``, or the node at the ``/``-separated path ``name``."""
   if hasattr(tree, "__getitem__") and not isinstance(tree, tuple):
     with contextlib.suppress(TypeError):  # a tree that is not a mapping
       if name in tree:
         return tree[name]
-  node = tree
+  node: Any = tree
   try:
     for k in name.split("/"):
       node = node[k]
@@ -126,7 +130,7 @@ def lookup_factors(tree, name: str):
   return node
 
 
-def leaf_roles(tree, layers: Sequence[str]):
+def leaf_roles(tree: Any, layers: Sequence[str]) -> list[tuple[str, str] | None]:
   """For each leaf (flatten order, MaskedNode as leaf): ``(layer, role)`` or None."""
   roles = []
   for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)[0]:

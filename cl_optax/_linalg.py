@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-_f32 = jnp.float32
 
-
-def contract(a, b, axes):
+def contract(a: jax.Array, b: jax.Array, axes: Any) -> jax.Array:
   """``jnp.tensordot`` whose (small) result is replicated across devices.
 
   On a mesh with explicit axes, contracting sharded dimensions must say how the
@@ -23,7 +23,7 @@ def contract(a, b, axes):
     return jnp.tensordot(a, b, axes, out_sharding=jax.sharding.NamedSharding(mesh, jax.P()))
 
 
-def set_row(b, row, at):
+def set_row(b: jax.Array, row: jax.Array, at: Any) -> jax.Array:
   """``b.at[at].set(row)`` in place; on an explicit mesh the row takes ``b``'s sharding."""
   row = row[None].astype(b.dtype)
   try:
