@@ -1,4 +1,11 @@
-"""Shared fixtures: small fixed pytrees (few shapes keep JAX compiles few).
+"""Shared test helpers: small fixed pytrees (few shapes keep JAX compiles few).
+
+Plain functions, imported by the test modules as ``from conftest import ...``:
+``make_params`` (the battery's tree), ``normal_like`` / ``uniform_like``
+(random leaves shaped like a tree: gradients, directions, importances),
+``normal_tree`` (parameters of given shapes), ``psd`` (a random positive
+semi-definite matrix) and ``classification_batches`` (stacked inputs and
+integer labels).
 
 Hypothesis profiles: ``ci``, loaded when ``$CI`` is set to anything but
 ``""``, ``0`` or ``false`` (CI services set ``CI=true``), derandomises every
@@ -14,6 +21,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -45,6 +53,48 @@ def make_params(dtype=jnp.float32):
     "empty": jnp.zeros((0, 2), dtype),
     "head": {"kernel": jax.random.normal(k[2], (3, 2), dtype)},
   }
+
+
+def _draw_like(draw, tree, seed, stack=(), dtype=None):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+    [draw(k, (*stack, *x.shape), dtype or x.dtype) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
+def normal_like(tree, seed=1, *, stack=()):
+  """Standard-normal leaves shaped and typed like ``tree``'s (arrays or
+  ``jax.ShapeDtypeStruct``), one key per leaf; ``stack`` prepends axes."""
+  return _draw_like(jax.random.normal, tree, seed, tuple(stack))
+
+
+def uniform_like(tree, seed=7):
+  """float32 uniform [0, 1) leaves shaped like ``tree``'s (an importance), one key per leaf."""
+  return _draw_like(jax.random.uniform, tree, seed, dtype=jnp.float32)
+
+
+def normal_tree(seed, shapes):
+  """float32 standard-normal leaves of the given shapes (a pytree of shape tuples)."""
+  structs = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=lambda s: isinstance(s, tuple)
+  )
+  return normal_like(structs, seed)
+
+
+def psd(seed, n, rank=None):
+  """A random [n, n] positive semi-definite float32 numpy matrix of rank ``min(n, rank)``
+  (``rank`` defaults to ``2 n``: full rank)."""
+  m = np.asarray(jax.random.normal(jax.random.key(seed), (n, rank or 2 * n)))
+  return m @ m.T / m.shape[1]
+
+
+def classification_batches(seed, n_batch, batch, dim, classes):
+  """``(xs [n_batch, batch, dim], ys [n_batch, batch])``: normal inputs, uniform labels."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  xs = jax.random.normal(k1, (n_batch, batch, dim))
+  ys = jax.random.randint(k2, (n_batch, batch), 0, classes)
+  return xs, ys
 
 
 @pytest.fixture

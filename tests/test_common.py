@@ -18,7 +18,7 @@ import pytest
 
 import cl_optax
 
-from conftest import make_params
+from conftest import make_params, normal_like, normal_tree, psd, uniform_like
 
 
 class Case(NamedTuple):
@@ -30,18 +30,9 @@ class Case(NamedTuple):
   extra_args: Callable[[Any], dict] = lambda params: {}
 
 
-def _half_importance(params):
-  return {"importance": jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)}
-
 
 def _rand_importance(params):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return {
-    "importance": jax.tree.unflatten(
-      tree, [jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)]
-    )
-  }
+  return {"importance": uniform_like(params, 7)}
 
 
 def _unit_shapes(params):
@@ -50,14 +41,54 @@ def _unit_shapes(params):
 
 
 def _unit_importance(params):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(8), len(leaves))
+  units = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[-1:], p.dtype), params)
+  return {"importance": uniform_like(units, 8)}
+
+
+def _ref_grads(params):
+  return {"ref_grads": jax.tree.map(lambda x: -x, normal_like(params, 3))}
+
+
+def _task_grads(params):
   return {
-    "importance": jax.tree.unflatten(
-      tree, [jax.random.uniform(k, p.shape[-1:]) for k, p in zip(keys, leaves)]
-    )
+    "task_grads": normal_like(params, 4, stack=(3,)),
+    "task_mask": jnp.array([True, True, False]),
   }
 
+
+def _output_grads(params):
+  return {"output_grads": normal_like(params, 5, stack=(2,))}
+
+
+def _gpm_layers(params):
+  del params
+  labels = {"dense": {"kernel": True, "bias": False}, "head": {"kernel": True}}
+  return labels | {"scale": False, "empty": False}
+
+
+def _representations(params):
+  del params
+  return {
+    "representations": normal_tree(6, {"dense": {"kernel": (3, 4)}, "head": {"kernel": (5, 3)}})
+  }
+
+
+def _rand_precision(params):
+  return {"precision": _rand_importance(params)["importance"]}
+
+
+def _kron_precision(params):
+  del params
+  kf = cl_optax.importance.KronFactors
+  return {"precision": {"dense": kf(psd(30, 5), psd(31, 3)), "head": kf(psd(32, 3), psd(33, 2))}}
+
+
+def _no_signals(params):
+  return {}
+
+
+_KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
+_NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 
 CASES = [
   Case(
@@ -96,72 +127,6 @@ CASES = [
     _rand_importance,
     lambda: optax.inject_hyperparams(cl_optax.freeze)(threshold=0.5),
   ),
-]
-
-
-def _stacked(params, k, seed):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(
-    tree, [jax.random.normal(kk, (k,) + p.shape, p.dtype) for kk, p in zip(keys, leaves)]
-  )
-
-
-def _ref_grads(params):
-  return {"ref_grads": jax.tree.map(lambda x: -x, _grads(params, 3))}
-
-
-def _task_grads(params):
-  return {
-    "task_grads": _stacked(params, 3, 4),
-    "task_mask": jnp.array([True, True, False]),
-  }
-
-
-def _output_grads(params):
-  return {"output_grads": _stacked(params, 2, 5)}
-
-
-def _gpm_layers(params):
-  del params
-  labels = {"dense": {"kernel": True, "bias": False}, "head": {"kernel": True}}
-  return labels | {"scale": False, "empty": False}
-
-
-def _representations(params):
-  k = jax.random.split(jax.random.key(6), 2)
-  return {
-    "representations": {
-      "dense": {"kernel": jax.random.normal(k[0], (3, 4))},
-      "head": {"kernel": jax.random.normal(k[1], (5, 3))},
-    }
-  }
-
-
-def _rand_precision(params):
-  return {"precision": _rand_importance(params)["importance"]}
-
-
-def _psd(key, n):
-  m = jax.random.normal(key, (n, 2 * n))
-  return m @ m.T / (2 * n)
-
-
-def _kron_precision(params):
-  k = jax.random.split(jax.random.key(3), 4)
-  return {
-    "precision": {
-      "dense": cl_optax.importance.KronFactors(_psd(k[0], 5), _psd(k[1], 3)),
-      "head": cl_optax.importance.KronFactors(_psd(k[2], 3), _psd(k[3], 2)),
-    }
-  }
-
-
-def _no_signals(params):
-  return {}
-
-
-CASES += [
   Case(
     "agem",
     cl_optax.agem,
@@ -183,7 +148,7 @@ CASES += [
     lambda: cl_optax.experience_replay(0.5),
     _no_signals,
     lambda: optax.inject_hyperparams(cl_optax.experience_replay)(strength=0.5),
-    lambda params: {"replay_grads": _grads(params, 3)},
+    lambda params: {"replay_grads": normal_like(params, 3)},
   ),
   Case(
     "ogd",
@@ -201,12 +166,6 @@ CASES += [
       threshold=0.9, layers=_gpm_layers
     ),
   ),
-]
-
-_KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
-_NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
-
-CASES += [
   Case(
     "ncl_diag",
     lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
@@ -276,21 +235,13 @@ IDS = [c.name for c in CASES]
 SIGNAL_CASES = [c for c in CASES if c.signals(make_params())]
 
 
-def _grads(params, seed=1):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(
-    tree, [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
-  )
-
-
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_accepts_unknown_extra_args(case):
   params = make_params()
   tx = case.make()
   state = tx.init(params)
   updates, _ = tx.update(
-    _grads(params),
+    normal_like(params),
     state,
     params,
     unexpected_extra_args_your_optimizer_doesnt_expect=1,
@@ -307,7 +258,7 @@ def test_preserves_dtype(case, dtype):
   state = tx.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
   update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
-  updates, _ = update(_grads(params), state, params, case.extra_args(params))
+  updates, _ = update(normal_like(params), state, params, case.extra_args(params))
   chex.assert_trees_all_equal_dtypes(updates, params)
 
 
@@ -318,9 +269,9 @@ def test_state_stable_across_steps_and_consolidate(case):
   state = tx.init(params)
   extra = case.extra_args(params)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
-  _, s1 = step(_grads(params), state, params)
+  _, s1 = step(normal_like(params), state, params)
   s2 = cl_optax.consolidate(s1, params, **case.signals(params))
-  _, s3 = step(_grads(params, 2), s2, params)
+  _, s3 = step(normal_like(params, 2), s2, params)
   for a, b in [(state, s1), (s1, s2), (s2, s3)]:
     chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -342,7 +293,7 @@ def test_no_retrace_or_recompile_after_consolidate(case, caplog):
     for task in range(3):
       for step in range(2):
         extra = case.extra_args(params)
-        params, state = train_step(params, state, _grads(params, 10 * task + step), extra)
+        params, state = train_step(params, state, normal_like(params, 10 * task + step), extra)
       state = cl_optax.consolidate(state, params, **case.signals(params))
   chex.clear_trace_counter()
   compiles = [
@@ -362,7 +313,7 @@ def test_works_under_multisteps(case):
   state, ref_state = tx.init(params), ref.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
   ref_state = cl_optax.consolidate(ref_state, params, **case.signals(params))
-  grads = [_grads(params, i) for i in range(k)]
+  grads = [normal_like(params, i) for i in range(k)]
   extra = case.extra_args(params)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
   for g in grads:
@@ -379,7 +330,7 @@ def test_works_under_inject_hyperparams(case):
   state, ref_state = tx.init(params), ref.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
   ref_state = cl_optax.consolidate(ref_state, params, **case.signals(params))
-  g = _grads(params)
+  g = normal_like(params)
   extra = case.extra_args(params)
   got, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(g, state, params)
   expected, _ = ref.update(g, ref_state, params, **extra)
@@ -399,9 +350,9 @@ def test_train_step_donating_params_and_state(case):
 
   state = tx.init(params)
   for task in range(2):
-    params, state = step(params, state, _grads(params, task), case.extra_args(params))
+    params, state = step(params, state, normal_like(params, task), case.extra_args(params))
     state = cl_optax.consolidate(state, params, **case.signals(params))
-  params, state = step(params, state, _grads(params, 5), case.extra_args(params))
+  params, state = step(params, state, normal_like(params, 5), case.extra_args(params))
   chex.assert_tree_all_finite((params, state))
 
 
@@ -412,7 +363,7 @@ class JitEqualityTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_same_with_and_without_jit(self):
     params = make_params()
-    grads = _grads(params)
+    grads = normal_like(params)
     for case in CASES:
       tx = optax.chain(optax.adam(0.1), case.make())
       state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))

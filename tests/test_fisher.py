@@ -1,24 +1,22 @@
 """Estimators fisher_diag, mas, kfac_factors against plain numpy on linear models."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cl_optax
 from cl_optax.importance import KronFactors
 
+from conftest import classification_batches, normal_tree
+
 N_BATCH, BATCH, D, C = 2, 6, 4, 3
 
 
-def _params(seed, zero=False):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  scale = 0.0 if zero else 1.0
-  return {
-    "dense": {
-      "kernel": scale * jax.random.normal(k1, (D, C)),
-      "bias": scale * 0.3 * jax.random.normal(k2, (C,)),
-    }
-  }
+SHAPES = {"dense": {"kernel": (D, C), "bias": (C,)}}
+_data = functools.partial(classification_batches, n_batch=N_BATCH, batch=BATCH, dim=D, classes=C)
 
 
 def logits_fn(p, x):
@@ -27,13 +25,6 @@ def logits_fn(p, x):
 
 def tapped(p, x, taps):
   return logits_fn(p, x) + taps["dense"], {"dense": x}
-
-
-def _data(seed, n_batch=N_BATCH, batch=BATCH):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  xs = jax.random.normal(k1, (n_batch, batch, D))
-  ys = jax.random.randint(k2, (n_batch, batch), 0, C)
-  return xs, ys
 
 
 def _np(p, xs, ys):
@@ -54,7 +45,7 @@ def _score(x, prob, c):
 
 
 def test_fisher_diag_empirical_matches_numpy():
-  p = _params(0)
+  p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
   got = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="empirical")
   x, y, _, prob = _np(p, xs, ys)
@@ -67,7 +58,7 @@ def test_fisher_diag_empirical_matches_numpy():
 
 
 def test_fisher_diag_exact_matches_numpy_and_iterable_equals_stacked():
-  p = _params(2)
+  p = normal_tree(2, SHAPES)
   xs, ys = _data(3)
   got = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="exact")
   x, _, _, prob = _np(p, xs, ys)
@@ -82,7 +73,7 @@ def test_fisher_diag_exact_matches_numpy_and_iterable_equals_stacked():
 
 
 def test_fisher_diag_sampled_is_unbiased_for_the_exact():
-  p = _params(4)
+  p = normal_tree(4, SHAPES)
   xs, ys = _data(5, n_batch=1, batch=4000)
   exact = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="exact")
   sampled = cl_optax.importance.fisher_diag(
@@ -92,7 +83,7 @@ def test_fisher_diag_sampled_is_unbiased_for_the_exact():
 
 
 def test_mas_matches_numpy():
-  p = _params(6)
+  p = normal_tree(6, SHAPES)
   xs, ys = _data(7)
   got = cl_optax.importance.mas(logits_fn, p, (xs, ys))
   x, _, z, _ = _np(p, xs, ys)
@@ -118,7 +109,7 @@ def _exact_fisher_block(x, prob):
 
 def test_kfac_factors_equal_exact_fisher_when_factorisation_is_exact():
   # zero weights: p(y|x) is uniform for every x, so E[a a^T (x) g g^T] factorises
-  p = _params(8, zero=True)
+  p = jax.tree.map(jnp.zeros_like, normal_tree(8, SHAPES))
   xs, ys = _data(9)
   kf = cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=["dense"], fisher="exact")
   x, _, _, prob = _np(p, xs, ys)
@@ -133,7 +124,7 @@ def test_kfac_factors_equal_exact_fisher_when_factorisation_is_exact():
 
 @pytest.mark.parametrize("fisher", ["exact", "empirical"])
 def test_kfac_factors_match_numpy_definitions(fisher):
-  p = _params(10)
+  p = normal_tree(10, SHAPES)
   xs, ys = _data(11)
   kf = cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=["dense"], fisher=fisher)
   x, y, _, prob = _np(p, xs, ys)
@@ -151,7 +142,7 @@ def test_kfac_factors_match_numpy_definitions(fisher):
 
 
 def test_estimator_errors():
-  p = _params(0)
+  p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
   with pytest.raises(ValueError, match="pass `key=`"):
     cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="sampled")

@@ -1,5 +1,7 @@
 """cl_optax.importance.spg against a plain-numpy SPG (official-code semantics)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ from hypothesis import strategies as st
 
 import cl_optax
 
+from conftest import classification_batches, normal_tree
+
 N_BATCH, BATCH, D, H, C, T = 3, 8, 5, 6, 3, 3
 
 
@@ -18,20 +22,8 @@ def logits_fn(p, x, head):
   return h @ p["heads"]["w"][head] + p["heads"]["b"][head]
 
 
-def _params(seed):
-  k = jax.random.split(jax.random.key(seed), 4)
-  return {
-    "trunk": {"w": jax.random.normal(k[0], (D, H)), "b": 0.1 * jax.random.normal(k[1], (H,))},
-    "heads": {"w": jax.random.normal(k[2], (T, H, C)), "b": jnp.zeros((T, C))},
-    "unused": jnp.ones((4,)),
-  }
-
-
-def _data(seed):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  xs = jax.random.normal(k1, (N_BATCH, BATCH, D))
-  ys = jax.random.randint(k2, (N_BATCH, BATCH), 0, C)
-  return xs, ys
+SHAPES = {"trunk": {"w": (D, H), "b": (H,)}, "heads": {"w": (T, H, C), "b": (T, C)}, "unused": (4,)}
+_data = functools.partial(classification_batches, n_batch=N_BATCH, batch=BATCH, dim=D, classes=C)
 
 
 def _numpy_grads(p, x, y, head, is_current):
@@ -74,7 +66,7 @@ def _numpy_spg(p, xs, ys, task):
 @settings(deadline=None, max_examples=10)
 @given(st.integers(0, 2**16), st.integers(0, T - 1))
 def test_spg_matches_numpy(seed, task):
-  p = _params(seed)
+  p = normal_tree(seed, SHAPES)
   xs, ys = _data(seed + 1)
   got = cl_optax.importance.spg(logits_fn, p, (xs, ys), task=task)
   want = _numpy_spg(p, xs, ys, task)
@@ -84,7 +76,7 @@ def test_spg_matches_numpy(seed, task):
 
 
 def test_iterable_equals_stacked():
-  p = _params(0)
+  p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
   stacked = cl_optax.importance.spg(logits_fn, p, (xs, ys), task=2)
   iterable = cl_optax.importance.spg(logits_fn, p, list(zip(xs, ys)), task=2)
@@ -92,14 +84,14 @@ def test_iterable_equals_stacked():
 
 
 def test_constant_gradient_tensor_gets_zero_not_nan():
-  p = _params(0)
+  p = normal_tree(0, SHAPES)
   imp = cl_optax.importance.spg(logits_fn, p, _data(1), task=1)
   np.testing.assert_array_equal(imp["unused"], 0.0)  # all-zero gradient
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(imp))
 
 
 def test_feeds_consolidate():
-  p = _params(0)
+  p = normal_tree(0, SHAPES)
   imp = cl_optax.importance.spg(logits_fn, p, _data(1), task=0)
   state = cl_optax.soft_mask().init(p)
   state = cl_optax.consolidate(state, p, importance=imp)
@@ -109,9 +101,9 @@ def test_feeds_consolidate():
 @pytest.mark.parametrize("task", [-1, 1.0, "0"])
 def test_bad_task_is_named(task):
   with pytest.raises(ValueError, match="spg: `task` must be a non-negative int"):
-    cl_optax.importance.spg(logits_fn, _params(0), _data(1), task=task)
+    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), _data(1), task=task)
 
 
 def test_empty_batches_is_named():
   with pytest.raises(ValueError, match="spg: `batches` is empty"):
-    cl_optax.importance.spg(logits_fn, _params(0), [], task=0)
+    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), [], task=0)

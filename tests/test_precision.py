@@ -12,20 +12,14 @@ from hypothesis import strategies as st
 import cl_optax
 from cl_optax.importance import KronFactors
 
+from conftest import normal_tree, psd
+
 D_IN, D_OUT = 4, 3
 
 
 def _layer(seed, bias=True):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  p = {"kernel": jax.random.normal(k1, (D_IN, D_OUT))}
-  if bias:
-    p["bias"] = jax.random.normal(k2, (D_OUT,))
-  return {"dense": p}
-
-
-def _psd(seed, n, rank=None):
-  m = np.random.default_rng(seed).normal(size=(n, rank or 2 * n))
-  return (m @ m.T / m.shape[1]).astype(np.float32)
+  shapes = {"kernel": (D_IN, D_OUT)} | ({"bias": (D_OUT,)} if bias else {})
+  return {"dense": normal_tree(seed, shapes)}
 
 
 def _bar(layer):
@@ -105,7 +99,7 @@ def test_kfac_matches_dense_numpy_solve(bias, pre):
   n, lam, alpha, gamma = 20.0, 0.6, 0.3, 0.8
   params, theta, g = _layer(0, bias), _layer(1, bias), _layer(2, bias)
   d_in = D_IN + bias
-  a_new, g_new = _psd(3, d_in), _psd(4, D_OUT)
+  a_new, g_new = psd(3, d_in), psd(4, D_OUT)
   tx = cl_optax.ncl(
     n,
     strength=lam,
@@ -146,7 +140,7 @@ def test_kfac_prior_accumulates_over_tasks():
   state = tx.init(params)
   a, g = np.eye(D_IN + 1) / np.sqrt(n), np.eye(D_OUT) / np.sqrt(n)
   for k in range(3):
-    new = KronFactors(_psd(10 + k, D_IN + 1), _psd(20 + k, D_OUT))
+    new = KronFactors(psd(10 + k, D_IN + 1), psd(20 + k, D_OUT))
     state = cl_optax.consolidate(state, _layer(k), precision={"dense": new})
     a, g = _np_nearest(gamma * a, g, new.a.astype(np.float64), new.g.astype(np.float64))
   kron = state.kron["dense"]
@@ -165,7 +159,7 @@ def test_singular_precision_is_kept_positive_definite_by_damping():
   chex.assert_trees_all_close(got, jax.tree.map(lambda x: x / alpha**2, g), rtol=1e-6)
   # Kronecker: rank-one (singular) factors -> finite, equal to the damped dense solve
   tx = cl_optax.ncl(1.0, strength=0.0, damping=alpha, decay=0.0, precision="kfac", layers=["dense"])
-  a1, g1 = _psd(0, D_IN + 1, rank=1), _psd(1, D_OUT, rank=1)
+  a1, g1 = psd(0, D_IN + 1, rank=1), psd(1, D_OUT, rank=1)
   state = cl_optax.consolidate(tx.init(theta), theta, precision={"dense": KronFactors(a1, g1)})
   got, _ = tx.update(g, state, theta)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
@@ -186,7 +180,7 @@ def test_trust_region_norm_never_exceeds_radius(seed, radius, scale, kfac):
   g = jax.tree.map(lambda x: scale * x, _layer(seed + 2))
   if kfac:
     tx = _KF_TX
-    prec = {"dense": KronFactors(_psd(seed, D_IN + 1), _psd(seed + 1, D_OUT))}
+    prec = {"dense": KronFactors(psd(seed, D_IN + 1), psd(seed + 1, D_OUT))}
   else:
     tx = _DIAG_TX
     prec = jax.tree.map(lambda x: jnp.abs(x) + 0.1, _layer(seed + 3))
@@ -237,7 +231,7 @@ def test_kfac_with_diagonal_leaves_outside_the_layers():
   theta = {"dense": _layer(1)["dense"], "scale": jnp.array([0.5, 0.5])}
   g = {"dense": _layer(2)["dense"], "scale": jnp.array([1.0, 3.0])}
   tx = cl_optax.ncl(n, strength=lam, damping=alpha, precision="kfac", layers=["dense"])
-  kf = {"dense": KronFactors(_psd(0, D_IN + 1), _psd(1, D_OUT)), "scale": jnp.array([2.0, 0.0])}
+  kf = {"dense": KronFactors(psd(0, D_IN + 1), psd(1, D_OUT)), "scale": jnp.array([2.0, 0.0])}
   state = cl_optax.consolidate(tx.init(params), params, precision=kf)
   got, _ = jax.jit(tx.update)(g, state, theta)
   lam_s = 1 / n + np.array([2.0, 0.0])

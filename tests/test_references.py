@@ -9,6 +9,8 @@ import pytest
 import cl_optax
 from cl_optax.importance import KronFactors, kfac_factors
 
+from conftest import normal_like, normal_tree, psd, uniform_like
+
 
 # ------------------------------------------------- kfac_factors(fisher="sampled")
 def _tapped(p, x, taps):
@@ -47,41 +49,23 @@ def test_sampled_kfac_factors_estimate_the_exact_ones_not_the_data_labels():
 
 
 # ------------------------------------ non-finite gradients pass after consolidate
-def _params():
-  k = jax.random.split(jax.random.key(1), 3)
-  return {
-    "dense": {"kernel": jax.random.normal(k[0], (4, 3)), "bias": jax.random.normal(k[1], (3,))},
-    "head": {"kernel": jax.random.normal(k[2], (3, 2))},
-  }
-
-
-def _grads(seed=2):
-  leaves, treedef = jax.tree.flatten(_params())
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
-def _psd(key, n):
-  m = jax.random.normal(key, (n + 2, n))
-  return m.T @ m / (n + 2)
+PARAMS = normal_tree(1, {"dense": {"kernel": (4, 3), "bias": (3,)}, "head": {"kernel": (3, 2)}})
 
 
 def _signals():
-  p, k = _params(), jax.random.split(jax.random.key(3), 4)
-  imp = jax.tree.map(lambda x: jax.random.uniform(k[0], x.shape), p)
+  imp = uniform_like(PARAMS, 3)
   return {
     "freeze": {"importance": imp},
-    "ogd": {"output_grads": jax.tree.map(lambda g: jnp.stack([g, 2 * g + 1]), _grads(5))},
-    "gpm": {
-      "representations": {
-        "dense": {"kernel": jax.random.normal(k[1], (2, 4))},
-        "head": {"kernel": jax.random.normal(k[2], (2, 3))},
-      }
+    "ogd": {
+      "output_grads": jax.tree.map(lambda g: jnp.stack([g, 2 * g + 1]), normal_like(PARAMS, 5))
     },
-    "ncl_diag": {"precision": jax.tree.map(jnp.square, _grads(6))},
+    "gpm": {
+      "representations": normal_tree(4, {"dense": {"kernel": (2, 4)}, "head": {"kernel": (2, 3)}})
+    },
+    "ncl_diag": {"precision": jax.tree.map(jnp.square, normal_like(PARAMS, 6))},
     "ncl_kfac": {
       "precision": {
-        "dense": KronFactors(_psd(k[3], 5), _psd(k[0], 3)),
+        "dense": KronFactors(psd(34, 5), psd(35, 3)),
         "head": {"kernel": jnp.ones((3, 2))},
       }
     },
@@ -100,7 +84,7 @@ TRANSFORMS = {
 
 
 def _consolidated(name):
-  tx, p = TRANSFORMS[name](), _params()
+  tx, p = TRANSFORMS[name](), PARAMS
   return tx, cl_optax.consolidate(tx.init(p), p, **_signals()[name])
 
 
@@ -124,7 +108,7 @@ def test_non_finite_gradient_entries_pass_through_after_consolidate(name, bad):
     leaves outside it are preconditioned as usual.
   """
   tx, state = _consolidated(name)
-  p, g = _params(), _grads()
+  p, g = PARAMS, normal_like(PARAMS, 2)
   g_bad = _with(g, ("dense", "kernel"), (1, 2), bad)
   out = tx.update(g_bad, state, p)[0]
   ref = tx.update(_with(g, ("dense", "kernel"), (1, 2), 0.0), state, p)[0]
