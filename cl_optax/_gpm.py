@@ -55,7 +55,7 @@ class GPMState(NamedTuple):
       "a pytree holding, at the path of each projected kernel leaf, the layer's "
       "input activations [n, d_in] at n samples of the task",
     )
-    thresholds = _checks.renamed_signal(signals, "gpm_threshold", "threshold", "gpm")
+    thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
     b_leaves = _trees.unmasked_leaves(self.feature_basis)
     c_leaves = _trees.unmasked_leaves(self.feature_count)

@@ -138,7 +138,6 @@ def _left(m: jax.Array, blocks: list[jax.Array]) -> list[jax.Array]:
   ]
 
 
-@_checks.renamed_arguments(positional=("strength", "damping", "decay", "radius"))
 def ncl(
   data_size: float,
   *,
