@@ -64,6 +64,24 @@ def check_shapes(
   jax.tree_util.tree_map_with_path(check, template, tree, is_leaf=_trees.is_masked)
 
 
+def check_rows(template: Any, tree: Any, *, transform: str, name: str) -> None:
+  """Raises a ``ValueError`` unless each leaf of ``tree`` stacks rows of its ``template`` leaf.
+
+  ``template`` leaves carry a leading buffer axis (``[capacity, *shape]``);
+  each ``tree`` leaf must be ``[n, *shape]``, with one ``n`` for all leaves.
+  """
+  t_leaves, x_leaves = _trees.unmasked_leaves(template), _trees.unmasked_leaves(tree)
+  if not t_leaves:
+    return
+  n = int(np.shape(x_leaves[0])[0]) if np.ndim(x_leaves[0]) else -1
+  for path, t, x in zip(_trees.unmasked_key_strings(template), t_leaves, x_leaves, strict=True):
+    if np.shape(x)[1:] != np.shape(t)[1:] or np.ndim(x) == 0 or np.shape(x)[0] != n:
+      raise ValueError(
+        f"{transform}: `{name}` leaf {path} has shape {np.shape(x)}; expected "
+        f"(n, *{tuple(np.shape(t)[1:])}) with the same n = {n} for every leaf."
+      )
+
+
 def check_updates(
   updates: Any,
   template: Any,
@@ -203,22 +221,30 @@ def validated_signal(
   transform: str,
   values: str | None = None,
   broadcastable: bool = False,
+  rows: bool = False,
+  what: str | None = None,
 ) -> Any:
   """The signal ``signals[name]``, checked and cut to ``template``'s structure.
 
   The one validation path of every state's ``consolidate``: the signal must be
   given, match the tree the transform was initialised with (positions that
   ``template`` masks become ``optax.MaskedNode``), have ``template``'s shapes
-  (or shapes broadcastable to them when ``broadcastable``) and, where
-  ``values`` names a rule, values that keep it: ``"unit"`` for [0, 1],
-  ``"nonnegative"`` for finite values >= 0.
+  (or shapes broadcastable to them when ``broadcastable``; with ``rows``,
+  ``[n, *shape]`` stacks of rows for template leaves ``[capacity, *shape]``,
+  see :func:`check_rows`) and, where ``values`` names a rule, values that keep
+  it: ``"unit"`` for [0, 1], ``"nonnegative"`` for finite values >= 0.
+  ``what`` describes the signal in the message for a missing one (default:
+  the value rule's description).
   """
   if values not in _VALUE_RULES:
     raise ValueError(f"validated_signal: values must be one of {sorted(map(str, _VALUE_RULES))}.")
-  check, what = _VALUE_RULES[values]
-  new = require_signal(signals, name, transform, what)
+  check, rule = _VALUE_RULES[values]
+  new = require_signal(signals, name, transform, rule if what is None else what)
   new = _trees.restrict_like(template, new, transform=transform, name=name)
-  check_shapes(template, new, transform=transform, name=name, broadcastable=broadcastable)
+  if rows:
+    check_rows(template, new, transform=transform, name=name)
+  else:
+    check_shapes(template, new, transform=transform, name=name, broadcastable=broadcastable)
   if check is not None:
     check(new, transform=transform, name=name)
   return new

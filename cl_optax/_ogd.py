@@ -44,25 +44,19 @@ class OGDState(NamedTuple):
   def consolidate(self, params, **signals) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
     del params
-    grads = _checks.require_signal(
+    grads = _checks.validated_signal(
       signals,
       "output_grads",
-      "ogd",
-      "a pytree like params whose leaves have a leading axis of size n: the gradients "
+      self.basis,
+      transform="ogd",
+      rows=True,
+      what="a pytree like params whose leaves have a leading axis of size n: the gradients "
       "of the model outputs at n stored samples, e.g. from cl_optax.output_gradients",
     )
-    grads = _trees.restrict_like(self.basis, grads, transform="ogd", name="output_grads")
     b_leaves = _trees.unmasked_leaves(self.basis)
     g_leaves = _trees.unmasked_leaves(grads)
     if not b_leaves:
       return self
-    n = int(np.shape(g_leaves[0])[0]) if np.ndim(g_leaves[0]) else -1
-    for path, b, g in zip(_trees.unmasked_key_strings(self.basis), b_leaves, g_leaves, strict=True):
-      if np.shape(g)[1:] != np.shape(b)[1:] or np.ndim(g) == 0 or np.shape(g)[0] != n:
-        raise ValueError(
-          f"ogd: `output_grads` leaf {path} has shape {np.shape(g)}; expected "
-          f"(n, *{tuple(np.shape(b)[1:])}) with the same n = {n} for every leaf."
-        )
     if all(_trees.is_concrete(g) for g in g_leaves):
       if not bool(_all_finite(g_leaves)):
         raise ValueError("ogd: `output_grads` holds non-finite values; expected finite values.")
