@@ -10,8 +10,6 @@ import optax
 
 from cl_optax import _checks, _trees
 
-_f32 = jnp.float32
-
 
 class AGEMState(NamedTuple):
   """State of :func:`agem`.
@@ -79,18 +77,17 @@ def agem() -> optax.GradientTransformationExtraArgs:
       return updates, state
     # Sums of products (not vdot, which ravels): XLA reduces them across
     # devices without gathering a sharded leaf.
-    dot = sum(jnp.sum(u.astype(_f32) * r.astype(_f32)) for u, r in pairs)
-    rr = sum(jnp.sum(jnp.square(r.astype(_f32))) for _, r in pairs)
+    dot = sum(jnp.sum(u.astype(jnp.float32) * r.astype(jnp.float32)) for u, r in pairs)
+    rr = sum(jnp.sum(jnp.square(r.astype(jnp.float32))) for _, r in pairs)
     project = (dot < 0) & (rr > 0) & jnp.isfinite(dot) & jnp.isfinite(rr)
     coef = jnp.where(project, dot / jnp.where(rr > 0, rr, 1.0), 0.0)
 
     def leaf(u, r):
-      if _trees.is_masked(u) or u is None:
-        return u
-      return jnp.where(project, (u.astype(_f32) - coef * r.astype(_f32)).astype(u.dtype), u)
+      return jnp.where(
+        project, (u.astype(jnp.float32) - coef * r.astype(jnp.float32)).astype(u.dtype), u
+      )
 
-    ref = _trees.restrict_to_updates(updates, ref_grads)
-    new = jax.tree.map(leaf, updates, ref, is_leaf=_trees.is_masked)
+    new = _trees.map_unmasked(leaf, updates, _trees.restrict_to_updates(updates, ref_grads))
     return new, AGEMState(state.agem_projected + project.astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

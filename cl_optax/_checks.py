@@ -8,10 +8,6 @@ argument and, for a tree, the leaf (by its key string, see
 
 from __future__ import annotations
 
-import functools
-import inspect
-import warnings
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,11 +16,7 @@ import numpy as np
 import optax
 
 from cl_optax import _trees
-
-
-def is_concrete(x: Any) -> bool:
-  """Whether ``x`` holds values (not a tracer inside ``jit`` / ``grad``)."""
-  return not isinstance(x, jax.core.Tracer)
+from cl_optax._trees import is_concrete as is_concrete  # also read as _checks.is_concrete
 
 
 def require_signal(signals: dict, name: str, transform: str, what: str) -> Any:
@@ -70,6 +62,24 @@ def check_shapes(
       )
 
   jax.tree_util.tree_map_with_path(check, template, tree, is_leaf=_trees.is_masked)
+
+
+def check_rows(template: Any, tree: Any, *, transform: str, name: str) -> None:
+  """Raises a ``ValueError`` unless each leaf of ``tree`` stacks rows of its ``template`` leaf.
+
+  ``template`` leaves carry a leading buffer axis (``[capacity, *shape]``);
+  each ``tree`` leaf must be ``[n, *shape]``, with one ``n`` for all leaves.
+  """
+  t_leaves, x_leaves = _trees.unmasked_leaves(template), _trees.unmasked_leaves(tree)
+  if not t_leaves:
+    return
+  n = int(np.shape(x_leaves[0])[0]) if np.ndim(x_leaves[0]) else -1
+  for path, t, x in zip(_trees.unmasked_key_strings(template), t_leaves, x_leaves, strict=True):
+    if np.shape(x)[1:] != np.shape(t)[1:] or np.ndim(x) == 0 or np.shape(x)[0] != n:
+      raise ValueError(
+        f"{transform}: `{name}` leaf {path} has shape {np.shape(x)}; expected "
+        f"(n, *{tuple(np.shape(t)[1:])}) with the same n = {n} for every leaf."
+      )
 
 
 def check_updates(
@@ -211,93 +221,33 @@ def validated_signal(
   transform: str,
   values: str | None = None,
   broadcastable: bool = False,
+  rows: bool = False,
+  what: str | None = None,
 ) -> Any:
   """The signal ``signals[name]``, checked and cut to ``template``'s structure.
 
   The one validation path of every state's ``consolidate``: the signal must be
   given, match the tree the transform was initialised with (positions that
   ``template`` masks become ``optax.MaskedNode``), have ``template``'s shapes
-  (or shapes broadcastable to them when ``broadcastable``) and, where
-  ``values`` names a rule, values that keep it: ``"unit"`` for [0, 1],
-  ``"nonnegative"`` for finite values >= 0.
+  (or shapes broadcastable to them when ``broadcastable``; with ``rows``,
+  ``[n, *shape]`` stacks of rows for template leaves ``[capacity, *shape]``,
+  see :func:`check_rows`) and, where ``values`` names a rule, values that keep
+  it: ``"unit"`` for [0, 1], ``"nonnegative"`` for finite values >= 0.
+  ``what`` describes the signal in the message for a missing one (default:
+  the value rule's description).
   """
   if values not in _VALUE_RULES:
     raise ValueError(f"validated_signal: values must be one of {sorted(map(str, _VALUE_RULES))}.")
-  check, what = _VALUE_RULES[values]
-  new = require_signal(signals, name, transform, what)
+  check, rule = _VALUE_RULES[values]
+  new = require_signal(signals, name, transform, rule if what is None else what)
   new = _trees.restrict_like(template, new, transform=transform, name=name)
-  check_shapes(template, new, transform=transform, name=name, broadcastable=broadcastable)
+  if rows:
+    check_rows(template, new, transform=transform, name=name)
+  else:
+    check_shapes(template, new, transform=transform, name=name, broadcastable=broadcastable)
   if check is not None:
     check(new, transform=transform, name=name)
   return new
-
-
-def renamed_arguments(
-  *, renamed: dict[str, str] | None = None, positional: Sequence[str] = ()
-) -> Callable[[Callable], Callable]:
-  """Keeps a factory's old keywords (and old positional order) working, with a warning.
-
-  ``renamed`` maps an old keyword to its new name; ``positional`` names, in
-  order, the arguments that followed the positional ones that remain (they are
-  keyword-only now). Either use emits one ``DeprecationWarning`` and calls the
-  factory with the new names. The wrapper keeps the factory's signature
-  (``__wrapped__``), so ``optax.inject_hyperparams`` sees the new names only.
-  """
-  renamed = dict(renamed or {})
-  positional = tuple(positional)
-
-  def wrap(factory: Callable) -> Callable:
-    n_pos = sum(
-      p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-      for p in inspect.signature(factory).parameters.values()
-    )
-
-    @functools.wraps(factory)
-    def wrapper(*args, **kwargs):
-      name = factory.__name__
-      if len(args) > n_pos:
-        extra = args[n_pos:]
-        if len(extra) > len(positional):
-          raise TypeError(f"{name}() takes at most {n_pos + len(positional)} positional arguments")
-        names = positional[: len(extra)]
-        warnings.warn(
-          f"{name}: passing {', '.join(names)} by position is deprecated; pass "
-          f"{'them' if len(names) > 1 else 'it'} by keyword ({names[0]}=...).",
-          DeprecationWarning,
-          stacklevel=2,
-        )
-        for n, v in zip(names, extra, strict=True):
-          if n in kwargs:
-            raise TypeError(f"{name}() got multiple values for argument {n!r}")
-          kwargs[n] = v
-        args = args[:n_pos]
-      for old, new in renamed.items():
-        if old in kwargs:
-          warnings.warn(
-            f"{name}: `{old}=` is deprecated; use `{new}=`.", DeprecationWarning, stacklevel=2
-          )
-          if new in kwargs:
-            raise TypeError(f"{name}() got both `{old}=` (deprecated) and `{new}=`.")
-          kwargs[new] = kwargs.pop(old)
-      return factory(*args, **kwargs)
-
-    return wrapper
-
-  return wrap
-
-
-def renamed_signal(signals: dict, old: str, new: str, transform: str) -> Any:
-  """``signals[new]``, or the deprecated ``signals[old]`` with a ``DeprecationWarning``."""
-  if signals.get(old) is None:
-    return signals.get(new)
-  warnings.warn(
-    f"{transform}: the consolidate signal `{old}=` is deprecated; use `{new}=`.",
-    DeprecationWarning,
-    stacklevel=3,
-  )
-  if signals.get(new) is not None:
-    raise ValueError(f"{transform}: got both `{old}=` (deprecated) and `{new}=`.")
-  return signals[old]
 
 
 _VALUE_RULES = {

@@ -13,8 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_f32 = jnp.float32
-
 
 def _weighted_mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
   """Mean over every axis; with ``weights``, ``sum(w l) / sum(w)`` (0 when ``sum(w) == 0``)."""
@@ -81,7 +79,7 @@ def der_logit_mse(
   """
   logits, memory_logits = jnp.asarray(logits), jnp.asarray(memory_logits)
   _check_logits(logits, memory_logits, "der_logit_mse", ("logits", "memory_logits"))
-  dtype = jnp.promote_types(logits.dtype, _f32)
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
   diff = logits.astype(dtype) - jax.lax.stop_gradient(memory_logits).astype(dtype)
   return _weighted_mean(jnp.mean(jnp.square(diff), axis=-1), weights)
 
@@ -157,7 +155,7 @@ def lwf_distillation(
   """
   logits, teacher_logits = jnp.asarray(logits), jnp.asarray(teacher_logits)
   _check_logits(logits, teacher_logits, "lwf_distillation", ("logits", "teacher_logits"))
-  dtype = jnp.promote_types(logits.dtype, _f32)
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
   z = logits.astype(dtype) / temperature
   t = jax.lax.stop_gradient(teacher_logits).astype(dtype) / temperature
   target = jnp.exp(_masked_log_softmax(t, where))

@@ -29,16 +29,12 @@ class EWCState(NamedTuple):
     new, params = importance_signal(self.ewc_anchor, params, signals, "ewc")
 
     def merge(a, f, fk, p):
-      if _trees.is_masked(a):
-        return a
       f32 = f.astype(jnp.float32)
       total = f32 + fk
       safe = jnp.where(total > 0, total, 1.0)
       return jnp.where(total > 0, (f32 * a + fk * p) / safe, p), total.astype(f.dtype)
 
-    pairs = jax.tree.map(
-      merge, self.ewc_anchor, self.ewc_importance, new, params, is_leaf=_trees.is_masked
-    )
+    pairs = _trees.map_unmasked(merge, self.ewc_anchor, self.ewc_importance, new, params)
     anchor, fisher = jax.tree.transpose(
       jax.tree.structure(self.ewc_anchor), jax.tree.structure((0, 0)), pairs
     )
@@ -112,16 +108,14 @@ class OnlineEWCState(NamedTuple):
   def consolidate(self, params, **signals) -> OnlineEWCState:
     """``F <- decay * F + F_k``; anchor <- params."""
     new, params = importance_signal(self.online_ewc_anchor, params, signals, "online_ewc")
-    fisher = jax.tree.map(
-      lambda f, fk: f if _trees.is_masked(f) else (self.online_ewc_decay * f + fk).astype(f.dtype),
+    fisher = _trees.map_unmasked(
+      lambda f, fk: (self.online_ewc_decay * f + fk).astype(f.dtype),
       self.online_ewc_importance,
       new,
-      is_leaf=_trees.is_masked,
     )
     return self._replace(online_ewc_anchor=params, online_ewc_importance=fisher)
 
 
-@_checks.renamed_arguments(positional=("decay",))
 def online_ewc(
   strength: float = 1.0, *, decay: float = 1.0, importance_dtype: Any = None
 ) -> optax.GradientTransformationExtraArgs:

@@ -19,8 +19,6 @@ import optax
 
 from cl_optax import _checks, _trees
 
-_f32 = jnp.float32
-
 
 class ExperienceReplayState(NamedTuple):
   """State of :func:`experience_replay`.
@@ -110,16 +108,13 @@ def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtr
     if not pairs:
       return updates, state
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for pair in pairs for x in pair]))
-    weight = jnp.asarray(strength, _f32)
+    weight = jnp.asarray(strength, jnp.float32)
 
     def leaf(u, r):
-      if _trees.is_masked(u) or u is None:
-        return u
-      mixed = (u.astype(_f32) + weight * r.astype(_f32)).astype(u.dtype)
+      mixed = (u.astype(jnp.float32) + weight * r.astype(jnp.float32)).astype(u.dtype)
       return jnp.where(ok, mixed, u)
 
-    replay = _trees.restrict_to_updates(updates, replay_grads)
-    new = jax.tree.map(leaf, updates, replay, is_leaf=_trees.is_masked)
+    new = _trees.map_unmasked(leaf, updates, _trees.restrict_to_updates(updates, replay_grads))
     return new, ExperienceReplayState(state.replay_steps + ok.astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks
-from cl_optax._soft_mask import like, mask_leaf
+from cl_optax import _checks, _trees
 
 
 class FreezeState(NamedTuple):
@@ -31,7 +30,9 @@ class FreezeState(NamedTuple):
       signals, "importance", self.frozen, transform="freeze", values="unit"
     )
     frozen = jax.tree.map(
-      lambda f, i: f | like(f, jnp.asarray(i) >= self.freeze_threshold), self.frozen, new
+      lambda f, i: f | _trees.placed_like(f, jnp.asarray(i) >= self.freeze_threshold),
+      self.frozen,
+      new,
     )
     return self._replace(frozen=frozen)
 
@@ -75,7 +76,7 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _checks.check_updates(updates, state.frozen, transform="freeze")
-    updates = jax.tree.map(lambda f, u: mask_leaf(u, ~f), state.frozen, updates)
+    updates = jax.tree.map(lambda f, u: _trees.mask_leaf(u, ~f), state.frozen, updates)
     return updates, state._replace(freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

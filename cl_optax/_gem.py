@@ -14,8 +14,6 @@ from cl_optax import _checks, _trees
 from cl_optax._linalg import contract
 from cl_optax._qp import solve_box_qp
 
-_f32 = jnp.float32
-
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
 def _gem_dual(gram, dots, mask, strength, eps, active, *, iterations):
@@ -36,13 +34,13 @@ def _gem_dual(gram, dots, mask, strength, eps, active, *, iterations):
 
   def solve(_):
     # Masked rows: a decoupled unit diagonal, so their v is 0 at the optimum.
-    P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, _f32), 1.0))
-    lower = jnp.where(mask, jnp.asarray(strength, _f32), 0.0)
+    P = gram + jnp.diag(jnp.where(mask, jnp.asarray(eps, jnp.float32), 1.0))
+    lower = jnp.where(mask, jnp.asarray(strength, jnp.float32), 0.0)
     v, act = solve_box_qp(P, dots, lower, iterations=iterations, active=start, return_active=True)
     return jnp.where(mask, v, 0.0), act if warm else active
 
   def keep(_):
-    return jnp.zeros((k,), _f32), active
+    return jnp.zeros((k,), jnp.float32), active
 
   v, active = jax.lax.cond(project, solve, keep, None)
   return project, v, active
@@ -68,7 +66,6 @@ class GEMState(NamedTuple):
     return self
 
 
-@_checks.renamed_arguments(renamed={"memory_strength": "strength"})
 def gem(
   strength: float = 0.5,
   *,
@@ -169,25 +166,21 @@ def gem(
         )
       mask = jnp.asarray(task_mask).astype(jnp.bool_)
 
-    gram = jnp.zeros((k, k), _f32)
-    dots = jnp.zeros((k,), _f32)
+    gram = jnp.zeros((k, k), jnp.float32)
+    dots = jnp.zeros((k,), jnp.float32)
     for u, t in pairs:  # contractions over the leaf's axes: no reshape of sharded leaves
-      t32, rest = t.astype(_f32), list(range(1, t.ndim))
+      t32, rest = t.astype(jnp.float32), list(range(1, t.ndim))
       gram = gram + contract(t32, t32, (rest, rest))
-      dots = dots + contract(t32, u.astype(_f32), (rest, list(range(u.ndim))))
+      dots = dots + contract(t32, u.astype(jnp.float32), (rest, list(range(u.ndim))))
     project, v, active = _gem_dual(
       gram, dots, mask, strength, eps, state.gem_active, iterations=solver_iterations
     )
 
     def leaf(u, t):
-      if _trees.is_masked(u) or u is None:
-        return u
-      new = u.astype(_f32) + jnp.tensordot(v, t.astype(_f32), axes=1)
+      new = u.astype(jnp.float32) + jnp.tensordot(v, t.astype(jnp.float32), axes=1)
       return jnp.where(project, new.astype(u.dtype), u)
 
-    new = jax.tree.map(
-      leaf, updates, _trees.restrict_to_updates(updates, task_grads), is_leaf=_trees.is_masked
-    )
+    new = _trees.map_unmasked(leaf, updates, _trees.restrict_to_updates(updates, task_grads))
     return new, GEMState(state.gem_projected + project.astype(jnp.int32), active)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

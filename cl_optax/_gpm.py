@@ -53,7 +53,7 @@ class GPMState(NamedTuple):
       "a pytree holding, at the path of each projected kernel leaf, the layer's "
       "input activations [n, d_in] at n samples of the task",
     )
-    thresholds = _checks.renamed_signal(signals, "gpm_threshold", "threshold", "gpm")
+    thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
     rep_by_path = _representations_by_path(reps, basis_paths)
     thr_by_path = _thresholds_by_path(thresholds, basis_paths)

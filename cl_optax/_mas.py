@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import optax
 
 from cl_optax import _checks, _trees
@@ -25,12 +24,7 @@ class MASState(NamedTuple):
   def consolidate(self, params, **signals) -> MASState:
     """``Omega <- Omega + Omega_k`` (the paper's accumulation); anchor <- params."""
     new, params = importance_signal(self.mas_anchor, params, signals, "mas")
-    total = jax.tree.map(
-      lambda o, n: o if _trees.is_masked(o) else (o + n).astype(o.dtype),
-      self.mas_importance,
-      new,
-      is_leaf=_trees.is_masked,
-    )
+    total = _trees.map_unmasked(lambda o, n: (o + n).astype(o.dtype), self.mas_importance, new)
     return MASState(mas_anchor=params, mas_importance=total)
 
 

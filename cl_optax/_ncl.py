@@ -327,7 +327,6 @@ def _finish(u: Any, d: Any) -> Any:
   return jnp.where(jnp.isfinite(u), d, u.astype(jnp.float32)).astype(u.dtype)
 
 
-@_checks.renamed_arguments(positional=("strength", "damping", "decay", "radius"))
 def ncl(
   data_size: float,
   *,

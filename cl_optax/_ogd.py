@@ -13,8 +13,6 @@ from cl_optax import _checks, _trees
 from cl_optax._gram_schmidt import gram_schmidt_add
 from cl_optax._linalg import contract
 
-_f32 = jnp.float32
-
 
 def _all_finite(leaves) -> jax.Array:
   ok = jnp.asarray(True)
@@ -46,32 +44,26 @@ class OGDState(NamedTuple):
   def consolidate(self, params, **signals) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
     del params
-    grads = _checks.require_signal(
+    grads = _checks.validated_signal(
       signals,
       "output_grads",
-      "ogd",
-      "a pytree like params whose leaves have a leading axis of size n: the gradients "
+      self.basis,
+      transform="ogd",
+      rows=True,
+      what="a pytree like params whose leaves have a leading axis of size n: the gradients "
       "of the model outputs at n stored samples, e.g. from cl_optax.output_gradients",
     )
-    grads = _trees.restrict_like(self.basis, grads, transform="ogd", name="output_grads")
     b_leaves = _trees.unmasked_leaves(self.basis)
     g_leaves = _trees.unmasked_leaves(grads)
     if not b_leaves:
       return self
-    n = int(np.shape(g_leaves[0])[0]) if np.ndim(g_leaves[0]) else -1
-    for path, b, g in zip(_trees.unmasked_key_strings(self.basis), b_leaves, g_leaves, strict=True):
-      if np.shape(g)[1:] != np.shape(b)[1:] or np.ndim(g) == 0 or np.shape(g)[0] != n:
-        raise ValueError(
-          f"ogd: `output_grads` leaf {path} has shape {np.shape(g)}; expected "
-          f"(n, *{tuple(np.shape(b)[1:])}) with the same n = {n} for every leaf."
-        )
-    if all(_checks.is_concrete(g) for g in g_leaves):
+    if all(_trees.is_concrete(g) for g in g_leaves):
       if not bool(_all_finite(g_leaves)):
         raise ValueError("ogd: `output_grads` holds non-finite values; expected finite values.")
     basis, count, dropped = gram_schmidt_add(
       b_leaves, self.basis_count, self.basis_dropped, g_leaves, self.ogd_rtol
     )
-    if _checks.is_concrete(dropped) and int(dropped) > int(self.basis_dropped):
+    if _trees.is_concrete(dropped) and int(dropped) > int(self.basis_dropped):
       cap = int(np.shape(b_leaves[0])[0])
       raise ValueError(
         f"ogd: the basis is full: max_directions={cap} holds {int(self.basis_count)} "
@@ -79,10 +71,8 @@ class OGDState(NamedTuple):
         "independent ones than fit. Raise max_directions, or pass fewer output "
         "gradients per task."
       )
-    treedef = jax.tree.structure(self.basis, is_leaf=_trees.is_masked)
-    it = iter(basis)
-    full = [b if _trees.is_masked(b) else next(it) for b in treedef.flatten_up_to(self.basis)]
-    return self._replace(basis=treedef.unflatten(full), basis_count=count, basis_dropped=dropped)
+    basis = _trees.replace_unmasked(self.basis, basis)
+    return self._replace(basis=basis, basis_count=count, basis_dropped=dropped)
 
 
 def ogd(
@@ -131,7 +121,7 @@ def ogd(
     >>> tx.update({"w": jnp.ones(3)}, state, params)[0]["w"]
     Array([-0., -1., -1.], dtype=float32)
   """
-  dtype = _f32 if basis_dtype is None else basis_dtype
+  dtype = jnp.float32 if basis_dtype is None else basis_dtype
 
   _checks.check_hyperparameter(
     max_directions, transform="ogd", name="max_directions", low=1.0, integer=True
@@ -144,29 +134,31 @@ def ogd(
 
     basis = jax.tree.map(rows, params)
     zero = jnp.zeros((), jnp.int32)
-    return OGDState(basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, _f32))  # own buffers
+    return OGDState(
+      basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, jnp.float32)
+    )  # own buffers
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
     )
-    state = state._replace(ogd_rtol=jnp.asarray(rtol, _f32))
+    state = state._replace(ogd_rtol=jnp.asarray(rtol, jnp.float32))
     if not pairs:
       return updates, state
-    coef = sum(contract(b.astype(_f32), u.astype(_f32), u.ndim) for u, b in pairs)  # [K]
+    coef = sum(
+      contract(b.astype(jnp.float32), u.astype(jnp.float32), u.ndim) for u, b in pairs
+    )  # [K]
     ok = jnp.all(jnp.isfinite(coef))
 
     # Every row, filled or not: on CPU a matvec over the whole buffer is as fast as
     # reading a sliced prefix (XLA copies the slice before the dot).
     def leaf(u, b):
-      if _trees.is_masked(u) or u is None:
-        return u
-      new = u.astype(_f32) - jnp.tensordot(coef, b.astype(_f32), axes=1)
+      new = u.astype(jnp.float32) - jnp.tensordot(coef, b.astype(jnp.float32), axes=1)
       return jnp.where(ok, new.astype(u.dtype), u)
 
-    return jax.tree.map(
-      leaf, updates, _trees.restrict_to_updates(updates, state.basis), is_leaf=_trees.is_masked
+    return _trees.map_unmasked(
+      leaf, updates, _trees.restrict_to_updates(updates, state.basis)
     ), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

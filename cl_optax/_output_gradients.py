@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cl_optax import _checks
+from cl_optax import _trees
 
 
 def output_gradients(
@@ -64,7 +64,7 @@ def _check_inputs(apply_fn, params, inputs, labels) -> None:
       f"output_gradients: `labels` has dtype {jnp.result_type(labels)}; expected integer labels."
     )
   classes = jax.eval_shape(apply_fn, params, inputs[:1]).shape[-1]
-  if _checks.is_concrete(labels):
+  if _trees.is_concrete(labels):
     lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
     if lo < 0 or hi >= classes:
       raise ValueError(

@@ -17,12 +17,7 @@ from cl_optax import _checks, _trees
 
 def f32_like(template: Any, tree: Any) -> Any:
   """Float32 copies of the leaves of ``tree`` where ``template`` is not masked."""
-  return jax.tree.map(
-    lambda t, x: t if _trees.is_masked(t) else _trees.fresh(x, jnp.float32),
-    template,
-    tree,
-    is_leaf=_trees.is_masked,
-  )
+  return _trees.map_unmasked(lambda t, x: _trees.fresh(x, jnp.float32), template, tree)
 
 
 def zeros(params: Any, dtype: Any = None) -> Any:
@@ -53,12 +48,10 @@ def add_penalty(updates, params, anchor, omega, strength, transform):
   lam = jnp.asarray(strength, jnp.float32)
 
   def add(u, p, a, o):
-    if _trees.is_masked(u) or _trees.is_masked(a) or u is None:
-      return u
     pen = lam * o.astype(jnp.float32) * (jnp.asarray(p, jnp.float32) - a)
     return (u.astype(jnp.float32) + pen).astype(u.dtype)
 
-  return jax.tree.map(add, updates, params, anchor, omega, is_leaf=_trees.is_masked)
+  return _trees.map_unmasked(add, updates, params, anchor, omega)
 
 
 def penalty_update(anchor: str, importance: str, strength, transform: str):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_f32 = jnp.float32
-
 
 def solve_box_qp(
   P: jax.Array,
@@ -52,9 +50,9 @@ def solve_box_qp(
     ``v`` of shape ``[k]`` (float32), feasible (``v >= lower``); with
     ``return_active``, ``(v, active)``.
   """
-  P = jnp.asarray(P, _f32)
-  c = jnp.asarray(c, _f32)
-  lower = jnp.asarray(lower, _f32)
+  P = jnp.asarray(P, jnp.float32)
+  c = jnp.asarray(c, jnp.float32)
+  lower = jnp.asarray(lower, jnp.float32)
   # Jacobi scaling v = s * w with s = 1 / sqrt(diag(P)).
   d = jnp.diag(P)
   s = jnp.where((d > 0) & jnp.isfinite(d), jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 1.0)
@@ -62,7 +60,7 @@ def solve_box_qp(
   c = c * s
   lo = lower / s
   k = c.shape[0]
-  eye = jnp.eye(k, dtype=_f32)
+  eye = jnp.eye(k, dtype=jnp.float32)
   if iterations is None:
     iterations = 3 * k + 5
 

@@ -41,8 +41,6 @@ class SIState(NamedTuple):
     params = f32_like(self.si_anchor, params)
 
     def merge(o, s, g, p, start):
-      if _trees.is_masked(o):
-        return o
       delta = p - start
       w = s - g * delta  # omega, with the last step's contribution
       # A parameter that did not move (with xi = 0: 0 / 0) gains no importance.
@@ -50,29 +48,18 @@ class SIState(NamedTuple):
       gain = jnp.where(den > 0, w / jnp.where(den > 0, den, 1.0), 0.0)
       return (o + gain).astype(o.dtype)
 
-    omega = jax.tree.map(
-      merge,
-      self.si_importance,
-      self.path_integral,
-      self.prev_grad,
-      params,
-      self.si_anchor,
-      is_leaf=_trees.is_masked,
+    omega = _trees.map_unmasked(
+      merge, self.si_importance, self.path_integral, self.prev_grad, params, self.si_anchor
     )
-    zeros = jax.tree.map(
-      lambda o: o if _trees.is_masked(o) else jnp.zeros_like(o, jnp.float32),
-      omega,
-      is_leaf=_trees.is_masked,
-    )
+    cleared = _trees.map_unmasked(lambda o: jnp.zeros_like(o, jnp.float32), omega)
     return self._replace(
       si_anchor=params,
       si_importance=omega,
-      path_integral=zeros,
-      prev_grad=jax.tree.map(jnp.copy, zeros),  # every state leaf owns its buffer
+      path_integral=cleared,
+      prev_grad=jax.tree.map(jnp.copy, cleared),  # every state leaf owns its buffer
     )
 
 
-@_checks.renamed_arguments(renamed={"damping": "xi"}, positional=("xi",))
 def si(
   strength: float = 1.0,
   *,
@@ -145,19 +132,11 @@ def si(
     recorded = out if include_penalty else updates
 
     def step(s, g_new, g_old, p, start):
-      if _trees.is_masked(s):
-        return s
       delta = jnp.asarray(p, jnp.float32) - start
       return s + (jnp.asarray(g_new, jnp.float32) - g_old) * delta
 
-    path = jax.tree.map(
-      step,
-      state.path_integral,
-      recorded,
-      state.prev_grad,
-      params,
-      state.si_anchor,
-      is_leaf=_trees.is_masked,
+    path = _trees.map_unmasked(
+      step, state.path_integral, recorded, state.prev_grad, params, state.si_anchor
     )
     state = state._replace(
       path_integral=path,

@@ -15,21 +15,6 @@ import optax
 from cl_optax import _checks, _trees
 
 
-def mask_leaf(u, keep):
-  """``u * keep`` in ``u``'s dtype; non-finite entries of ``u`` pass unchanged.
-
-  The guard selects the *factor* (``keep``, or 1 where ``u`` is not finite)
-  rather than between ``u * keep`` and ``u``: the same values, but XLA then
-  fuses the product into the loop that computes ``u`` (e.g. Adam's last one)
-  also when ``keep`` is broadcast from a unit importance; selecting between
-  two uses of ``u`` made it write ``u`` out and read it back (two passes over
-  the parameters).
-  """
-  if _trees.is_masked(u) or u is None:
-    return u
-  return u * jnp.where(jnp.isfinite(u), jnp.asarray(keep, dtype=u.dtype), 1)
-
-
 class SoftMaskState(NamedTuple):
   """State of :func:`soft_mask`.
 
@@ -57,7 +42,7 @@ class SoftMaskState(NamedTuple):
       broadcastable=True,
     )  # fmt: skip
     merged = jax.tree.map(
-      lambda old, i: jnp.maximum(old, like(old, i)),
+      lambda old, i: jnp.maximum(old, _trees.placed_like(old, jnp.asarray(i, old.dtype))),
       self.importance,
       new,
     )
@@ -241,23 +226,9 @@ def soft_mask(
 
     def mask(imp, u):
       if _trees.is_masked(imp):  # a head leaf or subtree, or one optax.masked left out
-        return jax.tree.map(lambda x: mask_leaf(x, state.head_scale), u)
-      return mask_leaf(u, 1.0 - imp.astype(jnp.float32))
+        return jax.tree.map(lambda x: _trees.mask_leaf(x, state.head_scale), u)
+      return _trees.mask_leaf(u, 1.0 - imp.astype(jnp.float32))
 
     return jax.tree.map(mask, state.importance, updates, is_leaf=_trees.is_masked), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def like(old: jax.Array, new: jax.Array) -> jax.Array:
-  """``new`` in ``old``'s dtype and, outside jit, on ``old``'s sharding."""
-  new = jnp.asarray(new, old.dtype)
-  if (
-    _checks.is_concrete(old)
-    and _checks.is_concrete(new)
-    and not new.sharding.is_equivalent_to(old.sharding, new.ndim)
-  ):
-    # Only when it differs: a device_put also commits the array, and a jitted
-    # step sees committed and uncommitted inputs as different (a recompile).
-    new = jax.device_put(new, old.sharding)
-  return new

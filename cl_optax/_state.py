@@ -16,9 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import optax
-from jax.sharding import NamedSharding
 
-from cl_optax import _checks, _trees
+from cl_optax import _trees
 
 
 @runtime_checkable
@@ -38,23 +37,9 @@ def _is_continual(x: Any) -> bool:
 
 
 def _placed_like(new: Any, old: Any) -> Any:
-  """``new`` with every leaf sharded as the same leaf of ``old`` where that was a mesh sharding.
-
-  A merge combines the state with signals of whatever sharding the caller's
-  estimator produced (e.g. an importance sharded differently from its
-  parameter); the state keeps the layout it got at init, like the params.
-  """
-
-  def place(n, o):
-    if not (isinstance(n, jax.Array) and isinstance(o, jax.Array)) or not _checks.is_concrete(n):
-      return n
-    target = o.sharding
-    if not isinstance(target, NamedSharding) or n.shape != o.shape:
-      return n
-    return n if n.sharding.is_equivalent_to(target, n.ndim) else jax.device_put(n, target)
-
+  """``new`` with every leaf on the sharding of the same leaf of ``old`` (see ``placed_like``)."""
   try:
-    return jax.tree.map(place, new, old)
+    return jax.tree.map(lambda n, o: _trees.placed_like(o, n), new, old)
   except (ValueError, TypeError):  # a state whose merge changed its tree: leave it as it is
     return new
 

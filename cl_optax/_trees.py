@@ -21,11 +21,70 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.core import Tracer
 
 
 def is_masked(x: Any) -> bool:
   """Whether ``x`` is an ``optax.MaskedNode`` (a leaf a transform does not keep)."""
   return isinstance(x, optax.MaskedNode)
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether ``x`` holds values (not a tracer inside ``jit`` / ``grad``)."""
+  return not isinstance(x, Tracer)
+
+
+def map_unmasked(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``f(x, *r)`` on every leaf ``x`` of ``tree``; ``MaskedNode`` and ``None`` leaves stay.
+
+  ``rest`` are trees with ``tree``'s structure (or ``tree``'s structure down to
+  its leaves, like ``jax.tree.map``). A leaf is left as it is where ``tree``
+  holds a ``MaskedNode`` or ``None``, or where any tree of ``rest`` holds a
+  ``MaskedNode`` at its position.
+  """
+
+  def leaf(x, *r):
+    if is_masked(x) or x is None or any(is_masked(y) for y in r):
+      return x
+    return f(x, *r)
+
+  return jax.tree.map(leaf, tree, *rest, is_leaf=is_masked)
+
+
+def placed_like(old: Any, new: Any) -> Any:
+  """``new`` on ``old``'s sharding where ``old`` is committed to one and ``new`` sits elsewhere.
+
+  A merge combines a state with signals of whatever sharding the caller's
+  estimator produced (e.g. an importance sharded differently from its
+  parameter); the state keeps the layout it got at init, like the params. An
+  uncommitted ``old`` (on the default device, following its inputs) has no
+  layout to keep, and a ``device_put`` would commit ``new`` (a jitted step sees
+  committed and uncommitted inputs as different: a recompile, or devices that
+  do not match). Under ``jit`` (tracers) and for non-array leaves ``new`` is
+  returned as it is.
+  """
+  if not (isinstance(old, jax.Array) and isinstance(new, jax.Array)):
+    return new
+  if not (is_concrete(old) and is_concrete(new)) or not old.committed:
+    return new
+  if new.sharding.is_equivalent_to(old.sharding, new.ndim):
+    return new
+  return jax.device_put(new, old.sharding)
+
+
+def mask_leaf(u: Any, keep: Any) -> Any:
+  """``u * keep`` in ``u``'s dtype; non-finite entries of ``u`` pass unchanged.
+
+  The guard selects the *factor* (``keep``, or 1 where ``u`` is not finite)
+  rather than between ``u * keep`` and ``u``: the same values, but XLA then
+  fuses the product into the loop that computes ``u`` (e.g. Adam's last one)
+  also when ``keep`` is broadcast from a unit importance; selecting between
+  two uses of ``u`` makes it write ``u`` out and read it back (two passes over
+  the parameters).
+  """
+  if is_masked(u) or u is None:
+    return u
+  return u * jnp.where(jnp.isfinite(u), jnp.asarray(keep, dtype=u.dtype), 1)
 
 
 def is_variable(x: Any) -> bool:
