@@ -6,12 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import test_common as battery
 
 from cl_optax import experience_replay
 from cl_optax.losses import der_logit_mse, lwf_distillation
 
-from conftest import make_params
+from conftest import make_params, normal_like
 
 
 def _flat(tree):
@@ -24,7 +23,7 @@ def _flat(tree):
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 3.0])
 def test_er_matches_reference(weight):
   params = make_params()
-  g, r = battery._grads(params, 1), battery._grads(params, 2)
+  g, r = normal_like(params, 1), normal_like(params, 2)
   tx = experience_replay(weight)
   got, state = tx.update(g, tx.init(params), params, replay_grads=r)
   np.testing.assert_allclose(_flat(got), _flat(g) + weight * _flat(r), rtol=1e-6, atol=1e-6)
@@ -51,7 +50,7 @@ def test_er_is_the_gradient_of_the_summed_losses():
 
 def test_er_absent_or_zero_replay_is_identity():
   params = make_params()
-  g = battery._grads(params)
+  g = normal_like(params)
   tx = experience_replay()
   state = tx.init(params)
   same, _ = tx.update(g, state, params)
@@ -62,7 +61,7 @@ def test_er_absent_or_zero_replay_is_identity():
 
 def test_er_non_finite_passes_through():
   params = make_params()
-  g, r = battery._grads(params, 1), battery._grads(params, 2)
+  g, r = normal_like(params, 1), normal_like(params, 2)
   r = {**r, "scale": jnp.asarray(jnp.nan)}
   tx = experience_replay()
   got, state = tx.update(g, tx.init(params), params, replay_grads=r)
@@ -74,7 +73,7 @@ def test_er_bad_replay_tree_is_named():
   params = make_params()
   tx = experience_replay()
   with pytest.raises(ValueError, match="experience_replay: `replay_grads` must be a pytree"):
-    tx.update(battery._grads(params), tx.init(params), params, replay_grads={"w": jnp.zeros(2)})
+    tx.update(normal_like(params), tx.init(params), params, replay_grads={"w": jnp.zeros(2)})
 
 
 def test_er_negative_strength_is_named():
@@ -84,7 +83,7 @@ def test_er_negative_strength_is_named():
 
 def test_er_bfloat16_keeps_dtype():
   params = make_params(jnp.bfloat16)
-  g, r = battery._grads(params, 1), battery._grads(params, 2)
+  g, r = normal_like(params, 1), normal_like(params, 2)
   tx = experience_replay(0.5)
   got, _ = tx.update(g, tx.init(params), params, replay_grads=r)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
@@ -96,7 +95,7 @@ def test_er_same_with_and_without_jit(jit):
   params = make_params()
   tx = optax.chain(experience_replay(0.5), optax.adam(0.1))
   state = tx.init(params)
-  g, r = battery._grads(params, 1), battery._grads(params, 2)
+  g, r = normal_like(params, 1), normal_like(params, 2)
   update = lambda g, s, p, r: tx.update(g, s, p, replay_grads=r)  # noqa: E731
   got, _ = (jax.jit(update) if jit else update)(g, state, params, r)
   ref_adam, _ = optax.adam(0.1).update(
