@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --scenario class \
 	  --methods $(DEMO_METHODS) --seeds 3 --out results/demo
 
+# The suite runs on every core (pytest-xdist; XLA's compiler is mostly single-threaded, so
+# one process per core); `test-fast` leaves out the `slow` end-to-end and multi-device runs.
+PYTEST := $(BIN)/python -m pytest -n auto --dist worksteal
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: $(VENV)/.stamp-test
+	$(PYTEST) -m "not slow"
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/python -m ruff check cl_optax tests examples benchmarks

@@ -17,6 +17,9 @@ from benchmarks.continual import progress, run_stream, runner
 from benchmarks.continual.nnx_models import NNXModel
 from cl_optax import streams
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
+
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from absl.testing import parameterized
 
 import cl_optax
 
@@ -28,7 +29,6 @@ class Case(NamedTuple):
   inject: Callable[[], optax.GradientTransformation]  # inject_hyperparams form
   # params -> per-step extra args of `update` (e.g. `ref_grads=` for agem)
   extra_args: Callable[[Any], dict] = lambda params: {}
-
 
 
 def _rand_importance(params):
@@ -361,18 +361,18 @@ class JitEqualityTest(chex.TestCase):
   `jax.disable_jit()` (every inner `jit`, `lax.cond`/`switch` and loop in Python)."""
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_same_with_and_without_jit(self):
+  @parameterized.named_parameters((case.name, case) for case in CASES)
+  def test_same_with_and_without_jit(self, case):
     params = make_params()
     grads = normal_like(params)
-    for case in CASES:
-      tx = optax.chain(optax.adam(0.1), case.make())
-      state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
-      extra = case.extra_args(params)
-      with jax.disable_jit():
-        expected, _ = tx.update(grads, state, params, **extra)
-      update = self.variant(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
-      got, _ = update(grads, state, params, extra)
-      chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7, custom_message=case.name)
+    tx = optax.chain(optax.adam(0.1), case.make())
+    state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
+    extra = case.extra_args(params)
+    with jax.disable_jit():
+      expected, _ = tx.update(grads, state, params, **extra)
+    update = self.variant(lambda g, s, p, e: tx.update(g, s, p, **e))
+    got, _ = update(grads, state, params, extra)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])

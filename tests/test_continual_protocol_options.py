@@ -12,6 +12,9 @@ from benchmarks import continual
 from benchmarks.continual import protocols
 from benchmarks.continual.methods import agem_code
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
+
+
 close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)  # noqa: E731
 
 

@@ -15,6 +15,8 @@ from benchmarks.continual import progress
 from benchmarks.continual.methods import replay
 from cl_optax import streams
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
+
 
 def _blobs(seed=0, n=48, d=6):
   """Four well-separated Gaussian classes in d dimensions."""
@@ -40,7 +42,6 @@ def tiny(monkeypatch):
   return "tiny"
 
 
-@pytest.mark.slow
 def test_end_to_end_writes_json_and_png(tiny, tmp_path, capsys):
   out = tmp_path / "run"
   records = continual.main(

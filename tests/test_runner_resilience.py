@@ -9,6 +9,9 @@ from benchmarks import continual
 from benchmarks.continual.resilience import stability_note
 from cl_optax import streams
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
+
+
 TIMING = {"train_s", "samples_per_s", "compile_s", "end_task_s", "wall_s", "command"}
 
 

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from subprocess_env import ROOT, checkout_env, run_script
 
+pytestmark = pytest.mark.slow  # multi-device runs in a subprocess
+
+
 TWO_PROCESS_LIMIT_S = 300  # 26-57 s here; a hang otherwise holds CI until its limit
 
 

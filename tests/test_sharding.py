@@ -4,6 +4,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-device runs in a subprocess
+
 
 def test_states_and_updates_shard_like_params():
   script = pathlib.Path(__file__).parent / "multidevice" / "check_sharding.py"

@@ -2,7 +2,10 @@
 
 import pathlib
 
+import pytest
 from subprocess_env import run_script
+
+pytestmark = pytest.mark.slow  # multi-device runs in a subprocess
 
 
 def test_gpm_and_kronecker_ncl_shard_or_replicate_as_documented():
