@@ -211,3 +211,23 @@ def test_errors_are_explicit():
       tx.update(params, state)
   with pytest.raises(ValueError, match="si: update needs `params`"):
     cl_optax.si().update(params, cl_optax.si().init(params))
+
+
+def test_si_nonnegative_clips_the_summed_importance_as_zenkes_relu():
+  """Zenke's merge: Omega <- relu(Omega + omega / (Delta^2 + xi)); the default keeps negatives."""
+  p0 = {"w": jnp.array([1.0, 1.0])}
+  g = {"w": jnp.array([1.0, -1.0])}
+  step = {"w": jnp.array([0.1, 0.1])}  # w[0] moves up the loss: omega < 0 there
+  out = {}
+  for nonneg in (False, True):
+    tx = cl_optax.si(1.0, xi=0.1, nonnegative=nonneg)
+    state, p = tx.init(p0), p0
+    _, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, step)
+    state = cl_optax.consolidate(state, p)
+    out[nonneg] = np.asarray(optax.tree.get(state, "si_importance")["w"])
+  omega = -np.array([1.0, -1.0]) * 0.1
+  expected = omega / (0.1**2 + 0.1)
+  np.testing.assert_allclose(out[False], expected, rtol=1e-6)
+  np.testing.assert_allclose(out[True], np.maximum(expected, 0.0), rtol=1e-6)
+  assert out[False][0] < 0 and out[True][0] == 0.0
