@@ -25,8 +25,9 @@ $(VENV)/.stamp-docs: pyproject.toml | $(BIN)/python
 # Class-incremental split digits (scikit-learn's bundled 8x8 digits, offline): ten methods
 # (SGD, Adam, soft_mask, SI, LwF, A-GEM, GEM, ER, DER, DER++) over 3 seeds; prints the
 # table (ACC, BWT, FWT, forgetting, samples/s) and writes results/demo/ (results.jsonl,
-# PNG plots). Without a memory the methods forget; replay (GEM, ER, DER, DER++) does not.
-# It takes about 1.5 minutes of CPU time; its wall time is about that on 2 idle cores.
+# PNG plots). SGD, Adam, soft_mask, SI, LwF and A-GEM forget the earlier classes; GEM, ER,
+# DER and DER++ keep them. It needs about 1.5 minutes of CPU time: about 1.5 minutes on
+# 2 idle cores, longer on a loaded machine.
 DEMO_METHODS := sgd,adam,soft_mask,si,lwf,agem,gem,er,der,derpp
 demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --scenario class \
