@@ -48,7 +48,7 @@ test-fast: $(VENV)/.stamp-test
 # bundles the checker and the Node.js it runs on, so it installs from the package index
 # and adds nothing to the library's runtime dependencies. pytype, the other checker of
 # JAX projects, supports Python up to 3.12 only (3.12 is its last supported version).
-LINTED := cl_optax tests examples benchmarks docs
+LINTED := cl_optax tests examples benchmarks docs/_ext
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
