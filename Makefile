@@ -43,11 +43,11 @@ test-fast: $(VENV)/.stamp-test
 	$(PYTEST) -m "not slow"
 
 # ruff lints and checks the formatting; pyright type-checks cl_optax/ in basic mode
-# ([tool.pyright] in pyproject.toml points it at .venv). Pyright: equinox runs it (its
-# .pre-commit-config.yaml), and its PyPI wheel (`pyright[nodejs]`, in the test extra)
-# bundles the checker and the Node.js it runs on, so it installs from the package index
-# and adds nothing to the library's runtime dependencies. pytype, the other checker of
-# JAX projects, supports Python up to 3.12 only (3.12 is its last supported version).
+# ([tool.pyright] in pyproject.toml points it at .venv). Why pyright: equinox runs it (in
+# its .pre-commit-config.yaml); the `pyright` package on PyPI ships the checker and its
+# `nodejs` extra installs Node.js as a wheel, so it comes from the package index with the
+# test extra and adds nothing to the library's runtime dependencies. pytype, the other
+# checker of JAX projects, supports Python up to 3.12 only (its last supported version).
 LINTED := cl_optax tests examples benchmarks docs/_ext
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check $(LINTED)
@@ -56,6 +56,7 @@ lint: $(VENV)/.stamp-test
 
 # The site (mkdocs.yml): pages in docs/, the API reference from the docstrings
 # (mkdocstrings); --strict turns every warning into an error. Output: site/.
+# NO_MKDOCS_2_WARNING silences Material for MkDocs' end-of-life notice (see mkdocs.yml).
 docs: $(VENV)/.stamp-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
