@@ -26,8 +26,8 @@ $(VENV)/.stamp-docs: pyproject.toml | $(BIN)/python
 # (SGD, Adam, soft_mask, SI, LwF, A-GEM, GEM, ER, DER, DER++) over 3 seeds; prints the
 # table (ACC, BWT, FWT, forgetting, samples/s) and writes results/demo/ (results.jsonl,
 # PNG plots). SGD, Adam, soft_mask, SI, LwF and A-GEM forget the earlier classes; GEM, ER,
-# DER and DER++ keep them. It needs about 1.5 minutes of CPU time: about 1.5 minutes on
-# 2 idle cores, longer on a loaded machine.
+# DER and DER++ keep them. It needs about 1.5 minutes of CPU time, so at most about
+# 1.5 minutes on 2 idle cores (after the first install of .venv); longer on a loaded machine.
 DEMO_METHODS := sgd,adam,soft_mask,si,lwf,agem,gem,er,der,derpp
 demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --scenario class \
