@@ -15,10 +15,12 @@ from cl_optax.masking import soft_mask as soft_mask
 from cl_optax.precision import NCLState as NCLState
 from cl_optax.precision import ncl as ncl
 from cl_optax.projection import AGEMState as AGEMState
+from cl_optax.projection import ConvRepresentations as ConvRepresentations
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
 from cl_optax.projection import OGDState as OGDState
 from cl_optax.projection import agem as agem
+from cl_optax.projection import conv_representations as conv_representations
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
 from cl_optax.projection import ogd as ogd
@@ -40,6 +42,8 @@ __all__ = [
   "AGEMState",
   "consolidate",
   "ContinualState",
+  "conv_representations",
+  "ConvRepresentations",
   "ewc",
   "EWCState",
   "experience_replay",

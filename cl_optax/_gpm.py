@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _trees
+from cl_optax._conv import ConvRepresentations
 
 
 def _static_widths(top: int) -> tuple[int, ...]:
@@ -45,17 +46,18 @@ class GPMState(NamedTuple):
 
   def consolidate(self, params: optax.Params, **signals: Any) -> GPMState:
     """Basis growth: extends every projected leaf's basis from the task's ``representations``."""
-    del params
     reps = _checks.require_signal(
       signals,
       "representations",
       "gpm",
       "a pytree holding, at the path of each projected kernel leaf, the layer's "
-      "input activations [n, d_in] at n samples of the task",
+      "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
+      "cl_optax.conv_representations(x, kernel.shape, ...))",
     )
     thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
     rep_by_path = _representations_by_path(reps, basis_paths)
+    kernel_shapes = _kernel_shapes(params)
     thr_by_path = _thresholds_by_path(thresholds, basis_paths)
     new_b, new_c = [], []
     for path, b, c in zip(
@@ -64,7 +66,7 @@ class GPMState(NamedTuple):
       _trees.unmasked_leaves(self.feature_count),
       strict=True,
     ):
-      x = _layer_inputs(path, rep_by_path[path], b.shape[0])
+      x = _layer_inputs(path, rep_by_path[path], b.shape[0], kernel_shapes.get(path))
       thr = _checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
       nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, jnp.float32))
       new_b.append(nb)
@@ -79,9 +81,21 @@ class GPMState(NamedTuple):
 # ------------------------------------------------------------ basis growth
 
 
+def _is_conv(x: Any) -> bool:
+  return isinstance(x, ConvRepresentations)
+
+
 def _by_path(tree: Any) -> dict[str, Any]:
-  """``{key path: leaf}`` of a signal tree."""
-  return {_trees.key_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  """``{key path: leaf}`` of a signal tree (a :class:`ConvRepresentations` is one leaf)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_conv)
+  return {_trees.key_string(p): x for p, x in leaves}
+
+
+def _kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  """``{key path: shape}`` of the parameters (empty without them)."""
+  if params is None:
+    return {}
+  return {p: tuple(np.shape(x)) for p, x in _by_path(params).items()}
 
 
 def _representations_by_path(reps: Any, basis_paths: list[str]) -> dict[str, Any]:
@@ -112,8 +126,58 @@ def _thresholds_by_path(thresholds: Any, basis_paths: list[str]) -> dict[str, An
   return thr_by_path
 
 
-def _layer_inputs(path: str, x: Any, d_in: int) -> jax.Array:
-  """A layer's inputs ``[n, d_in]`` (float32) from ``[n, d_in]`` or ``[n, *in_shape]``."""
+def _conv_width(kernel_shape: tuple[int, ...]) -> str:
+  """``"kh*kw*c_in = 3*3*2 = 18"``: a conv kernel's input width, spelled out."""
+  names = ["kd", "kh", "kw"][-(len(kernel_shape) - 2) :] if len(kernel_shape) <= 5 else []
+  names = names or [f"k{i}" for i in range(len(kernel_shape) - 2)]
+  dims = kernel_shape[:-1]
+  return f"{'*'.join([*names, 'c_in'])} = {'*'.join(str(d) for d in dims)} = {int(np.prod(dims))}"
+
+
+_HOW = (
+  "build them with cl_optax.conv_representations(x, kernel.shape, strides=..., padding=..., "
+  "dilation=...)"
+)
+
+
+def _layer_inputs(path: str, x: Any, d_in: int, kernel_shape: tuple[int, ...] | None) -> jax.Array:
+  """A layer's inputs ``[n, d_in]`` (float32) from ``[n, d_in]`` or ``[n, *in_shape]``, or a
+  convolution's patches from a :class:`ConvRepresentations` built for its kernel.
+
+  A kernel with more than one input axis (a convolution's ``(*window, c_in, c_out)``) takes
+  only a :class:`ConvRepresentations` of its own shape: a plain array's feature order cannot
+  be checked, and patches ordered ``(c_in, *window)`` have the right width.
+  """
+  conv_kernel = kernel_shape is not None and len(kernel_shape) >= 3
+  if isinstance(x, ConvRepresentations):
+    if kernel_shape is not None and not conv_kernel:
+      raise ValueError(
+        f"gpm: `representations` leaf {path} holds convolution patches (built for a kernel "
+        f"of shape {x.kernel_shape}) but the parameter there has shape {kernel_shape}; a "
+        f"dense kernel takes its layer's inputs as an array [n, {d_in}]."
+      )
+    if conv_kernel and tuple(x.kernel_shape) != tuple(kernel_shape):
+      raise ValueError(
+        f"gpm: `representations` leaf {path} holds patches built for a kernel of shape "
+        f"{x.kernel_shape}, but the kernel there has shape {kernel_shape} (width "
+        f"{_conv_width(kernel_shape)}); {_HOW} with that layer's inputs."
+      )
+    width = int(np.prod(x.kernel_shape[:-1]))
+    if np.ndim(x.patches) != 2 or np.shape(x.patches)[1] != width or width != d_in:
+      raise ValueError(
+        f"gpm: `representations` leaf {path} holds patches of shape {np.shape(x.patches)} "
+        f"for a kernel of shape {x.kernel_shape}; expected (n, {d_in}); {_HOW}."
+      )
+    x = x.patches
+  elif conv_kernel:
+    assert kernel_shape is not None
+    raise ValueError(
+      f"gpm: `representations` leaf {path} is a plain array of shape {np.shape(x)} for the "
+      f"convolution kernel of shape {kernel_shape}: the order of its features cannot be "
+      f"checked (the kernel's rows are ordered (*window, c_in); "
+      f"jax.lax.conv_general_dilated_patches orders a patch (c_in, *window)). Expected the "
+      f"patches [n, {_conv_width(kernel_shape)}] as a ConvRepresentations: {_HOW}."
+    )
   if np.ndim(x) < 2 or int(np.prod(np.shape(x)[1:])) != d_in:
     raise ValueError(
       f"gpm: `representations` leaf {path} has shape {np.shape(x)}; expected "
@@ -262,14 +326,23 @@ def gpm(
   :math:`M_l` of the part of its *input space* that past tasks used, and
   removes that part from the kernel's gradient. The projection acts on the
   kernel's input axes (Flax ``[in, out]``; all axes but the last for a conv
-  kernel ``[kh, kw, in, out]``):
+  kernel ``[kh, kw, in, out]``, flattened as ``kernel.reshape(-1, out)``):
 
   .. math::
     \nabla W_l \leftarrow \nabla W_l - M_l M_l^\top \nabla W_l .
 
   :func:`cl_optax.consolidate` with ``representations=`` (at the path of each
   projected kernel, that layer's inputs ``[n, d_in]`` at ``n`` samples of the
-  finished task) grows the bases: with :math:`R_l = X_l^\top` and
+  finished task) grows the bases. For a convolution kernel (3 or more axes,
+  ``(*window, c_in, c_out)``) the representations are its input patches,
+  ``cl_optax.conv_representations(x, kernel.shape, strides=..., padding=...,
+  dilation=...)`` of the layer's inputs ``x`` ``[n, h, w, c_in]``: rows of
+  ``kh * kw * c_in`` features in the order of ``kernel.reshape(-1, c_out)``'s
+  rows. Such a kernel takes only that typed result, built for its own shape
+  (read from ``params``): a plain array is refused, because patches in another
+  order (``jax.lax.conv_general_dilated_patches`` gives ``(c_in, kh, kw)``)
+  have the same width and would protect the wrong subspace. With
+  :math:`R_l = X_l^\top` and
   :math:`\hat R_l = R_l - M_l M_l^\top R_l` (Eq. 8), the top left singular
   vectors of :math:`\hat R_l` are added until the captured energy reaches
   ``threshold`` (Eq. 5 and 9). An optional ``threshold=`` signal (a tree like
@@ -299,12 +372,16 @@ def gpm(
       ``static_args``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its state's ``consolidate``
+    raises a ``ValueError`` naming the leaf for representations of the wrong
+    width, at a path that is not projected, or, at a convolution kernel, not
+    built by :func:`cl_optax.conv_representations` for that kernel's shape.
 
   References:
     Saha, Garg, Roy, *Gradient Projection Memory for Continual Learning*,
-    ICLR 2021 (arXiv:2103.09762), Eq. 5, 8, 9 and Sec. 4; official code
-    sahagobinda/GPM (``main_pmnist.py`` ``update_GPM``).
+    ICLR 2021 (arXiv:2103.09762), Eq. 5, 8, 9 and Sec. 4 (conv layers: the
+    patches, App. C); official code sahagobinda/GPM (``main_pmnist.py``
+    ``update_GPM``; ``main_cifar100.py`` ``get_representation_matrix``).
 
   Example:
     >>> import jax.numpy as jnp, optax, cl_optax
@@ -317,6 +394,21 @@ def gpm(
     Array([[-0., -0.],
            [-1., -1.],
            [-1., -1.]], dtype=float32)
+
+    A convolution (NHWC inputs, HWIO kernel): its patches, at full energy,
+    protect every input patch the layer saw.
+
+    >>> import jax
+    >>> params = {"conv": jnp.zeros((3, 3, 2, 4))}
+    >>> tx = cl_optax.gpm(threshold=1.0)
+    >>> x = jax.random.normal(jax.random.key(0), (1, 3, 3, 2))  # one 3x3 input
+    >>> reps = cl_optax.conv_representations(x, params["conv"].shape, padding="VALID")
+    >>> reps.patches.shape  # one position, kh * kw * c_in features
+    (1, 18)
+    >>> state = cl_optax.consolidate(tx.init(params), params, representations={"conv": reps})
+    >>> g = jnp.einsum("f,o->fo", reps.patches[0], jnp.ones(4)).reshape(3, 3, 2, 4)
+    >>> float(jnp.abs(tx.update({"conv": g}, state)[0]["conv"]).max()) < 1e-5
+    True
   """
 
   dtype = jnp.float32 if basis_dtype is None else basis_dtype

@@ -4,7 +4,10 @@ These are not gradient transformations: they go into the user's loss, and the
 optimiser side of the method (e.g. :func:`cl_optax.soft_mask`) stays separate:
 DAS's contrastive loss, DER's logit replay (:func:`der_logit_mse`; DER++ adds
 :func:`cl_optax.experience_replay`) and LwF's distillation
-(:func:`lwf_distillation`).
+(:func:`lwf_distillation`). For class-incremental training,
+:func:`seen_classes_mask` and :func:`masked_cross_entropy` restrict the
+softmax to the classes seen so far (``examples/flax_derpp.py`` puts them
+together with DER++).
 """
 
 from __future__ import annotations
@@ -13,10 +16,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cl_optax._class_il import masked_cross_entropy as masked_cross_entropy
+from cl_optax._class_il import seen_classes_mask as seen_classes_mask
 from cl_optax._distillation import der_logit_mse as der_logit_mse
 from cl_optax._distillation import lwf_distillation as lwf_distillation
 
-__all__ = ["das_contrastive", "der_logit_mse", "lwf_distillation"]
+__all__ = [
+  "das_contrastive",
+  "der_logit_mse",
+  "lwf_distillation",
+  "masked_cross_entropy",
+  "seen_classes_mask",
+]
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float) -> jax.Array:

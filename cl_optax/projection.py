@@ -10,7 +10,9 @@ increase the loss of earlier tasks:
   the same jitted step (see ``examples/flax_agem.py`` and ``examples/flax_gem.py``).
 * :func:`ogd` and :func:`gpm` keep orthonormal bases in their state, grown at
   :func:`cl_optax.consolidate` (``output_grads=`` / ``representations=``), and
-  remove the gradient's component in their span.
+  remove the gradient's component in their span. :func:`conv_representations`
+  builds a convolution's representations for :func:`gpm` (its input patches in
+  the kernel's feature order).
 
 All four keep fixed shapes (GEM: a fixed ``max_tasks`` leading axis and a
 validity mask; OGD/GPM: fixed-capacity buffers with a count), so nothing
@@ -22,6 +24,8 @@ projection *before* the base optimiser (``chain(agem(), sgd(lr))``).
 
 from cl_optax._agem import AGEMState as AGEMState
 from cl_optax._agem import agem as agem
+from cl_optax._conv import ConvRepresentations as ConvRepresentations
+from cl_optax._conv import conv_representations as conv_representations
 from cl_optax._gem import GEMState as GEMState
 from cl_optax._gem import gem as gem
 from cl_optax._gpm import GPMState as GPMState
@@ -33,10 +37,12 @@ from cl_optax._qp import solve_box_qp as solve_box_qp
 
 __all__ = [
   "AGEMState",
+  "ConvRepresentations",
   "GEMState",
   "GPMState",
   "OGDState",
   "agem",
+  "conv_representations",
   "gem",
   "gpm",
   "ogd",

@@ -530,7 +530,7 @@ def test_gpm_property_orthogonal_in_input_space_and_idempotent(seed):
   for _ in range(2):
     reps = {
       "dense": {"kernel": rng.normal(size=(10, 3)) @ rng.normal(size=(3, 8))},
-      "conv": rng.normal(size=(10, 2, 2, 3)),  # im2col patches [n, kh, kw, in]
+      "conv": cl_optax.conv_representations(rng.normal(size=(2, 3, 4, 3)), (2, 2, 3, 4)),
     }
     state = cl_optax.consolidate(state, GPM_PARAMS, representations=reps)
   g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), GPM_PARAMS)
