@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _trees, _writes
 from cl_optax._writes import write_leaf
 
 _TRANSFORM = "unit_resets"
@@ -106,6 +106,7 @@ def lowest_units(score: jax.Array, eligible: jax.Array, k: int) -> jax.Array:
   """``[n]`` bool: the (at most) ``k`` eligible units of lowest finite score; ties by index."""
   n = score.shape[-1]
   k = min(int(k), n)
+  score, eligible = _writes.replicated(score), _writes.replicated(eligible)  # top_k: whole axis
   valid = eligible & jnp.isfinite(score)
   s = jnp.where(valid, score.astype(jnp.float32), jnp.inf)
   _, idx = jax.lax.top_k(-s, k)
@@ -191,7 +192,7 @@ def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
   def zero(x, m):
     if m is False or _trees.is_masked(x) or x is None:
       return x
-    return jnp.where(m, jnp.zeros((), x.dtype), x)
+    return jnp.where(_writes.broadcast_like(m, x), jnp.zeros((), x.dtype), x)
 
   try:
     return optax.tree.map_params(inner, zero, inner_state, rest, is_leaf=_trees.is_masked)

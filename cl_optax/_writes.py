@@ -89,9 +89,10 @@ def schedule(pending: PendingWrite, targets: Any, mask: Any = True) -> PendingWr
   targets = _broadcast_tree(targets, tmpl)
   mask = _broadcast_tree(mask, tmpl)
 
-  def target(t, v, m):
-    v = jnp.broadcast_to(jnp.asarray(v, t.dtype), t.shape)
-    return _trees.placed_like(t, jnp.where(jnp.asarray(m, jnp.bool_), v, t))
+  def target(t, v, m):  # signals placed like the state first (they may come sharded otherwise)
+    v = _trees.placed_like(t, jnp.broadcast_to(jnp.asarray(v, t.dtype), t.shape))
+    m = _trees.placed_like(t, jnp.broadcast_to(jnp.asarray(m, jnp.bool_), t.shape))
+    return jnp.where(m, v, t)
 
   def new_mask(old, m):
     return old | _trees.placed_like(old, jnp.broadcast_to(jnp.asarray(m, jnp.bool_), old.shape))
@@ -106,6 +107,35 @@ def schedule(pending: PendingWrite, targets: Any, mask: Any = True) -> PendingWr
   )
 
 
+def _typed_spec(x: Any) -> Any:
+  """The sharding spec in ``x``'s type (explicit sharding), or None when it has none."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec if spec is not None and any(s is not None for s in spec) else None
+
+
+def broadcast_like(x: Any, ref: Any) -> jax.Array:
+  """``x`` broadcast to ``ref``'s shape and, under explicit sharding, laid out like ``ref``.
+
+  Under an ``Explicit`` mesh a ``[1, n]`` unit mask broadcast to a sharded
+  kernel would be replicated and clash with it; resharding a replicated
+  array to ``ref``'s layout only slices it (no communication). A no-op in
+  the usual ``Auto`` mode and on one device.
+  """
+  x = jnp.broadcast_to(x, jnp.shape(ref))
+  spec = _typed_spec(ref)
+  if spec is None or _typed_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(ref).sharding)
+
+
+def replicated(x: Any) -> jax.Array:
+  """``x`` replicated when its type carries an explicit sharding (small per-unit vectors)."""
+  if _typed_spec(x) is None:
+    return x
+  mesh = jax.typeof(x).sharding.mesh
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def write_leaf(u: Any, target: Any, mask: Any, p: Any) -> Any:
   """One leaf of a write: ``target - p`` where ``mask`` holds, ``u`` elsewhere.
 
@@ -118,8 +148,8 @@ def write_leaf(u: Any, target: Any, mask: Any, p: Any) -> Any:
   if _trees.is_masked(u) or u is None:
     return u
   dt = jnp.result_type(target, p)
-  w = (jnp.asarray(target, dt) - jnp.asarray(p, dt)).astype(u.dtype)
-  return jnp.where(jnp.asarray(mask, jnp.bool_) & jnp.isfinite(u), w, u)
+  w = (broadcast_like(jnp.asarray(target, dt), u) - jnp.asarray(p, dt)).astype(u.dtype)
+  return jnp.where(broadcast_like(jnp.asarray(mask, jnp.bool_), u) & jnp.isfinite(u), w, u)
 
 
 def _cleared(pending: PendingWrite) -> PendingWrite:

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from subprocess_env import ROOT, run_script
 
 import cl_optax
 
@@ -369,3 +370,10 @@ class ResetsThroughNestingTest(parameterized.TestCase):
     state = cl_optax.consolidate(tx.init(MLP), MLP, writes=0.0, write_mask=True)
     new, state = _step(tx, state, MLP_GRADS, MLP, activations=_acts(dead=()))
     chex.assert_trees_all_equal(new, jax.tree.map(jnp.zeros_like, MLP))
+
+
+@pytest.mark.slow  # 8 host devices, in a subprocess
+def test_writes_and_resets_shard_like_params():
+  proc = run_script(ROOT / "tests" / "multidevice" / "check_writes_sharding.py", timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "boundary_writes: ok" in proc.stdout and "unit_resets: ok" in proc.stdout, proc.stdout
