@@ -196,7 +196,9 @@ def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
 
   try:
     return optax.tree.map_params(inner, zero, inner_state, rest, is_leaf=_trees.is_masked)
-  except Exception:  # an inner init that cannot run on optax's placeholder: match by structure
+  except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+    # an inner init that cannot run on optax's placeholder (e.g. ``optax.masked`` with a mask
+    # tree): zero every subtree of the state laid out like params (``MaskedNode`` leaves kept)
     shapes = [jnp.shape(x) for x in leaves]
 
     def like_params(node):
@@ -204,7 +206,9 @@ def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
         got = pdef.flatten_up_to(node)
       except (ValueError, TypeError):
         return False
-      return [jnp.shape(x) for x in got] == shapes
+      return all(
+        _trees.is_masked(x) or jnp.shape(x) == s for x, s in zip(got, shapes, strict=True)
+      ) and not all(_trees.is_masked(x) for x in got)
 
     def visit(node):
       if not like_params(node):

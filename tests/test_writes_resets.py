@@ -38,7 +38,8 @@ def _equal(a, b, **tol):
 
 
 def _pending(state):
-  return bool(optax.tree.get(state, "write_pending"))
+  flag = optax.tree.get(state, "write_pending")
+  return bool(flag.get_value() if hasattr(flag, "get_value") else flag)  # NNX: a Variable
 
 
 # ---------------------------------------------------------------- boundary writes
@@ -377,3 +378,74 @@ def test_writes_and_resets_shard_like_params():
   proc = run_script(ROOT / "tests" / "multidevice" / "check_writes_sharding.py", timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "boundary_writes: ok" in proc.stdout and "unit_resets: ok" in proc.stdout, proc.stdout
+
+
+def test_moment_reset_inside_masked_inner():
+  """An inner `optax.masked` with a mask tree (its init cannot run on optax's placeholder)."""
+  mask = {"l1": {"kernel": True, "bias": True}, "l2": {"kernel": True, "bias": False}}
+  inner = optax.chain(optax.masked(optax.adam(0.1), mask), optax.masked(optax.sgd(0.1), _not(mask)))
+  tx = cl_optax.unit_resets(inner, layers=LAYERS, reinit=INIT, max_units=1)
+  _, state = tx.update(MLP_GRADS, tx.init(MLP), MLP, activations=_acts(dead=(2,)))
+  mu = optax.tree.get(state, "mu")
+  ref = optax.adam(0.1)
+  _, ref_state = ref.update(MLP_GRADS, ref.init(MLP), MLP)
+  want = optax.tree.get(ref_state, "mu")
+  got_k, want_k = np.asarray(mu["l1"]["kernel"]), np.asarray(want["l1"]["kernel"])
+  np.testing.assert_array_equal(got_k[:, 2], 0.0)
+  np.testing.assert_array_equal(np.delete(got_k, 2, axis=1), np.delete(want_k, 2, axis=1))
+  np.testing.assert_array_equal(np.asarray(mu["l2"]["kernel"])[2], 0.0)
+  assert isinstance(mu["l2"]["bias"], optax.MaskedNode)
+
+
+def _not(mask):
+  return jax.tree.map(lambda m: not m, mask)
+
+
+nnx = pytest.importorskip("flax.nnx")
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(4, 5, rngs=rngs)
+    self.head = nnx.Linear(5, 2, rngs=rngs)
+
+
+def test_nnx_optimizer_writes_and_apply_at_once():
+  model = _MLP(nnx.Rngs(0))
+  tx = optax.chain(optax.adam(0.1), cl_optax.boundary_writes())
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  pruned = jax.tree.map(lambda p: jnp.abs(p) < 0.3, nnx.as_pure(params))
+  cl_optax.consolidate(optimizer, params, writes=0.0, write_mask=pruned)
+  new, out = cl_optax.apply_pending_writes(params, optimizer)
+  assert out is optimizer.opt_state and not _pending(optimizer.opt_state)
+  nnx.update(model, new)
+  for p, m in zip(
+    jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param))), jax.tree.leaves(pruned)
+  ):
+    np.testing.assert_array_equal(np.asarray(p)[np.asarray(m)], 0.0)
+
+  # the same write through a step of nnx.Optimizer
+  model2 = _MLP(nnx.Rngs(0))
+  optimizer2 = nnx.Optimizer(model2, tx, wrt=nnx.Param)
+  cl_optax.consolidate(optimizer2, nnx.state(model2, nnx.Param), writes=0.0, write_mask=pruned)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model2, nnx.Param))
+  nnx.jit(lambda m, o, g: o.update(m, g))(model2, optimizer2, grads)
+  for p, m in zip(
+    jax.tree.leaves(nnx.as_pure(nnx.state(model2, nnx.Param))), jax.tree.leaves(pruned)
+  ):
+    np.testing.assert_array_equal(np.asarray(p)[np.asarray(m)], 0.0)
+  assert not _pending(optimizer2.opt_state)
+
+
+def test_nnx_optimizer_unit_resets():
+  model = _MLP(nnx.Rngs(0))
+  tx = cl_optax.unit_resets(
+    optax.adam(0.1), layers=[("trunk/kernel", "trunk/bias", "head/kernel")], max_units=1
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  h = jnp.ones((3, 5)).at[:, 4].set(0.0)
+  nnx.jit(lambda m, o, g, h: o.update(m, g, activations=[h]))(model, optimizer, grads, h)
+  np.testing.assert_array_equal(np.asarray(model.head.kernel[...])[4], 0.0)
+  assert float(model.trunk.bias[...][4]) == 0.0
