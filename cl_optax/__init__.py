@@ -15,6 +15,7 @@ from cl_optax._writes import BoundaryWritesState as BoundaryWritesState
 from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
 from cl_optax._writes import boundary_writes as boundary_writes
+from cl_optax._writes import check_writes_last as check_writes_last
 from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
@@ -49,6 +50,7 @@ __all__ = [
   "apply_pending_writes",
   "boundary_writes",
   "BoundaryWritesState",
+  "check_writes_last",
   "consolidate",
   "ContinualState",
   "ewc",

@@ -370,9 +370,9 @@ def boundary_writes() -> optax.GradientTransformationExtraArgs:
   **Put it last in the chain** (``optax.chain(optax.adam(lr),
   cl_optax.boundary_writes())``): any transform after it rescales
   :math:`t - \theta` (``sgd(lr)`` would move the entries only ``lr`` of the
-  way, Adam would normalise the step away). This cannot be detected from
-  the state (a stateless ``optax.scale`` leaves no trace); a write that does
-  not land shows as parameters off their targets after the step.
+  way, Adam would normalise the step away). The state cannot show it (a
+  stateless ``optax.scale`` leaves no trace), so check a chain once with
+  :func:`cl_optax.check_writes_last`, which runs one armed update.
   ``optax.MultiSteps``: the write lands at the next real step (mini-steps
   do not call the inner transform). ``optax.apply_if_finite``: a skipped
   step keeps the inner state, so the write stays pending until a finite step
@@ -423,3 +423,61 @@ def boundary_writes() -> optax.GradientTransformationExtraArgs:
     return updates, BoundaryWritesState(pending=pending)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_writes_last(tx: optax.GradientTransformation, params: optax.Params, **extra_args) -> None:
+  """Raises a ``ValueError`` when a transform after a boundary write rescales it.
+
+  A debugging check for a chain (run it once, outside ``jit``): it arms every
+  :class:`PendingWrite` of a fresh ``tx.init(params)`` with the write
+  ``t = params + 1`` on every entry, runs one ``tx.update`` on zero gradients
+  (``extra_args`` are passed on, e.g. ``ref_grads=`` for ``agem``) and checks
+  that the updates are ``t - params`` (about 1). A transform after the write
+  (``sgd``'s ``-lr``, Adam's normalisation, a clip) changes them; the message
+  names the leaves and the factor seen. Under ``optax.MultiSteps`` check the
+  inner transform (the first call is a mini-step).
+
+  Raises:
+    ValueError: if ``tx`` holds no pending-write state, or its update does not
+      deliver the writes unchanged.
+  """
+  plain = _trees.unwrap_variables(params)
+  state = tx.init(params)
+  armed = []
+
+  def arm(pending):
+    full = _trees.restrict_like(
+      pending.write_target, plain, transform="check_writes_last", name="params"
+    )
+    target = _trees.map_unmasked(lambda t, p: (p + 1).astype(t.dtype), pending.write_target, full)
+    armed.append(target)
+    mask = _trees.map_unmasked(lambda m: jnp.ones_like(m), pending.write_mask)
+    return PendingWrite(target, mask, jnp.ones((), jnp.bool_))
+
+  state = _trees.map_nodes(state, _is_pending, arm)
+  if not armed:
+    raise ValueError("check_writes_last: `tx` holds no boundary-write state (boundary_writes()).")
+  zeros = jax.tree.map(jnp.zeros_like, plain)
+  updates, _ = tx.update(zeros, state, params, **extra_args)
+  bad = []
+  paths = _trees.key_strings(armed[-1])
+  for path, t, p, u in zip(
+    paths,
+    jax.tree.leaves(armed[-1], is_leaf=_trees.is_masked),
+    jax.tree.leaves(plain, is_leaf=_trees.is_masked),
+    jax.tree.leaves(updates, is_leaf=_trees.is_masked),
+    strict=True,
+  ):
+    if _trees.is_masked(t) or _trees.is_masked(u) or np.size(u) == 0:
+      continue
+    want = np.asarray(jnp.asarray(t, jnp.float32) - jnp.asarray(p, jnp.float32))
+    got = np.asarray(jnp.asarray(u, jnp.float32))
+    if not np.allclose(got, want, rtol=1e-2, atol=1e-6):
+      ratio = float(np.median(got / np.where(want == 0, 1, want)))
+      bad.append(f"{path} (updates = {ratio:.3g} x the write)")
+  if bad:
+    raise ValueError(
+      "check_writes_last: a transform after the boundary write changes it, so written entries "
+      f"would miss their targets: {bad}. Put boundary_writes() (or the method that embeds a "
+      "write) last in the chain, after the learning rate and any adaptive optimiser."
+    )

@@ -195,6 +195,22 @@ def test_bad_signal_raises_and_leaves_state_unchanged(signals, match):
   chex.assert_trees_all_equal(state, before)
 
 
+def test_check_writes_last():
+  cl_optax.check_writes_last(optax.chain(optax.adam(0.1), cl_optax.boundary_writes()), PARAMS)
+  labels = {"a": True, "b": False, "c": True}
+  cl_optax.check_writes_last(
+    optax.chain(optax.sgd(0.1), optax.masked(cl_optax.boundary_writes(), labels)), PARAMS
+  )
+  with pytest.raises(
+    ValueError, match=r"\['a'\] \(updates = -0.1 x the write\).*last in the chain"
+  ):
+    cl_optax.check_writes_last(optax.chain(cl_optax.boundary_writes(), optax.sgd(0.1)), PARAMS)
+  with pytest.raises(ValueError, match="changes it"):
+    cl_optax.check_writes_last(optax.chain(cl_optax.boundary_writes(), optax.adam(0.1)), PARAMS)
+  with pytest.raises(ValueError, match="no boundary-write state"):
+    cl_optax.check_writes_last(optax.adam(0.1), PARAMS)
+
+
 def test_update_without_params_raises():
   tx = cl_optax.boundary_writes()
   with pytest.raises(ValueError, match="boundary_writes: update needs `params`"):
