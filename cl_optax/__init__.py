@@ -7,6 +7,15 @@ from cl_optax import replay as replay
 from cl_optax import streams as streams
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
+from cl_optax._unit_resets import UnitResetsState as UnitResetsState
+from cl_optax._unit_resets import UnitSelector as UnitSelector
+from cl_optax._unit_resets import redo_selector as redo_selector
+from cl_optax._unit_resets import unit_resets as unit_resets
+from cl_optax._writes import BoundaryWritesState as BoundaryWritesState
+from cl_optax._writes import PendingWrite as PendingWrite
+from cl_optax._writes import apply_pending_writes as apply_pending_writes
+from cl_optax._writes import boundary_writes as boundary_writes
+from cl_optax._writes import check_writes_last as check_writes_last
 from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
@@ -40,6 +49,10 @@ __version__ = "0.1.0"
 __all__ = [
   "agem",
   "AGEMState",
+  "apply_pending_writes",
+  "boundary_writes",
+  "BoundaryWritesState",
+  "check_writes_last",
   "consolidate",
   "ContinualState",
   "conv_representations",
@@ -66,10 +79,15 @@ __all__ = [
   "online_ewc",
   "OnlineEWCState",
   "output_gradients",
+  "PendingWrite",
+  "redo_selector",
   "replay",
   "si",
   "SIState",
   "soft_mask",
   "SoftMaskState",
   "streams",
+  "unit_resets",
+  "UnitResetsState",
+  "UnitSelector",
 ]

@@ -213,3 +213,22 @@ def unmasked_key_strings(tree: Any) -> list[str]:
   """The key strings of the leaves of ``tree`` that are not ``MaskedNode``, in flatten order."""
   leaves = jax.tree.leaves(tree, is_leaf=is_masked)
   return [p for p, x in zip(key_strings(tree), leaves, strict=True) if not is_masked(x)]
+
+
+def map_nodes(tree: Any, is_node: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
+  """``fn(node)`` on every node of ``tree`` for which ``is_node`` holds; the rest stays.
+
+  The walk of :func:`cl_optax.consolidate` for any node kind: NNX ``Variable``
+  leaves are unwrapped first, and when ``tree`` holds some (an
+  ``nnx.Optimizer``'s state) their values are set in place and ``tree`` itself
+  is returned.
+  """
+  nodes, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
+  pure = treedef.unflatten(unwrap_variables(nodes))
+  new = jax.tree.map(lambda x: fn(x) if is_node(x) else x, pure, is_leaf=is_node)
+  if any(is_variable(x) for x in nodes):
+    for var, value in zip(nodes, treedef.flatten_up_to(new), strict=True):
+      if is_variable(var):
+        var.set_value(value)
+    return tree
+  return new

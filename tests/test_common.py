@@ -87,6 +87,27 @@ def _no_signals(params):
   return {}
 
 
+def _writes(params):
+  mask = jax.tree.map(lambda u: u > 0.5, uniform_like(params, 11))
+  return {"writes": normal_like(params, 9), "write_mask": mask}
+
+
+_RESET_LAYERS = [("dense/kernel", "dense/bias", "head/kernel")]
+_RESET_STATIC = ("inner", "layers", "select", "reinit", "max_units", "seed")
+
+
+def _resets():
+  return cl_optax.unit_resets(
+    cl_optax.freeze(), layers=_RESET_LAYERS, select=cl_optax.redo_selector(0.5), max_units=2
+  )
+
+
+def _activations(params):
+  """A batch of hidden outputs of `dense` with unit 1 dead (ReDo resets it)."""
+  h = jnp.abs(normal_tree(12, (5, 3))) * jnp.array([1.0, 0.0, 1.0])
+  return {"activations": [h]}
+
+
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
 _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 
@@ -229,6 +250,21 @@ CASES = [
     lambda: cl_optax.si(3.0, xi=0.1),
     lambda params: {},
     lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, xi=0.1),
+  ),
+  Case(
+    "boundary_writes",
+    cl_optax.boundary_writes,
+    _writes,
+    lambda: optax.inject_hyperparams(cl_optax.boundary_writes)(),
+  ),
+  Case(
+    "unit_resets",
+    _resets,
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.unit_resets, static_args=_RESET_STATIC)(
+      cl_optax.freeze(), layers=_RESET_LAYERS, select=cl_optax.redo_selector(0.5), max_units=2
+    ),
+    _activations,
   ),
 ]
 IDS = [c.name for c in CASES]
