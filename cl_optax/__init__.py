@@ -5,8 +5,12 @@ from cl_optax import losses as losses
 from cl_optax import metrics as metrics
 from cl_optax import replay as replay
 from cl_optax import streams as streams
+from cl_optax._debug import debug as debug
+from cl_optax._debug import set_debug as set_debug
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
+from cl_optax._state import unread_extra_args as unread_extra_args
+from cl_optax._trees import selected as selected
 from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
@@ -40,6 +44,7 @@ __all__ = [
   "AGEMState",
   "consolidate",
   "ContinualState",
+  "debug",
   "ewc",
   "EWCState",
   "experience_replay",
@@ -63,9 +68,12 @@ __all__ = [
   "OnlineEWCState",
   "output_gradients",
   "replay",
+  "selected",
+  "set_debug",
   "si",
   "SIState",
   "soft_mask",
   "SoftMaskState",
   "streams",
+  "unread_extra_args",
 ]

@@ -2,12 +2,16 @@
 
 Every check raises a ``ValueError`` whose message names the transform, the
 argument and, for a tree, the leaf (by its key string, see
-:func:`cl_optax._trees.key_string`). Value checks need concrete arrays; under
-``jit`` they are skipped.
+:func:`cl_optax._trees.key_string`). The value checks of a signal
+(:func:`check_in_unit_interval`, :func:`check_nonnegative`) also hold under
+``jit``: on traced values they run on the host (``jax.debug.callback``) and the
+jitted call raises. Other value checks need concrete arrays and are skipped
+under ``jit``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -153,23 +157,47 @@ def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = (
   return pairs
 
 
-def _check_values(tree: Any, *, transform: str, name: str, low: float, high: float | None):
+def _raise_if_outside(finite, lo, hi, *, where: str, low: float, high: float | None) -> None:
+  """Raises the ``ValueError`` of :func:`_check_values` from a leaf's reductions.
+
+  Arrays are accepted (one entry per ``vmap`` batch element under a callback).
+  """
   expected = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+  if not bool(np.all(finite)):
+    raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
+  lo, hi = float(np.min(lo)), float(np.max(hi))
+  if high is None and lo < low:
+    raise ValueError(
+      f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
+    )
+  if high is not None and (lo < low or hi > high):
+    raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+
+
+def _check_values(tree: Any, *, transform: str, name: str, low: float, high: float | None):
+  """Raises a ``ValueError`` naming the first leaf with non-finite values or values out of range.
+
+  A concrete leaf is checked here (also when ``consolidate`` is traced with the
+  signal closed over: ``ensure_compile_time_eval``). A traced leaf (a signal
+  passed into ``jax.jit``) is checked on the host through
+  ``jax.debug.callback``: the jitted call raises a ``JaxRuntimeError`` that
+  carries the same message, so a bad value never reaches a stored state.
+  """
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    if not is_concrete(x) or np.size(x) == 0:
+    if np.size(x) == 0:
       continue
-    # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
-    a = jnp.asarray(x, jnp.float32)
-    where = f"{transform}: `{name}` leaf {_trees.key_string(path)}"
-    if not bool(jnp.all(jnp.isfinite(a))):
-      raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
-    lo, hi = float(jnp.min(a)), float(jnp.max(a))
-    if high is None and lo < low:
-      raise ValueError(
-        f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
-      )
-    if high is not None and (lo < low or hi > high):
-      raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+    check = functools.partial(
+      _raise_if_outside, where=f"{transform}: `{name}` leaf {_trees.key_string(path)}", low=low,
+      high=high,
+    )  # fmt: skip
+    if is_concrete(x):
+      with jax.ensure_compile_time_eval():
+        # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
+        a = jnp.asarray(x, jnp.float32)
+        check(jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a))
+    else:
+      a = jnp.asarray(x, jnp.float32)
+      jax.debug.callback(check, jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a))
 
 
 def check_hyperparameter(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 def _static_widths(top: int) -> tuple[int, ...]:
@@ -38,6 +38,10 @@ class GPMState(NamedTuple):
       factory argument at every update.
   """
 
+  TRANSFORM = "gpm"
+  SIGNALS = ("representations", "threshold")
+  EXTRA_ARGS = ()
+
   feature_basis: Any
   feature_count: Any
   gpm_tasks: jax.Array  # shape=(), int32
@@ -55,7 +59,8 @@ class GPMState(NamedTuple):
     )
     thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
-    rep_by_path = _representations_by_path(reps, basis_paths)
+    unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
+    rep_by_path = _representations_by_path(reps, basis_paths, unprojected)
     thr_by_path = _thresholds_by_path(thresholds, basis_paths)
     new_b, new_c = [], []
     for path, b, c in zip(
@@ -84,11 +89,19 @@ def _by_path(tree: Any) -> dict[str, Any]:
   return {_trees.key_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _representations_by_path(reps: Any, basis_paths: list[str]) -> dict[str, Any]:
-  """The ``representations`` leaves by path, exactly one per projected leaf."""
+def _representations_by_path(
+  reps: Any, basis_paths: list[str], unprojected: list[str]
+) -> dict[str, Any]:
+  """The ``representations`` leaves by path, exactly one per projected leaf.
+
+  Paths of parameters the transform does not project (``unprojected``, e.g.
+  masked out by ``optax.masked``) are ignored; any other path is an error.
+  """
   rep_by_path = _by_path(reps)
   missing = [p for p in basis_paths if p not in rep_by_path]
-  extra = [p for p in rep_by_path if p not in basis_paths]
+  extra = [
+    p for p in rep_by_path if p not in basis_paths and not any(p.startswith(u) for u in unprojected)
+  ]
   if missing or extra:
     raise ValueError(
       f"gpm: `representations` must hold one [n, d_in] array at the path of each "
@@ -232,7 +245,7 @@ def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, A
   """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
 
   def make(is_proj, p):
-    if not is_proj:
+    if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
       return optax.MaskedNode(), optax.MaskedNode()
     shape = jnp.shape(p)
     if len(shape) < 2:
@@ -341,6 +354,7 @@ def gpm(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
+    _debug.check_extra_args("gpm", extra_args)
     del params, extra_args
     state = cast(GPMState, state)
     _checks.check_updates(updates, state.feature_basis, transform="gpm", shapes=False)

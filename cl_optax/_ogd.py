@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._gram_schmidt import gram_schmidt_add
 from cl_optax._linalg import contract
 
@@ -35,6 +35,10 @@ class OGDState(NamedTuple):
       ``ogd_rtol`` times its norm is taken as already in the span and skipped;
       refreshed from the factory argument at every update.
   """
+
+  TRANSFORM = "ogd"
+  SIGNALS = ("output_grads",)
+  EXTRA_ARGS = ()
 
   basis: Any
   basis_count: jax.Array  # shape=(), int32
@@ -139,6 +143,7 @@ def ogd(
     )  # own buffers
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("ogd", extra_args)
     del params, extra_args
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
