@@ -157,24 +157,38 @@ def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = (
   return pairs
 
 
-def _raise_if_outside(finite, lo, hi, *, where: str, low: float, high: float | None) -> None:
+def _raise_if_outside(finite, lo, hi, *, where: str, low: float | None, high: float | None) -> None:
   """Raises the ``ValueError`` of :func:`_check_values` from a leaf's reductions.
 
   Arrays are accepted (one entry per ``vmap`` batch element under a callback).
   """
-  expected = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
   if not bool(np.all(finite)):
-    raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
+    expected = (
+      "" if low is None else f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
+    )
+    raise ValueError(f"{where} holds non-finite values; expected finite values{expected}.")
+  if low is None:
+    return
   lo, hi = float(np.min(lo)), float(np.max(hi))
   if high is None and lo < low:
     raise ValueError(
       f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
     )
   if high is not None and (lo < low or hi > high):
-    raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+    raise ValueError(
+      f"{where} has values in [{lo:g}, {hi:g}]; expected values in [{low:g}, {high:g}]."
+    )
 
 
-def _check_values(tree: Any, *, transform: str, name: str, low: float, high: float | None):
+def _check_values(
+  tree: Any,
+  *,
+  transform: str,
+  name: str,
+  low: float | None,
+  high: float | None,
+  leaf: str | None = None,
+) -> None:
   """Raises a ``ValueError`` naming the first leaf with non-finite values or values out of range.
 
   A concrete leaf is checked here (also when ``consolidate`` is traced with the
@@ -186,10 +200,9 @@ def _check_values(tree: Any, *, transform: str, name: str, low: float, high: flo
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     if np.size(x) == 0:
       continue
-    check = functools.partial(
-      _raise_if_outside, where=f"{transform}: `{name}` leaf {_trees.key_string(path)}", low=low,
-      high=high,
-    )  # fmt: skip
+    at = _trees.key_string(path) if path else leaf
+    where = f"{transform}: `{name}`" + (f" leaf {at}" if at else "")
+    check = functools.partial(_raise_if_outside, where=where, low=low, high=high)
     if is_concrete(x):
       with jax.ensure_compile_time_eval():
         # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
@@ -234,6 +247,14 @@ def check_hyperparameter(
 def check_in_unit_interval(tree: Any, *, transform: str, name: str) -> None:
   """Raises a ``ValueError`` naming the leaf whose values leave [0, 1]."""
   _check_values(tree, transform=transform, name=name, low=0.0, high=1.0)
+
+
+def check_finite(tree: Any, *, transform: str, name: str, leaf: str | None = None) -> None:
+  """Raises a ``ValueError`` naming the leaf with non-finite values (also under ``jit``).
+
+  ``leaf`` names a single-array ``tree`` in the message (a leaf of a larger signal).
+  """
+  _check_values(tree, transform=transform, name=name, low=None, high=None, leaf=leaf)
 
 
 def check_nonnegative(tree: Any, *, transform: str, name: str) -> None:

@@ -133,8 +133,7 @@ def _layer_inputs(path: str, x: Any, d_in: int) -> jax.Array:
       f"(n, {d_in}) (or (n, *in_shape)): the inputs of that layer at n samples."
     )
   x = jnp.reshape(jnp.asarray(x, jnp.float32), (np.shape(x)[0], d_in))
-  if _checks.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-    raise ValueError(f"gpm: `representations` leaf {path} holds non-finite values.")
+  _checks.check_finite(x, transform="gpm", name="representations", leaf=path)
   return x
 
 

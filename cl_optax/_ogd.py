@@ -14,13 +14,6 @@ from cl_optax._gram_schmidt import gram_schmidt_add
 from cl_optax._linalg import contract
 
 
-def _all_finite(leaves) -> jax.Array:
-  ok = jnp.asarray(True)
-  for x in leaves:
-    ok = ok & jnp.all(jnp.isfinite(x))
-  return ok
-
-
 class OGDState(NamedTuple):
   """State of :func:`ogd`.
 
@@ -61,9 +54,7 @@ class OGDState(NamedTuple):
     g_leaves = _trees.unmasked_leaves(grads)
     if not b_leaves:
       return self
-    if all(_trees.is_concrete(g) for g in g_leaves):
-      if not bool(_all_finite(g_leaves)):
-        raise ValueError("ogd: `output_grads` holds non-finite values; expected finite values.")
+    _checks.check_finite(grads, transform="ogd", name="output_grads")
     basis, count, dropped = gram_schmidt_add(
       b_leaves, self.basis_count, self.basis_dropped, g_leaves, self.ogd_rtol
     )

@@ -111,7 +111,8 @@ def _route(found: list[_Found], signals: dict, to: Mapping) -> list[dict]:
       if not takers:
         reads = "; ".join(f"{found[i].address} reads {found[i].reads_text()}" for i in hits)
         raise ValueError(
-          f"consolidate: no state at {address!r} reads `{name}=` ({reads}); {where}."
+          f"consolidate: no state at {address!r} reads `{name}=` ({reads}); {where}. "
+          f"to[{address!r}] maps signal names to values, e.g. {{'importance': tree}}."
         )
       if len(takers) > 1:
         raise ValueError(

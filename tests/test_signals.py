@@ -345,3 +345,15 @@ def test_jitted_consolidate_stores_a_good_value(params):
   jitted = jax.jit(lambda s, p, i: cl_optax.consolidate(s, p, importance=i))
   got = jitted(state, params, _full(params, 0.5))
   chex.assert_trees_all_close(got.importance, _full(params, 0.5))
+
+
+def test_jitted_ogd_consolidate_raises_on_non_finite_output_grads(params):
+  state = cl_optax.ogd(4).init(params)
+  grads = normal_like(params, 3, stack=(2,))
+  grads["scale"] = jnp.full((2,), np.nan)
+  jitted = jax.jit(lambda s, p, o: cl_optax.consolidate(s, p, output_grads=o))
+  pattern = (
+    r"ogd: `output_grads` leaf \['scale'\] holds non-finite values; expected finite values\."
+  )
+  with pytest.raises(jax.errors.JaxRuntimeError, match=pattern):
+    jax.block_until_ready(jitted(state, params, grads))
