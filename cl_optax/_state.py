@@ -133,11 +133,18 @@ def _selects_nothing(state: Any) -> bool:
   return bool(fields) and not any(_trees.unmasked_leaves(f) for f in fields)
 
 
-def _debug_warnings(found: list[_Found], signals: dict) -> None:
-  for name in signals:
+def _debug_warnings(found: list[_Found], signals: dict, routed: list[dict]) -> None:
+  for name, value in signals.items():
     if not any(f.reads(name) for f in found):
       reads = "; ".join(f"{f.address} reads {f.reads_text()}" for f in found)
       _debug.warn(f"cl_optax debug: consolidate got `{name}=`, which no state reads ({reads}).")
+    reach = [f.address for f, r in zip(found, routed) if f.reads(name) and r[name] is value]
+    if len({a.rsplit("/", 1)[-1] for a in reach}) > 1:
+      _debug.warn(
+        f"cl_optax debug: the plain `{name}=` reaches {reach}, different transforms that "
+        f"read it by their own rules; if each needs its own, address it: "
+        f"to={{{reach[0]!r}: {{{name!r}: ...}}}}."
+      )
   for f in found:
     if _selects_nothing(f.state):
       _debug.warn(
@@ -233,11 +240,12 @@ def consolidate(
       "(expected a tree holding a state of a cl_optax transform such as "
       f"soft_mask(); got a tree of structure {jax.tree.structure(pure)})."
     )
-  routed = iter(_route(found, signals, to))
+  routed = _route(found, signals, to)
   if _debug.enabled():
-    _debug_warnings(found, signals)
+    _debug_warnings(found, signals, routed)
+  per_state = iter(routed)
   new_leaves = [
-    _placed_like(x.consolidate(params, **next(routed)), x) if _is_continual(x) else x
+    _placed_like(x.consolidate(params, **next(per_state)), x) if _is_continual(x) else x
     for _, x in flat
   ]
   new = state_def.unflatten(new_leaves)

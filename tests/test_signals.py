@@ -275,6 +275,20 @@ def test_debug_warns_about_a_signal_no_state_reads(params, debug_on):
     cl_optax.consolidate(state, params, importance=_full(params, 0.5), precision=1.0)
 
 
+def test_debug_warns_about_one_plain_signal_for_two_transforms(params, debug_on):
+  """The issue's mistake: one `importance=` for EWC's Fisher and SPG's importance."""
+  state = optax.chain(cl_optax.ewc(), optax.adam(1e-3), cl_optax.soft_mask()).init(params)
+  with pytest.warns(
+    UserWarning,
+    match=r"the plain `importance=` reaches \['ewc', 'soft_mask'\], different transforms",
+  ):
+    cl_optax.consolidate(state, params, importance=_full(params, 0.5))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    to = {"ewc": {"importance": _full(params, 2.0)}}
+    cl_optax.consolidate(state, params, importance=_full(params, 0.5), to=to)
+
+
 def test_debug_warns_about_a_mask_that_selects_nothing(params, debug_on):
   tx = optax.chain(optax.masked(cl_optax.ewc(), jax.tree.map(lambda _: False, params)))
   with pytest.warns(UserWarning, match=r"the state at 'ewc' holds no parameter: its mask"):
