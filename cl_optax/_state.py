@@ -133,6 +133,17 @@ def _selects_nothing(state: Any) -> bool:
   return bool(fields) and not any(_trees.unmasked_leaves(f) for f in fields)
 
 
+def _consolidate_one(found: _Found, signals: dict, params: Any, count: int) -> Any:
+  """``found.state`` consolidated; a ``ValueError`` names the state's address among several."""
+  try:
+    new = found.state.consolidate(params, **signals)
+  except ValueError as e:
+    if count == 1:
+      raise
+    raise ValueError(f"{e} (the state at {found.address!r})") from e
+  return _placed_like(new, found.state)
+
+
 def _debug_warnings(found: list[_Found], signals: dict, routed: list[dict]) -> None:
   for name, value in signals.items():
     if not any(f.reads(name) for f in found):
@@ -243,9 +254,9 @@ def consolidate(
   routed = _route(found, signals, to)
   if _debug.enabled():
     _debug_warnings(found, signals, routed)
-  per_state = iter(routed)
+  per_state = iter(zip(found, routed))
   new_leaves = [
-    _placed_like(x.consolidate(params, **next(per_state)), x) if _is_continual(x) else x
+    _consolidate_one(*next(per_state), params, len(found)) if _is_continual(x) else x
     for _, x in flat
   ]
   new = state_def.unflatten(new_leaves)

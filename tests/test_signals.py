@@ -371,3 +371,12 @@ def test_jitted_ogd_consolidate_raises_on_non_finite_output_grads(params):
   )
   with pytest.raises(jax.errors.JaxRuntimeError, match=pattern):
     jax.block_until_ready(jitted(state, params, grads))
+
+
+def test_missing_signal_names_the_state_address_among_several(params):
+  tx = _two_masks_partition(params)
+  with pytest.raises(
+    ValueError,
+    match=r"needs the signal `importance=`.* \(the state at 'head/soft_mask'\)",
+  ):
+    cl_optax.consolidate(tx.init(params), params, to={"trunk": {"importance": _full(params, 0.5)}})
