@@ -5,8 +5,12 @@ from cl_optax import losses as losses
 from cl_optax import metrics as metrics
 from cl_optax import replay as replay
 from cl_optax import streams as streams
+from cl_optax._debug import debug as debug
+from cl_optax._debug import set_debug as set_debug
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
+from cl_optax._state import unread_extra_args as unread_extra_args
+from cl_optax._trees import selected as selected
 from cl_optax._unit_resets import UnitResetsState as UnitResetsState
 from cl_optax._unit_resets import UnitSelector as UnitSelector
 from cl_optax._unit_resets import redo_selector as redo_selector
@@ -57,6 +61,7 @@ __all__ = [
   "ContinualState",
   "conv_representations",
   "ConvRepresentations",
+  "debug",
   "ewc",
   "EWCState",
   "experience_replay",
@@ -82,6 +87,8 @@ __all__ = [
   "PendingWrite",
   "redo_selector",
   "replay",
+  "selected",
+  "set_debug",
   "si",
   "SIState",
   "soft_mask",
@@ -90,4 +97,5 @@ __all__ = [
   "unit_resets",
   "UnitResetsState",
   "UnitSelector",
+  "unread_extra_args",
 ]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 class AGEMState(NamedTuple):
@@ -18,6 +18,10 @@ class AGEMState(NamedTuple):
     agem_projected: number of steps in which the constraint was violated and
       the gradient was projected (a diagnostic; int32).
   """
+
+  TRANSFORM = "agem"
+  SIGNALS = ()
+  EXTRA_ARGS = ("ref_grads",)
 
   agem_projected: jax.Array  # shape=(), int32
 
@@ -69,6 +73,7 @@ def agem() -> optax.GradientTransformationExtraArgs:
     return AGEMState(agem_projected=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, ref_grads=None, **extra_args):
+    _debug.check_extra_args("agem", extra_args)
     del params, extra_args
     if ref_grads is None:
       return updates, state

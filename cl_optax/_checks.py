@@ -2,12 +2,16 @@
 
 Every check raises a ``ValueError`` whose message names the transform, the
 argument and, for a tree, the leaf (by its key string, see
-:func:`cl_optax._trees.key_string`). Value checks need concrete arrays; under
-``jit`` they are skipped.
+:func:`cl_optax._trees.key_string`). The value checks of a signal
+(:func:`check_in_unit_interval`, :func:`check_nonnegative`) also hold under
+``jit``: on traced values they run on the host (``jax.debug.callback``) and the
+jitted call raises. Other value checks need concrete arrays and are skipped
+under ``jit``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -153,23 +157,60 @@ def matching_leaves(updates, tree, *, transform: str, name: str, lead: tuple = (
   return pairs
 
 
-def _check_values(tree: Any, *, transform: str, name: str, low: float, high: float | None):
-  expected = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+def _raise_if_outside(finite, lo, hi, *, where: str, low: float | None, high: float | None) -> None:
+  """Raises the ``ValueError`` of :func:`_check_values` from a leaf's reductions.
+
+  Arrays are accepted (one entry per ``vmap`` batch element under a callback).
+  """
+  if not bool(np.all(finite)):
+    expected = (
+      "" if low is None else f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
+    )
+    raise ValueError(f"{where} holds non-finite values; expected finite values{expected}.")
+  if low is None:
+    return
+  lo, hi = float(np.min(lo)), float(np.max(hi))
+  if high is None and lo < low:
+    raise ValueError(
+      f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
+    )
+  if high is not None and (lo < low or hi > high):
+    raise ValueError(
+      f"{where} has values in [{lo:g}, {hi:g}]; expected values in [{low:g}, {high:g}]."
+    )
+
+
+def _check_values(
+  tree: Any,
+  *,
+  transform: str,
+  name: str,
+  low: float | None,
+  high: float | None,
+  leaf: str | None = None,
+) -> None:
+  """Raises a ``ValueError`` naming the first leaf with non-finite values or values out of range.
+
+  A concrete leaf is checked here (also when ``consolidate`` is traced with the
+  signal closed over: ``ensure_compile_time_eval``). A traced leaf (a signal
+  passed into ``jax.jit``) is checked on the host through
+  ``jax.debug.callback``: the jitted call raises a ``JaxRuntimeError`` that
+  carries the same message, so a bad value never reaches a stored state.
+  """
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    if not is_concrete(x) or np.size(x) == 0:
+    if np.size(x) == 0:
       continue
-    # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
-    a = jnp.asarray(x, jnp.float32)
-    where = f"{transform}: `{name}` leaf {_trees.key_string(path)}"
-    if not bool(jnp.all(jnp.isfinite(a))):
-      raise ValueError(f"{where} holds non-finite values; expected finite values {expected}.")
-    lo, hi = float(jnp.min(a)), float(jnp.max(a))
-    if high is None and lo < low:
-      raise ValueError(
-        f"{where} has a negative value {lo:g}; expected values >= 0 (an importance / precision)."
-      )
-    if high is not None and (lo < low or hi > high):
-      raise ValueError(f"{where} has values in [{lo:g}, {hi:g}]; expected values {expected}.")
+    at = _trees.key_string(path) if path else leaf
+    where = f"{transform}: `{name}`" + (f" leaf {at}" if at else "")
+    check = functools.partial(_raise_if_outside, where=where, low=low, high=high)
+    if is_concrete(x):
+      with jax.ensure_compile_time_eval():
+        # Reductions, not a host copy: a leaf sharded over processes has no full copy here.
+        a = jnp.asarray(x, jnp.float32)
+        check(jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a))
+    else:
+      a = jnp.asarray(x, jnp.float32)
+      jax.debug.callback(check, jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a))
 
 
 def check_hyperparameter(
@@ -206,6 +247,14 @@ def check_hyperparameter(
 def check_in_unit_interval(tree: Any, *, transform: str, name: str) -> None:
   """Raises a ``ValueError`` naming the leaf whose values leave [0, 1]."""
   _check_values(tree, transform=transform, name=name, low=0.0, high=1.0)
+
+
+def check_finite(tree: Any, *, transform: str, name: str, leaf: str | None = None) -> None:
+  """Raises a ``ValueError`` naming the leaf with non-finite values (also under ``jit``).
+
+  ``leaf`` names a single-array ``tree`` in the message (a leaf of a larger signal).
+  """
+  _check_values(tree, transform=transform, name=name, low=None, high=None, leaf=leaf)
 
 
 def check_nonnegative(tree: Any, *, transform: str, name: str) -> None:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._penalty import add_penalty, copy_f32, importance_signal, penalty_update, zeros
 
 
@@ -20,6 +20,10 @@ class EWCState(NamedTuple):
       :math:`\\bar\\theta = \\sum_k F_k\\theta^*_k / \\sum_k F_k`.
     ewc_importance: :math:`\\sum_k F_k`, the summed diagonal Fisher of all tasks.
   """
+
+  TRANSFORM = "ewc"
+  SIGNALS = ("importance",)
+  EXTRA_ARGS = ()
 
   ewc_anchor: Any
   ewc_importance: Any
@@ -34,10 +38,10 @@ class EWCState(NamedTuple):
       safe = jnp.where(total > 0, total, 1.0)
       return jnp.where(total > 0, (f32 * a + fk * p) / safe, p), total.astype(f.dtype)
 
-    pairs = _trees.map_unmasked(merge, self.ewc_anchor, self.ewc_importance, new, params)
-    anchor, fisher = jax.tree.transpose(
-      jax.tree.structure(self.ewc_anchor), jax.tree.structure((0, 0)), pairs
-    )
+    fields = (self.ewc_anchor, self.ewc_importance, new, params)
+    # Two maps, not one map and a transpose: a state with no unmasked leaf has no pairs.
+    anchor = _trees.map_unmasked(lambda *x: merge(*x)[0], *fields)
+    fisher = _trees.map_unmasked(lambda *x: merge(*x)[1], *fields)
     return EWCState(ewc_anchor=anchor, ewc_importance=fisher)
 
 
@@ -101,6 +105,10 @@ class OnlineEWCState(NamedTuple):
       argument at every update (so ``optax.inject_hyperparams`` reaches it).
   """
 
+  TRANSFORM = "online_ewc"
+  SIGNALS = ("importance",)
+  EXTRA_ARGS = ()
+
   online_ewc_anchor: Any
   online_ewc_importance: Any
   online_ewc_decay: jax.Array  # shape=(), float32
@@ -156,6 +164,7 @@ def online_ewc(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("online_ewc", extra_args)
     del extra_args
     out = add_penalty(
       updates, params, state.online_ewc_anchor, state.online_ewc_importance, strength, "online_ewc"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 class ExperienceReplayState(NamedTuple):
@@ -27,6 +27,10 @@ class ExperienceReplayState(NamedTuple):
     replay_steps: number of updates that added a (finite) replay gradient (a
       diagnostic; int32).
   """
+
+  TRANSFORM = "experience_replay"
+  SIGNALS = ()
+  EXTRA_ARGS = ("replay_grads",)
 
   replay_steps: jax.Array  # shape=(), int32
 
@@ -99,6 +103,7 @@ def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtr
     return ExperienceReplayState(replay_steps=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, replay_grads=None, **extra_args):
+    _debug.check_extra_args("experience_replay", extra_args)
     del params, extra_args
     if replay_grads is None:
       return updates, state

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 class FreezeState(NamedTuple):
@@ -19,6 +19,10 @@ class FreezeState(NamedTuple):
     freeze_threshold: importance at or above which an entry freezes; refreshed
       from the factory argument at every update.
   """
+
+  TRANSFORM = "freeze"
+  SIGNALS = ("importance",)
+  EXTRA_ARGS = ()
 
   frozen: Any
   freeze_threshold: jax.Array  # shape=(), float32
@@ -74,6 +78,7 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
     return FreezeState(frozen=frozen, freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("freeze", extra_args)
     del params, extra_args
     _checks.check_updates(updates, state.frozen, transform="freeze")
     updates = jax.tree.map(lambda f, u: _trees.mask_leaf(u, ~f), state.frozen, updates)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._linalg import contract
 from cl_optax._qp import solve_box_qp
 
@@ -56,6 +56,10 @@ class GEMState(NamedTuple):
       solution, where the next solve starts (shape ``(0,)`` without
       ``max_tasks``: then every solve starts with all bounds active).
   """
+
+  TRANSFORM = "gem"
+  SIGNALS = ()
+  EXTRA_ARGS = ("task_grads", "task_mask")
 
   gem_projected: jax.Array  # shape=(), int32
   gem_active: jax.Array  # shape=(max_tasks,) or (0,), bool
@@ -144,6 +148,7 @@ def gem(
     )
 
   def update_fn(updates, state, params=None, *, task_grads=None, task_mask=None, **extra_args):
+    _debug.check_extra_args("gem", extra_args)
     del params, extra_args
     if task_grads is None:
       return updates, state

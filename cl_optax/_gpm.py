@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._conv import ConvRepresentations
 
 
@@ -39,6 +39,10 @@ class GPMState(NamedTuple):
       factory argument at every update.
   """
 
+  TRANSFORM = "gpm"
+  SIGNALS = ("representations", "threshold")
+  EXTRA_ARGS = ()
+
   feature_basis: Any
   feature_count: Any
   gpm_tasks: jax.Array  # shape=(), int32
@@ -56,7 +60,8 @@ class GPMState(NamedTuple):
     )
     thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
-    rep_by_path = _representations_by_path(reps, basis_paths)
+    unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
+    rep_by_path = _representations_by_path(reps, basis_paths, unprojected)
     kernel_shapes = _kernel_shapes(params)
     thr_by_path = _thresholds_by_path(thresholds, basis_paths)
     new_b, new_c = [], []
@@ -98,11 +103,19 @@ def _kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
   return {p: tuple(np.shape(x)) for p, x in _by_path(params).items()}
 
 
-def _representations_by_path(reps: Any, basis_paths: list[str]) -> dict[str, Any]:
-  """The ``representations`` leaves by path, exactly one per projected leaf."""
+def _representations_by_path(
+  reps: Any, basis_paths: list[str], unprojected: list[str]
+) -> dict[str, Any]:
+  """The ``representations`` leaves by path, exactly one per projected leaf.
+
+  Paths of parameters the transform does not project (``unprojected``, e.g.
+  masked out by ``optax.masked``) are ignored; any other path is an error.
+  """
   rep_by_path = _by_path(reps)
   missing = [p for p in basis_paths if p not in rep_by_path]
-  extra = [p for p in rep_by_path if p not in basis_paths]
+  extra = [
+    p for p in rep_by_path if p not in basis_paths and not any(p.startswith(u) for u in unprojected)
+  ]
   if missing or extra:
     raise ValueError(
       f"gpm: `representations` must hold one [n, d_in] array at the path of each "
@@ -184,8 +197,7 @@ def _layer_inputs(path: str, x: Any, d_in: int, kernel_shape: tuple[int, ...] | 
       f"(n, {d_in}) (or (n, *in_shape)): the inputs of that layer at n samples."
     )
   x = jnp.reshape(jnp.asarray(x, jnp.float32), (np.shape(x)[0], d_in))
-  if _checks.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-    raise ValueError(f"gpm: `representations` leaf {path} holds non-finite values.")
+  _checks.check_finite(x, transform="gpm", name="representations", leaf=path)
   return x
 
 
@@ -296,7 +308,7 @@ def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, A
   """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
 
   def make(is_proj, p):
-    if not is_proj:
+    if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
       return optax.MaskedNode(), optax.MaskedNode()
     shape = jnp.shape(p)
     if len(shape) < 2:
@@ -433,6 +445,7 @@ def gpm(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
+    _debug.check_extra_args("gpm", extra_args)
     del params, extra_args
     state = cast(GPMState, state)
     _checks.check_updates(updates, state.feature_basis, transform="gpm", shapes=False)

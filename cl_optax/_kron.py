@@ -43,6 +43,7 @@ def check_factors(name: str, factors: Any, old: NCLKron) -> tuple[jax.Array, jax
       raise ValueError(
         f"ncl: `precision[{name!r}].{what}` has shape {x.shape}; expected {ref.shape}."
       )
+    _checks.check_finite(x, transform="ncl", name=f"precision[{name!r}].{what}")
     if not _checks.is_concrete(x):
       continue
     m = np.asarray(x, np.float64)

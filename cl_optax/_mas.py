@@ -18,6 +18,10 @@ class MASState(NamedTuple):
     mas_importance: :math:`\\Omega`, the sum of the tasks' MAS importances.
   """
 
+  TRANSFORM = "mas"
+  SIGNALS = ("importance",)
+  EXTRA_ARGS = ()
+
   mas_anchor: Any
   mas_importance: Any
 

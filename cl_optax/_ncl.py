@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._kron import (
   NCLKron,
   check_factors,
@@ -37,6 +37,10 @@ class NCLState(NamedTuple):
       value set through ``optax.inject_hyperparams`` reaches ``consolidate``.
     ncl_decay: :math:`\\gamma` of the prior update, refreshed the same way.
   """
+
+  TRANSFORM = "ncl"
+  SIGNALS = ("precision",)
+  EXTRA_ARGS = ()
 
   prior_mean: Any
   prior_precision: Any
@@ -69,6 +73,8 @@ class NCLState(NamedTuple):
         a_inv, g_inv = damped_inverses(a, g, self.ncl_damping)
         kron[name] = NCLKron(a, g, a_inv, g_inv)
       return self._replace(prior_mean=mean, kron=kron, prior_precision=self._diag_outside(new))
+    if not _trees.unmasked_leaves(self.prior_precision):  # nothing selected: nothing to merge
+      return self._replace(prior_mean=mean)
     new = _checks.validated_signal(
       signals, "precision", self.prior_precision, transform="ncl", values="nonnegative"
     )
@@ -194,6 +200,9 @@ def _init_kron(
   diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
   """
   subtrees = {name: _trees.layer_subtree(params, name) for name in layers}
+  # A layer masked out by optax.masked / partition is not kept (the transform passes it).
+  subtrees = {k: v for k, v in subtrees.items() if not _trees.is_masked(v["kernel"])}
+  layers = tuple(subtrees)
   kron = {}
   for name, sub in subtrees.items():
     d_in, d_out = jnp.shape(sub["kernel"])
@@ -442,6 +451,7 @@ def ncl(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
+    _debug.check_extra_args("ncl", extra_args)
     del extra_args
     state = cast(NCLState, state)
     if params is None:

@@ -9,16 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._gram_schmidt import gram_schmidt_add
 from cl_optax._linalg import contract
-
-
-def _all_finite(leaves) -> jax.Array:
-  ok = jnp.asarray(True)
-  for x in leaves:
-    ok = ok & jnp.all(jnp.isfinite(x))
-  return ok
 
 
 class OGDState(NamedTuple):
@@ -35,6 +28,10 @@ class OGDState(NamedTuple):
       ``ogd_rtol`` times its norm is taken as already in the span and skipped;
       refreshed from the factory argument at every update.
   """
+
+  TRANSFORM = "ogd"
+  SIGNALS = ("output_grads",)
+  EXTRA_ARGS = ()
 
   basis: Any
   basis_count: jax.Array  # shape=(), int32
@@ -57,9 +54,7 @@ class OGDState(NamedTuple):
     g_leaves = _trees.unmasked_leaves(grads)
     if not b_leaves:
       return self
-    if all(_trees.is_concrete(g) for g in g_leaves):
-      if not bool(_all_finite(g_leaves)):
-        raise ValueError("ogd: `output_grads` holds non-finite values; expected finite values.")
+    _checks.check_finite(grads, transform="ogd", name="output_grads")
     basis, count, dropped = gram_schmidt_add(
       b_leaves, self.basis_count, self.basis_dropped, g_leaves, self.ogd_rtol
     )
@@ -139,6 +134,7 @@ def ogd(
     )  # own buffers
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("ogd", extra_args)
     del params, extra_args
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)

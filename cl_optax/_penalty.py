@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 def f32_like(template: Any, tree: Any) -> Any:
@@ -58,6 +58,7 @@ def penalty_update(anchor: str, importance: str, strength, transform: str):
   """``update_fn`` adding ``strength * state.<importance> * (params - state.<anchor>)``."""
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args(transform, extra_args)
     del extra_args
     omega = getattr(state, importance)
     return add_penalty(updates, params, getattr(state, anchor), omega, strength, transform), state

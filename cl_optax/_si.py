@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._penalty import add_penalty, copy_f32, f32_like, zeros
 
 _NO_FLOOR = float(jnp.finfo(jnp.float32).min)
@@ -32,6 +32,10 @@ class SIState(NamedTuple):
       ``nonnegative=True`` (Zenke's ``relu``), the lowest finite float32
       otherwise (no clip, and every state leaf stays finite).
   """
+
+  TRANSFORM = "si"
+  SIGNALS = ()
+  EXTRA_ARGS = ()
 
   si_anchor: Any
   si_importance: Any
@@ -141,6 +145,7 @@ def si(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("si", extra_args)
     del extra_args
     out = add_penalty(updates, params, state.si_anchor, state.si_importance, strength, "si")
     recorded = out if include_penalty else updates

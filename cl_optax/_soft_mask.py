@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _debug, _trees
 
 
 class SoftMaskState(NamedTuple):
@@ -27,6 +27,10 @@ class SoftMaskState(NamedTuple):
       parameters (``1`` before the first consolidate); a unit importance
       counts once for every parameter it covers.
   """
+
+  TRANSFORM = "soft_mask"
+  SIGNALS = ("importance",)
+  EXTRA_ARGS = ()
 
   importance: Any
   head_scale: jax.Array  # shape=(), float32
@@ -68,6 +72,8 @@ def _head_scale(importance: Any, params: Any) -> jax.Array:
 
 
 def _is_shape_leaf(x) -> bool:
+  if _trees.is_masked(x):  # an empty tuple, but a node of the params tree (under optax.masked)
+    return False
   return (
     x is None
     or hasattr(x, "shape")
@@ -96,7 +102,7 @@ def _state_shapes(spec, params) -> Any:
         f"got {given_def}."
       )
     shapes = []
-    paths = _trees.key_strings(plain)
+    paths = [_trees.key_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(plain)[0]]
     for path, p, s in zip(paths, leaves, given, strict=True):
       pshape = tuple(jnp.shape(p))
       s = pshape if s is None else tuple(s.shape if hasattr(s, "shape") else s)
@@ -221,6 +227,7 @@ def soft_mask(
     return SoftMaskState(importance=importance, head_scale=jnp.ones((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _debug.check_extra_args("soft_mask", extra_args)
     del params, extra_args
     _checks.check_updates(updates, state.importance, transform="soft_mask", broadcastable=True)
 

@@ -232,3 +232,31 @@ def map_nodes(tree: Any, is_node: Callable[[Any], bool], fn: Callable[[Any], Any
         var.set_value(value)
     return tree
   return new
+
+
+def selected(params: Any, mask: Any, label: Any = None) -> list[str]:
+  """The key strings of the leaves of ``params`` that ``mask`` selects.
+
+  ``mask`` is what ``optax.masked`` takes: a tree of booleans like ``params``
+  (or a prefix of it) or ``fn(params)`` returning one. With ``label``, it is a
+  label tree / function as ``optax.partition`` takes, and the leaves with
+  that label are selected. The mask is evaluated on ``params`` as given, as
+  optax would (under Flax NNX its function sees ``Variable`` s, whose paths end
+  in ``.value``); the key strings returned are those of the plain tree
+  (``"['l1']['kernel']"``). An empty list means the mask selects nothing: a
+  transform under it would pass every update through unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp, cl_optax
+    >>> params = {"l1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    >>> cl_optax.selected(params, lambda p: {"l1": {"kernel": True, "bias": False}})
+    ["['l1']['kernel']"]
+    >>> cl_optax.selected(params, {"l1": "trunk"}, label="trunk")
+    ["['l1']['bias']", "['l1']['kernel']"]
+  """
+  tree = mask(params) if callable(mask) else mask
+  tree = unwrap_variables(tree)
+  plain = unwrap_variables(params)
+  pick = (lambda m: m == label) if label is not None else bool
+  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: pick(m), sub), tree, plain)
+  return [key_string(p) for p, m in jax.tree_util.tree_flatten_with_path(full)[0] if m]

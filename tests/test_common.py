@@ -418,3 +418,18 @@ def test_missing_signal_is_named(case):
   signal = next(iter(case.signals(params)))
   with pytest.raises(ValueError, match=f"needs the signal `{signal}=`"):
     cl_optax.consolidate(state, params)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_empty_selection_passes_through(case):
+  """Under `optax.masked` with an all-False mask every transform is the identity:
+  init, consolidate and (jitted) update work and the updates come out as they went in."""
+  params = make_params()
+  tx = optax.masked(case.make(), jax.tree.map(lambda _: False, params))
+  state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
+  grads = normal_like(params)
+  extra = case.extra_args(params)
+  updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(grads, state, params)
+  chex.assert_trees_all_equal(updates, grads)
+  state = cl_optax.consolidate(state, params, **case.signals(params))
+  chex.assert_trees_all_equal(tx.update(grads, state, params, **extra)[0], grads)
