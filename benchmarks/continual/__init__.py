@@ -22,6 +22,7 @@ Add a method with one module in `methods/` (see benchmarks/ADDING_METHODS.md).
 from benchmarks.continual import methods  # noqa: F401  registers every method
 from benchmarks.continual.api import run_stream
 from benchmarks.continual.cli import main
+from benchmarks.continual.evaluation import make_eval
 from benchmarks.continual.model import (
   MLP,
   Heads,
@@ -48,7 +49,8 @@ from benchmarks.continual.registry import (
   register,
 )
 from benchmarks.continual.report import results_table, save_plots
-from benchmarks.continual.runner import Config, make_eval, make_train, run_method, task_loss
+from benchmarks.continual.runner import Config, run_method
+from benchmarks.continual.trainer import make_train, task_loss
 
 __all__ = [
   "BASES", "METHODS", "MLP", "MODELS", "PRESETS", "SETTINGS", "AuxInit", "Config", "Heads",
