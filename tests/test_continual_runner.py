@@ -1,5 +1,6 @@
 """benchmarks.continual end to end on a tiny two-task stream."""
 
+import functools
 import json
 from typing import NamedTuple
 
@@ -28,9 +29,9 @@ def _blobs(seed=0, n=48, d=6):
 
 
 def _tiny_preset(scenario="task"):
-  def make(args, seed):
+  def make(data, scenario, seed):
     x, y = _blobs(seed)
-    return streams.split(x, y, classes_per_task=2, scenario=args.scenario, seed=seed)
+    return streams.split(x, y, classes_per_task=2, scenario=scenario, seed=seed)
 
   return continual.Preset("tiny blobs", make, (8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4,
                           epochs=2, scenario=scenario)  # fmt: skip
@@ -144,7 +145,7 @@ def test_registry_hooks_carry_memory_and_extra_args(tiny, monkeypatch, tmp_path)
   monkeypatch.setitem(continual.METHODS, "agem_like", method)
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=2, iters=None,
                          progress=False)  # fmt: skip
-  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  make = functools.partial(_tiny_preset().stream, None, "task")
   (rec,) = continual.run_method("agem_like", make, cfg, [0], return_state=True)
   params, opt_state, aux = rec["final_state"]
   state = opt_state[0]
@@ -239,7 +240,7 @@ def _run_tiny(name):
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=1, iters=None,
                          hp={"fisher_every": 2}, progress=False, protocol="tiny",
                          scenario="task")  # fmt: skip
-  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  make = functools.partial(_tiny_preset().stream, None, "task")
   (rec,) = continual.run_method(name, make, cfg, [0], return_state=True)
   return rec, rec.pop("final_state")[0]
 

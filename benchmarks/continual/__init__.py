@@ -1,7 +1,7 @@
 """Continual-learning benchmark: a stream x methods -> accuracy matrices, table, JSON, plots.
 
   python -m benchmarks.continual                                  # split digits, every method
-  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data ../shared/data
+  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data DIR
   python -m benchmarks.continual --stream split-mnist --scenario class --methods adam,soft_mask
 
 Each task trains in ONE jitted `lax.scan` over its batches; a method's end-of-task
@@ -12,7 +12,7 @@ average accuracy vs tasks seen).
 
 Modules, by role: `model` (the MLP and its per-head forward passes), `registry`
 (`Method` and what its hooks get), `methods/` (one module per family: entries and
-hooks), `protocols` (presets and the papers' per-(preset, method) settings),
+hooks), `protocols` (presets), `paper_settings` (the papers' per-(preset, method) settings),
 `runner` (`make_train`, `run_method`), `report` (table, plots), `cli`, `nnx_models`
 (any Flax NNX module; the `--model` registry), `api` (`run_stream`: your stream, your
 model factory, method names -> records).
@@ -37,7 +37,8 @@ from benchmarks.continual.model import (
   xent,
 )
 from benchmarks.continual.nnx_models import MODELS, NNXModel, make_model
-from benchmarks.continual.protocols import PRESETS, SETTINGS, Preset, settings
+from benchmarks.continual.paper_settings import SETTINGS, settings
+from benchmarks.continual.protocols import PRESETS, Preset
 from benchmarks.continual.registry import (
   BASES,
   METHODS,

@@ -23,8 +23,8 @@ from benchmarks.continual import progress
 from benchmarks.continual.evaluation import TestSets, make_eval
 from benchmarks.continual.model import MLP, Heads, make_heads
 from benchmarks.continual.nnx_models import make_model
+from benchmarks.continual.paper_settings import settings
 from benchmarks.continual.progress import Ticks
-from benchmarks.continual.protocols import settings
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, TaskEnd
 from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
 from benchmarks.continual.trainer import batch_indices, make_train, pad_rows
@@ -42,7 +42,7 @@ class Config(NamedTuple):
   hp: dict = {}
   progress: bool = True
   ticks: int = 50  # progress updates per task
-  protocol: str = ""  # the preset's name (selects protocols.SETTINGS rows)
+  protocol: str = ""  # the preset's name (selects paper_settings.SETTINGS rows)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
   init: str = "torch"  # the parameter init (model.mlp_init): the preset's, or --init
