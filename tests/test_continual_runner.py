@@ -13,7 +13,7 @@ import pytest
 import cl_optax
 from benchmarks import continual
 from benchmarks.continual import progress
-from benchmarks.continual.methods import replay
+from benchmarks.continual.methods import memory_projection
 from cl_optax import streams
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
@@ -278,7 +278,7 @@ def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
 
 
 def _ring_with_task0(params, key, n=5):
-  mem = replay.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}, 6))
+  mem = memory_projection.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}, 6))
   x = jax.random.normal(key, (n, 6))
   y = jnp.arange(n, dtype=jnp.int32) % 2
   mem = cl_optax.replay.add(mem, {"x": x, "y": y, "task": jnp.zeros(n, jnp.int32)}, task=0)
@@ -310,16 +310,16 @@ def test_agem_and_gem_steps_read_the_past_tasks_memory():
     ).mean()
   )(params)
   s, _ = _step(params, mem, 1, {"memory_batch": 16})
-  extra, new_mem = jax.jit(lambda: replay.agem_step(s))()
+  extra, new_mem = jax.jit(lambda: memory_projection.agem_step(s))()
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
   jax.tree.map(chex_close, extra["ref_grads"], want)
   assert int(new_mem.written[1]) == 4 and int(new_mem.written[0]) == 5
-  extra, _ = jax.jit(lambda: replay.gem_step(s))()
+  extra, _ = jax.jit(lambda: memory_projection.gem_step(s))()
   assert np.asarray(extra["task_mask"]).tolist() == [True, False, False]
   jax.tree.map(lambda g, w: chex_close(g[0], w), extra["task_grads"], want)
   jax.tree.map(lambda g: chex_close(g[1:], 0.0), extra["task_grads"])  # empty rings: 0
   s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
-  extra, _ = jax.jit(lambda: replay.agem_step(s))()
+  extra, _ = jax.jit(lambda: memory_projection.agem_step(s))()
   jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])
 
 
