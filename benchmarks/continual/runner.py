@@ -88,7 +88,7 @@ class _Seed:
     return arrays | {"R": jnp.asarray(self.R)} | ({"aux": self.aux} if self.aux is not None else {})
 
 
-_TIMES = ("samples", "train_s", "end_s", "compile_s")
+_TIMES = ("samples", "train_s", "end_s", "compile_s")  # counters a checkpoint keeps
 
 
 class _Run:
