@@ -36,6 +36,7 @@ from flax import nnx
 
 import cl_optax
 from benchmarks import lm
+from benchmarks.lm_model import ByteLM
 
 
 def _timed(fn, repeats: int) -> float:
@@ -51,7 +52,7 @@ def _timed(fn, repeats: int) -> float:
 
 def _model(name: str):
   """The LM's graph, its params (plain dict) and a merge function."""
-  model = lm.example_module().ByteLM(lm.lm_config(name), nnx.Rngs(0))
+  model = ByteLM(lm.lm_config(name), nnx.Rngs(0))
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
 

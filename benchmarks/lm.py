@@ -1,21 +1,21 @@
 """The Flax NNX Transformer LM of the continual pre-training example, at benchmark sizes.
 
-The model is ``ByteLM`` of ``examples/continual_pretraining.py`` (pre-LN
-blocks: ``nnx.MultiHeadAttention`` projections and a GELU FFN, byte
-vocabulary, learned positions), built at about 10 M and 100 M parameters,
-with float32 or bfloat16 parameters. Everything here is functional: a plain
-nested dict of parameters and ``loss(params, tokens)``.
+The model is :class:`benchmarks.lm_model.ByteLM` (pre-LN blocks:
+``nnx.MultiHeadAttention`` projections and a GELU FFN, byte vocabulary, learned
+positions), built at about 10 M and 100 M parameters, with float32 or bfloat16
+parameters. Everything here is functional: a plain nested dict of parameters and
+``loss(params, tokens)``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from benchmarks.lm_model import ByteLM
 
 # d, layers, heads, ff: per block 4 d^2 (attention) + 2 d ff (FFN) weights.
 CONFIGS = {
@@ -26,16 +26,6 @@ CONFIGS = {
 LENGTH = 128  # context (positions kept in the model)
 
 
-@functools.cache
-def example_module():
-  """``examples/continual_pretraining.py`` as a module (it is not a package)."""
-  path = pathlib.Path(__file__).parent.parent / "examples" / "continual_pretraining.py"
-  spec = importlib.util.spec_from_file_location("continual_pretraining", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def lm_config(name: str) -> dict:
   return CONFIGS[name] | {"length": LENGTH if name != "lm" else 64, "dropout": 0.0}
 
@@ -44,7 +34,7 @@ def lm_config(name: str) -> dict:
 def _model_parts(name: str, seed: int = 0):
   from flax import nnx
 
-  model = example_module().ByteLM(lm_config(name), nnx.Rngs(seed))
+  model = ByteLM(lm_config(name), nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params.to_pure_dict(), rest
 

@@ -15,19 +15,14 @@ Add a transform by appending a `Case` to `benchmarks.overhead_cases.CASES`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
-import optax
 
-import cl_optax
 from benchmarks import floor, lm
-from benchmarks.continual.model import mlp_apply
-from benchmarks.overhead_cases import BASES, BIG, CASES, MODELS, Case, mlp_params, model_params
+from benchmarks.overhead_cases import BASES, BIG, CASES, MODELS, Case, model_params
+from benchmarks.train_steps import measure_train_steps, step_timer
 
 
 def state_bytes(state) -> int:
@@ -47,8 +42,8 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
   # A-GEM's step needs the reference gradient's extra backward pass: its update
   # part is what the goal names, so it has no step row here
   if step_batch and case.extra_args is Case._field_defaults["extra_args"]:
-    step_base = _step_timer(base, params, lambda: base.init(params), step_batch, calls, model)
-    step_tx = _step_timer(
+    step_base = step_timer(base, params, lambda: base.init(params), step_batch, calls, model)
+    step_tx = step_timer(
       tx, params, lambda: case.prepare(tx.init(params), params), step_batch, calls, model
     )
     s_base, s_tx = [], []
@@ -88,130 +83,6 @@ def measure(case: Case, model: str, repeats: int, calls: int, step_batch: int = 
   }
 
 
-# ------------------------------------------- whole train step (A-GEM vs GEM)
-
-
-def _ce(params, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y).mean()
-
-
-def _step_timer(tx, params, make_state, batch, calls, model="mlp"):
-  """Times a whole train step (forward, backward, transform, apply); params and state donated.
-
-  MLPs: ``batch`` examples of 784 inputs; the LMs: ``batch`` sequences of bytes.
-  """
-  if model.startswith("lm"):
-    name = model.removesuffix("-bf16")
-    loss, data = lm.lm_loss(name), (lm.lm_batch(batch, lm.lm_config(name)["length"]),)
-  else:
-    x = jax.random.normal(jax.random.key(3), (batch, params["layer0"]["kernel"].shape[0]))
-    y = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
-    loss, data = _ce, (x, y)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, s):
-    u, s = tx.update(jax.grad(loss)(p, *data), s, p)
-    return optax.apply_updates(p, u), s
-
-  def run():
-    out = step(jax.tree.map(jnp.copy, params), make_state())
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = step(*out)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
-
-  return run
-
-
-def measure_train_steps(
-  model: str,
-  repeats: int,
-  calls: int,
-  *,
-  n_tasks: int = 20,
-  mem_per_task: int = 256,
-  batch: int = 10,
-  ref_batch: int = 256,
-) -> dict:
-  """One jitted SGD step, including the memory forward/backward, per method.
-
-  sgd: the batch gradient. agem: plus the gradient on ``ref_batch`` memory
-  samples. gem: plus the gradients of ``n_tasks`` tasks' memories
-  (``mem_per_task`` samples each) in one ``vmap`` ped backward.
-  """
-  sizes = MODELS[model]
-  params = mlp_params(sizes)
-  keys = jax.random.split(jax.random.key(5), 6)
-  x = jax.random.uniform(keys[0], (batch, sizes[0]))
-  y = jax.random.randint(keys[1], (batch,), 0, sizes[-1])
-  xr = jax.random.uniform(keys[2], (ref_batch, sizes[0]))
-  yr = jax.random.randint(keys[3], (ref_batch,), 0, sizes[-1])
-  xm = jax.random.uniform(keys[4], (n_tasks, mem_per_task, sizes[0]))
-  ym = jax.random.randint(keys[5], (n_tasks, mem_per_task), 0, sizes[-1])
-  mask = jnp.ones((n_tasks,), bool)
-  grad = jax.grad(_ce)
-  txs = {
-    "sgd": optax.sgd(0.1),
-    "agem": optax.chain(cl_optax.agem(), optax.sgd(0.1)),
-    "gem": optax.chain(cl_optax.gem(max_tasks=n_tasks), optax.sgd(0.1)),
-  }
-
-  @jax.jit
-  def sgd_step(params, state):
-    updates, state = txs["sgd"].update(grad(params, x, y), state, params)
-    return optax.apply_updates(params, updates), state
-
-  @jax.jit
-  def agem_step(params, state):
-    ref = grad(params, xr, yr)
-    updates, state = txs["agem"].update(grad(params, x, y), state, params, ref_grads=ref)
-    return optax.apply_updates(params, updates), state
-
-  @jax.jit
-  def gem_step(params, state):
-    task_grads = jax.vmap(grad, in_axes=(None, 0, 0))(params, xm, ym)
-    updates, state = txs["gem"].update(
-      grad(params, x, y), state, params, task_grads=task_grads, task_mask=mask
-    )
-    return optax.apply_updates(params, updates), state
-
-  steps = {"sgd": sgd_step, "agem": agem_step, "gem": gem_step}
-  states = {k: tx.init(params) for k, tx in txs.items()}
-
-  def time_one(name):
-    out = steps[name](params, states[name])
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = steps[name](params, states[name])
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls, out[1]
-
-  times = {k: [] for k in steps}
-  last = {}
-  for _ in range(repeats):
-    for name in steps:
-      t, last[name] = time_one(name)
-      times[name].append(t)
-  best = {k: min(v) for k, v in times.items()}
-  return {
-    "model": model,
-    "n_tasks": n_tasks,
-    "mem_per_task": mem_per_task,
-    "ref_batch": ref_batch,
-    "batch": batch,
-    "sgd_step_us": 1e6 * best["sgd"],
-    "agem_step_us": 1e6 * best["agem"],
-    "gem_step_us": 1e6 * best["gem"],
-    "agem_over_sgd": best["agem"] / best["sgd"],
-    "gem_over_agem": best["gem"] / best["agem"],
-    "agem_projected": bool(optax.tree.get(last["agem"], "agem_projected") > 0),
-    "gem_projected": bool(optax.tree.get(last["gem"], "gem_projected") > 0),
-  }
-
-
 def plot_floor(rows, path):
   """Bar chart: achieved / floor per case, one group of bars per model."""
   import matplotlib
@@ -237,7 +108,7 @@ def plot_floor(rows, path):
   fig.savefig(path, dpi=120)
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=",".join(c.name for c in CASES))
   parser.add_argument("--models", default=",".join(MODELS))
@@ -261,9 +132,11 @@ def main():
     default="256,13",
     help="GEM memory per task for the step rows (256: the paper; 13: 20 tasks x 13 ~ A-GEM's 256)",
   )
-  args = parser.parse_args()
+  return parser
 
-  by_name = {c.name: c for c in CASES}
+
+def main():
+  args = make_parser().parse_args()
   device = jax.devices()[0]
   print(
     f"device: {device.platform} ({device.device_kind}), {platform.processor() or ''}"
@@ -271,6 +144,18 @@ def main():
     " update + apply_updates with params and state donated"
     + (f", step x = train step at batch {args.step_batch}" if args.step_batch else "")
   )
+  rows = case_rows(args)
+  if args.png and any(r["case"] in floor.TRAFFIC for r in rows):
+    plot_floor(rows, args.png)
+  step_rows = train_step_rows(args) if args.steps else []
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": str(device), "rows": rows, "steps": step_rows}, f, indent=1)
+
+
+def case_rows(args) -> list[dict]:
+  """Measures and prints each case on each model (see :func:`measure`)."""
+  by_name = {c.name: c for c in CASES}
   print(
     f"{'case':<18}{'model':<13}{'base':<6}{'base us':>10}{'update us':>11}"
     f"{'time x':>8}{'state x':>9}{'GB/s':>6}{'floor us':>10}{'ach/floor':>10}{'base/floor':>11}"
@@ -297,31 +182,31 @@ def main():
         + ("" if row["state_bytes_vs"] == "base" else " (state x of params)"),
         flush=True,
       )
-  if args.png and any(r["case"] in floor.TRAFFIC for r in rows):
-    plot_floor(rows, args.png)
+  return rows
+
+
+def train_step_rows(args) -> list[dict]:
+  """Measures and prints the whole train step of SGD, A-GEM and GEM (``--steps`` models)."""
+  print(
+    f"\nwhole jitted train step (batch 10; A-GEM: + {256} memory samples; GEM: + 20 tasks x m"
+    " memory samples, one vmapped backward)"
+  )
+  print(
+    f"{'model':<9}{'m':>5}{'sgd us':>10}{'agem us':>10}{'gem us':>11}"
+    f"{'agem/sgd':>10}{'gem/agem':>10}  projected"
+  )
   step_rows = []
-  if args.steps:
-    print(
-      f"\nwhole jitted train step (batch 10; A-GEM: + {256} memory samples; GEM: + 20 tasks x m"
-      " memory samples, one vmapped backward)"
-    )
-    print(
-      f"{'model':<9}{'m':>5}{'sgd us':>10}{'agem us':>10}{'gem us':>11}"
-      f"{'agem/sgd':>10}{'gem/agem':>10}  projected"
-    )
-    for model in args.steps.split(","):
-      for m in (int(v) for v in args.mem_per_task.split(",")):
-        row = measure_train_steps(model, args.repeats, args.calls, mem_per_task=m)
-        step_rows.append(row)
-        print(
-          f"{model:<9}{m:>5}{row['sgd_step_us']:>10.1f}{row['agem_step_us']:>10.1f}"
-          f"{row['gem_step_us']:>11.1f}{row['agem_over_sgd']:>10.2f}{row['gem_over_agem']:>10.2f}"
-          f"  agem={row['agem_projected']} gem={row['gem_projected']}",
-          flush=True,
-        )
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": str(device), "rows": rows, "steps": step_rows}, f, indent=1)
+  for model in args.steps.split(","):
+    for m in (int(v) for v in args.mem_per_task.split(",")):
+      row = measure_train_steps(model, args.repeats, args.calls, mem_per_task=m)
+      step_rows.append(row)
+      print(
+        f"{model:<9}{m:>5}{row['sgd_step_us']:>10.1f}{row['agem_step_us']:>10.1f}"
+        f"{row['gem_step_us']:>11.1f}{row['agem_over_sgd']:>10.2f}{row['gem_over_agem']:>10.2f}"
+        f"  agem={row['agem_projected']} gem={row['gem_projected']}",
+        flush=True,
+      )
+  return step_rows
 
 
 if __name__ == "__main__":

@@ -32,24 +32,8 @@ MODELS = {
 BIG = 50_000_000  # from this size: element-wise cases only, few repeats (memory and time)
 
 
-def example_lm_params(seed=0):
-  """Parameters of the example's LM (default config), as a plain nested dict."""
-  import importlib.util
-  import pathlib
-
-  from flax import nnx
-
-  path = pathlib.Path(__file__).parent.parent / "examples" / "continual_pretraining.py"
-  spec = importlib.util.spec_from_file_location("continual_pretraining", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = {"d": 128, "layers": 4, "heads": 4, "ff": 512, "length": 64, "dropout": 0.1}
-  return nnx.state(module.ByteLM(cfg, nnx.Rngs(seed)), nnx.Param).to_pure_dict()
-
-
 def model_params(model):
-  if model == "lm":
-    return example_lm_params()
+  """The parameters of a `MODELS` entry: the LMs of :mod:`benchmarks.lm`, else the MLP."""
   name = model.removesuffix("-bf16")
   if name in lm.CONFIGS:
     return lm.lm_params(name, jnp.bfloat16 if model.endswith("-bf16") else jnp.float32)

@@ -23,15 +23,8 @@ def _no_bar(n):
   """The runner's tick callback when no progress bar is open."""
 
 
-def main(steps=5500, batch=10, repeats=3):
-  tx = optax.sgd(0.03)
-  params = c.mlp_init(jax.random.key(0), (784, 256, 256, 10))
-  n = steps * batch
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.random((n, 784), dtype=np.float32))
-  Y = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
-  idx = jnp.asarray(rng.permutation(n).reshape(steps, batch).astype(np.int32))
-  cols, valid = jnp.tile(jnp.arange(10), (17, 1)), jnp.ones((17, 10), bool)
+def _bare_scan(tx, X, Y, idx):
+  """A jitted ``lax.scan`` of plain SGD steps on ``X[idx[i]], Y[idx[i]]``."""
 
   @jax.jit
   def bare(p, s):
@@ -45,38 +38,40 @@ def main(steps=5500, batch=10, repeats=3):
 
     return jax.lax.scan(body, (p, s), idx)[0]
 
-  fns = {"bare scan": lambda: bare(params, tx.init(params))}
-  variants = {"runner": (steps // 50, False), "runner, no ticks": (0, False),
-              "runner, padded": (steps // 50, True)}  # fmt: skip
-  for name, (ticks, padded) in variants.items():
-    f = c.make_train(c.METHODS["sgd"], tx, ticks_every=ticks, on_tick=_no_bar, padded=padded)
-    args = (params, tx.init(params), None, jax.random.key(0), X, Y, idx, jnp.ones(steps, bool),
-            jnp.int32(0), cols, valid)  # fmt: skip
-    compiled = f.lower(*args).compile()
-    fns[name] = lambda compiled=compiled, args=args: compiled(*args)
-  # An A-GEM-shaped step: a reference gradient on 256 memory examples inside the same
-  # jitted step, passed as an extra arg to a projection (cl_optax.agem once merged).
-  mem_x, mem_y = X[:256], Y[:256]
+  return bare
+
+
+def _agem_shaped(tx, mem_x, mem_y):
+  """An A-GEM-shaped method: a reference gradient on the memory examples inside the same
+  jitted step, passed as an extra arg to a projection chained before ``tx``."""
 
   def ref_step(s):
-    g = jax.grad(s.loss_fn)(s.params, mem_x, mem_y, jnp.zeros(256, jnp.int32))
+    g = jax.grad(s.loss_fn)(s.params, mem_x, mem_y, jnp.zeros(len(mem_y), jnp.int32))
     return {"ref_grads": g}, s.aux
 
-  def project():
-    def update(u, state, params=None, *, ref_grads=None, **extra):
-      dot, nn = optax.tree.vdot(u, ref_grads), optax.tree.vdot(ref_grads, ref_grads)
-      coef = jnp.where(dot < 0, dot / jnp.maximum(nn, 1e-12), 0.0)
-      return jax.tree.map(lambda a, r: a - coef * r, u, ref_grads), state
+  def update(u, state, params=None, *, ref_grads=None, **extra):
+    dot, nn = optax.tree.vdot(u, ref_grads), optax.tree.vdot(ref_grads, ref_grads)
+    coef = jnp.where(dot < 0, dot / jnp.maximum(nn, 1e-12), 0.0)
+    return jax.tree.map(lambda a, r: a - coef * r, u, ref_grads), state
 
-    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  project = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  agem_tx = optax.chain(project, tx)
+  return c.Method("agem-shaped", lambda h: agem_tx, step=ref_step), agem_tx
 
-  agem_tx = optax.chain(project(), tx)
-  method = c.Method("agem-shaped", lambda h: agem_tx, step=ref_step)
-  f = c.make_train(method, agem_tx, ticks_every=steps // 50, on_tick=_no_bar)
-  args = (params, agem_tx.init(params), None, jax.random.key(0), X, Y, idx, jnp.ones(steps, bool),
-          jnp.int32(1), cols, valid)  # fmt: skip
+
+def _runner_scan(method, tx, params, data, task, ticks, padded):
+  """The runner's compiled per-task scan (``make_train``) on ``data = (X, Y, idx)``."""
+  X, Y, idx = data
+  cols, valid = jnp.tile(jnp.arange(10), (17, 1)), jnp.ones((17, 10), bool)
+  f = c.make_train(method, tx, ticks_every=ticks, on_tick=_no_bar, padded=padded)
+  args = (params, tx.init(params), None, jax.random.key(0), X, Y, idx,
+          jnp.ones(idx.shape[0], bool), jnp.int32(task), cols, valid)  # fmt: skip
   compiled = f.lower(*args).compile()
-  fns["runner, A-GEM step"] = lambda compiled=compiled, args=args: compiled(*args)
+  return lambda: compiled(*args)
+
+
+def _min_times(fns: dict, repeats: int) -> dict:
+  """Min over interleaved repeats of each function's time (after one warm-up call)."""
   times = {k: [] for k in fns}
   for f in fns.values():
     jax.block_until_ready(f())
@@ -85,10 +80,31 @@ def main(steps=5500, batch=10, repeats=3):
       t0 = time.perf_counter()
       jax.block_until_ready(f())
       times[k].append(time.perf_counter() - t0)
-  base = min(times["bare scan"])
+  return {k: min(v) for k, v in times.items()}
+
+
+def main(steps=5500, batch=10, repeats=3):
+  tx = optax.sgd(0.03)
+  params = c.mlp_init(jax.random.key(0), (784, 256, 256, 10))
+  n = steps * batch
+  rng = np.random.default_rng(0)
+  X = jnp.asarray(rng.random((n, 784), dtype=np.float32))
+  Y = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  idx = jnp.asarray(rng.permutation(n).reshape(steps, batch).astype(np.int32))
+  bare = _bare_scan(tx, X, Y, idx)
+  fns = {"bare scan": lambda: bare(params, tx.init(params))}
+  variants = {"runner": (steps // 50, False), "runner, no ticks": (0, False),
+              "runner, padded": (steps // 50, True)}  # fmt: skip
+  for name, (ticks, padded) in variants.items():
+    fns[name] = _runner_scan(c.METHODS["sgd"], tx, params, (X, Y, idx), 0, ticks, padded)
+  method, agem_tx = _agem_shaped(tx, X[:256], Y[:256])
+  fns["runner, A-GEM step"] = _runner_scan(
+    method, agem_tx, params, (X, Y, idx), 1, steps // 50, False
+  )
+  times = _min_times(fns, repeats)
   print(f"{steps} steps of batch {batch}, MLP 784-256-256-10, {jax.devices()[0]}")
-  for k, v in times.items():
-    print(f"{k:<20}{steps * batch / min(v):>10.0f} samples/s{min(v) / base:>8.2f} x bare")
+  for k, t in times.items():
+    print(f"{k:<20}{steps * batch / t:>10.0f} samples/s{t / times['bare scan']:>8.2f} x bare")
 
 
 if __name__ == "__main__":

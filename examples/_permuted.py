@@ -2,8 +2,8 @@
 
 Permuted digits: scikit-learn's bundled 8x8 digits (offline), each task a fixed
 random permutation of the 64 pixels (task 0: the identity), all 10 classes, one
-shared head (domain-incremental, like permuted MNIST). ``--data mnist`` uses
-``../shared/data/mnist.npz`` (or ``--mnist PATH``) instead: 784 pixels.
+shared head (domain-incremental, like permuted MNIST). ``--data mnist`` uses MNIST
+instead (784 pixels): ``--mnist PATH`` (a .npz or IDX folder), default ``$CL_OPTAX_DATA``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def load(data: str, mnist_path: str | None, n_train: int | None):
     idx = rng.permutation(len(x))
     cut = int(0.8 * len(x))
     return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
-  path = mnist_path or pathlib.Path(__file__).parents[2] / "shared/data/mnist.npz"
-  ds = streams.load_mnist(path)
+  ds = streams.load_mnist(mnist_path)  # None: $CL_OPTAX_DATA
   n = n_train or len(ds.x_train)
   flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
   return (flat(ds.x_train[:n]), ds.y_train[:n]), (flat(ds.x_test), ds.y_test)
@@ -165,7 +164,11 @@ def main_loop(methods: dict, args):
 def add_common_args(parser, methods: str):
   parser.add_argument("--methods", default=methods)
   parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
-  parser.add_argument("--mnist", default=None, help="path of mnist.npz (with --data mnist)")
+  parser.add_argument(
+    "--mnist",
+    default=None,
+    help=f"MNIST .npz or folder (with --data mnist; default ${streams.ENV_VAR})",
+  )
   parser.add_argument("--n-train", type=int, default=None, help="MNIST examples per task")
   parser.add_argument("--tasks", type=int, default=5)
   parser.add_argument("--seeds", type=int, default=3)

@@ -57,7 +57,7 @@ def main():
   parser.add_argument("--ewc", type=float, default=100.0, help="EWC / online EWC lambda")
   parser.add_argument("--decay", type=float, default=0.9, help="online EWC gamma")
   parser.add_argument("--si", type=float, default=1.0, help="SI strength (= 2c)")
-  parser.add_argument("--xi", type=float, default=0.1, help="SI damping xi")
+  parser.add_argument("--xi", type=float, default=0.1, help="SI's xi (denominator term)")
   parser.add_argument("--mas", type=float, default=0.03, help="MAS strength (= 2 lambda_paper)")
   args = parser.parse_args()
   main_loop(methods(args), args)

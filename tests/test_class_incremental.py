@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import continual
-from benchmarks.continual import progress, run_stream, runner
+from benchmarks.continual import progress, run_stream, trainer
 from benchmarks.continual.nnx_models import NNXModel
 from cl_optax import streams
 
@@ -40,12 +40,12 @@ def test_class_il_memory_loss_competes_with_the_classes_active_now():
   valid = jnp.array([[True, True, False, False], [True, True, True, True]])
   x = jnp.array([[0.0, 0.0, 5.0, 0.0]])
   y, task_ids = jnp.array([0]), jnp.array([0])
-  loss = runner.task_loss(_identity, columns, valid, jnp.int32(1))(None, x, y, task_ids)
+  loss = trainer.task_loss(_identity, columns, valid, jnp.int32(1))(None, x, y, task_ids)
   want = optax.softmax_cross_entropy_with_integer_labels(x, y)[0]  # over all four classes
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert float(loss) > 5.0 > np.log(2.0) + 1.0
   # while training task 0 the same example only sees classes 0 and 1
-  loss0 = runner.task_loss(_identity, columns, valid, jnp.int32(0))(None, x, y, task_ids)
+  loss0 = trainer.task_loss(_identity, columns, valid, jnp.int32(0))(None, x, y, task_ids)
   np.testing.assert_allclose(loss0, np.log(2.0), rtol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_task_il_memory_loss_keeps_each_examples_own_head():
   valid = jnp.ones((2, 2), bool)
   x = jnp.array([[0.0, 1.0, 9.0, 9.0], [0.0, 0.0, 0.0, 3.0]])
   y, task_ids = jnp.array([1, 1]), jnp.array([0, 1])
-  loss = runner.task_loss(_identity, columns, valid, jnp.int32(1))(None, x, y, task_ids)
+  loss = trainer.task_loss(_identity, columns, valid, jnp.int32(1))(None, x, y, task_ids)
   want = optax.softmax_cross_entropy_with_integer_labels(
     jnp.array([[0.0, 1.0], [0.0, 3.0]]), y
   ).mean()

@@ -86,13 +86,10 @@ def test_split_mnist_2019_assigns_digits_to_tasks_per_seed(monkeypatch):
   ds = protocols.streams.Dataset(x, y, x, y)
   monkeypatch.setattr(protocols, "_mnist", lambda path: ds)
 
-  class Args:
-    data, scenario = None, "task"
-
   make = continual.PRESETS["split-mnist-2019"].stream
-  groups = {s: [tuple(t.classes.tolist()) for t in make(Args, s)] for s in range(3)}
+  groups = {s: [tuple(t.classes.tolist()) for t in make(None, "task", s)] for s in range(3)}
   for g in groups.values():
     assert sorted(c for pair in g for c in pair) == list(range(10))
   assert len({tuple(g) for g in groups.values()}) == 3  # a different assignment per seed
-  plain = continual.PRESETS["split-mnist"].stream(Args, 0)
+  plain = continual.PRESETS["split-mnist"].stream(None, "task", 0)
   assert [tuple(t.classes.tolist()) for t in plain] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]

@@ -1,5 +1,6 @@
 """benchmarks.continual end to end on a tiny two-task stream."""
 
+import functools
 import json
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ import pytest
 import cl_optax
 from benchmarks import continual
 from benchmarks.continual import progress
-from benchmarks.continual.methods import replay
+from benchmarks.continual.methods import memory_projection
 from cl_optax import streams
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
@@ -28,9 +29,9 @@ def _blobs(seed=0, n=48, d=6):
 
 
 def _tiny_preset(scenario="task"):
-  def make(args, seed):
+  def make(data, scenario, seed):
     x, y = _blobs(seed)
-    return streams.split(x, y, classes_per_task=2, scenario=args.scenario, seed=seed)
+    return streams.split(x, y, classes_per_task=2, scenario=scenario, seed=seed)
 
   return continual.Preset("tiny blobs", make, (8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4,
                           epochs=2, scenario=scenario)  # fmt: skip
@@ -144,7 +145,7 @@ def test_registry_hooks_carry_memory_and_extra_args(tiny, monkeypatch, tmp_path)
   monkeypatch.setitem(continual.METHODS, "agem_like", method)
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=2, iters=None,
                          progress=False)  # fmt: skip
-  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  make = functools.partial(_tiny_preset().stream, None, "task")
   (rec,) = continual.run_method("agem_like", make, cfg, [0], return_state=True)
   params, opt_state, aux = rec["final_state"]
   state = opt_state[0]
@@ -239,7 +240,7 @@ def _run_tiny(name):
   cfg = continual.Config((8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=1, iters=None,
                          hp={"fisher_every": 2}, progress=False, protocol="tiny",
                          scenario="task")  # fmt: skip
-  make = lambda seed: _tiny_preset().stream(type("A", (), {"scenario": "task"})(), seed)  # noqa: E731
+  make = functools.partial(_tiny_preset().stream, None, "task")
   (rec,) = continual.run_method(name, make, cfg, [0], return_state=True)
   return rec, rec.pop("final_state")[0]
 
@@ -277,7 +278,7 @@ def test_protocol_settings_per_scenario(tiny, monkeypatch, tmp_path):
 
 
 def _ring_with_task0(params, key, n=5):
-  mem = replay.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}, 6))
+  mem = memory_projection.ring_init(continual.AuxInit(3, (6,), {"memory_per_task": 8}, 6))
   x = jax.random.normal(key, (n, 6))
   y = jnp.arange(n, dtype=jnp.int32) % 2
   mem = cl_optax.replay.add(mem, {"x": x, "y": y, "task": jnp.zeros(n, jnp.int32)}, task=0)
@@ -309,16 +310,16 @@ def test_agem_and_gem_steps_read_the_past_tasks_memory():
     ).mean()
   )(params)
   s, _ = _step(params, mem, 1, {"memory_batch": 16})
-  extra, new_mem = jax.jit(lambda: replay.agem_step(s))()
+  extra, new_mem = jax.jit(lambda: memory_projection.agem_step(s))()
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
   jax.tree.map(chex_close, extra["ref_grads"], want)
   assert int(new_mem.written[1]) == 4 and int(new_mem.written[0]) == 5
-  extra, _ = jax.jit(lambda: replay.gem_step(s))()
+  extra, _ = jax.jit(lambda: memory_projection.gem_step(s))()
   assert np.asarray(extra["task_mask"]).tolist() == [True, False, False]
   jax.tree.map(lambda g, w: chex_close(g[0], w), extra["task_grads"], want)
   jax.tree.map(lambda g: chex_close(g[1:], 0.0), extra["task_grads"])  # empty rings: 0
   s, _ = _step(params, mem, 0, {"memory_batch": 16})  # task 0: no past task, g_ref = 0
-  extra, _ = jax.jit(lambda: replay.agem_step(s))()
+  extra, _ = jax.jit(lambda: memory_projection.agem_step(s))()
   jax.tree.map(lambda g: chex_close(g, 0.0), extra["ref_grads"])
 
 

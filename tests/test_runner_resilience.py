@@ -24,9 +24,9 @@ def _blobs(seed=0, n=48, d=6):
 
 @pytest.fixture
 def tiny(monkeypatch):
-  def make(args, seed):
+  def make(data, scenario, seed):
     x, y = _blobs(seed)
-    return streams.split(x, y, classes_per_task=2, scenario=args.scenario, seed=seed)
+    return streams.split(x, y, classes_per_task=2, scenario=scenario, seed=seed)
 
   preset = continual.Preset(
     "tiny blobs", make, (8,), "sgd", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=2, scenario="task"

@@ -1,7 +1,7 @@
 """Continual-learning benchmark: a stream x methods -> accuracy matrices, table, JSON, plots.
 
   python -m benchmarks.continual                                  # split digits, every method
-  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data ../shared/data
+  python -m benchmarks.continual --stream pmnist-agem --methods sgd --seeds 5 --data DIR
   python -m benchmarks.continual --stream split-mnist --scenario class --methods adam,soft_mask
 
 Each task trains in ONE jitted `lax.scan` over its batches; a method's end-of-task
@@ -12,16 +12,19 @@ average accuracy vs tasks seen).
 
 Modules, by role: `model` (the MLP and its per-head forward passes), `registry`
 (`Method` and what its hooks get), `methods/` (one module per family: entries and
-hooks), `protocols` (presets and the papers' per-(preset, method) settings),
-`runner` (`make_train`, `run_method`), `report` (table, plots), `cli`, `nnx_models`
-(any Flax NNX module; the `--model` registry), `api` (`run_stream`: your stream, your
-model factory, method names -> records).
+hooks), `protocols` (presets), `paper_settings` (the papers' per-(preset, method)
+settings), `trainer` (`make_train`: a task's jitted scan, `task_loss`), `evaluation`
+(`make_eval`, the test sets), `runner` (`run_method`: a seed's steps), `resilience`
+(checkpoints, divergence), `report` (table, plots), `cli`, `nnx_models` (any Flax NNX
+module; the `--model` registry), `api` (`run_stream`: your stream, your model factory,
+method names -> records).
 Add a method with one module in `methods/` (see benchmarks/ADDING_METHODS.md).
 """
 
 from benchmarks.continual import methods  # noqa: F401  registers every method
 from benchmarks.continual.api import run_stream
 from benchmarks.continual.cli import main
+from benchmarks.continual.evaluation import make_eval
 from benchmarks.continual.model import (
   MLP,
   Heads,
@@ -36,7 +39,8 @@ from benchmarks.continual.model import (
   xent,
 )
 from benchmarks.continual.nnx_models import MODELS, NNXModel, make_model
-from benchmarks.continual.protocols import PRESETS, SETTINGS, Preset, settings
+from benchmarks.continual.paper_settings import SETTINGS, settings
+from benchmarks.continual.protocols import PRESETS, Preset
 from benchmarks.continual.registry import (
   BASES,
   METHODS,
@@ -48,7 +52,8 @@ from benchmarks.continual.registry import (
   register,
 )
 from benchmarks.continual.report import results_table, save_plots
-from benchmarks.continual.runner import Config, make_eval, make_train, run_method, task_loss
+from benchmarks.continual.runner import Config, run_method
+from benchmarks.continual.trainer import make_train, task_loss
 
 __all__ = [
   "BASES", "METHODS", "MLP", "MODELS", "PRESETS", "SETTINGS", "AuxInit", "Config", "Heads",

@@ -37,7 +37,7 @@ def parse_hp(items):
   return hp
 
 
-def main(argv=None):
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=DESCRIPTION)
   parser.add_argument("--stream", default="split-digits", choices=sorted(PRESETS))
   parser.add_argument("--scenario", default=None, choices=streams.SCENARIOS,
@@ -80,23 +80,15 @@ def main(argv=None):
     default=None,
     help="no training: print the table and plot these results.jsonl files",
   )
-  args = parser.parse_args(argv)
+  return parser
 
+
+def main(argv=None):
+  args = make_parser().parse_args(argv)
   if args.from_jsonl:
-    records = [json.loads(line) for f in args.from_jsonl for line in open(f) if line.strip()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(results_table(records))
-    paths = save_plots(records, args.out)
-    print("plots:   " + "\n         ".join(str(p) for p in paths))
-    return records
-
+    return report_jsonl(args.from_jsonl, args.out)
   if args.list:
-    print("methods:")
-    for m in METHODS.values():
-      print(f"  {m.name:<12} {m.doc}")
-    print("streams:")
-    for n, p in PRESETS.items():
-      print(f"  {n:<14} {p.doc}")
+    print_registered()
     return []
   preset = PRESETS[args.stream]
   args.scenario = args.scenario or preset.scenario or "domain"
@@ -104,13 +96,54 @@ def main(argv=None):
   unknown = [n for n in names if n not in METHODS]
   if unknown:
     raise SystemExit(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
-  lr = dict(preset.lr)
+  cfg = make_config(args, preset)
+  seeds = list(range(args.seed0, args.seed0 + args.seeds))
+  dev = jax.devices()[0]
+  sched = f"{cfg.iters} iters" if cfg.iters else f"{cfg.epochs} epoch(s)"
+  print(
+    f"{args.stream} ({args.scenario}-incremental where it applies): {preset.doc}\n"
+    f"methods {names}, seeds {seeds}, {sched}/task, batch {cfg.batch_size}; JAX {jax.__version__} "
+    f"on {dev.platform} ({os.cpu_count()} CPUs visible)",
+    flush=True,
+  )
+  args.out.mkdir(parents=True, exist_ok=True)
+  jsonl = args.out / "results.jsonl"
+  with open(jsonl, "a" if args.resume else "w") as f:
+    records = run_methods(names, args, preset, cfg, seeds, write_record(f, args, dev, argv))
+  print("\n" + results_table(records))
+  paths = save_plots(records, args.out)
+  print(f"\nresults: {jsonl}\nplots:   " + "\n         ".join(str(p) for p in paths))
+  return records
+
+
+def report_jsonl(files, out: pathlib.Path) -> list[dict]:
+  """``--from-jsonl``: the table and plots of earlier runs' records."""
+  records = [json.loads(line) for f in files for line in open(f) if line.strip()]
+  out.mkdir(parents=True, exist_ok=True)
+  print(results_table(records))
+  paths = save_plots(records, out)
+  print("plots:   " + "\n         ".join(str(p) for p in paths))
+  return records
+
+
+def print_registered():
+  """``--list``: the registered methods and the presets."""
+  print("methods:")
+  for m in METHODS.values():
+    print(f"  {m.name:<12} {m.doc}")
+  print("streams:")
+  for n, p in PRESETS.items():
+    print(f"  {n:<14} {p.doc}")
+
+
+def make_config(args, preset) -> Config:
+  """The run's `Config`: the preset's settings, overridden by the command line."""
   iters = args.iters if args.iters is not None else (preset.iters if args.epochs is None else None)
   epochs = None if iters is not None else (args.epochs or preset.epochs or 1)
-  cfg = Config(
+  return Config(
     hidden=preset.hidden,
     optimizer=args.optimizer or preset.optimizer,
-    lr=lr,
+    lr=dict(preset.lr),
     batch_size=args.batch_size or preset.batch_size,
     epochs=epochs,
     iters=iters,
@@ -125,50 +158,44 @@ def main(argv=None):
     resume=None if args.resume is None else str(args.resume),
     stop_after=args.stop_after_task,
   )
-  seeds = list(range(args.seed0, args.seed0 + args.seeds))
-  dev = jax.devices()[0]
-  sched = f"{iters} iters" if iters else f"{epochs} epoch(s)"
-  print(
-    f"{args.stream} ({args.scenario}-incremental where it applies): {preset.doc}\n"
-    f"methods {names}, seeds {seeds}, {sched}/task, batch {cfg.batch_size}; JAX {jax.__version__} "
-    f"on {dev.platform} ({os.cpu_count()} CPUs visible)",
-    flush=True,
-  )
-  args.out.mkdir(parents=True, exist_ok=True)
+
+
+def write_record(f, args, dev, argv):
+  """``write(record)``: adds the run's provenance and appends the record to ``f``."""
+
+  def write(r):
+    r.update(
+      protocol=args.stream,
+      device=f"{dev.platform} ({dev.device_kind})",
+      machine=platform.machine(),
+      jax=jax.__version__,
+      command="python -m benchmarks.continual " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    f.write(json.dumps(r) + "\n")
+    f.flush()
+
+  return write
+
+
+def run_methods(names, args, preset, cfg, seeds, write) -> list[dict]:
+  """Runs each method over the seeds; prints a line per method; returns every record."""
   records = []
   heads = {}  # the model's forward passes per column layout, shared by the methods
-  jsonl = args.out / "results.jsonl"
-  with open(jsonl, "a" if args.resume else "w") as f:
-    for name in names:
-
-      def write(r):
-        r.update(
-          protocol=args.stream,
-          device=f"{dev.platform} ({dev.device_kind})",
-          machine=platform.machine(),
-          jax=jax.__version__,
-          command="python -m benchmarks.continual "
-          + " ".join(sys.argv[1:] if argv is None else argv),
-        )
-        f.write(json.dumps(r) + "\n")
-        f.flush()
-
-      recs = run_method(
-        name, lambda s: preset.stream(args, s), cfg, seeds, on_record=write, heads=heads
-      )
-      records += recs
-      for r in recs:
-        if r.get("diverged"):
-          print(f"  {name}: diverged: {r['diverged']['reason']}", flush=True)
-      if not recs:
-        continue
-      print(
-        f"  {name}: ACC {fmt([r['acc'] for r in recs])} %, "
-        f"{np.mean([r['samples_per_s'] for r in recs]):.0f} samples/s, "
-        f"{np.mean([r['wall_s'] for r in recs]):.1f} s/seed",
-        flush=True,
-      )
-  print("\n" + results_table(records))
-  paths = save_plots(records, args.out)
-  print(f"\nresults: {jsonl}\nplots:   " + "\n         ".join(str(p) for p in paths))
+  for name in names:
+    recs = run_method(
+      name, lambda s: preset.stream(args.data, args.scenario, s), cfg, seeds, on_record=write,
+      heads=heads,
+    )  # fmt: skip
+    records += recs
+    for r in recs:
+      if r.get("diverged"):
+        print(f"  {name}: diverged: {r['diverged']['reason']}", flush=True)
+    if not recs:
+      continue
+    print(
+      f"  {name}: ACC {fmt([r['acc'] for r in recs])} %, "
+      f"{np.mean([r['samples_per_s'] for r in recs]):.0f} samples/s, "
+      f"{np.mean([r['wall_s'] for r in recs]):.1f} s/seed",
+      flush=True,
+    )
   return records

@@ -103,7 +103,7 @@ class Method(NamedTuple):
       inside the jitted step (DER's logit replay, LwF's distillation); it sees
       the aux as it was before ``step``.
     defaults: the method's hyper-parameters (``--hp name=value`` overrides;
-      a paper's settings for one protocol go in ``protocols.SETTINGS``).
+      a paper's settings for one protocol go in ``paper_settings.SETTINGS``).
   """
 
   name: str

@@ -1,13 +1,15 @@
 """The runner: one method on one stream for a list of seeds -> accuracy matrices.
 
-Each task trains in ONE jitted `lax.scan` over its batches (the optimiser, the
-method's per-step side inputs and the progress ticks all run inside it); a
-method's end-of-task work (importance estimation, `cl_optax.consolidate`) runs
-eagerly between tasks.
+A seed runs in named steps: :meth:`_Run.prepare` (the stream, its batch plans, the
+initial model), :meth:`_Run.resume` (from a ``--resume`` checkpoint),
+:meth:`_Run.one_task` (train one task in a jitted scan, evaluate, end the task) and
+:meth:`_Run.record`. A method's end-of-task work (importance estimation,
+`cl_optax.consolidate`) runs eagerly between tasks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -16,15 +18,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks.continual import progress
-from benchmarks.continual.model import MLP, Heads, head_logits, make_heads, mlp_apply, xent
+from benchmarks.continual.evaluation import TestSets, make_eval
+from benchmarks.continual.model import MLP, Heads, make_heads
 from benchmarks.continual.nnx_models import make_model
+from benchmarks.continual.paper_settings import settings
 from benchmarks.continual.progress import Ticks
-from benchmarks.continual.protocols import settings
-from benchmarks.continual.registry import METHODS, AuxInit, Hyper, Method, Step, TaskEnd
+from benchmarks.continual.registry import METHODS, AuxInit, Hyper, TaskEnd
 from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
+from benchmarks.continual.trainer import batch_indices, make_train, pad_rows
 from cl_optax import metrics, streams
 
 
@@ -39,7 +42,7 @@ class Config(NamedTuple):
   hp: dict = {}
   progress: bool = True
   ticks: int = 50  # progress updates per task
-  protocol: str = ""  # the preset's name (selects protocols.SETTINGS rows)
+  protocol: str = ""  # the preset's name (selects paper_settings.SETTINGS rows)
   lr_override: float | None = None  # --lr
   scenario: str = ""  # split streams: "task"/"domain"/"class" (selects "preset/scenario" rows)
   init: str = "torch"  # the parameter init (model.mlp_init): the preset's, or --init
@@ -48,168 +51,44 @@ class Config(NamedTuple):
   stop_after: int | None = None  # --stop-after-task K: checkpoint task K and stop (tests)
 
 
-def batch_indices(rng, n: int, batch: int, epochs: int | None, iters: int | None):
-  """Shuffled example indices ``[steps, batch]`` (each epoch drops its last partial batch)."""
-  if n < batch:
-    raise ValueError(f"continual: a task has {n} training examples, fewer than a batch ({batch}).")
-  per = n // batch  # fixed shapes inside the scan
-  reps = epochs if iters is None else -(-iters // per)
-  idx = np.concatenate([rng.permutation(n)[: per * batch] for _ in range(reps)]).reshape(-1, batch)
-  return idx if iters is None else idx[:iters]
+@dataclasses.dataclass
+class _Seed:
+  """One seed: its stream, batch plans and test sets, and the state its tasks advance."""
+
+  seed: int
+  stream: streams.Stream
+  plans: list[np.ndarray]  # per task: shuffled example indices [steps, batch]
+  n_max: int  # training examples of the largest task (every task is padded to it)
+  s_max: int  # steps of the longest plan
+  padded: bool  # some plan is shorter: the scan skips the steps past its end
+  tests: TestSets
+  rng: np.random.Generator  # batch order (plans, end-of-task epochs)
+  key: jax.Array
+  params: Any
+  opt_state: Any
+  aux: Any
+  baseline: np.ndarray  # accuracies of the initial model
+  R: np.ndarray  # the accuracy matrix so far
+  t_wall: float
+  start: int = 0  # the first task to train (after a resumed checkpoint)
+  samples: int = 0
+  train_s: float = 0.0
+  end_s: float = 0.0
+  compile_s: float = 0.0
+  diverged: int | None = None  # the task whose loss was not finite
+  note: str | None = None  # the stability note of the last task end
+
+  @property
+  def final(self) -> tuple:
+    return self.params, self.opt_state, self.aux
+
+  def arrays(self) -> dict:
+    """The checkpointed arrays (``aux`` only when the method has one)."""
+    arrays = {"params": self.params, "opt_state": self.opt_state, "key": self.key}
+    return arrays | {"R": jnp.asarray(self.R)} | ({"aux": self.aux} if self.aux is not None else {})
 
 
-def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
-  if len(a) == n:
-    return a
-  return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
-
-
-def active_columns(columns, valid, task_ids, task):
-  """Which of each example's head columns are active while training ``task``.
-
-  An example of task ``j`` reads its own head, ``columns[j]``; a column is active if
-  it was while training task ``j`` or is one of the current task's active output
-  units. Task-IL: task ``j``'s own columns. Class-IL (one shared head): every class
-  seen so far, so a replayed example competes with the new classes (over
-  ``valid[j]`` alone it would only keep its old decisions and let every new class
-  take it).
-  """
-  now = valid[task][None, :] & (columns[task_ids] == columns[task][None, :])
-  return valid[task_ids] | now
-
-
-def task_loss(apply: Callable, columns, valid, task) -> Callable:
-  """``loss_fn(params, x, y, task_ids, weights=None)``: the mean cross-entropy where each
-  example reads its own task's columns active now (:func:`active_columns`) while
-  training ``task``; with ``weights`` the weighted mean."""
-
-  def loss_fn(params, x, y, task_ids, weights=None):
-    ok = active_columns(columns, valid, task_ids, task)
-    losses = xent(apply(params, x), columns[task_ids], ok, y)
-    if weights is None:
-      return losses.mean()
-    w = weights.astype(losses.dtype)  # e.g. the `valid` rows of a replay sample
-    return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-  return loss_fn
-
-
-def make_train(
-  method: Method,
-  tx: optax.GradientTransformation,
-  *,
-  hp: dict | None = None,
-  apply: Callable = mlp_apply,
-  ticks_every: int = 0,
-  on_tick: Callable[[int], None] | None = None,
-  padded: bool = False,
-) -> Callable:
-  """The jitted per-task trainer: one ``lax.scan`` over the task's batches.
-
-  ``train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid)
-  -> (params, opt_state, aux, losses)``: step ``i`` trains on ``X[idx[i]], Y[idx[i]]``;
-  with ``padded`` the steps where ``active`` is False are skipped (a ``lax.cond``).
-  ``on_tick(ticks_every)`` is called from inside the scan every ``ticks_every`` steps.
-  """
-  hp = {} if hp is None else hp
-  tick = on_tick if ticks_every and on_tick is not None else None
-
-  @jax.jit
-  def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid):
-    loss_fn = task_loss(apply, columns, valid, task)
-
-    def body(carry, inp):
-      params, opt_state, aux, key = carry
-      b, act, i = inp
-      x, y = X[b], Y[b]
-      key, sub = jax.random.split(key)
-      tids = jnp.full(y.shape, task)
-
-      def do(c):
-        params, opt_state, aux = c
-        s = Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp, apply, columns,
-                 valid)  # fmt: skip
-        extra = {}
-        if method.step is not None:
-          extra, aux = method.step(s)
-
-        def total(p):
-          loss = loss_fn(p, x, y, tids)
-          return loss if method.loss is None else loss + method.loss(s, p)
-
-        loss, grads = jax.value_and_grad(total)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, **extra)
-        return optax.apply_updates(params, updates), opt_state, aux, loss
-
-      def skip(c):
-        return (*c, jnp.zeros((), jnp.float32))
-
-      if padded:
-        params, opt_state, aux, loss = jax.lax.cond(act, do, skip, (params, opt_state, aux))
-      else:
-        params, opt_state, aux, loss = do((params, opt_state, aux))
-      if tick is not None:
-        jax.lax.cond(
-          (i + 1) % ticks_every == 0,
-          lambda: jax.debug.callback(tick, ticks_every),
-          lambda: None,
-        )
-      return (params, opt_state, aux, key), loss
-
-    steps = jnp.arange(idx.shape[0], dtype=jnp.int32)
-    (params, opt_state, aux, key), losses = jax.lax.scan(
-      body, (params, opt_state, aux, key), (idx, active, steps)
-    )
-    return params, opt_state, aux, losses
-
-  return train
-
-
-def make_eval(apply: Callable = mlp_apply) -> Callable:
-  """Jitted ``correct(params, x, y, w, cols, valid) -> (weighted hits, total weight)``."""
-
-  @jax.jit
-  def correct(params, x, y, w, cols, valid):
-    logits = head_logits(apply(params, x), cols, valid)
-    return jnp.sum((jnp.argmax(logits, -1) == y) * w), jnp.sum(w)
-
-  return correct
-
-
-class TestSets:
-  """Padded test sets on device (cached while they fit in 1 GiB; else rebuilt per use)."""
-
-  BUDGET = 2**30
-
-  def __init__(self, stream: streams.Stream):
-    self.stream = stream
-    self.m = max(t.n_test for t in stream)
-    x0, _ = stream[0].test()
-    per = self.m * int(np.prod(x0.shape[1:])) * 4
-    self.cache = {} if per * len(stream) <= self.BUDGET else None
-
-  def get(self, j):
-    if self.cache is not None and j in self.cache:
-      return self.cache[j]
-    x, y = self.stream[j].test()
-    w = pad_rows(np.ones(len(y), np.float32), self.m)
-    out = (
-      jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), self.m)),
-      jnp.asarray(pad_rows(y, self.m)),
-      jnp.asarray(w),
-    )
-    if self.cache is not None:
-      self.cache[j] = out
-    return out
-
-  def evaluate(self, evaluate, params, eval_valid) -> np.ndarray:
-    accs = []
-    cols = self.stream.columns
-    for j in range(len(self.stream)):
-      x, y, w = self.get(j)
-      c, n = evaluate(params, x, y, w, jnp.asarray(cols[j]), jnp.asarray(eval_valid[j]))
-      accs.append(float(c) / float(n))
-    return np.asarray(accs)
+_TIMES = ("samples", "train_s", "end_s", "compile_s")  # counters a checkpoint keeps
 
 
 class _Run:
@@ -253,114 +132,140 @@ class _Run:
     return self.heads[layout]
 
   def seed(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> tuple[dict, tuple]:
-    """Trains every task of the seed's stream; returns the record and the final
-    ``(params, opt_state, aux)``."""
-    cfg, method, name = self.cfg, self.method, self.name
+    """Trains every task of the seed's stream; returns the record (None when stopped by
+    ``cfg.stop_after``) and the final ``(params, opt_state, aux)``."""
+    s = self.prepare(seed, make_stream)
+    ckpt = TaskCheckpoints(self.cfg.resume, self.name, seed) if self.cfg.resume else None
+    if ckpt is not None:
+      self.resume(s, ckpt)
+    for t in range(s.start, len(s.stream)):
+      if not self.one_task(s, t):
+        break  # diverged: recorded as such; the run goes on with the other methods
+      if ckpt is not None:
+        meta = {"rng": s.rng.bit_generator.state} | {k: getattr(s, k) for k in _TIMES}
+        ckpt.save(t, s.arrays(), meta)
+      if self.cfg.stop_after is not None and t + 1 == self.cfg.stop_after:
+        return None, s.final
+    return self.record(s), s.final
+
+  def prepare(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> _Seed:
+    """The seed's stream, its batch plans (every task padded to the same shapes, so the
+    scan compiles once), the initial parameters, optimiser state and aux."""
     t_wall = time.perf_counter()
     stream = make_stream(seed)
-    T = len(stream)
-    columns, valid = jnp.asarray(stream.columns), jnp.asarray(stream.train_valid)
-    eval_valid = np.asarray(stream.eval_valid)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
-    # Data: every task padded to the same shapes, so the scan compiles once.
     sizes = [t.n_train for t in stream]
-    n_max = max(sizes)
-    plans = [batch_indices(rng, n, cfg.batch_size, cfg.epochs, cfg.iters) for n in sizes]
-    s_max = max(len(p) for p in plans)
-    padded = any(len(p) != s_max for p in plans)
+    plans = [batch_indices(rng, n, self.cfg.batch_size, self.cfg.epochs, self.cfg.iters)
+             for n in sizes]  # fmt: skip
     tests = TestSets(stream)
     x0, _ = stream[0].train()
     key, k_init = jax.random.split(key)
     params = self.model.init(k_init, x0.shape[1:], stream.n_outputs)
     opt_state = self.tx.init(params)
     aux = None
-    if method.init_aux is not None:
-      aux = method.init_aux(AuxInit(T, x0.shape[1:], self.hp, stream.n_outputs, params))
-    ticks_every = max(1, s_max // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
-    train = self.trainer(padded, ticks_every)
-    heads = self.heads_for(stream)
-
-    baseline = tests.evaluate(self.evaluate, params, eval_valid)
-    R = np.zeros((T, T))
-    train_s = end_s = compile_s = 0.0
-    samples, start, diverged, note = 0, 0, None, None
-    ckpt = TaskCheckpoints(cfg.resume, name, seed) if cfg.resume else None
-    if ckpt is not None and ckpt.latest() is not None:
-      last = ckpt.latest()
-      target = {"params": params, "opt_state": opt_state, "key": key, "R": R}
-      arrays, meta = ckpt.restore(last, target | ({"aux": aux} if aux is not None else {}))
-      params, opt_state, key = arrays["params"], arrays["opt_state"], arrays["key"]
-      aux, R = arrays.get("aux", aux), np.asarray(arrays["R"])
-      rng.bit_generator.state = meta["rng"]
-      samples, train_s, end_s, compile_s = (
-        meta[k] for k in ("samples", "train_s", "end_s", "compile_s")
+    if self.method.init_aux is not None:
+      aux = self.method.init_aux(
+        AuxInit(len(stream), x0.shape[1:], self.hp, stream.n_outputs, params)
       )
-      start = last + 1
-    for t, task in enumerate(stream):
-      if t < start:
-        continue
-      x, y = task.train()
-      X = jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), n_max))
-      Y = jnp.asarray(pad_rows(y, n_max))
-      plan = plans[t]
-      active = np.arange(s_max) < len(plan)
-      idx = jnp.asarray(pad_rows(plan.astype(np.int32), s_max))
-      key, k_task, k_end = jax.random.split(key, 3)
-      args = (params, opt_state, aux, k_task, X, Y, idx, jnp.asarray(active), jnp.int32(t),
-              columns, valid)  # fmt: skip
-      shapes = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)
-      sig = (padded, ticks_every, str(shapes))
-      if sig not in self.compiled:  # compile once per shape, outside the timed region
-        c0 = time.perf_counter()
-        self.compiled[sig] = train.lower(*args).compile()
-        compile_s += time.perf_counter() - c0
-      desc = f"{name:>10} seed {seed} task {t + 1}/{T}"
-      self.ticks.open(cfg.progress, desc, len(plan) if not padded else s_max)
-      t0 = time.perf_counter()
-      params, opt_state, aux, losses = self.compiled[sig](*args)
-      jax.block_until_ready((params, losses))
-      jax.effects_barrier()
-      train_s += time.perf_counter() - t0
-      self.ticks.close()
-      samples += len(plan) * cfg.batch_size
-      if not np.all(np.isfinite(np.asarray(losses)[active])):
-        diverged = t  # recorded as such; the run goes on with the other methods
-        break
-      R[t] = tests.evaluate(self.evaluate, params, eval_valid)
-      if method.end_task is not None and t < T - 1:
-        s0 = time.perf_counter()
-        order = batch_indices(rng, len(x), cfg.batch_size, 1, None)  # one shuffled epoch
-        xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
-        end = TaskEnd(t, params, opt_state, aux, (xb, yb), heads, self.hp, k_end)
-        opt_state, aux = method.end_task(end)
-        jax.block_until_ready(opt_state)
-        end_s += time.perf_counter() - s0
-        note = stability_note(opt_state, self.opt, self.lr, self.hp, t + 1, T)
-        if note and not self.warned:
-          self.warned = True
-          print(f"warning: {name} after task {t}: {note}", file=sys.stderr, flush=True)
-      if ckpt is not None:
-        arrays = {"params": params, "opt_state": opt_state, "key": key, "R": jnp.asarray(R)}
-        meta = {"rng": rng.bit_generator.state, "samples": samples, "train_s": train_s,
-                "end_s": end_s, "compile_s": compile_s}  # fmt: skip
-        ckpt.save(t, arrays | ({"aux": aux} if aux is not None else {}), meta)
-      if cfg.stop_after is not None and t + 1 == cfg.stop_after:
-        return None, (params, opt_state, aux)
+    baseline = tests.evaluate(self.evaluate, params, np.asarray(stream.eval_valid))
+    s_max = max(len(p) for p in plans)
+    padded = any(len(p) != s_max for p in plans)
+    return _Seed(
+      seed, stream, plans, max(sizes), s_max, padded, tests, rng, key, params, opt_state, aux,
+      baseline, np.zeros((len(stream), len(stream))), t_wall,
+    )  # fmt: skip
+
+  def resume(self, s: _Seed, ckpt: TaskCheckpoints) -> None:
+    """Continues ``s`` after the last task ``ckpt`` holds (if any)."""
+    last = ckpt.latest()
+    if last is None:
+      return
+    arrays, meta = ckpt.restore(last, s.arrays() | {"R": s.R})
+    s.params, s.opt_state, s.key = arrays["params"], arrays["opt_state"], arrays["key"]
+    s.aux, s.R = arrays.get("aux", s.aux), np.asarray(arrays["R"])
+    s.rng.bit_generator.state = meta["rng"]
+    for k in _TIMES:
+      setattr(s, k, meta[k])
+    s.start = last + 1
+
+  def one_task(self, s: _Seed, t: int) -> bool:
+    """Trains task ``t``, evaluates every task, ends task ``t``; False if it diverged."""
+    x, y = s.stream[t].train()
+    key, k_task, k_end = jax.random.split(s.key, 3)
+    s.key = key
+    if not self.train_task(s, t, x, y, k_task):
+      s.diverged = t
+      return False
+    s.R[t] = s.tests.evaluate(self.evaluate, s.params, np.asarray(s.stream.eval_valid))
+    if self.method.end_task is not None and t < len(s.stream) - 1:
+      self.end_task(s, t, x, y, k_end)
+    return True
+
+  def train_task(self, s: _Seed, t: int, x, y, key) -> bool:
+    """One jitted scan over task ``t``'s plan (compiled once per shape, untimed); False
+    if a loss was not finite."""
+    cfg, plan = self.cfg, s.plans[t]
+    active = np.arange(s.s_max) < len(plan)
+    columns, valid = jnp.asarray(s.stream.columns), jnp.asarray(s.stream.train_valid)
+    X = jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), s.n_max))
+    Y = jnp.asarray(pad_rows(y, s.n_max))
+    idx = jnp.asarray(pad_rows(plan.astype(np.int32), s.s_max))
+    args = (s.params, s.opt_state, s.aux, key, X, Y, idx, jnp.asarray(active), jnp.int32(t),
+            columns, valid)  # fmt: skip
+    ticks_every = max(1, s.s_max // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
+    shapes = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)
+    sig = (s.padded, ticks_every, str(shapes))
+    if sig not in self.compiled:
+      c0 = time.perf_counter()
+      self.compiled[sig] = self.trainer(s.padded, ticks_every).lower(*args).compile()
+      s.compile_s += time.perf_counter() - c0
+    desc = f"{self.name:>10} seed {s.seed} task {t + 1}/{len(s.stream)}"
+    self.ticks.open(cfg.progress, desc, len(plan) if not s.padded else s.s_max)
+    t0 = time.perf_counter()
+    s.params, s.opt_state, s.aux, losses = self.compiled[sig](*args)
+    jax.block_until_ready((s.params, losses))
+    jax.effects_barrier()
+    s.train_s += time.perf_counter() - t0
+    self.ticks.close()
+    s.samples += len(plan) * cfg.batch_size
+    return bool(np.all(np.isfinite(np.asarray(losses)[active])))
+
+  def end_task(self, s: _Seed, t: int, x, y, key) -> None:
+    """The method's end of task ``t`` on one shuffled epoch of its data; notes (once per
+    run) a state that makes the next tasks' steps unstable."""
+    s0 = time.perf_counter()
+    order = batch_indices(s.rng, len(x), self.cfg.batch_size, 1, None)
+    xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
+    heads = self.heads_for(s.stream)
+    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key)
+    s.opt_state, s.aux = self.method.end_task(end)
+    jax.block_until_ready(s.opt_state)
+    s.end_s += time.perf_counter() - s0
+    s.note = stability_note(s.opt_state, self.opt, self.lr, self.hp, t + 1, len(s.stream))
+    if s.note and not self.warned:
+      self.warned = True
+      print(f"warning: {self.name} after task {t}: {s.note}", file=sys.stderr, flush=True)
+
+  def record(self, s: _Seed) -> dict:
+    """The seed's JSON record: settings, accuracy matrix, metrics and timings."""
+    cfg, T = self.cfg, len(s.stream)
     record = {
-      "stream": stream.name, "scenario": stream.scenario, "method": name, "seed": seed,
-      "optimizer": self.opt, "lr": self.lr, "hp": self.hp, "batch_size": cfg.batch_size,
-      "epochs": cfg.epochs, "iters": cfg.iters, "hidden": list(cfg.hidden), "init": cfg.init,
-      "n_tasks": T, "model": getattr(self.model, "name", "mlp"),
-      "acc_matrix": R.tolist(), "baseline": np.asarray(baseline).tolist(),
-      **metrics.summary(R, baseline),
-      "samples": samples, "train_s": train_s,
-      "samples_per_s": samples / train_s if train_s > 0 else None,
-      "compile_s": compile_s, "end_task_s": end_s, "wall_s": time.perf_counter() - t_wall,
+      "stream": s.stream.name, "scenario": s.stream.scenario, "method": self.name,
+      "seed": s.seed, "optimizer": self.opt, "lr": self.lr, "hp": self.hp,
+      "batch_size": cfg.batch_size, "epochs": cfg.epochs, "iters": cfg.iters,
+      "hidden": list(cfg.hidden), "init": cfg.init, "n_tasks": T,
+      "model": getattr(self.model, "name", "mlp"),
+      "acc_matrix": s.R.tolist(), "baseline": np.asarray(s.baseline).tolist(),
+      **metrics.summary(s.R, s.baseline),
+      "samples": s.samples, "train_s": s.train_s,
+      "samples_per_s": s.samples / s.train_s if s.train_s > 0 else None,
+      "compile_s": s.compile_s, "end_task_s": s.end_s,
+      "wall_s": time.perf_counter() - s.t_wall,
     }  # fmt: skip
-    if diverged is not None:
-      record = diverged_record(record, diverged, seed, note)
-    return record, (params, opt_state, aux)
+    if s.diverged is not None:
+      record = diverged_record(record, s.diverged, s.seed, s.note)
+    return record
 
 
 def run_method(

@@ -68,7 +68,7 @@ register(
     defaults={"strength": 2.0, "fisher_n": 1000},
   )
 )
-# strength = 2c (the papers' penalty has no 1/2); xi is SI's damping term
+# strength = 2c (the papers' penalty has no 1/2); xi: SI's denominator term, omega / (delta^2 + xi)
 register(
   Method(
     "si",

@@ -1,4 +1,4 @@
-"""Replay-based gradient projection (A-GEM, GEM) over a `cl_optax.replay.TaskRing`.
+"""A-GEM and GEM: gradient projection against an episodic memory, a `cl_optax.replay.TaskRing`.
 
 The ring is the method's aux, carried through the scan. Each step writes its batch
 into the current task's ring (the task's most recent examples, GEM's rule), then
