@@ -7,7 +7,6 @@ from cl_optax import replay as replay
 from cl_optax import streams as streams
 from cl_optax._state import ContinualState as ContinualState
 from cl_optax._state import consolidate as consolidate
-from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
@@ -61,7 +60,6 @@ __all__ = [
   "OGDState",
   "online_ewc",
   "OnlineEWCState",
-  "output_gradients",
   "replay",
   "si",
   "SIState",

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cl_optax import _trees
+from cl_optax._batches import weighted_mean
 from cl_optax._standardize import standardised_tanh
 
 GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
@@ -188,15 +188,15 @@ def das_units(
   if not jax.tree.leaves(gates):
     raise ValueError("das_units: `gates` has no leaves; expected gate arrays (ones).")
   key = jax.random.key(0) if key is None else key
-  total, count = None, 0.0
-  for i, batch in enumerate(batches):
-    k = jax.random.fold_in(key, i)
-    g, n = _gate_grad(fn, params, gates, batch, k, loss, kl_axis, tokens)
-    total = g if total is None else optax.tree.add(total, g)
-    count = count + n
-  if total is None:
+  raw = weighted_mean(
+    (
+      _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
+      for i, batch in enumerate(batches)
+    ),
+    count=0.0,
+  )
+  if raw is None:
     raise ValueError("das_units: `batches` is empty; expected at least one batch.")
-  raw = jax.tree.map(lambda x: x / count, total)
   return das_normalize(raw, stacked=stacked) if normalize else raw
 
 

@@ -91,7 +91,7 @@ def gem(
   and the projection only when some :math:`\langle g, g_k \rangle < 0`.
   The official code ships the gradients to the host and calls ``quadprog`` in
   float64; here the QP is solved inside ``jit`` in float32 by
-  :func:`solve_box_qp` (an active-set method that stops once converged, at
+  :func:`cl_optax.projection.solve_box_qp` (an active-set method that stops once converged, at
   most ``solver_iterations`` steps, starting from the previous step's active
   set when ``max_tasks`` is given; tested against ``quadprog``). With
   ``eps > 0`` the exact solution has :math:`\langle \tilde g, g_k \rangle

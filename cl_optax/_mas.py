@@ -37,7 +37,7 @@ def mas(
     g \leftarrow g + \lambda\,\Omega\odot(\theta-\theta^*), \qquad
     \Omega = \textstyle\sum_k \Omega_k
 
-  with :math:`\Omega_k` from :func:`cl_optax.importance.mas`, summed over
+  with :math:`\Omega_k` from :func:`cl_optax.importance.mas_sensitivity`, summed over
   tasks as in the paper (Avalanche/FACIL use a moving average instead). The
   paper's penalty :math:`\lambda_p\sum\Omega(\theta-\theta^*)^2` has no 1/2:
   ``strength = 2 * lambda_p``.

@@ -51,7 +51,7 @@ class OGDState(NamedTuple):
       transform="ogd",
       rows=True,
       what="a pytree like params whose leaves have a leading axis of size n: the gradients "
-      "of the model outputs at n stored samples, e.g. from cl_optax.output_gradients",
+      "of the model outputs at n stored samples, e.g. from cl_optax.importance.output_gradients",
     )
     b_leaves = _trees.unmasked_leaves(self.basis)
     g_leaves = _trees.unmasked_leaves(grads)
@@ -88,7 +88,8 @@ def ogd(
 
   with dot products over the whole pytree. :func:`cl_optax.consolidate` with
   ``output_grads=`` (leaves ``[n, *leaf.shape]``: the gradient of an output at
-  each of ``n`` stored samples, see :func:`output_gradients`; the paper's
+  each of ``n`` stored samples, see
+  :func:`cl_optax.importance.output_gradients`; the paper's
   default is the ground-truth logit) adds them one by one by Gram-Schmidt
   with re-orthogonalisation, skipping the ones already in the span.
 
