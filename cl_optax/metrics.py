@@ -28,6 +28,15 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = [
+  "average_accuracy",
+  "average_accuracy_curve",
+  "backward_transfer",
+  "forgetting",
+  "forward_transfer",
+  "summary",
+]
+
 
 def _check(R, what: str, min_tasks: int = 1) -> np.ndarray:
   R = np.asarray(R, dtype=np.float64)
