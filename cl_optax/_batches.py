@@ -30,11 +30,11 @@ def batch_list(batches: Any, name: str) -> list[tuple[jax.Array, jax.Array | Non
   Raises a ``ValueError`` when there is no example: no batch, a stacked pair
   with zero batches, or only batches with zero rows.
   """
+  out: list[tuple[jax.Array, jax.Array | None]] = []
   if is_stacked(batches) and jnp.issubdtype(jnp.asarray(batches[1]).dtype, jnp.integer):
     xs, ys = batches
     out = [(jnp.asarray(xs[i]), jnp.asarray(ys[i])) for i in range(len(xs))]
   else:
-    out = []
     for b in batches:
       if isinstance(b, tuple | list):
         x, y = b[0], (b[1] if len(b) > 1 else None)

@@ -62,7 +62,8 @@ def _head_scale(importance: Any, params: Any) -> jax.Array:
   if count == 0:
     return jnp.ones((), jnp.float32)
   total = sum(
-    jnp.sum(x, dtype=jnp.float32) * (n / x.size) for x, n in zip(leaves, sizes, strict=True) if n
+    (jnp.sum(x, dtype=jnp.float32) * (n / x.size) for x, n in zip(leaves, sizes, strict=True) if n),
+    start=jnp.zeros((), jnp.float32),
   )
   return (1.0 - total / count).astype(jnp.float32)
 

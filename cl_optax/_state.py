@@ -12,7 +12,7 @@ or dtypes, and never retraces a jitted step.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import jax
 import optax
@@ -80,7 +80,7 @@ def consolidate(opt_state: optax.OptState, params: optax.Params, **signals: Any)
     Array([0. , 0.5, 1. ], dtype=float32)
   """
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
-    opt_state = opt_state.opt_state  # an nnx.Optimizer
+    opt_state = cast(Any, opt_state).opt_state  # an nnx.Optimizer
   params = _trees.unwrap_variables(params)
   signals = {k: _trees.unwrap_variables(v) for k, v in signals.items()}
   nodes, treedef = jax.tree.flatten(opt_state, is_leaf=_trees.is_variable)
