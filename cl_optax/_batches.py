@@ -8,14 +8,17 @@ examples (or tokens) once at the end (:func:`weighted_mean`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
 import optax
 
+Batches = tuple[jax.Array, jax.Array] | Iterable[Any]
+"""A stacked ``(xs, ys)`` pair (leading number-of-batches axis) or an iterable of batches."""
 
-def is_stacked(batches: Any) -> bool:
+
+def is_stacked(batches: Any) -> TypeGuard[tuple[Any, Any]]:
   """Whether ``batches`` is a stacked pair ``(xs, ys)`` of arrays (not an iterable of batches)."""
   return (
     isinstance(batches, tuple | list)
@@ -24,7 +27,7 @@ def is_stacked(batches: Any) -> bool:
   )
 
 
-def batch_list(batches: Any, name: str) -> list[tuple[jax.Array, jax.Array | None]]:
+def batch_list(batches: Batches, name: str) -> list[tuple[jax.Array, jax.Array | None]]:
   """Stacked ``(xs, ys)`` (integer ``ys`` with two leading axes), or an iterable.
 
   Raises a ``ValueError`` when there is no example: no batch, a stacked pair
@@ -64,7 +67,7 @@ def weighted_mean(sums: Iterable[tuple[Any, Any]], count: Any = 0) -> Any:
 
 
 def example_mean(
-  batch_sum: Callable[[int, jax.Array, jax.Array | None], Any], batches: Any, name: str
+  batch_sum: Callable[[int, jax.Array, jax.Array | None], Any], batches: Batches, name: str
 ) -> Any:
   """The mean over all examples of ``batches`` of a per-example quantity.
 

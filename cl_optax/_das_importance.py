@@ -23,9 +23,11 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cl_optax import _trees
 from cl_optax._batches import weighted_mean
@@ -36,7 +38,7 @@ GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
 _LOSSES = ("proxy_kl",)
 
 
-def das_normalize(raw: Any, *, stacked: bool = False) -> Any:
+def das_normalize(raw: chex.ArrayTree, *, stacked: bool = False) -> chex.ArrayTree:
   r"""DAS per-layer normalisation ``|tanh((I - mean I) / std I)|``, values in [0, 1).
 
   The official ``impt_norm`` standardises each layer's units separately
@@ -96,8 +98,8 @@ def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
 
 def das_units(
   fn: GatedFn,
-  params: Any,
-  gates: Any,
+  params: optax.Params,
+  gates: chex.ArrayTree,
   batches: Iterable[Any],
   *,
   key: jax.Array | None = None,
@@ -106,7 +108,7 @@ def das_units(
   tokens: Callable[[Any], jax.Array] | None = None,
   stacked: bool = False,
   normalize: bool = True,
-) -> Any:
+) -> chex.ArrayTree:
   r"""DAS importance of attention heads and feed-forward units (Ke et al., 2023).
 
   With virtual gates :math:`g` (all ones) multiplying the heads' outputs and
@@ -230,9 +232,9 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
 
 
 def das_param_importance(
-  params: Any,
+  params: optax.Params,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
-) -> Any:
+) -> optax.Params:
   r"""Spreads DAS head / unit importance onto parameter leaves (broadcastable).
 
   ``units`` maps the path of a layer inside ``params`` (``"blocks/0/attn"`` or

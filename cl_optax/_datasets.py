@@ -55,7 +55,7 @@ _SOURCES = {
 }
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (optionally gzipped): ``uint8`` images or labels."""
   path = pathlib.Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
@@ -113,7 +113,7 @@ def _load_arrays(name: str, path) -> tuple[np.ndarray, ...]:
     if cand.is_dir():
       found = {k: _find_idx(cand, stem) for k, stem in _IDX.items()}
       if all(found.values()):
-        return tuple(read_idx(found[k]) for k in _IDX)
+        return tuple(read_idx(p) for p in found.values() if p is not None)
   raise FileNotFoundError(
     f"load_{name}: no {name} data found. Looked for `{name}.npz` (arrays x_train, y_train, "
     f"x_test, y_test) or the four IDX files ({', '.join(_IDX.values())}, optionally .gz) in: "

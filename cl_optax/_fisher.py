@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _trees
-from cl_optax._batches import example_mean
+from cl_optax._batches import Batches, example_mean
 
 _FISHER_KINDS = ("empirical", "sampled", "exact")
 
@@ -78,12 +78,12 @@ def _fisher_diag_batch(logits_fn, params, x, y, key, fisher):
 
 def fisher_diag(
   logits_fn: Callable[[Any, jax.Array], jax.Array],
-  params: Any,
-  batches,
+  params: optax.Params,
+  batches: Batches,
   *,
   fisher: str = "empirical",
   key: jax.Array | None = None,
-) -> Any:
+) -> optax.Params:
   r"""Diagonal Fisher information of a classifier, from per-example gradients.
 
   .. math::
@@ -168,8 +168,8 @@ def _kfac_batch(fn, params, x, y, key, fisher, layers):
 
 def kfac_factors(
   fn: Callable[[Any, jax.Array, dict], tuple[jax.Array, dict]],
-  params: Any,
-  batches,
+  params: optax.Params,
+  batches: Batches,
   *,
   layers: Sequence[str],
   fisher: str = "sampled",

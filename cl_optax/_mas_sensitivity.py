@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax._batches import example_mean
+from cl_optax._batches import Batches, example_mean
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -23,7 +23,7 @@ def _mas_batch(fn, params, x):
 
 
 def mas_sensitivity(
-  fn: Callable[[Any, jax.Array], jax.Array], params: optax.Params, batches: Any
+  fn: Callable[[Any, jax.Array], jax.Array], params: optax.Params, batches: Batches
 ) -> optax.Params:
   r"""MAS importance (Aljundi et al., 2018): the output's mean sensitivity to each parameter.
 
