@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ class OGDState(NamedTuple):
   basis_dropped: jax.Array  # shape=(), int32
   ogd_rtol: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> OGDState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
     del params
     grads = _checks.validated_signal(
@@ -129,7 +129,7 @@ def ogd(
   )
   _checks.check_hyperparameter(rtol, transform="ogd", name="rtol", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> OGDState:
     def rows(p):  # broadcast from zeros_like: the rows are sharded like the leaf
       return jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (int(max_directions), *jnp.shape(p)))
 
@@ -139,8 +139,14 @@ def ogd(
       basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, jnp.float32)
     )  # own buffers
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     del params, extra_args
+    state = cast(OGDState, state)
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
     )
