@@ -126,7 +126,7 @@ def estimators(name: str, params, merge, data, batch: int, task: int):
     "kfac_factors (sampled)": lambda: cl_optax.importance.kfac_factors(
       tapped, params, stacked, layers=layers, key=key
     ),
-    "mas": lambda: cl_optax.importance.mas(all_logits, params, stacked),
+    "mas": lambda: cl_optax.importance.mas_sensitivity(all_logits, params, stacked),
     "das_units (LM loss)": lambda: cl_optax.importance.das_units(
       gated_logits, params, gates, batches, key=key, loss=lm_loss, stacked=True
     ),

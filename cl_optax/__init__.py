@@ -20,7 +20,6 @@ from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
 from cl_optax._writes import boundary_writes as boundary_writes
 from cl_optax._writes import check_writes_last as check_writes_last
-from cl_optax.importance import output_gradients as output_gradients
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
@@ -83,7 +82,6 @@ __all__ = [
   "OGDState",
   "online_ewc",
   "OnlineEWCState",
-  "output_gradients",
   "PendingWrite",
   "redo_selector",
   "replay",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ class AGEMState(NamedTuple):
 
   agem_projected: jax.Array  # shape=(), int32
 
-  def consolidate(self, params, **signals) -> AGEMState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> AGEMState:
     """A-GEM keeps no task state: its memory is the user's replay buffer."""
     del params, signals
     return self
@@ -68,13 +68,21 @@ def agem() -> optax.GradientTransformationExtraArgs:
     Array([-0., -1.], dtype=float32)
   """
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> AGEMState:
     del params
     return AGEMState(agem_projected=jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None, *, ref_grads=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    ref_grads: optax.Updates | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("agem", extra_args)
     del params, extra_args
+    state = cast(AGEMState, state)
     if ref_grads is None:
       return updates, state
     pairs = _checks.matching_leaves(updates, ref_grads, transform="agem", name="ref_grads")

@@ -23,12 +23,14 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from cl_optax import _trees
+from cl_optax._batches import weighted_mean
 from cl_optax._standardize import standardised_tanh
 
 GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
@@ -36,7 +38,7 @@ GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
 _LOSSES = ("proxy_kl",)
 
 
-def das_normalize(raw: Any, *, stacked: bool = False) -> Any:
+def das_normalize(raw: chex.ArrayTree, *, stacked: bool = False) -> chex.ArrayTree:
   r"""DAS per-layer normalisation ``|tanh((I - mean I) / std I)|``, values in [0, 1).
 
   The official ``impt_norm`` standardises each layer's units separately
@@ -96,8 +98,8 @@ def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
 
 def das_units(
   fn: GatedFn,
-  params: Any,
-  gates: Any,
+  params: optax.Params,
+  gates: chex.ArrayTree,
   batches: Iterable[Any],
   *,
   key: jax.Array | None = None,
@@ -106,7 +108,7 @@ def das_units(
   tokens: Callable[[Any], jax.Array] | None = None,
   stacked: bool = False,
   normalize: bool = True,
-) -> Any:
+) -> chex.ArrayTree:
   r"""DAS importance of attention heads and feed-forward units (Ke et al., 2023).
 
   With virtual gates :math:`g` (all ones) multiplying the heads' outputs and
@@ -188,15 +190,15 @@ def das_units(
   if not jax.tree.leaves(gates):
     raise ValueError("das_units: `gates` has no leaves; expected gate arrays (ones).")
   key = jax.random.key(0) if key is None else key
-  total, count = None, 0.0
-  for i, batch in enumerate(batches):
-    k = jax.random.fold_in(key, i)
-    g, n = _gate_grad(fn, params, gates, batch, k, loss, kl_axis, tokens)
-    total = g if total is None else optax.tree.add(total, g)
-    count = count + n
-  if total is None:
+  raw = weighted_mean(
+    (
+      _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
+      for i, batch in enumerate(batches)
+    ),
+    count=0.0,
+  )
+  if raw is None:
     raise ValueError("das_units: `batches` is empty; expected at least one batch.")
-  raw = jax.tree.map(lambda x: x / count, total)
   return das_normalize(raw, stacked=stacked) if normalize else raw
 
 
@@ -230,9 +232,9 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
 
 
 def das_param_importance(
-  params: Any,
+  params: optax.Params,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
-) -> Any:
+) -> optax.Params:
   r"""Spreads DAS head / unit importance onto parameter leaves (broadcastable).
 
   ``units`` maps the path of a layer inside ``params`` (``"blocks/0/attn"`` or

@@ -55,7 +55,7 @@ _SOURCES = {
 }
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (optionally gzipped): ``uint8`` images or labels."""
   path = pathlib.Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
@@ -99,7 +99,8 @@ def _candidates(name: str, path) -> list[pathlib.Path]:
   return out
 
 
-def _load_arrays(name: str, path) -> Dataset:
+def _load_arrays(name: str, path) -> tuple[np.ndarray, ...]:
+  """The four raw arrays ``x_train, y_train, x_test, y_test`` of ``name`` (``uint8`` images)."""
   looked = []
   for cand in _candidates(name, path):
     looked.append(str(cand))
@@ -108,11 +109,11 @@ def _load_arrays(name: str, path) -> Dataset:
         missing = [k for k in _IDX if k not in z.files]
         if missing:
           raise ValueError(f"load_{name}: {cand} lacks the arrays {missing}; it has {z.files}.")
-        return Dataset(*(np.asarray(z[k]) for k in _IDX))
+        return tuple(np.asarray(z[k]) for k in _IDX)
     if cand.is_dir():
       found = {k: _find_idx(cand, stem) for k, stem in _IDX.items()}
       if all(found.values()):
-        return Dataset(*(read_idx(found[k]) for k in _IDX))
+        return tuple(read_idx(p) for p in found.values() if p is not None)
   raise FileNotFoundError(
     f"load_{name}: no {name} data found. Looked for `{name}.npz` (arrays x_train, y_train, "
     f"x_test, y_test) or the four IDX files ({', '.join(_IDX.values())}, optionally .gz) in: "
@@ -121,10 +122,15 @@ def _load_arrays(name: str, path) -> Dataset:
   )
 
 
-def _normalise(ds: Dataset) -> Dataset:
-  x_train = (ds.x_train.astype(np.float32) / 255.0).reshape(len(ds.x_train), 28, 28)
-  x_test = (ds.x_test.astype(np.float32) / 255.0).reshape(len(ds.x_test), 28, 28)
-  return Dataset(x_train, ds.y_train.astype(np.int32), x_test, ds.y_test.astype(np.int32))
+def _normalise(arrays: tuple[np.ndarray, ...]) -> Dataset:
+  """Images to float32 ``[n, 28, 28]`` in [0, 1], labels to int32."""
+  x_train, y_train, x_test, y_test = arrays
+  return Dataset(
+    (x_train.astype(np.float32) / 255.0).reshape(len(x_train), 28, 28),
+    y_train.astype(np.int32),
+    (x_test.astype(np.float32) / 255.0).reshape(len(x_test), 28, 28),
+    y_test.astype(np.int32),
+  )
 
 
 def load_mnist(path: str | os.PathLike | None = None) -> Dataset:

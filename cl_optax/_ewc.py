@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ class EWCState(NamedTuple):
   ewc_anchor: Any
   ewc_importance: Any
 
-  def consolidate(self, params, **signals) -> EWCState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> EWCState:
     """Adds the task's penalty: ``F <- F + F_k``, anchor <- weighted mean."""
     new, params = importance_signal(self.ewc_anchor, params, signals, "ewc")
 
@@ -88,7 +88,7 @@ def ewc(
 
   _checks.check_hyperparameter(strength, transform="ewc", name="strength", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> EWCState:
     return EWCState(ewc_anchor=copy_f32(params), ewc_importance=zeros(params, importance_dtype))
 
   update_fn = penalty_update("ewc_anchor", "ewc_importance", strength, "ewc")
@@ -113,7 +113,7 @@ class OnlineEWCState(NamedTuple):
   online_ewc_importance: Any
   online_ewc_decay: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> OnlineEWCState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> OnlineEWCState:
     """``F <- decay * F + F_k``; anchor <- params."""
     new, params = importance_signal(self.online_ewc_anchor, params, signals, "online_ewc")
     fisher = _trees.map_unmasked(
@@ -156,16 +156,22 @@ def online_ewc(
   _checks.check_hyperparameter(strength, transform="online_ewc", name="strength", low=0.0)
   _checks.check_hyperparameter(decay, transform="online_ewc", name="decay", low=0.0, high=1.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> OnlineEWCState:
     return OnlineEWCState(
       online_ewc_anchor=copy_f32(params),
       online_ewc_importance=zeros(params, importance_dtype),
       online_ewc_decay=jnp.asarray(decay, jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("online_ewc", extra_args)
     del extra_args
+    state = cast(OnlineEWCState, state)
     out = add_penalty(
       updates, params, state.online_ewc_anchor, state.online_ewc_importance, strength, "online_ewc"
     )

@@ -11,7 +11,7 @@ shape, and differ only in the transform.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ class ExperienceReplayState(NamedTuple):
 
   replay_steps: jax.Array  # shape=(), int32
 
-  def consolidate(self, params, **signals) -> ExperienceReplayState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> ExperienceReplayState:
     """ER keeps no task state: its memory is the user's replay buffer."""
     del params, signals
     return self
@@ -98,13 +98,21 @@ def experience_replay(strength: float = 1.0) -> optax.GradientTransformationExtr
 
   _checks.check_hyperparameter(strength, transform="experience_replay", name="strength", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> ExperienceReplayState:
     del params
     return ExperienceReplayState(replay_steps=jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None, *, replay_grads=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    replay_grads: optax.Updates | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("experience_replay", extra_args)
     del params, extra_args
+    state = cast(ExperienceReplayState, state)
     if replay_grads is None:
       return updates, state
     pairs = _checks.matching_leaves(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _trees
-from cl_optax._batches import batch_list
+from cl_optax._batches import Batches, example_mean
 
 _FISHER_KINDS = ("empirical", "sampled", "exact")
 
@@ -78,12 +78,12 @@ def _fisher_diag_batch(logits_fn, params, x, y, key, fisher):
 
 def fisher_diag(
   logits_fn: Callable[[Any, jax.Array], jax.Array],
-  params: Any,
-  batches,
+  params: optax.Params,
+  batches: Batches,
   *,
   fisher: str = "empirical",
   key: jax.Array | None = None,
-) -> Any:
+) -> optax.Params:
   r"""Diagonal Fisher information of a classifier, from per-example gradients.
 
   .. math::
@@ -126,14 +126,13 @@ def fisher_diag(
   """
   _check_kind(fisher, "fisher_diag", key)
   key = jax.random.key(0) if key is None else key
-  total, count = None, 0
-  for i, (x, y) in enumerate(batch_list(batches, "fisher_diag")):
+
+  def batch_sum(i: int, x: jax.Array, y: jax.Array | None) -> Any:
     if fisher == "empirical" and y is None:
       raise ValueError("fisher_diag: fisher='empirical' needs labels; got batches without y.")
-    s = _fisher_diag_batch(logits_fn, params, x, y, jax.random.fold_in(key, i), fisher)
-    total = s if total is None else optax.tree.add(total, s)
-    count += x.shape[0]
-  return jax.tree.map(lambda s: s / count, total)
+    return _fisher_diag_batch(logits_fn, params, x, y, jax.random.fold_in(key, i), fisher)
+
+  return example_mean(batch_sum, batches, "fisher_diag")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
@@ -169,8 +168,8 @@ def _kfac_batch(fn, params, x, y, key, fisher, layers):
 
 def kfac_factors(
   fn: Callable[[Any, jax.Array, dict], tuple[jax.Array, dict]],
-  params: Any,
-  batches,
+  params: optax.Params,
+  batches: Batches,
   *,
   layers: Sequence[str],
   fisher: str = "sampled",
@@ -229,11 +228,10 @@ def kfac_factors(
   for name in layers:
     _trees.layer_subtree(params, name)
   key = jax.random.key(0) if key is None else key
-  total, count = None, 0
-  for i, (x, y) in enumerate(batch_list(batches, "kfac_factors")):
+
+  def batch_sum(i: int, x: jax.Array, y: jax.Array | None) -> dict[str, KronFactors]:
     if fisher == "empirical" and y is None:
       raise ValueError("kfac_factors: fisher='empirical' needs labels; got batches without y.")
-    s = _kfac_batch(fn, params, x, y, jax.random.fold_in(key, i), fisher, layers)
-    total = s if total is None else optax.tree.add(total, s)
-    count += x.shape[0]
-  return jax.tree.map(lambda s: s / count, total)
+    return _kfac_batch(fn, params, x, y, jax.random.fold_in(key, i), fisher, layers)
+
+  return example_mean(batch_sum, batches, "kfac_factors")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ class FreezeState(NamedTuple):
   frozen: Any
   freeze_threshold: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> FreezeState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> FreezeState:
     """Freezes every entry whose task ``importance`` reaches the threshold."""
     del params
     new = _checks.validated_signal(
@@ -73,13 +73,19 @@ def freeze(*, threshold: float = 0.5) -> optax.GradientTransformationExtraArgs:
 
   _checks.check_hyperparameter(threshold, transform="freeze", name="threshold", low=0.0, high=1.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> FreezeState:
     frozen = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
     return FreezeState(frozen=frozen, freeze_threshold=jnp.asarray(threshold, jnp.float32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("freeze", extra_args)
     del params, extra_args
+    state = cast(FreezeState, state)
     _checks.check_updates(updates, state.frozen, transform="freeze")
     updates = jax.tree.map(lambda f, u: _trees.mask_leaf(u, ~f), state.frozen, updates)
     return updates, state._replace(freeze_threshold=jnp.asarray(threshold, jnp.float32))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class GEMState(NamedTuple):
   gem_projected: jax.Array  # shape=(), int32
   gem_active: jax.Array  # shape=(max_tasks,) or (0,), bool
 
-  def consolidate(self, params, **signals) -> GEMState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> GEMState:
     """GEM keeps no task state: its memory is the user's replay buffer."""
     del params, signals
     return self
@@ -95,7 +95,7 @@ def gem(
   and the projection only when some :math:`\langle g, g_k \rangle < 0`.
   The official code ships the gradients to the host and calls ``quadprog`` in
   float64; here the QP is solved inside ``jit`` in float32 by
-  :func:`solve_box_qp` (an active-set method that stops once converged, at
+  :func:`cl_optax.projection.solve_box_qp` (an active-set method that stops once converged, at
   most ``solver_iterations`` steps, starting from the previous step's active
   set when ``max_tasks`` is given; tested against ``quadprog``). With
   ``eps > 0`` the exact solution has :math:`\langle \tilde g, g_k \rangle
@@ -140,16 +140,25 @@ def gem(
   _checks.check_hyperparameter(strength, transform="gem", name="strength", low=0.0)
   _checks.check_hyperparameter(max_tasks, transform="gem", name="max_tasks", low=1.0, integer=True)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> GEMState:
     del params
     return GEMState(
       gem_projected=jnp.zeros((), jnp.int32),
       gem_active=jnp.ones((max_tasks or 0,), jnp.bool_),
     )
 
-  def update_fn(updates, state, params=None, *, task_grads=None, task_mask=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    task_grads: optax.Updates | None = None,
+    task_mask: jax.Array | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("gem", extra_args)
     del params, extra_args
+    state = cast(GEMState, state)
     if task_grads is None:
       return updates, state
     t_leaves = _trees.unmasked_leaves(task_grads)

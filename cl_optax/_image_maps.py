@@ -9,7 +9,9 @@ def permute(perm):
   return lambda x: x.reshape(len(x), -1)[:, perm]
 
 
-def rotation_weights(shape: tuple[int, int], degrees: float, *, interpolation: str = "nearest"):
+def rotation_weights(
+  shape: tuple[int, int], degrees: float, *, interpolation: str = "nearest"
+) -> tuple[np.ndarray, np.ndarray]:
   """Source pixels and weights of a counter-clockwise rotation about the centre.
 
   Returns ``(index [4, h*w], weight [4, h*w])`` into the flattened image;

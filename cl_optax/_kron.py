@@ -1,8 +1,10 @@
-"""Kronecker-factored precision for :func:`cl_optax.ncl`: merge, damping, checks.
+"""Kronecker-factored precision for :func:`cl_optax.ncl`: checks, merge, damping and the step.
 
 A layer's precision is ``a (x) g`` (``a`` over the layer's inputs, the bias
 folded in as a homogeneous coordinate; ``g`` over its outputs), as
-:func:`cl_optax.importance.kfac_factors` estimates it.
+:func:`cl_optax.importance.kfac_factors` estimates it. The diagonal step and
+the state live in ``_ncl.py``; the scalars and leaves of a step
+(:class:`StepCoefficients`, :class:`StepLeaves`) are shared by both.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cl_optax import _checks, _trees
 
@@ -139,3 +142,122 @@ def leaf_roles(tree: Any, layers: Sequence[str]) -> list[tuple[str, str] | None]
     prefix, last = "/".join(names[:-1]), names[-1] if names else ""
     roles.append((prefix, last) if prefix in layers and last in ("kernel", "bias") else None)
   return roles
+
+
+# ------------------------------------------------------------ init and step
+
+
+class StepCoefficients(NamedTuple):
+  """The scalars of a step: :math:`\\alpha^2`, :math:`\\lambda`, :math:`N` and the options."""
+
+  alpha2: jax.Array
+  lam: jax.Array
+  n: jax.Array
+  precondition_penalty: bool
+  with_norm: bool  # whether the trust-region norm is needed (``radius`` given)
+
+
+class StepLeaves(NamedTuple):
+  """Flattened updates, params, prior mean and diagonal precision (``MaskedNode`` as leaf)."""
+
+  updates: list
+  params: list
+  mean: list
+  precision: list
+
+
+def _row_blocks(leaves: list, rows: list[int]) -> list[jax.Array]:
+  """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32)."""
+  blocks = [jnp.asarray(leaves[rows[0]], jnp.float32)]
+  if len(rows) > 1:
+    blocks.append(jnp.asarray(leaves[rows[1]], jnp.float32)[None])
+  return blocks
+
+
+def _left(m: jax.Array, blocks: list[jax.Array]) -> list:
+  """``m @ concatenate(blocks)`` as row blocks, without concatenating.
+
+  Appending the bias row to a kernel whose rows are sharded would gather the
+  kernel on every device; block products keep it sharded (a replicated
+  factor times a sharded block is local work plus a reduction).
+  """
+  edges = np.cumsum([0] + [b.shape[0] for b in blocks])
+  return [
+    sum(m[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] @ b for c, b in enumerate(blocks))
+    for r in range(len(blocks))
+  ]
+
+
+def prior_diagonal(x: jax.Array, n: jax.Array, dtype: Any) -> jax.Array:
+  """:math:`\\Lambda_0 = I / N` at one leaf, stored as ``dtype``."""
+  return (jnp.ones_like(x, dtype=jnp.float32) / n).astype(dtype)
+
+
+def init_kron(
+  params: optax.Params, layers: tuple[str, ...], n: jax.Array, damping: float, dtype: Any
+) -> tuple[dict[str, NCLKron], optax.Params]:
+  """Kronecker precision: :math:`A_0 = G_0 = I/\\sqrt N` per layer, and the
+  diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
+  """
+  subtrees = {name: _trees.layer_subtree(params, name) for name in layers}
+  # A layer masked out by optax.masked / partition is not kept (the transform passes it).
+  subtrees = {k: v for k, v in subtrees.items() if not _trees.is_masked(v["kernel"])}
+  layers = tuple(subtrees)
+  kron = {}
+  for name, sub in subtrees.items():
+    d_in, d_out = jnp.shape(sub["kernel"])
+    d_in += 1 if "bias" in sub else 0
+    a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
+    g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
+    kron[name] = NCLKron(a, g, *damped_inverses(a, g, damping))
+  roles = leaf_roles(params, layers)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_trees.is_masked)
+  prec = treedef.unflatten(
+    [
+      optax.MaskedNode() if r is not None or _trees.is_masked(x) else prior_diagonal(x, n, dtype)
+      for r, x in zip(roles, leaves)
+    ]
+  )
+  return kron, prec
+
+
+def _kron_direction(k: NCLKron, g: list, diff: list, c: StepCoefficients) -> list[jax.Array]:
+  """:math:`\\delta` of one Kronecker layer as row blocks: :math:`A_s^{-1}\\,\\bar g\\,G_s^{-1}`
+  plus the pull (or the whole regularised gradient preconditioned).
+  """
+  if c.precondition_penalty:
+    inner = [gi + c.lam * (x @ k.g) for gi, x in zip(g, _left(k.a, diff))]
+    return [x @ k.g_inv / c.n for x in _left(k.a_inv, inner)]
+  return [(x @ k.g_inv + c.lam * di) / c.n for x, di in zip(_left(k.a_inv, g), diff)]
+
+
+def _layer_rows(roles: list, name: str) -> list[int]:
+  """Flatten-order positions of layer ``name``'s ``[kernel]`` or ``[kernel, bias]`` leaves."""
+  idx = {r[1]: i for i, r in enumerate(roles) if r is not None and r[0] == name}
+  ik, ib = idx["kernel"], idx.get("bias")
+  return [ik] if ib is None else [ik, ib]
+
+
+def kron_directions(
+  out: list, leaves: StepLeaves, kron: dict[str, NCLKron], roles: list, c: StepCoefficients
+) -> list[jax.Array]:
+  """Writes :math:`\\delta` of every Kronecker layer into ``out``; returns the layers'
+  squared :math:`\\Lambda`-norms when ``c.with_norm``.
+
+  A non-finite gradient entry would spread over the layer through the matmuls,
+  so such a layer passes its gradient unchanged and stays out of the norm.
+  """
+  sq_norms = []
+  for name, k in kron.items():
+    rows = _layer_rows(roles, name)
+    g = _row_blocks(leaves.updates, rows)
+    diff = [x - y for x, y in zip(_row_blocks(leaves.params, rows), _row_blocks(leaves.mean, rows))]
+    d = _kron_direction(k, g, diff, c)
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
+    if c.with_norm:
+      norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
+      sq_norms.append(jnp.where(finite, norm2, 0.0))
+    out[rows[0]] = jnp.where(finite, d[0], g[0])
+    if len(rows) > 1:
+      out[rows[1]] = jnp.where(finite, d[1][0], g[1][0])
+  return sq_norms

@@ -25,7 +25,7 @@ class MASState(NamedTuple):
   mas_anchor: Any
   mas_importance: Any
 
-  def consolidate(self, params, **signals) -> MASState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> MASState:
     """``Omega <- Omega + Omega_k`` (the paper's accumulation); anchor <- params."""
     new, params = importance_signal(self.mas_anchor, params, signals, "mas")
     total = _trees.map_unmasked(lambda o, n: (o + n).astype(o.dtype), self.mas_importance, new)
@@ -41,7 +41,7 @@ def mas(
     g \leftarrow g + \lambda\,\Omega\odot(\theta-\theta^*), \qquad
     \Omega = \textstyle\sum_k \Omega_k
 
-  with :math:`\Omega_k` from :func:`cl_optax.importance.mas`, summed over
+  with :math:`\Omega_k` from :func:`cl_optax.importance.mas_sensitivity`, summed over
   tasks as in the paper (Avalanche/FACIL use a moving average instead). The
   paper's penalty :math:`\lambda_p\sum\Omega(\theta-\theta^*)^2` has no 1/2:
   ``strength = 2 * lambda_p``.
@@ -60,7 +60,7 @@ def mas(
 
   _checks.check_hyperparameter(strength, transform="mas", name="strength", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> MASState:
     return MASState(mas_anchor=copy_f32(params), mas_importance=zeros(params, importance_dtype))
 
   update_fn = penalty_update("mas_anchor", "mas_importance", strength, "mas")

@@ -7,19 +7,23 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
 from cl_optax._kron import (
   NCLKron,
+  StepCoefficients,
+  StepLeaves,
   check_factors,
   damped_inverses,
+  init_kron,
   is_factors,
+  kron_directions,
   leaf_names,
   leaf_roles,
   lookup_factors,
   nearest_kron_sum,
+  prior_diagonal,
 )
 
 
@@ -122,28 +126,6 @@ class NCLState(NamedTuple):
     return treedef.unflatten(out)
 
 
-def _row_blocks(leaves: list, rows: list[int]) -> list[jax.Array]:
-  """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32)."""
-  blocks = [jnp.asarray(leaves[rows[0]], jnp.float32)]
-  if len(rows) > 1:
-    blocks.append(jnp.asarray(leaves[rows[1]], jnp.float32)[None])
-  return blocks
-
-
-def _left(m: jax.Array, blocks: list[jax.Array]) -> list:
-  """``m @ concatenate(blocks)`` as row blocks, without concatenating.
-
-  Appending the bias row to a kernel whose rows are sharded would gather the
-  kernel on every device; block products keep it sharded (a replicated
-  factor times a sharded block is local work plus a reduction).
-  """
-  edges = np.cumsum([0] + [b.shape[0] for b in blocks])
-  return [
-    sum(m[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] @ b for c, b in enumerate(blocks))
-    for r in range(len(blocks))
-  ]
-
-
 def _check_arguments(
   data_size: float,
   strength: float,
@@ -183,64 +165,12 @@ def _init_mean(params: optax.Params, prior_mean: str) -> optax.Params:
   return jax.tree.map(lambda p: _trees.fresh(p, jnp.float32), params)
 
 
-def _prior_diagonal(x: jax.Array, n: jax.Array, dtype: Any) -> jax.Array:
-  """:math:`\\Lambda_0 = I / N` at one leaf, stored as ``dtype``."""
-  return (jnp.ones_like(x, dtype=jnp.float32) / n).astype(dtype)
-
-
 def _init_diag(params: optax.Params, n: jax.Array, dtype: Any) -> optax.Params:
   """Diagonal precision: :math:`\\Lambda_0 = I / N` like params."""
-  return jax.tree.map(lambda p: _prior_diagonal(p, n, dtype), params)
-
-
-def _init_kron(
-  params: optax.Params, layers: tuple[str, ...], n: jax.Array, damping: float, dtype: Any
-) -> tuple[dict[str, NCLKron], optax.Params]:
-  """Kronecker precision: :math:`A_0 = G_0 = I/\\sqrt N` per layer, and the
-  diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
-  """
-  subtrees = {name: _trees.layer_subtree(params, name) for name in layers}
-  # A layer masked out by optax.masked / partition is not kept (the transform passes it).
-  subtrees = {k: v for k, v in subtrees.items() if not _trees.is_masked(v["kernel"])}
-  layers = tuple(subtrees)
-  kron = {}
-  for name, sub in subtrees.items():
-    d_in, d_out = jnp.shape(sub["kernel"])
-    d_in += 1 if "bias" in sub else 0
-    a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
-    g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
-    kron[name] = NCLKron(a, g, *damped_inverses(a, g, damping))
-  roles = leaf_roles(params, layers)
-  leaves, treedef = jax.tree.flatten(params, is_leaf=_trees.is_masked)
-  prec = treedef.unflatten(
-    [
-      optax.MaskedNode() if r is not None or _trees.is_masked(x) else _prior_diagonal(x, n, dtype)
-      for r, x in zip(roles, leaves)
-    ]
-  )
-  return kron, prec
+  return jax.tree.map(lambda p: prior_diagonal(p, n, dtype), params)
 
 
 # --------------------------------------------------------------- direction
-
-
-class _Coefficients(NamedTuple):
-  """The scalars of a step: :math:`\\alpha^2`, :math:`\\lambda`, :math:`N` and the options."""
-
-  alpha2: jax.Array
-  lam: jax.Array
-  n: jax.Array
-  precondition_penalty: bool
-  with_norm: bool  # whether the trust-region norm is needed (``radius`` given)
-
-
-class _Leaves(NamedTuple):
-  """Flattened updates, params, prior mean and diagonal precision (``MaskedNode`` as leaf)."""
-
-  updates: list
-  params: list
-  mean: list
-  precision: list
 
 
 def _state_leaves(params: optax.Params, state: NCLState, count: int) -> tuple[list, list, list]:
@@ -256,7 +186,7 @@ def _state_leaves(params: optax.Params, state: NCLState, count: int) -> tuple[li
   return p_leaves, m_leaves, f_leaves
 
 
-def _diag_directions(leaves: _Leaves, c: _Coefficients) -> tuple[list, list[jax.Array]]:
+def _diag_directions(leaves: StepLeaves, c: StepCoefficients) -> tuple[list, list[jax.Array]]:
   """:math:`\\delta` at the diagonal leaves (others as given), and their squared
   :math:`\\Lambda`-norms (non-finite entries excluded) when ``c.with_norm``.
   """
@@ -275,48 +205,6 @@ def _diag_directions(leaves: _Leaves, c: _Coefficients) -> tuple[list, list[jax.
     if c.with_norm:
       sq_norms.append(jnp.sum(jnp.where(jnp.isfinite(d), f * jnp.square(d), 0.0)))
   return out, sq_norms
-
-
-def _kron_direction(k: NCLKron, g: list, diff: list, c: _Coefficients) -> list[jax.Array]:
-  """:math:`\\delta` of one Kronecker layer as row blocks: :math:`A_s^{-1}\\,\\bar g\\,G_s^{-1}`
-  plus the pull (or the whole regularised gradient preconditioned).
-  """
-  if c.precondition_penalty:
-    inner = [gi + c.lam * (x @ k.g) for gi, x in zip(g, _left(k.a, diff))]
-    return [x @ k.g_inv / c.n for x in _left(k.a_inv, inner)]
-  return [(x @ k.g_inv + c.lam * di) / c.n for x, di in zip(_left(k.a_inv, g), diff)]
-
-
-def _layer_rows(roles: list, name: str) -> list[int]:
-  """Flatten-order positions of layer ``name``'s ``[kernel]`` or ``[kernel, bias]`` leaves."""
-  idx = {r[1]: i for i, r in enumerate(roles) if r is not None and r[0] == name}
-  ik, ib = idx["kernel"], idx.get("bias")
-  return [ik] if ib is None else [ik, ib]
-
-
-def _kron_directions(
-  out: list, leaves: _Leaves, kron: dict[str, NCLKron], roles: list, c: _Coefficients
-) -> list[jax.Array]:
-  """Writes :math:`\\delta` of every Kronecker layer into ``out``; returns the layers'
-  squared :math:`\\Lambda`-norms when ``c.with_norm``.
-
-  A non-finite gradient entry would spread over the layer through the matmuls,
-  so such a layer passes its gradient unchanged and stays out of the norm.
-  """
-  sq_norms = []
-  for name, k in kron.items():
-    rows = _layer_rows(roles, name)
-    g = _row_blocks(leaves.updates, rows)
-    diff = [x - y for x, y in zip(_row_blocks(leaves.params, rows), _row_blocks(leaves.mean, rows))]
-    d = _kron_direction(k, g, diff, c)
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
-    if c.with_norm:
-      norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
-      sq_norms.append(jnp.where(finite, norm2, 0.0))
-    out[rows[0]] = jnp.where(finite, d[0], g[0])
-    if len(rows) > 1:
-      out[rows[1]] = jnp.where(finite, d[1][0], g[1][0])
-  return sq_norms
 
 
 def _clip_to_radius(out: list, sq_norm: jax.Array, radius: float) -> list:
@@ -434,7 +322,7 @@ def ncl(
   def init_fn(params: optax.Params) -> NCLState:
     n = jnp.asarray(data_size, jnp.float32)
     if precision == "kfac":
-      kron, prec = _init_kron(params, layers, n, damping, prec_dtype)
+      kron, prec = init_kron(params, layers, n, damping, prec_dtype)
     else:
       kron, prec = {}, _init_diag(params, n, prec_dtype)
     return NCLState(
@@ -456,7 +344,7 @@ def ncl(
     state = cast(NCLState, state)
     if params is None:
       raise ValueError("ncl: update needs `params` (the pull to the prior mean uses them).")
-    coef = _Coefficients(
+    coef = StepCoefficients(
       alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
       lam=jnp.asarray(strength, jnp.float32),
       n=jnp.asarray(data_size, jnp.float32),
@@ -466,10 +354,10 @@ def ncl(
     _checks.check_updates(updates, state.prior_mean, transform="ncl")
     _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
-    leaves = _Leaves(u_leaves, *_state_leaves(params, state, len(u_leaves)))
+    leaves = StepLeaves(u_leaves, *_state_leaves(params, state, len(u_leaves)))
     out, sq_norms = _diag_directions(leaves, coef)
     if state.kron:
-      sq_norms += _kron_directions(out, leaves, state.kron, leaf_roles(updates, layers), coef)
+      sq_norms += kron_directions(out, leaves, state.kron, leaf_roles(updates, layers), coef)
     if radius is not None:
       out = _clip_to_radius(out, sum(sq_norms, start=jnp.zeros((), jnp.float32)), radius)
     new = treedef.unflatten([_finish(u, d) for u, d in zip(u_leaves, out)])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ class OGDState(NamedTuple):
   basis_dropped: jax.Array  # shape=(), int32
   ogd_rtol: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> OGDState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
     del params
     grads = _checks.validated_signal(
@@ -48,7 +48,7 @@ class OGDState(NamedTuple):
       transform="ogd",
       rows=True,
       what="a pytree like params whose leaves have a leading axis of size n: the gradients "
-      "of the model outputs at n stored samples, e.g. from cl_optax.output_gradients",
+      "of the model outputs at n stored samples, e.g. from cl_optax.importance.output_gradients",
     )
     b_leaves = _trees.unmasked_leaves(self.basis)
     g_leaves = _trees.unmasked_leaves(grads)
@@ -83,7 +83,8 @@ def ogd(
 
   with dot products over the whole pytree. :func:`cl_optax.consolidate` with
   ``output_grads=`` (leaves ``[n, *leaf.shape]``: the gradient of an output at
-  each of ``n`` stored samples, see :func:`output_gradients`; the paper's
+  each of ``n`` stored samples, see
+  :func:`cl_optax.importance.output_gradients`; the paper's
   default is the ground-truth logit) adds them one by one by Gram-Schmidt
   with re-orthogonalisation, skipping the ones already in the span.
 
@@ -123,7 +124,7 @@ def ogd(
   )
   _checks.check_hyperparameter(rtol, transform="ogd", name="rtol", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> OGDState:
     def rows(p):  # broadcast from zeros_like: the rows are sharded like the leaf
       return jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (int(max_directions), *jnp.shape(p)))
 
@@ -133,9 +134,15 @@ def ogd(
       basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, jnp.float32)
     )  # own buffers
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("ogd", extra_args)
     del params, extra_args
+    state = cast(OGDState, state)
     pairs = _checks.matching_leaves(
       updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
     )

@@ -5,18 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from cl_optax import _trees
 
 
 def output_gradients(
   apply_fn: Callable[[Any, jax.Array], jax.Array],
-  params: Any,
+  params: optax.Params,
   inputs: jax.Array,
   labels: jax.Array | None = None,
-) -> Any:
+) -> chex.ArrayTree:
   """Per-sample gradients of a model output, OGD's signal (leaves ``[n, ...]``).
 
   With ``labels``, the gradient of the ground-truth logit at each sample (the

@@ -57,7 +57,12 @@ def add_penalty(updates, params, anchor, omega, strength, transform):
 def penalty_update(anchor: str, importance: str, strength, transform: str):
   """``update_fn`` adding ``strength * state.<importance> * (params - state.<anchor>)``."""
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args(transform, extra_args)
     del extra_args
     omega = getattr(state, importance)

@@ -49,6 +49,18 @@ def solve_box_qp(
   Returns:
     ``v`` of shape ``[k]`` (float32), feasible (``v >= lower``); with
     ``return_active``, ``(v, active)``.
+
+  References:
+    Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006, Sec. 16.5
+    (active-set methods for convex QP); Lopez-Paz & Ranzato, *Gradient
+    Episodic Memory for Continual Learning*, NeurIPS 2017, Eq. 10-13 (the dual).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from cl_optax.projection import solve_box_qp
+    >>> P = 2.0 * jnp.eye(2)  # min (v0 - 1)^2 + (v1 + 1)^2, v >= 0
+    >>> solve_box_qp(P, jnp.array([-2.0, 2.0]), jnp.zeros(2))
+    Array([1., 0.], dtype=float32)
   """
   P = jnp.asarray(P, jnp.float32)
   c = jnp.asarray(c, jnp.float32)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ class SIState(NamedTuple):
   si_xi: jax.Array  # shape=(), float32
   si_floor: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> SIState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> SIState:
     """Closes the path integral and adds ``omega / (Delta^2 + xi)`` to ``Omega``."""
     del signals  # SI needs none
     params = _trees.restrict_like(self.si_anchor, params, transform="si", name="params")
@@ -134,7 +134,7 @@ def si(
   _checks.check_hyperparameter(strength, transform="si", name="strength", low=0.0)
   _checks.check_hyperparameter(xi, transform="si", name="xi", low=0.0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> SIState:
     return SIState(
       si_anchor=copy_f32(params),
       si_importance=zeros(params, importance_dtype),
@@ -144,9 +144,15 @@ def si(
       si_floor=jnp.asarray(0.0 if nonnegative else _NO_FLOOR, jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("si", extra_args)
     del extra_args
+    state = cast(SIState, state)
     out = add_penalty(updates, params, state.si_anchor, state.si_importance, strength, "si")
     recorded = out if include_penalty else updates
 

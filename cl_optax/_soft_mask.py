@@ -6,7 +6,7 @@ Where it goes in a chain: see :mod:`cl_optax.masking`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ class SoftMaskState(NamedTuple):
   importance: Any
   head_scale: jax.Array  # shape=(), float32
 
-  def consolidate(self, params, **signals) -> SoftMaskState:
+  def consolidate(self, params: optax.Params, **signals: Any) -> SoftMaskState:
     """Merges a task's ``importance`` by element-wise max (SPG's ``a_max``).
 
     ``importance`` leaves must have the state's shapes (or shapes that
@@ -66,7 +66,8 @@ def _head_scale(importance: Any, params: Any) -> jax.Array:
   if count == 0:
     return jnp.ones((), jnp.float32)
   total = sum(
-    jnp.sum(x, dtype=jnp.float32) * (n / x.size) for x, n in zip(leaves, sizes, strict=True) if n
+    (jnp.sum(x, dtype=jnp.float32) * (n / x.size) for x, n in zip(leaves, sizes, strict=True) if n),
+    start=jnp.zeros((), jnp.float32),
   )
   return (1.0 - total / count).astype(jnp.float32)
 
@@ -209,7 +210,7 @@ def soft_mask(
 
   dtype = jnp.float32 if importance_dtype is None else importance_dtype
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> SoftMaskState:
     labels = _trees.resolve_labels(head, params)
     shapes = _state_shapes(importance_shapes, params)  # like params, ShapeDtypeStruct leaves
     zeros = lambda tree: jax.tree.map(  # noqa: E731
@@ -226,9 +227,15 @@ def soft_mask(
     )
     return SoftMaskState(importance=importance, head_scale=jnp.ones((), jnp.float32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
     _debug.check_extra_args("soft_mask", extra_args)
     del params, extra_args
+    state = cast(SoftMaskState, state)
     _checks.check_updates(updates, state.importance, transform="soft_mask", broadcastable=True)
 
     def mask(imp, u):

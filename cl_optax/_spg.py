@@ -35,11 +35,11 @@ def _summed_head_grad(logits_fn, params, xs, ys, head, is_current):
 
 def spg(
   logits_fn: LogitsFn,
-  params: Any,
+  params: optax.Params,
   batches: tuple[jax.Array, jax.Array] | Iterable[tuple[jax.Array, jax.Array]],
   *,
   task: int,
-) -> Any:
+) -> optax.Params:
   r"""SPG parameter importance of the task just trained (Konishi et al., 2023).
 
   For every head :math:`\tau \le t` on the current task's data only:
@@ -89,12 +89,12 @@ def spg(
   if not stacked:
     raise ValueError("spg: `batches` is empty; expected at least one (x, y) batch.")
 
-  importance = None
-  for head in range(task + 1):
+  def head_importance(head: int) -> optax.Params:
     grads = None
     for xs, ys in stacked:
       g = _summed_head_grad(logits_fn, params, xs, ys, head, head == task)
       grads = g if grads is None else optax.tree.add(grads, g)
-    gamma = jax.tree.map(standardised_tanh, grads)
-    importance = gamma if importance is None else jax.tree.map(jnp.maximum, importance, gamma)
-  return importance
+    return jax.tree.map(standardised_tanh, grads)
+
+  gammas = (head_importance(head) for head in range(task + 1))
+  return functools.reduce(lambda a, b: jax.tree.map(jnp.maximum, a, b), gammas)

@@ -18,7 +18,7 @@ gives a signal to the states an address picks (see :func:`consolidate`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import jax
 import optax
@@ -234,7 +234,7 @@ def consolidate(
     (Array([10., 20., 30.], dtype=float32), Array([0. , 0.5, 1. ], dtype=float32))
   """
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
-    opt_state = opt_state.opt_state  # an nnx.Optimizer
+    opt_state = cast(Any, opt_state).opt_state  # an nnx.Optimizer
   params = _trees.unwrap_variables(params)
   signals = {k: _trees.unwrap_variables(v) for k, v in signals.items()}
   to = {

@@ -26,10 +26,22 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+  "average_accuracy",
+  "average_accuracy_curve",
+  "backward_transfer",
+  "forgetting",
+  "forward_transfer",
+  "summary",
+]
 
 
-def _check(R, what: str, min_tasks: int = 1) -> np.ndarray:
+def _check(R: ArrayLike, what: str, min_tasks: int = 1) -> np.ndarray:
   R = np.asarray(R, dtype=np.float64)
   if R.ndim != 2 or R.shape[0] != R.shape[1]:
     raise ValueError(
@@ -43,26 +55,26 @@ def _check(R, what: str, min_tasks: int = 1) -> np.ndarray:
   return R
 
 
-def average_accuracy(R) -> float:
+def average_accuracy(R: ArrayLike) -> float:
   """Mean accuracy over all tasks after training the last one."""
   R = _check(R, "average_accuracy")
   return float(R[-1].mean())
 
 
-def average_accuracy_curve(R) -> np.ndarray:
+def average_accuracy_curve(R: ArrayLike) -> np.ndarray:
   """``[T]``: mean accuracy over the tasks seen so far, after each task."""
   R = _check(R, "average_accuracy_curve")
   return np.array([R[i, : i + 1].mean() for i in range(len(R))])
 
 
-def backward_transfer(R) -> float:
+def backward_transfer(R: ArrayLike) -> float:
   """Mean change on old tasks from when they were learnt to the end (< 0: forgetting)."""
   R = _check(R, "backward_transfer", 2)
   T = len(R)
   return float(np.mean(R[-1, : T - 1] - np.diag(R)[: T - 1]))
 
 
-def forward_transfer(R, baseline) -> float:
+def forward_transfer(R: ArrayLike, baseline: ArrayLike) -> float:
   """Mean accuracy on a task before training it, minus the random-init accuracy.
 
   Args:
@@ -81,15 +93,15 @@ def forward_transfer(R, baseline) -> float:
   return float(np.mean([R[j - 1, j] - b[j] for j in range(1, len(R))]))
 
 
-def forgetting(R) -> float:
+def forgetting(R: ArrayLike) -> float:
   """Average forgetting (Chaudhry et al. 2018): best earlier accuracy minus final."""
   R = _check(R, "forgetting", 2)
   T = len(R)
   return float(np.mean([R[: T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
 
 
-def summary(R, baseline=None) -> dict:
-  """All metrics as a dict of floats (BWT/forgetting/FWT only when defined)."""
+def summary(R: ArrayLike, baseline: ArrayLike | None = None) -> dict[str, Any]:
+  """All metrics: floats, and the list ``acc_curve`` (BWT, forgetting, FWT when defined)."""
   R = _check(R, "summary")
   out = {"acc": average_accuracy(R), "acc_curve": average_accuracy_curve(R).tolist()}
   if len(R) > 1:

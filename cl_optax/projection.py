@@ -9,7 +9,8 @@ increase the loss of earlier tasks:
   optimiser, in :mod:`cl_optax.replay`; the reference gradients are computed in
   the same jitted step (see ``examples/flax_agem.py`` and ``examples/flax_gem.py``).
 * :func:`ogd` and :func:`gpm` keep orthonormal bases in their state, grown at
-  :func:`cl_optax.consolidate` (``output_grads=`` / ``representations=``), and
+  :func:`cl_optax.consolidate` (``output_grads=`` from
+  :func:`cl_optax.importance.output_gradients` / ``representations=``), and
   remove the gradient's component in their span. :func:`conv_representations`
   builds a convolution's representations for :func:`gpm` (its input patches in
   the kernel's feature order).
@@ -20,6 +21,9 @@ retraces across tasks. Dot products are global over the whole pytree and run
 in float32 whatever the gradient dtype. Non-finite gradients pass through
 unchanged. The guarantees hold for plain SGD on the projected gradient; put the
 projection *before* the base optimiser (``chain(agem(), sgd(lr))``).
+
+:func:`solve_box_qp` is GEM's in-``jit`` QP solver, public for users who solve
+the same dual (or check GEM's) themselves.
 """
 
 from cl_optax._agem import AGEMState as AGEMState
@@ -32,7 +36,6 @@ from cl_optax._gpm import GPMState as GPMState
 from cl_optax._gpm import gpm as gpm
 from cl_optax._ogd import OGDState as OGDState
 from cl_optax._ogd import ogd as ogd
-from cl_optax._output_gradients import output_gradients as output_gradients
 from cl_optax._qp import solve_box_qp as solve_box_qp
 
 __all__ = [
@@ -46,5 +49,5 @@ __all__ = [
   "gem",
   "gpm",
   "ogd",
-  "output_gradients",
+  "solve_box_qp",
 ]

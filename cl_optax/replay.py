@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_optax import _trees
 from cl_optax._experience_replay import ExperienceReplayState as ExperienceReplayState
 from cl_optax._experience_replay import experience_replay as experience_replay
 
@@ -184,7 +185,7 @@ def add(memory: Memory, batch: PyTree, *, key: jax.Array | None = None, task: An
   if task is None:
     raise ValueError("replay.add: a TaskRing needs `task=` (the task id of the batch).")
   num_tasks = memory.written.shape[0]
-  if not isinstance(task, jax.core.Tracer) and not 0 <= int(task) < num_tasks:
+  if _trees.is_concrete(task) and not 0 <= int(task) < num_tasks:
     raise ValueError(f"replay.add: task {int(task)} is outside [0, {num_tasks}).")
   task = jnp.asarray(task, jnp.int32)
   slots = (memory.written[task] + jnp.arange(b, dtype=jnp.int32)) % cap
@@ -210,8 +211,9 @@ def sample(
   In a jitted step (or ``lax.scan`` body) that also calls :func:`add` on a
   :class:`TaskRing` with ``tasks`` excluding the task being written, call
   :func:`add` first and sample from its result: the draw is the same, and XLA
-  can then update the memory in place (read before the write, XLA:CPU copies
-  the whole memory, twice per step for a 13 MB ring of 17 x 250 MNIST images).
+  can then update the memory in place (when the read comes before the write,
+  XLA:CPU copies the whole memory, twice per step, so the step's cost grows
+  with the memory's size).
 
   Args:
     memory: a :class:`Reservoir` or :class:`TaskRing`.

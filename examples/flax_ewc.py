@@ -36,7 +36,7 @@ def methods(args):
   def end_mas(optimizer, model, graphdef, data, t):
     params = nnx.state(model, nnx.Param)
     fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
-    omega = cl_optax.importance.mas(fn, params, fisher_batches(*data))
+    omega = cl_optax.importance.mas_sensitivity(fn, params, fisher_batches(*data))
     cl_optax.consolidate(optimizer, params, importance=omega)
 
   def end_si(optimizer, model, graphdef, data, t):

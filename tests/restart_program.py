@@ -94,7 +94,7 @@ def representations(params, task):
 def output_grads(params, task):
   x, y = batch(task * STEPS)
   fn = lambda p, x: apply(p, x)[0]  # noqa: E731
-  return {"output_grads": cl_optax.output_gradients(fn, params, x[:3], y[:3])}
+  return {"output_grads": cl_optax.importance.output_gradients(fn, params, x[:3], y[:3])}
 
 
 def no_signals(params, task):

@@ -24,8 +24,13 @@ import pytest
 import cl_optax
 from cl_optax import metrics as M
 from cl_optax import replay, streams
-from cl_optax.importance import KronFactors, fisher_diag, kfac_factors
-from cl_optax.importance import mas as mas_importance
+from cl_optax.importance import (
+  KronFactors,
+  fisher_diag,
+  kfac_factors,
+  mas_sensitivity,
+  output_gradients,
+)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -344,22 +349,22 @@ FAULTS = [
   # ---------------------------------------------------------- output_gradients
   raises(
     "output_gradients(labels of another length)",
-    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(2, int)),
+    lambda: output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(2, int)),
     r"output_gradients.*labels.*3",
   ),
   raises(
     "output_gradients(float labels)",
-    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(3)),
+    lambda: output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.zeros(3)),
     r"output_gradients.*labels.*integer",
   ),
   raises(
     "output_gradients(inputs without a sample axis)",
-    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.asarray(1.0)),
+    lambda: output_gradients(logits_fn, params(), jnp.asarray(1.0)),
     r"output_gradients.*inputs",
   ),
   raises(
     "output_gradients(labels out of range)",
-    lambda: cl_optax.output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.full(3, 7)),
+    lambda: output_gradients(logits_fn, params(), jnp.ones((3, 4)), jnp.full(3, 7)),
     r"output_gradients.*labels.*\[0, 2\)",
   ),
   # ---------------------------------------------------------------- estimators
@@ -369,8 +374,8 @@ FAULTS = [
     r"fisher_diag.*batches.*empty",
   ),
   raises(
-    "mas(stacked zero batches)",
-    lambda: mas_importance(logits_fn, params(), jnp.zeros((0, 5, 4))),
+    "mas_sensitivity(stacked zero batches)",
+    lambda: mas_sensitivity(logits_fn, params(), jnp.zeros((0, 5, 4))),
     r"mas.*batches.*empty",
   ),
   raises(

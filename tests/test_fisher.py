@@ -85,14 +85,14 @@ def test_fisher_diag_sampled_is_unbiased_for_the_exact():
 def test_mas_matches_numpy():
   p = normal_tree(6, SHAPES)
   xs, ys = _data(7)
-  got = cl_optax.importance.mas(logits_fn, p, (xs, ys))
+  got = cl_optax.importance.mas_sensitivity(logits_fn, p, (xs, ys))
   x, _, z, _ = _np(p, xs, ys)
   # d ||z||^2 / dW = 2 x z^T per example; d/db = 2 z
   np.testing.assert_allclose(
     got["dense"]["kernel"], np.abs(2 * np.einsum("ni,nj->nij", x, z)).mean(0), rtol=1e-5
   )
   np.testing.assert_allclose(got["dense"]["bias"], np.abs(2 * z).mean(0), rtol=1e-5)
-  unlabelled = cl_optax.importance.mas(logits_fn, p, list(xs))
+  unlabelled = cl_optax.importance.mas_sensitivity(logits_fn, p, list(xs))
   np.testing.assert_allclose(unlabelled["dense"]["bias"], got["dense"]["bias"], rtol=1e-6)
 
 
@@ -149,7 +149,7 @@ def test_estimator_errors():
   with pytest.raises(ValueError, match="must be one of"):
     cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="true")
   with pytest.raises(ValueError, match="is empty"):
-    cl_optax.importance.mas(logits_fn, p, [])
+    cl_optax.importance.mas_sensitivity(logits_fn, p, [])
   with pytest.raises(ValueError, match="needs labels"):
     cl_optax.importance.fisher_diag(logits_fn, p, list(xs))
   with pytest.raises(ValueError, match="layer 'nope' not found"):

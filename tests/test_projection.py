@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cl_optax
-from cl_optax._qp import solve_box_qp
+from cl_optax.projection import solve_box_qp
 
 from conftest import make_params
 
@@ -364,11 +364,11 @@ def test_output_gradients_linear_model():
   params = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
   apply = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
   x = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
-  gtl = cl_optax.output_gradients(apply, params, x, jnp.array([1, 0]))
+  gtl = cl_optax.importance.output_gradients(apply, params, x, jnp.array([1, 0]))
   np.testing.assert_allclose(gtl["w"][0], np.outer(x[0], [0, 1]))
   np.testing.assert_allclose(gtl["w"][1], np.outer(x[1], [1, 0]))
   np.testing.assert_allclose(gtl["b"], [[0, 1], [1, 0]])
-  avg = cl_optax.output_gradients(apply, params, x)
+  avg = cl_optax.importance.output_gradients(apply, params, x)
   np.testing.assert_allclose(avg["w"][0], np.outer(x[0], [0.5, 0.5]))
 
 

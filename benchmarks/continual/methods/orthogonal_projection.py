@@ -11,7 +11,8 @@ from benchmarks.continual.registry import Hyper, Method, TaskEnd, register
 
 def _consolidate_ogd(e: TaskEnd):
   x, y = e.examples(e.hp["samples"])
-  grads = cl_optax.output_gradients(e.heads.task[e.task], e.params, x, y)  # ground-truth logit
+  # the gradient of the ground-truth logit
+  grads = cl_optax.importance.output_gradients(e.heads.task[e.task], e.params, x, y)
   return cl_optax.consolidate(e.opt_state, e.params, output_grads=grads), e.aux
 
 

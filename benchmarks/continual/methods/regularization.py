@@ -33,7 +33,7 @@ def _consolidate_fisher(e: TaskEnd):
 
 def _consolidate_mas(e: TaskEnd):
   batches = e.first_batches(e.hp.get("fisher_n"))
-  imp = cl_optax.importance.mas(e.heads.task[e.task], e.params, batches)
+  imp = cl_optax.importance.mas_sensitivity(e.heads.task[e.task], e.params, batches)
   return cl_optax.consolidate(e.opt_state, e.params, importance=imp), e.aux
 
 
@@ -63,7 +63,7 @@ register(
   Method(
     "mas",
     lambda h: optax.chain(cl_optax.mas(h.hp["strength"]), h.base()),
-    "MAS (Aljundi et al. 2018): importance.mas (output-norm gradients) per task",
+    "MAS (Aljundi et al. 2018): importance.mas_sensitivity (output-norm gradients) per task",
     end_task=_consolidate_mas,
     defaults={"strength": 2.0, "fisher_n": 1000},
   )

@@ -1,4 +1,4 @@
-"""MAS parameter importance (Aljundi et al., 2018): :func:`mas`."""
+"""MAS parameter importance (Aljundi et al., 2018): :func:`mas_sensitivity`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax._batches import batch_list
+from cl_optax._batches import Batches, example_mean
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -22,8 +22,10 @@ def _mas_batch(fn, params, x):
   return jax.tree.map(lambda g: jnp.sum(g, 0), jax.vmap(one)(x))
 
 
-def mas(fn: Callable[[Any, jax.Array], jax.Array], params: Any, batches) -> Any:
-  r"""MAS importance (Aljundi et al., 2018): mean absolute output-norm gradient.
+def mas_sensitivity(
+  fn: Callable[[Any, jax.Array], jax.Array], params: optax.Params, batches: Batches
+) -> optax.Params:
+  r"""MAS importance (Aljundi et al., 2018): the output's mean sensitivity to each parameter.
 
   .. math::
     \Omega = \frac{1}{N} \sum_n \left| \nabla_\theta \, \| f(x_n; \theta) \|_2^2 \right|
@@ -45,9 +47,4 @@ def mas(fn: Callable[[Any, jax.Array], jax.Array], params: Any, batches) -> Any:
     Aljundi, Babiloni, Elhoseiny, Rohrbach, Tuytelaars, *Memory Aware Synapses:
     Learning what (not) to forget*, ECCV 2018, Eq. 4.
   """
-  total, count = None, 0
-  for x, _ in batch_list(batches, "mas"):
-    s = _mas_batch(fn, params, x)
-    total = s if total is None else optax.tree.add(total, s)
-    count += x.shape[0]
-  return jax.tree.map(lambda s: s / count, total)
+  return example_mean(lambda i, x, y: _mas_batch(fn, params, x), batches, "mas_sensitivity")
