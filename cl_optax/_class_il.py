@@ -25,10 +25,10 @@ def _concrete_ids(ids: jax.Array, where: jax.Array | None) -> np.ndarray | None:
   """The ids that count (``where``), as numpy, or ``None`` under a trace."""
   if not _checks.is_concrete(ids) or (where is not None and not _checks.is_concrete(where)):
     return None
-  ids = np.asarray(ids)
+  out = np.asarray(ids)
   if where is not None:
-    ids = ids[np.broadcast_to(np.asarray(where, bool), ids.shape)]
-  return ids.ravel()
+    out = out[np.broadcast_to(np.asarray(where, bool), out.shape)]
+  return out.ravel()
 
 
 def seen_classes_mask(

@@ -62,7 +62,8 @@ def _pads(
         "'VALID', an int or one (low, high) pair per spatial axis (for Flax's 'CIRCULAR' or "
         "'CAUSAL', pad the inputs yourself and pass 'VALID')."
       )
-    return [tuple(p) for p in jax.lax.padtype_to_pads(spatial, window, strides, padding.upper())]
+    pads = jax.lax.padtype_to_pads(spatial, window, strides, padding.upper())
+    return [(int(lo), int(hi)) for lo, hi in pads]
   if isinstance(padding, int | np.integer):
     return [(int(padding), int(padding))] * n
   pads = [tuple(p) if isinstance(p, Sequence) else (p, p) for p in padding]

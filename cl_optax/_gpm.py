@@ -169,11 +169,11 @@ def _layer_inputs(path: str, x: Any, d_in: int, kernel_shape: tuple[int, ...] | 
         f"of shape {x.kernel_shape}) but the parameter there has shape {kernel_shape}; a "
         f"dense kernel takes its layer's inputs as an array [n, {d_in}]."
       )
-    if conv_kernel and tuple(x.kernel_shape) != tuple(kernel_shape):
+    if conv_kernel and tuple(x.kernel_shape) != tuple(kernel_shape or ()):
       raise ValueError(
         f"gpm: `representations` leaf {path} holds patches built for a kernel of shape "
         f"{x.kernel_shape}, but the kernel there has shape {kernel_shape} (width "
-        f"{_conv_width(kernel_shape)}); {_HOW} with that layer's inputs."
+        f"{_conv_width(kernel_shape or ())}); {_HOW} with that layer's inputs."
       )
     width = int(np.prod(x.kernel_shape[:-1]))
     if np.ndim(x.patches) != 2 or np.shape(x.patches)[1] != width or width != d_in:

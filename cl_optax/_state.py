@@ -18,7 +18,7 @@ gives a signal to the states an address picks (see :func:`consolidate`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import optax
@@ -233,8 +233,7 @@ def consolidate(
     >>> state[0].ewc_importance["w"], state[2].importance["w"]
     (Array([10., 20., 30.], dtype=float32), Array([0. , 0.5, 1. ], dtype=float32))
   """
-  if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
-    opt_state = cast(Any, opt_state).opt_state  # an nnx.Optimizer
+  opt_state = _trees.optimizer_state(opt_state)
   params = _trees.unwrap_variables(params)
   signals = {k: _trees.unwrap_variables(v) for k, v in signals.items()}
   to = {
@@ -283,8 +282,7 @@ def unread_extra_args(opt_state: optax.OptState, **extra_args: Any) -> list[str]
     >>> cl_optax.unread_extra_args(state, ref_grads={"w": jnp.ones(2)})
     ['ref_grads']
   """
-  if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
-    opt_state = opt_state.opt_state
+  opt_state = _trees.optimizer_state(opt_state)
   states = jax.tree.leaves(opt_state, is_leaf=_is_continual)
   read = {a for s in states if _is_continual(s) for a in getattr(type(s), "EXTRA_ARGS", ())}
   return sorted(set(extra_args) - read)

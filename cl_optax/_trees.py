@@ -234,6 +234,13 @@ def map_nodes(tree: Any, is_node: Callable[[Any], bool], fn: Callable[[Any], Any
   return new
 
 
+def optimizer_state(opt_state: Any) -> Any:
+  """The optax state inside an ``nnx.Optimizer`` (its ``opt_state``), or ``opt_state`` itself."""
+  if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
+    return opt_state.opt_state
+  return opt_state
+
+
 def selected(params: Any, mask: Any, label: Any = None) -> list[str]:
   """The key strings of the leaves of ``params`` that ``mask`` selects.
 

@@ -14,7 +14,7 @@ See ``docs/boundary_writes_and_resets.md``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -316,7 +316,8 @@ def unit_resets(
   _checks.check_hyperparameter(
     max_units, transform=_TRANSFORM, name="max_units", low=1, integer=True
   )
-  layers = tuple(tuple(spec) if isinstance(spec, Sequence) else spec for spec in layers)
+  # a list of lists reads as triples; init checks each spec and names a bad one
+  layers = cast(Any, tuple(tuple(s) if isinstance(s, Sequence) else s for s in layers))
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -362,6 +363,9 @@ def unit_resets(
     def after(i):
       return None if i is None else p_leaves[i] + u_leaves[i]
 
+    def after_kernel(i: int) -> jax.Array:
+      return p_leaves[i] + u_leaves[i]
+
     resets, stats = [], []
     for li, ((i_in, i_b, i_out), h, st) in enumerate(
       zip(idx, activations, state.reset_stats, strict=True)
@@ -372,7 +376,7 @@ def unit_resets(
           f"{_TRANSFORM}: `activations`[{li}] has shape {jnp.shape(h)}; expected [..., {n}] "
           f"(the units of layer {layers[li][0]!r})."
         )
-      layer = UnitLayer(after(i_in), after(i_b), after(i_out))
+      layer = UnitLayer(after_kernel(i_in), after(i_b), after_kernel(i_out))
       score, eligible, st = select.score(st, h, layer, state.reset_count)
       resets.append(lowest_units(score, eligible, max_units))
       stats.append(st)
@@ -404,7 +408,7 @@ def unit_resets(
     return udef.unflatten(list(u_leaves)), UnitResetsState(
       reset_inner_state=inner_state,
       reset_key=key,
-      reset_count=count,
+      reset_count=jnp.asarray(count),
       reset_stats=stats,
       reset_units=tuple(resets),
     )

@@ -244,8 +244,7 @@ def apply_pending_writes(
     >>> params["w"]
     Array([0., 2., 0.], dtype=float32)
   """
-  if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
-    opt_state = opt_state.opt_state  # an nnx.Optimizer
+  opt_state = _trees.optimizer_state(opt_state)
   box = [_trees.unwrap_variables(params)]
 
   def apply(pending):
@@ -313,16 +312,16 @@ def validated_writes(
     )
   if signals["writes"] is None:
     return None
-  what = {"what": "a pytree like params"}
+  what = "a pytree like params"
   got = {
     "writes": _broadcast_tree(signals["writes"], template),
     "write_mask": _broadcast_tree(signals.get("write_mask", True), template),
   }
   targets = _checks.validated_signal(
-    got, "writes", template, transform=transform, broadcastable=True, **what
+    got, "writes", template, transform=transform, broadcastable=True, what=what
   )
   mask = _checks.validated_signal(
-    got, "write_mask", template, transform=transform, broadcastable=True, **what
+    got, "write_mask", template, transform=transform, broadcastable=True, what=what
   )
   _check_leaves(targets, transform=transform, name="writes", want_bool=False)
   _check_leaves(mask, transform=transform, name="write_mask", want_bool=True)
