@@ -140,7 +140,14 @@ def _units_mask(reset: jax.Array, ndim: int, axis: int) -> jax.Array:
   return reset.reshape(shape)
 
 
-def _layer_indices(params, layers, *, transform: str) -> list[tuple[int, int | None, int]]:
+def _layer_indices(
+  params, layers, *, transform: str
+) -> list[tuple[int, tuple[int, int | None, int]]]:
+  """``(layer number, (kernel_in, bias, kernel_out) leaf indices)`` of the layers to watch.
+
+  A layer whose two kernels are both masked out (``optax.masked`` / ``partition``)
+  is left out: the transform passes its updates through.
+  """
   paths = _trees.leaf_paths(params)
   leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
   where = {p: i for i, p in enumerate(paths)}
@@ -164,6 +171,8 @@ def _layer_indices(params, layers, *, transform: str) -> list[tuple[int, int | N
       idx.append(where[path])
     i_in, i_b, i_out = idx
     k_in, k_out = leaves[i_in], leaves[i_out]
+    if _trees.is_masked(k_in) and _trees.is_masked(k_out):
+      continue
     if _trees.is_masked(k_in) or jnp.ndim(k_in) < 2:
       raise ValueError(
         f"{transform}: layers[{li}] kernel_in {spec[0]!r} has shape {jnp.shape(k_in)}; expected "
@@ -180,7 +189,7 @@ def _layer_indices(params, layers, *, transform: str) -> list[tuple[int, int | N
         f"{transform}: layers[{li}] kernel_out {spec[2]!r} has shape {jnp.shape(k_out)}; "
         f"expected [..., {n}, fan_out] (the {n} units on axis -2, a Dense kernel [in, out])."
       )
-    out.append((i_in, i_b, i_out))
+    out.append((li, (i_in, i_b, i_out)))
   return out
 
 
@@ -324,7 +333,7 @@ def unit_resets(
     plain = _trees.unwrap_variables(params)
     idx = _layer_indices(plain, layers, transform=_TRANSFORM)
     leaves = jax.tree.leaves(plain, is_leaf=_trees.is_masked)
-    widths = [jnp.shape(leaves[i_in])[-1] for i_in, _, _ in idx]
+    widths = [jnp.shape(leaves[i_in])[-1] for _, (i_in, _, _) in idx]
     return UnitResetsState(
       reset_inner_state=inner.init(params),
       reset_key=jax.random.PRNGKey(seed),
@@ -343,14 +352,14 @@ def unit_resets(
     )
     key, sub = jax.random.split(state.reset_key)
     count = optax.safe_increment(state.reset_count)
-    if activations is None:
+    plain = _trees.unwrap_variables(params)
+    idx = _layer_indices(plain, layers, transform=_TRANSFORM)
+    if activations is None or not idx:
       no_reset = tuple(jnp.zeros_like(r) for r in state.reset_units)
       return updates, state._replace(
         reset_inner_state=inner_state, reset_key=key, reset_count=count, reset_units=no_reset
       )
 
-    plain = _trees.unwrap_variables(params)
-    idx = _layer_indices(plain, layers, transform=_TRANSFORM)
     if not isinstance(activations, Sequence) or len(activations) != len(layers):
       raise ValueError(
         f"{_TRANSFORM}: `activations` must be a sequence of {len(layers)} arrays, one "
@@ -367,9 +376,8 @@ def unit_resets(
       return p_leaves[i] + u_leaves[i]
 
     resets, stats = [], []
-    for li, ((i_in, i_b, i_out), h, st) in enumerate(
-      zip(idx, activations, state.reset_stats, strict=True)
-    ):
+    for (li, (i_in, i_b, i_out)), st in zip(idx, state.reset_stats, strict=True):
+      h = activations[li]
       n = jnp.shape(p_leaves[i_in])[-1]
       if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n:
         raise ValueError(
@@ -392,7 +400,8 @@ def unit_resets(
         u_leaves[i] = write_leaf(u_leaves[i], target, m, p_leaves[i])
         masks[i] = masks[i] | m if i in masks else m
 
-      for (i_in, i_b, i_out), r, k in zip(idx, resets, keys, strict=True):
+      for (li, (i_in, i_b, i_out)), r in zip(idx, resets, strict=True):
+        k = keys[li]
         k_in, k_out = p_leaves[i_in], p_leaves[i_out]
         draw = reinit(k, k_in.shape, k_in.dtype)
         write(i_in, draw, _units_mask(r, k_in.ndim, -1))

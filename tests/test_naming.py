@@ -115,21 +115,7 @@ def test_no_old_spellings(path):
   assert not found, "old spellings:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize(
-  "path",
-  [
-    pytest.param(
-      p,
-      marks=pytest.mark.xfail(
-        reason="imports cl_optax._gem._gem_dual to time GEM's parts", strict=False
-      ),
-    )
-    if _rel(p) == "benchmarks/gem_parts.py"
-    else p
-    for p in PROGRAMS
-  ],
-  ids=_rel,
-)
+@pytest.mark.parametrize("path", PROGRAMS, ids=_rel)
 def test_programs_import_public_modules_only(path):
   """Examples and benchmarks use ``cl_optax``'s public modules, never a private ``cl_optax._x``."""
   hits = [m.group(0).strip() for m in PRIVATE_IMPORT.finditer(path.read_text())]
