@@ -238,7 +238,7 @@ class _Run:
     order = batch_indices(s.rng, len(x), self.cfg.batch_size, 1, None)
     xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
     heads = self.heads_for(s.stream)
-    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key)
+    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key, self.model)
     s.opt_state, s.aux = self.method.end_task(end)
     jax.block_until_ready(s.opt_state)
     s.end_s += time.perf_counter() - s0
