@@ -263,6 +263,8 @@ class _Run:
       "compile_s": s.compile_s, "end_task_s": s.end_s,
       "wall_s": time.perf_counter() - s.t_wall,
     }  # fmt: skip
+    if s.stream.scenario == "class":  # no class of task j is predicted before task j trains:
+      record["fwt"] = None  # R[j-1, j] = 0 for every method, FWT only -mean(b_j); undefined
     if s.diverged is not None:
       record = diverged_record(record, s.diverged, s.seed, s.note)
     return record
