@@ -128,6 +128,19 @@ def test_cnn_model_trains_images():
   assert r["acc"] > 0.6, r["acc_matrix"]
 
 
+def test_cnn_takes_flat_square_pixels():
+  """The digits are 64 flat pixels: the registry's cnn sees them as 8x8 images."""
+  model = continual.make_model("cnn")
+  params = model.init(jax.random.key(0), (64,), 10)
+  assert model.apply(params, jnp.ones((3, 64))).shape == (3, 10)
+  assert model.layer_inputs(params, jnp.ones((3, 64)))["conv1"]["kernel"].patches.shape == (
+    3 * 8 * 8,
+    9,
+  )
+  with pytest.raises(ValueError, match="square number of flat pixels"):
+    continual.make_model("cnn").init(jax.random.key(0), (10,), 4)
+
+
 def test_ncl_kfac_names_the_mlp():
   x, y = _blobs()
   stream = streams.split(x, y, classes_per_task=2, scenario="task", seed=0)

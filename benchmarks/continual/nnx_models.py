@@ -173,7 +173,17 @@ class SmallCNN(nnx.Module):
   """Two 3x3 conv + 2x2 max-pool blocks (16, 32 channels), a ReLU dense layer, ``head``."""
 
   def __init__(self, input_shape, n_outputs: int, hidden: int = 100, *, rngs: nnx.Rngs):
-    h, w = (tuple(input_shape) + (1, 1))[:2]
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) == 1:  # flat pixels (the digits' 64): a square grey image
+      side = int(round(input_shape[0] ** 0.5))
+      if side * side != input_shape[0]:
+        raise ValueError(
+          f"cnn: needs images [h, w] or [h, w, c] (or a square number of flat pixels); "
+          f"got inputs of shape {input_shape}."
+        )
+      input_shape = (side, side)
+    self.image = input_shape
+    h, w = input_shape[:2]
     channels = input_shape[2] if len(input_shape) > 2 else 1
     self.conv1 = nnx.Conv(channels, 16, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
@@ -181,6 +191,7 @@ class SmallCNN(nnx.Module):
     self.head = nnx.Linear(hidden, n_outputs, rngs=rngs)
 
   def __call__(self, x):
+    x = x.reshape((x.shape[0], *self.image))
     if x.ndim == 3:  # [n, h, w] grey images
       x = x[..., None]
     for conv in (self.conv1, self.conv2):
