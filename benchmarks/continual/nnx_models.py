@@ -46,8 +46,8 @@ class NNXModel:
   Args:
     factory: ``rngs -> nnx.Module``; the module maps a batch ``[n, *input_shape]``
       to logits ``[n, n_outputs]`` (the stream's ``n_outputs``). Name its output
-      layer ``head`` so that methods which treat the head apart (``soft_mask``)
-      find it.
+      layer ``head`` so that methods which treat the head apart (``soft_mask``;
+      ``gpm``, which leaves it unprojected on multi-head streams) find it.
     name: shown in the records.
     shaped: the factory takes ``(rngs, input_shape, n_outputs)`` (the
       registry's models, built for each stream's shapes).
