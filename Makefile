@@ -24,10 +24,11 @@ $(VENV)/.stamp-docs: pyproject.toml | $(BIN)/python
 
 # Class-incremental split digits (scikit-learn's bundled 8x8 digits, offline): ten methods
 # (SGD, Adam, soft_mask, SI, LwF, A-GEM, GEM, ER, DER, DER++) over 3 seeds; prints the
-# table (ACC, BWT, FWT, forgetting, samples/s) and writes results/demo/ (results.jsonl,
-# PNG plots). SGD, Adam, soft_mask, SI, LwF and A-GEM forget the earlier classes; GEM, ER,
-# DER and DER++ keep them. It needs about 1.5 minutes of CPU time, so at most about
-# 1.5 minutes on 2 idle cores (after the first install of .venv); longer on a loaded machine.
+# table (ACC, BWT, forgetting, samples/s; FWT `-`, undefined in class-IL) and writes
+# results/demo/ (results.jsonl, PNG plots). SGD, Adam, soft_mask, SI, LwF and A-GEM forget
+# the earlier classes; GEM, ER, DER and DER++ keep them. It needs about 1.5 minutes of CPU
+# time, so at most about 1.5 minutes on 2 idle cores (after the first install of .venv);
+# longer on a loaded machine.
 DEMO_METHODS := sgd,adam,soft_mask,si,lwf,agem,gem,er,der,derpp
 demo: $(VENV)/.stamp-bench
 	$(BIN)/python -m benchmarks.continual --stream split-digits --scenario class \

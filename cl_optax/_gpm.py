@@ -292,8 +292,12 @@ def _project_leaf(path: Any, basis: jax.Array, count: jax.Array, u: jax.Array) -
 
 
 def _freeze_leaf(u: Any, frozen: jax.Array) -> Any:
-  """An unprojected leaf's update: zeros (finite entries) once ``frozen``."""
-  return jax.tree.map(lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x), u)
+  """An unprojected leaf's update: zeros (finite entries) once ``frozen`` if it has fewer
+  than 2 dimensions (a bias, a norm scale); an unprojected kernel passes unchanged."""
+  return jax.tree.map(
+    lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x) if jnp.ndim(x) < 2 else x,
+    u,
+  )
 
 
 # ------------------------------------------------------------------- init
@@ -358,9 +362,13 @@ def gpm(
   :math:`\hat R_l = R_l - M_l M_l^\top R_l` (Eq. 8), the top left singular
   vectors of :math:`\hat R_l` are added until the captured energy reaches
   ``threshold`` (Eq. 5 and 9). An optional ``threshold=`` signal (a tree like
-  ``representations`` of floats) sets per-layer thresholds. Leaves not
-  projected get a zero update from the first consolidate on when
-  ``freeze_unprojected``, and pass unchanged otherwise. ``docs/projection.md``
+  ``representations`` of floats) sets per-layer thresholds. Unprojected leaves
+  with fewer than 2 dimensions (biases, norm scales) get a zero update from
+  the first consolidate on when ``freeze_unprojected``, as the official code
+  zeroes the gradients of 1-D parameters from the second task on; an
+  unprojected kernel (2 or more dimensions, one that ``layers=`` leaves out,
+  e.g. the task heads) keeps training, as the official code's heads do.
+  ``docs/projection.md``
   describes the basis buffer and its cost and maps a Flax model's layer inputs
   to ``representations``.
 
@@ -375,8 +383,10 @@ def gpm(
       like params, or a function ``params -> bools``, marking the kernels to
       project (default: every non-empty leaf with 2 or more dimensions). With
       ``optax.inject_hyperparams`` pass it in ``static_args``.
-    freeze_unprojected: whether leaves that are not projected stop moving after
-      the first task.
+    freeze_unprojected: whether the unprojected leaves with fewer than 2
+      dimensions (biases, norm scales) stop moving after the first task.
+      Unprojected kernels always train; to leave a layer out entirely (its
+      bias too), wrap: ``optax.masked(gpm(...), labels)``.
     basis_dtype: storage dtype of the ``[d_in, d_in]`` basis buffers (float32
       when ``None``; growth and projection compute in float32, and
       ``jnp.bfloat16`` halves the largest state at about three significant

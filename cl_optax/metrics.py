@@ -77,6 +77,13 @@ def backward_transfer(R: ArrayLike) -> float:
 def forward_transfer(R: ArrayLike, baseline: ArrayLike) -> float:
   """Mean accuracy on a task before training it, minus the random-init accuracy.
 
+  Meaningful where a model can answer a task before training on it: task- and
+  domain-incremental streams (a task's head or the shared labels exist from the
+  start). In class-incremental learning a task's classes are never predicted
+  before they are trained (their output units are inactive or never the
+  argmax), so ``R[j-1, j] = 0`` for every method and FWT is only ``-mean(b_j)``:
+  report it as undefined there (the benchmark runner records ``None``).
+
   Args:
     R: the ``[T, T]`` accuracy matrix.
     baseline: ``[T]`` accuracies of the randomly initialised model.

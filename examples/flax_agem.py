@@ -16,15 +16,19 @@ and the memory write:
 It prints the mean accuracy matrix over seeds, the average accuracy after the
 last task and the average forgetting.
 
-  python examples/flax_agem.py --seeds 3            # MNIST when the .npz is there
+  python examples/flax_agem.py --seeds 3            # MNIST when $CL_OPTAX_DATA has it
+  python examples/flax_agem.py --data mnist --mnist path/to/mnist.npz
   python examples/flax_agem.py --data digits        # offline sklearn digits (8x8)
+
+``--mnist PATH`` (a .npz or IDX folder, default ``$CL_OPTAX_DATA``) is read by
+``cl_optax.streams.load_mnist``; without ``--data`` the script uses MNIST when it
+finds it there and the digits otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
 import time
 
 import jax
@@ -34,9 +38,8 @@ import optax
 from flax import nnx
 
 import cl_optax
-from cl_optax import replay
+from cl_optax import replay, streams
 
-MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 LRS = {"sgd": 0.03, "agem": 0.1, "gem": 0.1}  # A-GEM's replicate script (MNIST)
 
 
@@ -52,16 +55,18 @@ class MLP(nnx.Module):
     return self.head(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
 
 
-def load(data: str):
-  """Train and test images in [0, 1], flattened, with integer labels."""
+@functools.cache
+def load(data: str, mnist_path: str | None = None):
+  """Train and test images in [0, 1], flattened, with integer labels.
+
+  ``data="mnist"``: ``streams.load_mnist(mnist_path)`` (``None``: ``$CL_OPTAX_DATA``).
+  """
   if data == "mnist":
-    if not MNIST.exists():
-      raise SystemExit(f"{MNIST} not found; run with --data digits")
-    f = np.load(MNIST)
-    prep = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)  # noqa: E731
-    return (prep(f["x_train"]), f["y_train"].astype(np.int32)), (
-      prep(f["x_test"]),
-      f["y_test"].astype(np.int32),
+    ds = streams.load_mnist(mnist_path)  # FileNotFoundError names where it looked
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
+    return (flat(ds.x_train), ds.y_train.astype(np.int32)), (
+      flat(ds.x_test),
+      ds.y_test.astype(np.int32),
     )
   from sklearn.datasets import load_digits
 
@@ -75,9 +80,11 @@ def load(data: str):
   )
 
 
-def permuted_stream(data: str, n_tasks: int, n_train: int, n_test: int, seed: int):
+def permuted_stream(
+  data: str, n_tasks: int, n_train: int, n_test: int, seed: int, mnist_path: str | None = None
+):
   """Per task: (train x, train y, test x, test y) under its own pixel permutation."""
-  (xtr, ytr), (xte, yte) = load(data)
+  (xtr, ytr), (xte, yte) = load(data, mnist_path)
   rng = np.random.default_rng(seed)
   tasks = []
   for t in range(n_tasks):
@@ -175,6 +182,11 @@ def parse_args(doc: str, methods: str, mem_per_task: int):
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--methods", default=methods)
   parser.add_argument("--data", choices=["mnist", "digits"], default=None)
+  parser.add_argument(
+    "--mnist",
+    default=None,
+    help=f"MNIST .npz or folder (with --data mnist; default ${streams.ENV_VAR})",
+  )
   parser.add_argument("--tasks", type=int, default=10)
   parser.add_argument("--train-per-task", type=int, default=1000)
   parser.add_argument("--test-per-task", type=int, default=2000)
@@ -188,8 +200,12 @@ def parse_args(doc: str, methods: str, mem_per_task: int):
   for item in filter(None, args.lrs.split(",")):
     name, value = item.split("=")
     LRS[name] = float(value)
-  if args.data is None:
-    args.data = "mnist" if MNIST.exists() else "digits"
+  if args.data is None:  # MNIST when --mnist / $CL_OPTAX_DATA has it, else the digits
+    try:
+      load("mnist", args.mnist)
+      args.data = "mnist"
+    except FileNotFoundError:
+      args.data = "digits"
   return args
 
 
@@ -197,7 +213,9 @@ def run_all(args, make_step):
   results = {m: [] for m in args.methods.split(",")}
   start = time.perf_counter()
   for seed in range(args.seeds):
-    tasks = permuted_stream(args.data, args.tasks, args.train_per_task, args.test_per_task, seed)
+    tasks = permuted_stream(
+      args.data, args.tasks, args.train_per_task, args.test_per_task, seed, args.mnist
+    )
     for method in results:
       acc = train(method, tasks, seed, make_step, args.mem_per_task, args.batch_size, LRS[method])
       results[method].append(acc)

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+import cl_optax
 from benchmarks import continual
 from benchmarks.continual import progress, run_stream, trainer
 from benchmarks.continual.nnx_models import NNXModel
@@ -127,12 +128,86 @@ def test_cnn_model_trains_images():
   assert r["acc"] > 0.6, r["acc_matrix"]
 
 
-@pytest.mark.parametrize("method", ["ncl_kfac", "gpm"])
-def test_layer_methods_name_the_mlp(method):
+def test_cnn_takes_flat_square_pixels():
+  """The digits are 64 flat pixels: the registry's cnn sees them as 8x8 images."""
+  model = continual.make_model("cnn")
+  params = model.init(jax.random.key(0), (64,), 10)
+  assert model.apply(params, jnp.ones((3, 64))).shape == (3, 10)
+  assert model.layer_inputs(params, jnp.ones((3, 64)))["conv1"]["kernel"].patches.shape == (
+    3 * 8 * 8,
+    9,
+  )
+  with pytest.raises(ValueError, match="square number of flat pixels"):
+    continual.make_model("cnn").init(jax.random.key(0), (10,), 4)
+
+
+def test_ncl_kfac_names_the_mlp():
   x, y = _blobs()
   stream = streams.split(x, y, classes_per_task=2, scenario="task", seed=0)
-  with pytest.raises(ValueError, match="need the MLP"):
-    run_stream(stream, _Net, [method], progress=False)
+  with pytest.raises(ValueError, match="needs the MLP"):
+    run_stream(stream, _Net, ["ncl_kfac"], progress=False)
+
+
+class _OwnNames(nnx.Module):
+  """Layer names unlike the runner's MLP: a conv, `fc1`, a list of blocks, `head`."""
+
+  def __init__(self, rngs, n_out=4):
+    self.conv = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+    self.fc1 = nnx.Linear(12, 12, rngs=rngs)
+    self.blocks = nnx.List([nnx.Linear(12, 12, rngs=rngs)])
+    self.head = nnx.Linear(12, n_out, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.conv(x.reshape(x.shape[0], 3, 2, 1))).reshape(x.shape[0], -1)  # 3x2x2
+    h = nnx.relu(self.fc1(h))
+    for block in self.blocks:
+      h = nnx.relu(block(h))
+    return self.head(h)
+
+  @staticmethod
+  def trunk(model, params, x):  # fc1's inputs, by hand
+    conv = nnx.merge(model.graph[0], params, model.graph[1]).conv
+    return (nnx.relu(conv(x.reshape(x.shape[0], 3, 2, 1))).reshape(x.shape[0], -1),)
+
+
+def test_nnx_layer_inputs_at_each_kernels_path():
+  model = NNXModel(_OwnNames)
+  params = model.init(jax.random.key(0), (6,), 4)
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+  reps = model.layer_inputs(params, x)
+  assert list(reps) == ["conv", "fc1", "blocks", "head"]  # in the order of the forward pass
+  conv = reps["conv"]["kernel"]
+  assert isinstance(conv, cl_optax.ConvRepresentations) and conv.kernel_shape == (3, 3, 1, 2)
+  assert conv.patches.shape == (5 * 3 * 2, 3 * 3 * 1)  # one row per output position
+  np.testing.assert_allclose(reps["fc1"]["kernel"], _OwnNames.trunk(model, params, x)[0])
+  assert reps["blocks"][0]["kernel"].shape == reps["head"]["kernel"].shape == (5, 12)
+  labels = model.layer_labels(params)
+  assert labels["fc1"]["kernel"] and labels["blocks"][0]["kernel"] and labels["conv"]["kernel"]
+  assert not labels["fc1"]["bias"] and not labels["conv"]["bias"]
+
+
+def test_gpm_trains_an_nnx_model_with_its_own_layer_names():
+  """Every kernel projected at full energy, biases frozen: task 0's accuracy does not move."""
+  x, y = _blobs(n=256)
+  stream = streams.split(x, y, classes_per_task=2, scenario="domain", seed=0)
+  hp = {"samples": 200, "thresholds": [1.0], "project_head": True}
+  net = lambda rngs: _OwnNames(rngs, n_out=2)  # noqa: E731  domain-IL: one 2-way head
+  (r,) = run_stream(stream, net, ["gpm"], optimizer="sgd", epochs=2, hp=hp, progress=False)
+  R = np.asarray(r["acc_matrix"])
+  assert R[0, 0] > 0.6 and R[1, 0] == R[0, 0], R
+
+
+def test_gpm_names_what_a_model_object_lacks():
+  x, y = _blobs()
+  stream = streams.split(x, y, classes_per_task=2, scenario="task", seed=0)
+  model = continual.MLP((8,))
+
+  class Plain:  # init / apply / is_head only
+    name = "plain"
+    init, apply, is_head = model.init, staticmethod(model.apply), staticmethod(model.is_head)
+
+  with pytest.raises(ValueError, match=r"has no layer_inputs\(params, x\)"):
+    run_stream(stream, Plain(), ["gpm"], progress=False)
 
 
 # ----------------------------------------------------------------- progress

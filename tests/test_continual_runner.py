@@ -78,6 +78,7 @@ def test_seeds_reproducible_and_class_incremental(monkeypatch, tmp_path):
   b = continual.main(argv + ["--out", str(tmp_path / "b")])
   np.testing.assert_array_equal(a[0]["acc_matrix"], b[0]["acc_matrix"])
   assert a[0]["scenario"] == "class"
+  assert a[0]["fwt"] is None and a[0]["bwt"] is not None  # FWT: undefined in class-IL
 
 
 class _CountingState(NamedTuple):

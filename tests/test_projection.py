@@ -481,6 +481,29 @@ def test_gpm_freezes_unprojected_leaves_after_first_task():
     np.testing.assert_array_equal(tx.update(g, state, params)[0]["bias"], want)
 
 
+def test_gpm_freeze_leaves_unprojected_kernels_training():
+  """`layers=` without the head: the head's kernel trains, the trunk's bias freezes."""
+  params = {
+    "trunk": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
+    "head": {"kernel": jnp.zeros((2, 4))},
+  }
+  layers = {"trunk": {"kernel": True, "bias": False}, "head": {"kernel": False}}
+  g = jax.tree.map(jnp.ones_like, params)
+  tx = cl_optax.gpm(0.9, layers=layers, freeze_unprojected=True)
+  state = cl_optax.consolidate(
+    tx.init(params), params, representations={"trunk": {"kernel": jnp.eye(3)[:1]}}
+  )
+  out = tx.update(g, state, params)[0]
+  np.testing.assert_array_equal(out["head"]["kernel"], 1.0)  # left out of layers=: trains
+  np.testing.assert_array_equal(out["trunk"]["bias"], 0.0)  # 1-D and unprojected: frozen
+  np.testing.assert_array_equal(out["trunk"]["kernel"][0], 0.0)  # projected
+  masked = optax.masked(tx, {"trunk": {"kernel": True, "bias": True}, "head": {"kernel": False}})
+  state = cl_optax.consolidate(
+    masked.init(params), params, representations={"trunk": {"kernel": jnp.eye(3)[:1]}}
+  )
+  np.testing.assert_array_equal(masked.update(g, state, params)[0]["head"]["kernel"], 1.0)
+
+
 def test_gpm_bad_signals():
   params = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
   state = cl_optax.gpm().init(params)

@@ -127,6 +127,16 @@ class MLP(NamedTuple):
   def is_head(params: PyTree) -> PyTree:
     return is_head(params)
 
+  @staticmethod
+  def layer_inputs(params: dict, x: jax.Array) -> dict:
+    """Every layer's input at the path of its kernel (:func:`mlp_layer_inputs`)."""
+    return mlp_layer_inputs(params, x)
+
+  @staticmethod
+  def layer_labels(params: PyTree) -> PyTree:
+    """True at the kernels :meth:`layer_inputs` fills (every layer's)."""
+    return {k: jax.tree.map(lambda p: jnp.ndim(p) >= 2, v) for k, v in params.items()}
+
 
 def head_logits(logits, columns, valid):
   """Gathers each example's head columns; inactive columns get -1e9."""

@@ -10,8 +10,11 @@ state as a plain nested dict (``nnx.to_pure_dict``), so every optax transform an
 into the module (``nnx.merge``) inside the jitted step.
 
 Registry (``--model``): ``mlp`` (the preset's MLP, the default) and ``cnn``
-(:class:`SmallCNN`). Methods that read layer internals (``gpm``, ``ncl_kfac``:
-per-layer inputs) need the MLP; the others train any model.
+(:class:`SmallCNN`). ``gpm`` reads every layer's inputs through
+``model.layer_inputs(params, x)``: :class:`NNXModel` records the inputs of each
+``nnx.Linear`` and ``nnx.Conv`` it calls (at the path of its kernel, whatever the
+attribute names), so ``gpm`` projects those kernels of any NNX module.
+``ncl_kfac`` (layer taps on the outputs) needs the MLP; the others train any model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import cl_optax
 from benchmarks.continual.model import MLP
 
 PyTree = Any
@@ -42,8 +46,8 @@ class NNXModel:
   Args:
     factory: ``rngs -> nnx.Module``; the module maps a batch ``[n, *input_shape]``
       to logits ``[n, n_outputs]`` (the stream's ``n_outputs``). Name its output
-      layer ``head`` so that methods which treat the head apart (``soft_mask``)
-      find it.
+      layer ``head`` so that methods which treat the head apart (``soft_mask``;
+      ``gpm``, which leaves it unprojected on multi-head streams) find it.
     name: shown in the records.
     shaped: the factory takes ``(rngs, input_shape, n_outputs)`` (the
       registry's models, built for each stream's shapes).
@@ -55,7 +59,7 @@ class NNXModel:
   @property
   def layers(self):
     raise ValueError(
-      f"{self.name}: gpm and ncl_kfac read every layer's inputs and need the MLP (--model mlp)."
+      f"{self.name}: ncl_kfac adds taps to every layer's outputs and needs the MLP (--model mlp)."
     )
 
   def __init__(self, factory: Callable[..., nnx.Module], name: str = "nnx", *, shaped=False):
@@ -86,12 +90,100 @@ class NNXModel:
   def is_head(params: PyTree) -> PyTree:
     return head_labels(params)
 
+  def layer_inputs(self, params: dict, x: jax.Array) -> dict:
+    """The inputs of every ``nnx.Linear`` and ``nnx.Conv`` the module calls at ``x``, at the
+    path of its kernel: ``[n, d_in]`` (a dense layer's leading axes flattened) or a
+    convolution's patches (:func:`cl_optax.conv_representations`), GPM's ``representations``.
+
+    A layer called more than once (shared weights) or a convolution with input
+    dilation, feature groups or a mask is left out (it has no one input matrix).
+    """
+    if self.graph is None:
+      raise ValueError(f"{self.name}: call init before layer_inputs.")
+    graphdef, rest, shape = self.graph
+    module = nnx.merge(graphdef, params, rest)
+    where = {id(m): tuple(path) for path, m in nnx.iter_modules(module)}
+    seen: dict[tuple, Any] = {}
+    calls: dict[tuple, int] = {}
+
+    def record(layer, inputs):
+      path = where.get(id(layer))
+      if path is None:
+        return
+      calls[path] = calls.get(path, 0) + 1
+      kernel = layer.kernel[...]
+      if isinstance(layer, nnx.Conv):
+        plain = layer.input_dilation in (1, None) and layer.feature_group_count == 1
+        if (
+          not plain
+          or layer.mask is not None
+          or isinstance(layer.padding, str)
+          and (layer.padding.upper() not in ("SAME", "VALID"))
+        ):
+          return
+        x = inputs.reshape((-1, *inputs.shape[-(kernel.ndim - 1) :]))  # one batch axis
+        seen[path] = cl_optax.conv_representations(
+          x, kernel.shape, strides=layer.strides or 1, padding=layer.padding,
+          dilation=layer.kernel_dilation or 1,
+        )  # fmt: skip
+      else:
+        seen[path] = inputs.reshape(-1, inputs.shape[-1])
+
+    originals = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
+
+    def tapped(cls):
+      def call(layer, inputs, *args, **kwargs):
+        record(layer, inputs)
+        return originals[cls](layer, inputs, *args, **kwargs)
+
+      return call
+
+    try:
+      for cls in originals:
+        cls.__call__ = tapped(cls)
+      module(x.reshape((x.shape[0], *shape)))
+    finally:
+      for cls, fn in originals.items():
+        cls.__call__ = fn
+    out: dict = {}
+    for path, rep in seen.items():
+      if calls[path] == 1:
+        node = out
+        for k in path:
+          node = node.setdefault(k, {})
+        node["kernel"] = rep
+    return out
+
+  def layer_labels(self, params: dict) -> PyTree:
+    """True at the kernels :meth:`layer_inputs` fills (the layers GPM can project)."""
+    if self.graph is None:
+      raise ValueError(f"{self.name}: call init before layer_labels.")
+    x = jax.ShapeDtypeStruct((2, *self.graph[2]), jnp.float32)
+    reps = jax.eval_shape(self.layer_inputs, params, x)
+    tapped = {
+      jax.tree_util.keystr(p)
+      for p, _ in jax.tree_util.tree_leaves_with_path(
+        reps, is_leaf=lambda r: isinstance(r, cl_optax.ConvRepresentations)
+      )
+    }
+    return jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p) in tapped, params)
+
 
 class SmallCNN(nnx.Module):
   """Two 3x3 conv + 2x2 max-pool blocks (16, 32 channels), a ReLU dense layer, ``head``."""
 
   def __init__(self, input_shape, n_outputs: int, hidden: int = 100, *, rngs: nnx.Rngs):
-    h, w = (tuple(input_shape) + (1, 1))[:2]
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) == 1:  # flat pixels (the digits' 64): a square grey image
+      side = int(round(input_shape[0] ** 0.5))
+      if side * side != input_shape[0]:
+        raise ValueError(
+          f"cnn: needs images [h, w] or [h, w, c] (or a square number of flat pixels); "
+          f"got inputs of shape {input_shape}."
+        )
+      input_shape = (side, side)
+    self.image = input_shape
+    h, w = input_shape[:2]
     channels = input_shape[2] if len(input_shape) > 2 else 1
     self.conv1 = nnx.Conv(channels, 16, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
@@ -99,6 +191,7 @@ class SmallCNN(nnx.Module):
     self.head = nnx.Linear(hidden, n_outputs, rngs=rngs)
 
   def __call__(self, x):
+    x = x.reshape((x.shape[0], *self.image))
     if x.ndim == 3:  # [n, h, w] grey images
       x = x[..., None]
     for conv in (self.conv1, self.conv2):

@@ -21,7 +21,7 @@ class Hyper(NamedTuple):
   optimizer: str  # "sgd" or "adam": the base optimiser of the protocol
   lr: float
   hp: dict  # the method's hyper-parameters (defaults < protocol settings < --hp)
-  model: Any  # `model.is_head(params)`; `model.layers` (layer keys; None but for the MLP)
+  model: Any  # `model.is_head(params)`; `model.layers` (the MLP's layer keys), `layer_inputs`
 
   def base(self) -> optax.GradientTransformation:
     return BASES[self.optimizer](self.lr)
@@ -67,6 +67,7 @@ class TaskEnd(NamedTuple):
   heads: Heads  # the model's forward passes per task head (one object per run and layout)
   hp: dict
   key: jax.Array
+  model: Any = None  # the runner's model (`init`, `apply`, `is_head`, `layer_inputs`, ...)
 
   def first_batches(self, n: int | None) -> tuple[jax.Array, jax.Array]:
     """The first batches holding at least ``n`` examples (``None``: every batch)."""

@@ -238,7 +238,7 @@ class _Run:
     order = batch_indices(s.rng, len(x), self.cfg.batch_size, 1, None)
     xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
     heads = self.heads_for(s.stream)
-    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key)
+    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key, self.model)
     s.opt_state, s.aux = self.method.end_task(end)
     jax.block_until_ready(s.opt_state)
     s.end_s += time.perf_counter() - s0
@@ -263,6 +263,8 @@ class _Run:
       "compile_s": s.compile_s, "end_task_s": s.end_s,
       "wall_s": time.perf_counter() - s.t_wall,
     }  # fmt: skip
+    if s.stream.scenario == "class":  # no class of task j is predicted before task j trains:
+      record["fwt"] = None  # R[j-1, j] = 0 for every method, FWT only -mean(b_j); undefined
     if s.diverged is not None:
       record = diverged_record(record, s.diverged, s.seed, s.note)
     return record

@@ -1,11 +1,9 @@
 """Orthogonal projection (OGD, GPM): a basis grown at the end of each task."""
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import cl_optax
-from benchmarks.continual.model import mlp_layer_inputs
 from benchmarks.continual.registry import Hyper, Method, TaskEnd, register
 
 
@@ -16,26 +14,64 @@ def _consolidate_ogd(e: TaskEnd):
   return cl_optax.consolidate(e.opt_state, e.params, output_grads=grads), e.aux
 
 
-def _gpm_layers(h: Hyper):
-  h.model.layers  # noqa: B018 -- the MLP only: other models raise a clear error here
-
-  def labels(params):
-    heads = h.model.is_head(params)
-    return jax.tree.map(
-      lambda p, hd: jnp.ndim(p) >= 2 and (h.hp["project_head"] or not hd), params, heads
+def _layer_inputs(model):
+  """``model.layer_inputs``, or a clear error for a model object without it."""
+  if not hasattr(model, "layer_inputs") or not hasattr(model, "layer_labels"):
+    raise ValueError(
+      f"gpm: the model {getattr(model, 'name', type(model).__name__)!r} has no "
+      "layer_inputs(params, x) (each projected layer's inputs at the path of its kernel) "
+      "and layer_labels(params) (True at those kernels); the MLP and any Flax NNX module "
+      "(NNXModel: its nnx.Linear and nnx.Conv layers) have them."
     )
+  return model.layer_inputs
+
+
+def _gpm_labels(model, project_head: bool):
+  def labels(params):
+    heads, kernels = model.is_head(params), model.layer_labels(params)
+    return jax.tree.map(lambda k, hd: bool(k) and (project_head or not hd), kernels, heads)
 
   return labels
 
 
+def _gpm_layers(h: Hyper):
+  _layer_inputs(h.model)
+  return _gpm_labels(h.model, h.hp["project_head"])
+
+
+def _key(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _leaves_in_order(tree: dict, prefix: tuple = ()) -> list:
+  """``[(path, leaf)]`` of nested dicts in insertion order (jax.tree sorts dict keys)."""
+  out = []
+  for k, v in tree.items():
+    out += _leaves_in_order(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
+  return out
+
+
+def _nest(pairs) -> dict:
+  out: dict = {}
+  for path, v in pairs:
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
 def _consolidate_gpm(e: TaskEnd):
   x, _ = e.examples(e.hp["samples"])
-  reps = mlp_layer_inputs(e.params, x)
-  if not e.hp["project_head"]:
-    reps = {k: v for k, v in reps.items() if k != "head"}
+  projected = _gpm_labels(e.model, e.hp["project_head"])(e.params)
+  keep = {_key(p) for p, v in jax.tree_util.tree_leaves_with_path(projected) if v}
+  # each layer's inputs at the path of its kernel, input to output; the head's only if projected
+  reps = [(p, r) for p, r in _leaves_in_order(_layer_inputs(e.model)(e.params, x)) if p in keep]
   thr = e.hp["thresholds"]  # per layer, in order (the paper's PMNIST: 0.95, 0.99, 0.99)
-  gpm_thr = {k: {"kernel": float(thr[min(i, len(thr) - 1)])} for i, k in enumerate(reps)}
-  state = cl_optax.consolidate(e.opt_state, e.params, representations=reps, threshold=gpm_thr)
+  gpm_thr = [(p, float(thr[min(i, len(thr) - 1)])) for i, (p, _) in enumerate(reps)]
+  state = cl_optax.consolidate(
+    e.opt_state, e.params, representations=_nest(reps), threshold=_nest(gpm_thr)
+  )
   return state, e.aux
 
 
@@ -55,7 +91,7 @@ register(
     lambda h: optax.chain(
       cl_optax.gpm(layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]), h.base()
     ),
-    "GPM (Saha et al. 2021): input-space bases from mlp_layer_inputs of 300 examples per task",
+    "GPM (Saha et al. 2021): input-space bases from model.layer_inputs of 300 examples per task",
     end_task=_consolidate_gpm,
     # multi-head streams: the head (one column block per task) is not projected
     defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
