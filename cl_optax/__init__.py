@@ -24,6 +24,16 @@ from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
 from cl_optax.masking import soft_mask as soft_mask
+from cl_optax.plasticity import CBPStats as CBPStats
+from cl_optax.plasticity import L2InitState as L2InitState
+from cl_optax.plasticity import ParamNoiseState as ParamNoiseState
+from cl_optax.plasticity import ShrinkPerturbState as ShrinkPerturbState
+from cl_optax.plasticity import cbp_selector as cbp_selector
+from cl_optax.plasticity import continual_backprop as continual_backprop
+from cl_optax.plasticity import l2_init as l2_init
+from cl_optax.plasticity import param_noise as param_noise
+from cl_optax.plasticity import redo as redo
+from cl_optax.plasticity import shrink_perturb as shrink_perturb
 from cl_optax.precision import NCLState as NCLState
 from cl_optax.precision import ncl as ncl
 from cl_optax.projection import AGEMState as AGEMState
@@ -55,8 +65,11 @@ __all__ = [
   "apply_pending_writes",
   "boundary_writes",
   "BoundaryWritesState",
+  "cbp_selector",
+  "CBPStats",
   "check_writes_last",
   "consolidate",
+  "continual_backprop",
   "ContinualState",
   "conv_representations",
   "ConvRepresentations",
@@ -72,6 +85,8 @@ __all__ = [
   "gpm",
   "GPMState",
   "importance",
+  "l2_init",
+  "L2InitState",
   "losses",
   "mas",
   "MASState",
@@ -82,11 +97,16 @@ __all__ = [
   "OGDState",
   "online_ewc",
   "OnlineEWCState",
+  "param_noise",
+  "ParamNoiseState",
   "PendingWrite",
+  "redo",
   "redo_selector",
   "replay",
   "selected",
   "set_debug",
+  "shrink_perturb",
+  "ShrinkPerturbState",
   "si",
   "SIState",
   "soft_mask",

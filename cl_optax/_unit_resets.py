@@ -56,21 +56,31 @@ class UnitSelector(NamedTuple):
       that may be reset now, and the updated stats.
     reset: ``(stats, reset) -> stats``: the stats after the units of the
       ``[n]`` bool ``reset`` were re-drawn (e.g. age and utility to 0).
+    mean_output: ``stats -> [n]``, the units' mean output (after this step's
+      ``score``), or ``None``. Where a layer names its next layer's bias (a
+      4-tuple in ``layers``), that bias absorbs the mean contribution of each
+      reset unit (continual backprop): ``b_next += sum_j mean_j *
+      kernel_out[..., j, :]`` over the reset units ``j``.
   """
 
   init: Callable[[int], Any]
   score: Callable[[Any, jax.Array, UnitLayer, jax.Array], tuple[jax.Array, jax.Array, Any]]
   reset: Callable[[Any, jax.Array], Any] = lambda stats, reset: stats
+  mean_output: Callable[[Any], jax.Array] | None = None
 
 
-def redo_selector(threshold: float = 0.0, *, every: int = 1) -> UnitSelector:
+def redo_selector(
+  threshold: float = 0.0, *, every: int = 1, centered: bool = False
+) -> UnitSelector:
   r"""ReDo's dormant units: normalised mean activation at or below ``threshold``.
 
   .. math::
     s_i = \frac{\mathbb{E}|h_i|}{\frac{1}{n}\sum_k \mathbb{E}|h_k| + 10^{-9}}, \qquad
     \text{eligible}_i = s_i \le \tau \ \text{at every } F\text{-th update}
 
-  (the mean over every axis of the activations but the last). Units are
+  (the mean over every axis of the activations but the last; with
+  ``centered``, :math:`h_i - \mathbb{E} h_i` in place of :math:`h_i`, as
+  Dopamine's ``sub_mean_score``). Units are
   eligible after every ``every``-th update (``(step + 1) % every == 0``);
   :func:`unit_resets` resets at most ``max_units`` of them per layer, the
   lowest scores first (ReDo recycles all dormant units: set ``max_units`` to
@@ -79,6 +89,8 @@ def redo_selector(threshold: float = 0.0, *, every: int = 1) -> UnitSelector:
   Args:
     threshold: τ; ``0`` resets only units that are exactly dead on the batch.
     every: F, the reset period in updates (a static integer >= 1).
+    centered: subtract each unit's batch mean before taking :math:`|h|`
+      (Dopamine's ``sub_mean_score``; default ``False`` as there).
 
   Returns:
     A :class:`UnitSelector`.
@@ -93,8 +105,10 @@ def redo_selector(threshold: float = 0.0, *, every: int = 1) -> UnitSelector:
 
   def score(stats, activations, layer, step):
     del layer
-    h = jnp.abs(jnp.asarray(activations, jnp.float32))
-    mean = jnp.mean(h.reshape(-1, h.shape[-1]), axis=0)
+    h = jnp.asarray(activations, jnp.float32).reshape(-1, jnp.shape(activations)[-1])
+    if centered:
+      h = h - jnp.mean(h, axis=0)
+    mean = jnp.mean(jnp.abs(h), axis=0)
     s = mean / (jnp.mean(mean) + 1e-9)
     due = (step + 1) % every == 0
     return s, (s <= threshold) & due, stats
@@ -142,8 +156,10 @@ def _units_mask(reset: jax.Array, ndim: int, axis: int) -> jax.Array:
 
 def _layer_indices(
   params, layers, *, transform: str
-) -> list[tuple[int, tuple[int, int | None, int]]]:
-  """``(layer number, (kernel_in, bias, kernel_out) leaf indices)`` of the layers to watch.
+) -> list[tuple[int, tuple[int, int | None, int, int | None]]]:
+  """``(layer number, (kernel_in, bias, kernel_out, bias_out) leaf indices)`` of the layers.
+
+  ``bias_out`` (the next layer's bias, an optional fourth path) is ``None`` when not given.
 
   A layer whose two kernels are both masked out (``optax.masked`` / ``partition``)
   is left out: the transform passes its updates through.
@@ -153,14 +169,15 @@ def _layer_indices(
   where = {p: i for i, p in enumerate(paths)}
   out = []
   for li, spec in enumerate(layers):
-    if not (isinstance(spec, Sequence) and len(spec) == 3):
+    if not (isinstance(spec, Sequence) and len(spec) in (3, 4)):
       raise ValueError(
         f"{transform}: layers[{li}] is {spec!r}; expected (kernel_in_path, bias_path or None, "
-        "kernel_out_path)."
+        "kernel_out_path[, next_bias_path or None])."
       )
     idx = []
-    for role, path in zip(("kernel_in", "bias", "kernel_out"), spec, strict=True):
-      if path is None and role == "bias":
+    roles = ("kernel_in", "bias", "kernel_out", "bias_out")
+    for role, path in zip(roles, (*spec, None)[:4], strict=True):
+      if path is None and role in ("bias", "bias_out"):
         idx.append(None)
         continue
       if path not in where:
@@ -169,7 +186,7 @@ def _layer_indices(
           f"the leaves are {paths}."
         )
       idx.append(where[path])
-    i_in, i_b, i_out = idx
+    i_in, i_b, i_out, i_bo = idx
     k_in, k_out = leaves[i_in], leaves[i_out]
     if _trees.is_masked(k_in) and _trees.is_masked(k_out):
       continue
@@ -189,7 +206,12 @@ def _layer_indices(
         f"{transform}: layers[{li}] kernel_out {spec[2]!r} has shape {jnp.shape(k_out)}; "
         f"expected [..., {n}, fan_out] (the {n} units on axis -2, a Dense kernel [in, out])."
       )
-    out.append((li, (i_in, i_b, i_out)))
+    if i_bo is not None and tuple(jnp.shape(leaves[i_bo])) != (jnp.shape(k_out)[-1],):
+      raise ValueError(
+        f"{transform}: layers[{li}] next bias {spec[3]!r} has shape {jnp.shape(leaves[i_bo])}; "
+        f"expected ({jnp.shape(k_out)[-1]},) (one per output of kernel_out)."
+      )
+    out.append((li, (i_in, i_b, i_out, i_bo)))
   return out
 
 
@@ -235,7 +257,7 @@ def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
 def unit_resets(
   inner: optax.GradientTransformation,
   *,
-  layers: Sequence[tuple[str, str | None, str]],
+  layers: Sequence[tuple[str | None, ...]],
   select: UnitSelector | None = None,
   reinit: Callable[[jax.Array, tuple, Any], jax.Array] | None = None,
   max_units: int = 1,
@@ -280,7 +302,10 @@ def unit_resets(
     layers: one ``(kernel_in_path, bias_path or None, kernel_out_path)`` per
       layer of units, paths ``/``-joined as :func:`cl_optax._trees.leaf_path`
       names them (``"dense1/kernel"``); kernels ``[..., in, out]`` (Flax).
-      The output layer has no units to reset.
+      The output layer has no units to reset. A fourth path (or ``None``)
+      names the next layer's bias: with a selector that has a
+      ``mean_output`` (:func:`cl_optax.cbp_selector`), it absorbs the reset
+      units' mean contribution (its Adam moments are kept).
     select: a :class:`UnitSelector`; default ``redo_selector()`` (dead units).
     reinit: the initialiser of incoming weights, ``(key, shape, dtype) ->
       array`` (``jax.nn.initializers`` style); default
@@ -333,7 +358,7 @@ def unit_resets(
     plain = _trees.unwrap_variables(params)
     idx = _layer_indices(plain, layers, transform=_TRANSFORM)
     leaves = jax.tree.leaves(plain, is_leaf=_trees.is_masked)
-    widths = [jnp.shape(leaves[i_in])[-1] for _, (i_in, _, _) in idx]
+    widths = [jnp.shape(leaves[i_in])[-1] for _, (i_in, *_) in idx]
     return UnitResetsState(
       reset_inner_state=inner.init(params),
       reset_key=jax.random.PRNGKey(seed),
@@ -376,7 +401,7 @@ def unit_resets(
       return p_leaves[i] + u_leaves[i]
 
     resets, stats = [], []
-    for (li, (i_in, i_b, i_out)), st in zip(idx, state.reset_stats, strict=True):
+    for (li, (i_in, i_b, i_out, _)), st in zip(idx, state.reset_stats, strict=True):
       h = activations[li]
       n = jnp.shape(p_leaves[i_in])[-1]
       if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n:
@@ -396,17 +421,26 @@ def unit_resets(
       u_leaves = list(u_leaves)
       masks: dict[int, jax.Array] = {}
 
-      def write(i, target, m):
+      def write(i, target, m, *, moments=True):
         u_leaves[i] = write_leaf(u_leaves[i], target, m, p_leaves[i])
-        masks[i] = masks[i] | m if i in masks else m
+        if moments:
+          masks[i] = masks[i] | m if i in masks else m
 
-      for (li, (i_in, i_b, i_out)), r in zip(idx, resets, strict=True):
+      for (li, (i_in, i_b, i_out, i_bo)), r, st in zip(idx, resets, stats, strict=True):
         k = keys[li]
         k_in, k_out = p_leaves[i_in], p_leaves[i_out]
         draw = reinit(k, k_in.shape, k_in.dtype)
         write(i_in, draw, _units_mask(r, k_in.ndim, -1))
         if i_b is not None:
           write(i_b, jnp.zeros((), p_leaves[i_b].dtype), r)
+        if i_bo is not None and select.mean_output is not None:
+          # the next bias absorbs the reset units' mean contribution, read off the
+          # weights as they stand now (after the step and any earlier write)
+          mean = jnp.where(r, select.mean_output(st), 0.0).astype(jnp.float32)
+          w = (p_leaves[i_out] + u_leaves[i_out]).astype(jnp.float32)
+          contrib = jnp.sum(w * mean[:, None], axis=tuple(range(w.ndim - 1)))
+          b = p_leaves[i_bo] + u_leaves[i_bo]
+          write(i_bo, (b.astype(jnp.float32) + contrib).astype(b.dtype), jnp.any(r), moments=False)
         write(i_out, jnp.zeros((), k_out.dtype), _units_mask(r, k_out.ndim, -2))
       inner_state = _zero_at(inner, inner_state, plain, masks)
       stats = tuple(select.reset(st, r) for st, r in zip(stats, resets, strict=True))
