@@ -142,12 +142,11 @@ def cbp_selector(
     mature = age > jnp.asarray(maturity_threshold)
     acc = stats.cbp_accumulator + jnp.asarray(replacement_rate, jnp.float32) * jnp.sum(mature)
     k = jnp.floor(acc)
-    if max_units is not None:
-      k = jnp.minimum(k, float(max_units))
-    # rank of each mature unit among the mature ones by utility (ties by index)
-    s = jnp.where(mature, u_hat, jnp.inf)
-    rank = jnp.argsort(jnp.argsort(s, stable=True), stable=True)
-    chosen = mature & (rank < k)
+    # the k mature units of lowest utility (ties by index), at most max_units of them
+    n = u_hat.shape[0]
+    kk = n if max_units is None else min(int(max_units), n)
+    _, idx = jax.lax.top_k(-jnp.where(mature, u_hat, jnp.inf), kk)
+    chosen = jnp.zeros((n,), jnp.bool_).at[idx].set(jnp.arange(kk) < k) & mature
     new = CBPStats(
       cbp_utility=u,
       cbp_mean_output=f,

@@ -16,8 +16,8 @@ _TRANSFORM = "l2_init"
 class L2InitState(NamedTuple):
   r"""State of :func:`l2_init`.
 
-  No ``consolidate``: the anchor is the initialisation, never moved at a task
-  boundary (:func:`cl_optax.consolidate` passes this state by).
+  No boundary rule: the anchor is the initialisation, never moved at a task
+  boundary (``consolidate`` returns the state unchanged).
 
   Attributes:
     l2_init_anchor: :math:`\theta_0`, a float32 copy of the parameters given
@@ -25,6 +25,11 @@ class L2InitState(NamedTuple):
   """
 
   l2_init_anchor: Any
+
+  def consolidate(self, params, **signals) -> L2InitState:
+    """No boundary rule: the state unchanged (the anchor stays :math:`\\theta_0`)."""
+    del params, signals
+    return self
 
 
 def l2_init(strength: float) -> optax.GradientTransformationExtraArgs:
@@ -46,7 +51,7 @@ def l2_init(strength: float) -> optax.GradientTransformationExtraArgs:
   part of the loss, so under Adam it is Adam-rescaled like coupled L2).
   ``init`` must see the true initial parameters (not a checkpoint restored
   later, not the parameters after a first task). It has no boundary rule:
-  :func:`cl_optax.consolidate` leaves it alone (moving the anchor at each
+  :func:`cl_optax.consolidate` leaves its state unchanged (moving the anchor at each
   boundary would be EWC-like anchoring with :math:`\Omega = 1`, not
   regeneration).
 

@@ -182,6 +182,11 @@ class ParamNoiseState(NamedTuple):
 
   param_noise_key: jax.Array  # shape=(2,), uint32
 
+  def consolidate(self, params, **signals) -> ParamNoiseState:
+    """No boundary rule: the state unchanged."""
+    del params, signals
+    return self
+
 
 def param_noise(stddev: float = 1e-5, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   r"""Gaussian noise added to every parameter at every step (the perturb of Dohare et al.'s S&P).

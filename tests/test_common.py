@@ -108,6 +108,24 @@ def _activations(params):
   return {"activations": [h]}
 
 
+def _fresh(params):
+  return {"fresh": normal_like(params, 9)}
+
+
+def _redo():
+  return cl_optax.redo(
+    cl_optax.freeze(), layers=_RESET_LAYERS, threshold=0.5, every=1, centered=True
+  )
+
+
+_CBP_ARGS = {"replacement_rate": 0.5, "maturity_threshold": 0, "max_units": 1}
+_CBP_STATIC = ("inner", "layers", "utility", "max_units", "reinit", "seed")
+
+
+def _cbp():
+  return cl_optax.continual_backprop(cl_optax.freeze(), layers=_RESET_LAYERS, **_CBP_ARGS)
+
+
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
 _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 
@@ -263,6 +281,42 @@ CASES = [
     _rand_importance,
     lambda: optax.inject_hyperparams(cl_optax.unit_resets, static_args=_RESET_STATIC)(
       cl_optax.freeze(), layers=_RESET_LAYERS, select=cl_optax.redo_selector(0.5), max_units=2
+    ),
+    _activations,
+  ),
+  Case(
+    "l2_init",
+    lambda: cl_optax.l2_init(0.3),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.l2_init)(0.3),
+  ),
+  Case(
+    "shrink_perturb",
+    lambda: cl_optax.shrink_perturb(0.4, 0.1),
+    _fresh,
+    lambda: optax.inject_hyperparams(cl_optax.shrink_perturb)(0.4, 0.1),
+  ),
+  Case(
+    "param_noise",
+    lambda: cl_optax.param_noise(0.1, seed=3),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.param_noise, static_args=("seed",))(0.1, seed=3),
+  ),
+  Case(
+    "redo",
+    _redo,
+    _rand_importance,
+    lambda: optax.inject_hyperparams(
+      cl_optax.redo, static_args=("inner", "layers", "every", "centered", "max_units", "seed")
+    )(cl_optax.freeze(), layers=_RESET_LAYERS, threshold=0.5, every=1, centered=True),
+    _activations,
+  ),
+  Case(
+    "continual_backprop",
+    _cbp,
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.continual_backprop, static_args=_CBP_STATIC)(
+      cl_optax.freeze(), layers=_RESET_LAYERS, **_CBP_ARGS
     ),
     _activations,
   ),

@@ -61,6 +61,12 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.MASState,
     cl_optax.SIState,
     cl_optax.ExperienceReplayState,
+    cl_optax.BoundaryWritesState,
+    cl_optax.UnitResetsState,
+    cl_optax.L2InitState,
+    cl_optax.ShrinkPerturbState,
+    cl_optax.ParamNoiseState,
+    cl_optax.CBPStats,
   ]
   seen = {}
   for s in states:
