@@ -173,6 +173,51 @@ FAULTS = [
   raises("ogd(rtol=-1)", lambda: cl_optax.ogd(4, rtol=-1.0), r"rtol"),
   raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
   raises("ncl(precision='full')", lambda: cl_optax.ncl(1.0, precision="full"), r"'diag' or 'kfac'"),
+  # plasticity
+  raises("l2_init(strength=-1)", lambda: cl_optax.l2_init(-1.0), r"l2_init: .*strength.*-1"),
+  raises("l2_init(strength=nan)", lambda: cl_optax.l2_init(NAN), r"strength"),
+  raises("shrink_perturb(shrink=-1)", lambda: cl_optax.shrink_perturb(-1.0), r"shrink.*-1"),
+  raises("shrink_perturb(perturb=inf)", lambda: cl_optax.shrink_perturb(0.4, INF), r"perturb"),
+  raises("param_noise(stddev=-1)", lambda: cl_optax.param_noise(-1.0), r"param_noise: .*stddev"),
+  raises(
+    "cbp_selector(decay_rate=1)", lambda: cl_optax.cbp_selector(decay_rate=1.0), r"decay_rate.*< 1"
+  ),
+  raises(
+    "cbp_selector(replacement_rate=-1)", lambda: cl_optax.cbp_selector(-1.0), r"replacement_rate"
+  ),
+  raises(
+    "cbp_selector(maturity_threshold=-1)",
+    lambda: cl_optax.cbp_selector(maturity_threshold=-1),
+    r"maturity_threshold",
+  ),
+  raises("cbp_selector(max_units=0)", lambda: cl_optax.cbp_selector(max_units=0), r"max_units"),
+  raises(
+    "continual_backprop(utility='weight')",
+    lambda: cl_optax.continual_backprop(optax.sgd(1.0), layers=[], utility="weight"),
+    r"utility.*'weight'",
+  ),
+  raises(
+    "redo(threshold=-1)",
+    lambda: cl_optax.redo(optax.sgd(1.0), layers=[], threshold=-1.0),
+    r"redo: .*threshold",
+  ),
+  raises(
+    "redo(every=0)", lambda: cl_optax.redo(optax.sgd(1.0), layers=[], every=0), r"redo: .*every"
+  ),
+  raises(
+    "redo.init(missing layer path)",
+    lambda: cl_optax.redo(optax.sgd(1.0), layers=[("dense/kernel", None, "nope/kernel")]).init(
+      params()
+    ),
+    r"layers\[0\].*nope/kernel",
+  ),
+  raises(
+    "continual_backprop.init(next bias of the wrong width)",
+    lambda: cl_optax.continual_backprop(
+      optax.sgd(1.0), layers=[("dense/kernel", "dense/bias", "head/kernel", "dense/bias")]
+    ).init(params()),
+    r"next bias.*dense/bias.*\(2,\)",
+  ),
   # ------------------------------------------------ update: trees, shapes, dtypes
   *[
     raises(f"{n}.update(extra leaf)", lambda tx=tx: update(tx(), G_EXTRA, **e), r"update")
@@ -225,6 +270,9 @@ FAULTS = [
       ("si", cl_optax.si, finite_entries_finite_nonfinite_unchanged),
       ("ncl_diag", lambda: cl_optax.ncl(1.0), finite_entries_finite_nonfinite_unchanged),
       ("ogd", lambda: cl_optax.ogd(2), all_unchanged),
+      ("l2_init", lambda: cl_optax.l2_init(1.0), finite_entries_finite_nonfinite_unchanged),
+      ("shrink_perturb", cl_optax.shrink_perturb, all_unchanged),
+      ("param_noise", lambda: cl_optax.param_noise(0.1), finite_entries_finite_nonfinite_unchanged),
     ]
     for k, g in (("nan", G_NAN), ("inf", G_INF))
   ],
@@ -292,6 +340,21 @@ FAULTS = [
     "soft_mask.consolidate(importance > 1)",
     lambda: consolidated(cl_optax.soft_mask(), importance=poke(like(0.5), 1.5)),
     r"soft_mask.*importance.*\[0, 1\]",
+  ),
+  raises(
+    "shrink_perturb.consolidate(no fresh)",
+    lambda: consolidated(cl_optax.shrink_perturb()),
+    r"shrink_perturb.*needs the signal `fresh=`",
+  ),
+  raises(
+    "shrink_perturb.consolidate(fresh nan)",
+    lambda: consolidated(cl_optax.shrink_perturb(), fresh=poke(like(0.5), NAN)),
+    r"shrink_perturb.*fresh.*dense.*kernel",
+  ),
+  raises(
+    "shrink_perturb.consolidate(fresh missing a leaf)",
+    lambda: consolidated(cl_optax.shrink_perturb(), fresh={"dense": like(1.0)["dense"]}),
+    r"shrink_perturb.*fresh",
   ),
   raises(
     "soft_mask.consolidate(no importance)",
