@@ -153,10 +153,11 @@ def shrink_perturb(
     inner_state = state.shrink_perturb_inner
     pending = state.shrink_perturb_write
     if wrapped is not None:
-      updates, inner_state = wrapped.update(updates, inner_state, params, **extra_args)
+      opt = wrapped
+      updates, inner_state = opt.update(updates, inner_state, params, **extra_args)
 
       def restart(s):
-        fresh = wrapped.init(pending.write_target)
+        fresh = opt.init(pending.write_target)
         return jax.tree.map(lambda a, b: jnp.asarray(a, jnp.result_type(b)), fresh, s)
 
       inner_state = jax.lax.cond(pending.write_pending, restart, lambda s: s, inner_state)
