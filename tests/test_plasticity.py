@@ -252,3 +252,25 @@ def test_continual_backprop_contribution_utility():
   y = np.abs(np.asarray(w_out)).mean(1) * np.abs(np.asarray(h)).mean(0)
   np.testing.assert_allclose(score, y, rtol=1e-6)  # u_hat = y after one step
   assert not bool(eligible.any())  # rate 0
+
+
+def test_continual_backprop_zeroes_adam_moments_but_not_the_next_bias():
+  params = _mlp()
+  layers = [("l1/kernel", "l1/bias", "l2/kernel", "l2/bias")]
+  tx = cl_optax.continual_backprop(
+    optax.adam(0.1), layers=layers, replacement_rate=0.3, maturity_threshold=0
+  )
+  state = tx.init(params)
+  h = jnp.asarray(np.abs(np.random.default_rng(4).normal(size=(5, 4))), jnp.float32)
+  updates, state = tx.update(normal_like(params, 1), state, params, activations=[h])
+  r = np.asarray(state.reset_units[0])
+  assert r.sum() == 1  # floor(0.3 * 4) = 1
+  adam = state.reset_inner_state[0]
+  for m in (adam.mu, adam.nu):
+    np.testing.assert_array_equal(m["l1"]["kernel"][:, r], 0.0)
+    np.testing.assert_array_equal(m["l1"]["bias"][r], 0.0)
+    np.testing.assert_array_equal(m["l2"]["kernel"][r], 0.0)
+    assert np.all(np.asarray(m["l2"]["bias"]) != 0.0)
+    assert np.all(np.asarray(m["l1"]["kernel"][:, ~r]) != 0.0)
+  assert int(adam.count) == 1
+  assert int(state.reset_stats[0].cbp_age[r][0]) == 0
