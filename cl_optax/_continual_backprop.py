@@ -87,8 +87,10 @@ def cbp_selector(
     utility: ``"adaptable_contribution"`` (default, the online permuted-MNIST
       and regression runs) or ``"contribution"`` (the paper's Eq. 1).
     max_units: cap on :math:`k` per update (static); the excess stays in
-      :math:`n_l` for later updates. ``None``: no cap here (the wrapper's
-      ``max_units`` still caps; :func:`continual_backprop` passes its own).
+      :math:`n_l` for later updates. Give :func:`cl_optax.unit_resets` the
+      same ``max_units`` (:func:`continual_backprop` does): units chosen
+      here beyond the wrapper's cap are taken off :math:`n_l` without being
+      reset. ``None``: no cap.
 
   Returns:
     A :class:`cl_optax.UnitSelector` with ``mean_output``.
