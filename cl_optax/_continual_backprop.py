@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks
+from cl_optax import _checks, _writes
 from cl_optax._unit_resets import UnitLayer, UnitSelector, redo_selector, unit_resets
 
 _CBP = "continual_backprop"
@@ -147,7 +147,8 @@ def cbp_selector(
     # the k mature units of lowest utility (ties by index), at most max_units of them
     n = u_hat.shape[0]
     kk = n if max_units is None else min(int(max_units), n)
-    _, idx = jax.lax.top_k(-jnp.where(mature, u_hat, jnp.inf), kk)
+    s = _writes.replicated(jnp.where(mature, u_hat, jnp.inf))  # top_k: the whole unit axis
+    _, idx = jax.lax.top_k(-s, kk)
     chosen = jnp.zeros((n,), jnp.bool_).at[idx].set(jnp.arange(kk) < k) & mature
     new = CBPStats(
       cbp_utility=u,

@@ -3,7 +3,8 @@
 boundary_writes: the pending write (targets, mask) shards like the parameters
 at init and after consolidate; the jitted update and apply_pending_writes keep
 the parameters' sharding without an all-gather. unit_resets: the jitted
-update (with a reset) keeps the sharding without an all-gather.
+update (with a reset) keeps the sharding without an all-gather; so does
+continual_backprop's (its selector and the next-bias write).
 """
 
 import os
@@ -81,6 +82,25 @@ def main():
   assert bool(state.reset_units[0][3])
   assert all(_same(u, p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)))
   print(f"unit_resets: ok ({len(gathered)} gathers of [n] unit vectors)")
+
+  # continual backprop: its selector's top_k and the next-bias absorption, same rule
+  tx = cl_optax.continual_backprop(
+    optax.adam(1e-3),
+    layers=[("l1/kernel", "l1/bias", "l2/kernel", "l2/bias")],
+    replacement_rate=0.5,
+    maturity_threshold=0,
+    max_units=2,
+  )
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p, h: tx.update(g, s, p, activations=[h]))
+  hlo = update.lower(params, state, params, h).compile().as_text()
+  gathered = [ln for ln in hlo.splitlines() if re.search(r"all-gather(-start)?\(", ln)]
+  for ln in gathered:
+    assert re.search(r"= \w+\[8\]", ln), f"continual_backprop gathers more than [n]: {ln}"
+  updates, state = update(params, state, params, h)
+  assert int(state.reset_units[0].sum()) == 2
+  assert all(_same(u, p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)))
+  print(f"continual_backprop: ok ({len(gathered)} gathers of [n] unit vectors)")
 
 
 if __name__ == "__main__":
