@@ -20,7 +20,7 @@ official code) is :func:`cl_optax.consolidate`'s merge rule for soft_mask.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from cl_optax import _trees
-from cl_optax._batches import weighted_mean
+from cl_optax._batches import Batches, check_batches, scan_sum
 from cl_optax._standardize import standardised_tanh
 
 GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
@@ -96,11 +96,23 @@ def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
   return grads, n
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _das_scan(fn, params, gates, batches, key, loss, kl_axis, tokens):
+  """The summed gate gradients of every batch (one scan) over their summed token count."""
+
+  def batch_sum(i, x, y):
+    batch = x if y is None else (x, y)
+    return _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
+
+  grads, n = scan_sum(batch_sum, batches)
+  return jax.tree.map(lambda g: g / n, grads)
+
+
 def das_units(
   fn: GatedFn,
   params: optax.Params,
   gates: chex.ArrayTree,
-  batches: Iterable[Any],
+  batches: Batches,
   *,
   key: jax.Array | None = None,
   loss: str | Callable[[jax.Array, Any], jax.Array] = "proxy_kl",
@@ -154,8 +166,10 @@ def das_units(
     params: the model's parameters (not differentiated).
     gates: pytree of gate values (ones), e.g. ``{"heads": [L, H], "ffn":
       [L, F]}`` or one subtree per layer; the gradient is taken at these values.
-    batches: iterable of batches (any pytrees ``fn`` accepts); one jitted call
-      per batch, all batches of one shape compile once.
+    batches: :class:`cl_optax.importance.Batches`, leaves ``[num_batches,
+      batch, ...]``, scanned in one jitted call; ``fn``, ``loss`` and
+      ``tokens`` get one batch's ``x`` (any pytree ``fn`` accepts) when ``y``
+      is ``None``, else the pair ``(x, y)``.
     key: PRNG key for the dropout passes (required for ``"proxy_kl"``); batch
       ``i`` uses ``fold_in(key, i)``.
     loss: ``"proxy_kl"`` or ``loss(output, batch) -> scalar``.
@@ -190,15 +204,8 @@ def das_units(
   if not jax.tree.leaves(gates):
     raise ValueError("das_units: `gates` has no leaves; expected gate arrays (ones).")
   key = jax.random.key(0) if key is None else key
-  raw = weighted_mean(
-    (
-      _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
-      for i, batch in enumerate(batches)
-    ),
-    count=0.0,
-  )
-  if raw is None:
-    raise ValueError("das_units: `batches` is empty; expected at least one batch.")
+  batches = check_batches(batches, "das_units")
+  raw = _das_scan(fn, params, gates, batches, key, loss, kl_axis, tokens)
   return das_normalize(raw, stacked=stacked) if normalize else raw
 
 
