@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _debug, _trees
+from cl_optax import _checks, _debug, _select, _trees
 from cl_optax._conv import ConvRepresentations
 
 
@@ -274,12 +274,17 @@ def _project_out(q, count, g):
 # -------------------------------------------------------------- projection
 
 
-def _project_leaf(path: Any, basis: jax.Array, count: jax.Array, u: jax.Array) -> jax.Array:
+def _project_leaf(
+  path: Any, basis: jax.Array, count: jax.Array, u: jax.Array, orientation: str | None = None
+) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
   An update holding a non-finite entry passes unchanged (the projection would
-  spread it over the kernel).
+  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
   """
+  shape = jnp.shape(u)
+  if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
+    return _project_leaf(path, basis, count, u.T, "in_out").T
   d_in = basis.shape[0]
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
@@ -304,10 +309,12 @@ def _default_projected(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
 
 
-def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, Any]:
+def _init_buffers(
+  labels: Any, params: optax.Params, dtype: Any, orientation: str | None = None
+) -> tuple[Any, Any]:
   """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
 
-  def make(is_proj, p):
+  def make(path, is_proj, p):
     if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
       return optax.MaskedNode(), optax.MaskedNode()
     shape = jnp.shape(p)
@@ -315,10 +322,12 @@ def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, A
       raise ValueError(
         f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
       )
+    if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
+      shape = shape[::-1]
     d_in = int(np.prod(shape[:-1]))
     return jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32)
 
-  pairs = jax.tree.map(make, labels, params)
+  pairs = jax.tree_util.tree_map_with_path(make, labels, params)
   is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _trees.is_masked(x)  # noqa: E731
   basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
   count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
@@ -329,6 +338,7 @@ def gpm(
   threshold: float = 0.97,
   *,
   layers: Any | Callable[[Any], Any] | None = None,
+  orientation: str | None = None,
   freeze_unprojected: bool = True,
   basis_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -371,10 +381,19 @@ def gpm(
 
   Args:
     threshold: energy threshold :math:`\epsilon_{th} \in [0, 1]`.
-    layers: optional labels in the style of ``optax.masked``: a pytree of bools
-      like params, or a function ``params -> bools``, marking the kernels to
-      project (default: every non-empty leaf with 2 or more dimensions). With
-      ``optax.inject_hyperparams`` pass it in ``static_args``.
+    layers: the kernels to project: a selector over parameter paths
+      (``docs/selectors.md``: ``"l1"``, ``["l1", "l2"]``, ``"*/kernel"``, a
+      compiled regex or a ``(path, leaf) -> bool`` callable; of the leaves it
+      selects, those with 2 or more axes are projected), or, as before,
+      ``optax.masked``-style labels (a pytree of bools like params, or a
+      function ``params -> bools``). Default: every non-empty leaf with 2 or
+      more dimensions. With ``optax.inject_hyperparams`` pass it in
+      ``static_args``.
+    orientation: ``"in_out"`` (Flax: input axes first, the output axis last),
+      ``"out_in"`` (Equinox / PyTorch ``weight [out, in]``, projected as its
+      transpose; 2-D only) or ``None``: a leaf named ``weight`` is
+      ``"out_in"`` (refused when square: declare it), any other ``"in_out"``.
+      The representations are the layer's inputs ``[n, in]`` either way.
     freeze_unprojected: whether leaves that are not projected stop moving after
       the first task.
     basis_dtype: storage dtype of the ``[d_in, d_in]`` basis buffers (float32
@@ -428,10 +447,15 @@ def gpm(
   _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
 
   def init_fn(params: optax.Params) -> GPMState:
-    labels = (
-      _trees.resolve_labels(layers, params) if layers is not None else (_default_projected(params))
-    )
-    basis, count = _init_buffers(labels, params, dtype)
+    labels, by_selector = _select.labels(layers, params, _default_projected)
+    if by_selector:  # a layer selector projects the kernels of the layers it selects
+      labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
+      if not any(jax.tree.leaves(labels)):
+        raise ValueError(
+          f"gpm: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
+          f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
+        )
+    basis, count = _init_buffers(labels, params, dtype, orientation)
     return GPMState(
       feature_basis=basis,
       feature_count=count,
@@ -456,7 +480,7 @@ def gpm(
         return u
       if _trees.is_masked(b):
         return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u)
+      return _project_leaf(path, b, c, u, orientation)
 
     new_updates = jax.tree_util.tree_map_with_path(
       leaf, state.feature_basis, state.feature_count, updates, is_leaf=_trees.is_masked

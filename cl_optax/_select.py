@@ -26,6 +26,7 @@ or ``"out_in"`` (Equinox / PyTorch ``weight [out, in]``). Undeclared, a
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -80,10 +81,61 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 
 def select_mask(tree: Any, selector: Selector) -> Any:
-  """A tree of bools like ``tree`` (NNX unwrapped): ``True`` where ``selector`` selects."""
-  plain = _trees.unwrap_variables(tree)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(plain, is_leaf=_trees.is_masked)
+  """A tree of bools like ``tree``'s leaves: ``True`` where ``selector`` selects."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)
   return treedef.unflatten([matches(selector, _trees.leaf_path(p), x) for p, x in flat])
+
+
+def _takes_path_and_leaf(fn: Callable[..., Any]) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return len([p for p in params if p.kind in positional and p.default is p.empty]) == 2
+
+
+def labels(spec: Any, params: Any, default: Callable[[Any], Any]) -> tuple[Any, bool]:
+  """The bool tree a ``layers=`` / ``head=`` argument marks, and whether it was a selector.
+
+  A selector (a string, a regex, a list of them, or a callable of two
+  arguments ``(path, leaf)``) is matched over paths; a callable of one
+  argument is an ``optax.masked``-style ``fn(params) -> labels`` and any
+  other value a label tree (both kept from before selectors); ``None`` is
+  ``default(params)``.
+  """
+  if spec is None:
+    return default(params), False
+  if is_selector(spec) or (callable(spec) and _takes_path_and_leaf(spec)):
+    return select_mask(params, spec), True
+  return _trees.resolve_labels(spec, params), False
+
+
+def kernel_orientation(transform: str, path: str, shape: Any, declared: str | None) -> str:
+  """The orientation of a projected kernel leaf (GPM): declared, or read from its name.
+
+  A ``weight`` (Equinox / PyTorch) is ``"out_in"``; anything else ``"in_out"``
+  (Flax, all axes but the last are inputs). A square 2-D ``weight`` needs the
+  declaration; an ``"out_in"`` weight of 3 or more axes (a PyTorch-layout
+  convolution) is refused.
+  """
+  if declared not in (None, *ORIENTATIONS):
+    raise ValueError(
+      f"{transform}: `orientation` must be 'in_out', 'out_in' or None; got {declared!r}."
+    )
+  name = path.rsplit("/", 1)[-1]
+  out_in = declared == "out_in" or (declared is None and name == "weight")
+  if not out_in:
+    return "in_out"
+  if len(shape) != 2:
+    raise ValueError(
+      f"{transform}: leaf {path!r} of shape {tuple(shape)} is read as an [out, in, ...] "
+      "weight; only 2-D [out, in] weights are supported in that orientation (a convolution "
+      "needs a Flax-layout kernel [*window, in, out]); pass orientation='in_out' if it is one."
+    )
+  if declared is None:
+    return _orientation(transform, path.rpartition("/")[0], name, shape, None)
+  return "out_in"
 
 
 class Layer(NamedTuple):
