@@ -61,9 +61,13 @@ class GPMState(NamedTuple):
     thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
     unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
-    rep_by_path = _representations_by_path(reps, basis_paths, unprojected)
+    aliases = dict(
+      zip(_trees.leaf_paths(self.feature_basis), _trees.key_strings(self.feature_basis))
+    )
+    rep_by_path = _representations_by_path(_by_path(reps, aliases), basis_paths, unprojected)
     kernel_shapes = _kernel_shapes(params)
-    thr_by_path = _thresholds_by_path(thresholds, basis_paths)
+    thr = None if thresholds is None else _by_path(thresholds, aliases)
+    thr_by_path = _thresholds_by_path(thr, basis_paths)
     new_b, new_c = [], []
     for path, b, c in zip(
       basis_paths,
@@ -90,10 +94,16 @@ def _is_conv(x: Any) -> bool:
   return isinstance(x, ConvRepresentations)
 
 
-def _by_path(tree: Any) -> dict[str, Any]:
-  """``{key path: leaf}`` of a signal tree (a :class:`ConvRepresentations` is one leaf)."""
+def _by_path(tree: Any, aliases: dict[str, str] | None = None) -> dict[str, Any]:
+  """``{key path: leaf}`` of a signal tree (a :class:`ConvRepresentations` is one leaf).
+
+  ``aliases`` maps a ``/``-joined path to the key string of the parameter
+  there, so a signal may be given in another container (``{"layers/0/weight":
+  x}`` or nested dicts for an Equinox model's ``.layers[0].weight``).
+  """
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_conv)
-  return {_trees.key_string(p): x for p, x in leaves}
+  aliases = aliases or {}
+  return {aliases.get(_trees.leaf_path(p), _trees.key_string(p)): x for p, x in leaves}
 
 
 def _kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
@@ -104,14 +114,13 @@ def _kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _representations_by_path(
-  reps: Any, basis_paths: list[str], unprojected: list[str]
+  rep_by_path: dict[str, Any], basis_paths: list[str], unprojected: list[str]
 ) -> dict[str, Any]:
   """The ``representations`` leaves by path, exactly one per projected leaf.
 
   Paths of parameters the transform does not project (``unprojected``, e.g.
   masked out by ``optax.masked``) are ignored; any other path is an error.
   """
-  rep_by_path = _by_path(reps)
   missing = [p for p in basis_paths if p not in rep_by_path]
   extra = [
     p for p in rep_by_path if p not in basis_paths and not any(p.startswith(u) for u in unprojected)
@@ -125,11 +134,10 @@ def _representations_by_path(
   return rep_by_path
 
 
-def _thresholds_by_path(thresholds: Any, basis_paths: list[str]) -> dict[str, Any]:
+def _thresholds_by_path(thr_by_path: Any, basis_paths: list[str]) -> dict[str, Any]:
   """The per-layer ``threshold`` signal by path (empty without one), a subset of the leaves."""
-  if thresholds is None:
+  if thr_by_path is None:
     return {}
-  thr_by_path = _by_path(thresholds)
   unknown = [p for p in thr_by_path if p not in basis_paths]
   if unknown:
     raise ValueError(
