@@ -25,6 +25,15 @@ _HOW = (
 )
 
 
+def _what(x: Any) -> str:
+  """``x`` described for a message: an array's shape, a sequence's length, else its type."""
+  if hasattr(x, "shape"):
+    return f"an array of shape {tuple(x.shape)}"
+  if isinstance(x, tuple | list):
+    return f"a {type(x).__name__} of {len(x)} elements"
+  return f"a {type(x).__name__}"
+
+
 class Batches(NamedTuple):
   """A task's data for an estimator: stacked batches with a leading batch-count axis.
 
@@ -76,19 +85,15 @@ def stack_batches(pairs: Iterable[tuple[Any, Any]]) -> Batches:
     raise ValueError("stack_batches: no (x, y) pair given; expected at least one batch.")
   for i, item in enumerate(items):
     if not (isinstance(item, tuple | list) and len(item) == 2):
-      raise ValueError(
-        f"stack_batches: item {i} is a {type(item).__name__}"
-        f"{f' of {len(item)} elements' if isinstance(item, tuple | list) else ''}; expected an "
-        "(x, y) pair (y may be None)."
-      )
-  shapes = [jax.tree.map(np.shape, tuple(item)) for item in items]
+      raise ValueError(f"stack_batches: item {i} is {_what(item)}; expected an (x, y) pair.")
+  shapes = [[np.shape(leaf) for leaf in jax.tree.leaves(tuple(item))] for item in items]
   if any(s != shapes[0] for s in shapes):
-    sizes = [[np.shape(leaf)[:1] for leaf in jax.tree.leaves(s)] for s in shapes]
-    firsts = [s[0][0] if s and s[0] else None for s in sizes]
+    sizes = [s[0][0] if s and s[0] else None for s in shapes]
+    odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
     raise ValueError(
-      f"stack_batches: batches differ in shape (ragged): batch sizes {firsts}, shapes "
-      f"{shapes[0]} (batch 0) vs {next(s for s in shapes if s != shapes[0])}; drop or pad the "
-      "short batch so that every batch has the same shape."
+      f"stack_batches: batches differ in shape (ragged): batch sizes {sizes}; batch 0 has "
+      f"leaf shapes {shapes[0]}, batch {odd} {shapes[odd]}. Drop or pad the short batch so "
+      "that every batch has the same shape."
     )
   return Batches(*(jax.tree.map(lambda *xs: jnp.stack(xs), *col) for col in zip(*items)))
 
@@ -102,12 +107,7 @@ def check_batches(batches: Any, name: str, *, labels: bool = False) -> Batches:
   no example, or (``labels``) no ``y``.
   """
   if not isinstance(batches, Batches):
-    what = type(batches).__name__
-    if hasattr(batches, "shape"):
-      what = f"an array of shape {tuple(batches.shape)}"
-    elif isinstance(batches, tuple | list):
-      what = f"a {what} of {len(batches)} elements"
-    raise ValueError(f"{name}: `batches` is {what}; {_HOW}")
+    raise ValueError(f"{name}: `batches` is {_what(batches)}; {_HOW}")
   if labels and batches.y is None:
     raise ValueError(f"{name}: needs labels; got Batches with y=None. {_HOW}")
   sizes = {}

@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _trees
+from cl_optax import _select, _trees
 from cl_optax._batches import Batches, check_batches, scan_sum
 from cl_optax._standardize import standardised_tanh
 
 GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
 
 _LOSSES = ("proxy_kl",)
+_NAME = "das_param_importance"
 
 
 def das_normalize(raw: chex.ArrayTree, *, stacked: bool = False) -> chex.ArrayTree:
@@ -241,6 +242,8 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
 def das_param_importance(
   params: optax.Params,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
+  *,
+  orientation: str | None = None,
 ) -> optax.Params:
   r"""Spreads DAS head / unit importance onto parameter leaves (broadcastable).
 
@@ -258,7 +261,9 @@ def das_param_importance(
   - ``"units"``, importance ``[out]``, for a dense layer (``nnx.Linear``,
     linen ``Dense``, kernel ``[..., out]``, bias ``[out]``) whose output units
     are gated: kernel and bias get ``[out]``, so unit *j*'s weights and bias
-    get its importance (DAS's intermediate and output FFN units).
+    get its importance (DAS's intermediate and output FFN units). An
+    Equinox ``Linear`` (``weight [out, in]``, see ``orientation``) gets
+    ``[out, 1]`` on its weight.
 
   Every other leaf (embeddings, layer norms, the LM head, the attention output
   bias) gets a scalar 0: it is not masked and costs one number of state.
@@ -277,7 +282,11 @@ def das_param_importance(
 
   Args:
     params: the parameter pytree (Flax ``Variable`` s are unwrapped).
-    units: ``{path: (kind, importance)}`` as above.
+    units: ``{path: (kind, importance)}`` as above; ``path`` is a layer's
+      ``/``-joined path (``docs/selectors.md``).
+    orientation: of the ``"units"`` layers' 2-D kernels: ``"in_out"``
+      (Flax), ``"out_in"`` (Equinox / PyTorch) or ``None`` (a ``weight`` is
+      ``"out_in"``, refused when square; a ``kernel`` ``"in_out"``).
 
   Returns:
     A pytree like ``params`` (plain arrays) of float32 importance leaves, each
@@ -325,6 +334,15 @@ def das_param_importance(
     rel, shape, where = names[len(prefix) :], np.shape(p), "/".join(prefix)
     if kind == "heads":
       return _attention_leaf(rel, shape, imp, where)
+    if len(shape) == 2 and rel[-1:] != ("bias",):
+      path = "/".join(names)
+      if _select.kernel_orientation(_NAME, path, shape, orientation) == "out_in":
+        if shape[0] != imp.shape[0]:
+          raise ValueError(
+            f"{_NAME}: {where} has {imp.shape[0]} unit importances but its [out, in] "
+            f"weight {'/'.join(rel)} has shape {tuple(shape)} (expected axis 0 {imp.shape[0]})."
+          )
+        return imp[:, None]
     if len(shape) == 0 or shape[-1] != imp.shape[0]:
       raise ValueError(
         f"das_param_importance: {where} has {imp.shape[0]} unit importances but its "

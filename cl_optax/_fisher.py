@@ -21,6 +21,10 @@ from cl_optax import _select
 from cl_optax._batches import Batches, check_batches, scan_mean
 
 _FISHER_KINDS = ("empirical", "sampled", "exact")
+_ORIENT = (
+  "Pass orientation='in_out' (Flax kernel [in, out]) or 'out_in' (Equinox / PyTorch "
+  "weight [out, in]) to match the model."
+)
 
 
 class KronFactors(NamedTuple):
@@ -185,7 +189,14 @@ def _check_inputs(fn, params, batches, layers) -> None:
   first = jax.tree.map(lambda v: v[0], batches.x)
   n = jax.tree.leaves(first)[0].shape[0]
   taps = {ly.path: jnp.zeros((n, _select.widths(params, ly)[1]), jnp.float32) for ly in layers}
-  _, inputs = jax.eval_shape(fn, params, first, taps)
+  try:
+    _, inputs = jax.eval_shape(fn, params, first, taps)
+  except (TypeError, ValueError) as e:
+    widths = {ly.path: (ly.orientation, _select.in_out_shape(params, ly)) for ly in layers}
+    raise ValueError(
+      f"kfac_factors: fn(params, x, taps) failed with taps [batch, out] for the layers "
+      f"{widths} (orientation, stored kernel shape): {str(e).splitlines()[0]}. {_ORIENT}"
+    ) from e
   for layer in layers:
     d_in, d_out = _select.widths(params, layer)
     if layer.path not in inputs:
@@ -199,8 +210,7 @@ def _check_inputs(fn, params, batches, layers) -> None:
         f"kfac_factors: layer {layer.path!r} ({layer.kernel} "
         f"{_select.in_out_shape(params, layer)}, orientation {layer.orientation!r}: "
         f"[in, out] = [{d_in}, {d_out}]) got an input of shape {tuple(got)}; expected "
-        f"[{n}, {d_in}]. Pass orientation='in_out' (Flax kernel [in, out]) or 'out_in' "
-        "(Equinox / PyTorch weight [out, in]) to match the model."
+        f"[{n}, {d_in}]. {_ORIENT}"
       )
 
 

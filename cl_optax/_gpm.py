@@ -317,6 +317,11 @@ def _default_projected(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
 
 
+class _Buffers(NamedTuple):
+  basis: Any
+  count: Any
+
+
 def _init_buffers(
   labels: Any, params: optax.Params, dtype: Any, orientation: str | None = None
 ) -> tuple[Any, Any]:
@@ -324,7 +329,7 @@ def _init_buffers(
 
   def make(path, is_proj, p):
     if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
-      return optax.MaskedNode(), optax.MaskedNode()
+      return _Buffers(optax.MaskedNode(), optax.MaskedNode())
     shape = jnp.shape(p)
     if len(shape) < 2:
       raise ValueError(
@@ -333,10 +338,10 @@ def _init_buffers(
     if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
       shape = shape[::-1]
     d_in = int(np.prod(shape[:-1]))
-    return jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32)
+    return _Buffers(jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32))
 
   pairs = jax.tree_util.tree_map_with_path(make, labels, params)
-  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _trees.is_masked(x)  # noqa: E731
+  is_pair = lambda x: isinstance(x, _Buffers)  # noqa: E731  (not any 2-tuple: Equinox's layers)
   basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
   count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
   return basis, count
