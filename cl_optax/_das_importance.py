@@ -239,6 +239,23 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
   return out
 
 
+def _is_out_in(names: tuple[str, ...], shape: Any, orientation: str | None) -> bool:
+  """Whether a ``"units"`` layer's leaf is a 2-D ``[out, in]`` weight (Equinox / PyTorch)."""
+  if len(shape) != 2 or names[-1:] == ("bias",):
+    return False
+  return _select.kernel_orientation(_NAME, "/".join(names), shape, orientation) == "out_in"
+
+
+def _out_in_leaf(rel: tuple[str, ...], shape: Any, imp: jax.Array, where: str) -> jax.Array:
+  """Unit importance ``[out, 1]`` for an ``[out, in]`` weight."""
+  if shape[0] != imp.shape[0]:
+    raise ValueError(
+      f"{_NAME}: {where} has {imp.shape[0]} unit importances but its [out, in] "
+      f"weight {'/'.join(rel)} has shape {tuple(shape)} (expected axis 0 {imp.shape[0]})."
+    )
+  return imp[:, None]
+
+
 def das_param_importance(
   params: optax.Params,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
@@ -334,15 +351,8 @@ def das_param_importance(
     rel, shape, where = names[len(prefix) :], np.shape(p), "/".join(prefix)
     if kind == "heads":
       return _attention_leaf(rel, shape, imp, where)
-    if len(shape) == 2 and rel[-1:] != ("bias",):
-      path = "/".join(names)
-      if _select.kernel_orientation(_NAME, path, shape, orientation) == "out_in":
-        if shape[0] != imp.shape[0]:
-          raise ValueError(
-            f"{_NAME}: {where} has {imp.shape[0]} unit importances but its [out, in] "
-            f"weight {'/'.join(rel)} has shape {tuple(shape)} (expected axis 0 {imp.shape[0]})."
-          )
-        return imp[:, None]
+    if _is_out_in(names, shape, orientation):
+      return _out_in_leaf(rel, shape, imp, where)
     if len(shape) == 0 or shape[-1] != imp.shape[0]:
       raise ValueError(
         f"das_param_importance: {where} has {imp.shape[0]} unit importances but its "

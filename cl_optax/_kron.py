@@ -134,6 +134,14 @@ def lookup_factors(tree: Any, name: str) -> Any:
   return node
 
 
+def kron_layout(
+  tree: Any, layers: Any, orientation: str | None
+) -> tuple[list[tuple[str, str] | None], tuple[_select.Layer, ...]]:
+  """The roles of ``tree``'s leaves (:func:`leaf_roles`) and its dense layers, for :func:`ncl`."""
+  found = _select.find_layers(tree, layers, transform="ncl", orientation=orientation)
+  return leaf_roles(tree, found), found
+
+
 def leaf_roles(tree: Any, layers: Sequence[_select.Layer]) -> list[tuple[str, str] | None]:
   """For each leaf (flatten order, MaskedNode as leaf): ``(layer, "kernel" | "bias")`` or None."""
   role = {ly.kernel: (ly.path, "kernel") for ly in layers}
@@ -195,11 +203,14 @@ def prior_diagonal(x: jax.Array, n: jax.Array, dtype: Any) -> jax.Array:
 
 
 def init_kron(
-  params: optax.Params, layers: tuple[_select.Layer, ...], n: jax.Array, damping: float, dtype: Any
+  params: optax.Params, selection: tuple[Any, str | None], n: jax.Array, damping: float, dtype: Any
 ) -> tuple[dict[str, NCLKron], optax.Params]:
   """Kronecker precision: :math:`A_0 = G_0 = I/\\sqrt N` per layer, and the
   diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
+
+  ``selection`` is ``(layers selector, orientation)`` as :func:`ncl` takes them.
   """
+  layers = kron_layout(params, *selection)[1]
   # A layer masked out by optax.masked / partition is not kept (the transform passes it).
   kept = [layer for layer in layers if layer.orientation is not None]
   kron = {}
@@ -241,8 +252,7 @@ def kron_directions(
   out: list,
   leaves: StepLeaves,
   kron: dict[str, NCLKron],
-  roles: list,
-  layers: tuple[_select.Layer, ...],
+  layout: tuple[list, tuple[_select.Layer, ...]],
   c: StepCoefficients,
 ) -> list[jax.Array]:
   """Writes :math:`\\delta` of every Kronecker layer into ``out``; returns the layers'
@@ -252,6 +262,7 @@ def kron_directions(
   so such a layer passes its gradient unchanged and stays out of the norm.
   """
   sq_norms = []
+  roles, layers = layout
   transposed = {layer.path: layer.orientation == "out_in" for layer in layers}
   for name, k in kron.items():
     rows, t = _layer_rows(roles, name), transposed[name]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _debug, _select, _trees
+from cl_optax import _checks, _debug, _trees
 from cl_optax._kron import (
   NCLKron,
   StepCoefficients,
@@ -18,8 +18,8 @@ from cl_optax._kron import (
   init_kron,
   is_factors,
   kron_directions,
+  kron_layout,
   leaf_names,
-  leaf_roles,
   lookup_factors,
   nearest_kron_sum,
   prior_diagonal,
@@ -227,6 +227,19 @@ def _finish(u: Any, d: Any) -> Any:
   return jnp.where(jnp.isfinite(u), d, u.astype(jnp.float32)).astype(u.dtype)
 
 
+def _coefficients(
+  damping: Any, strength: Any, data_size: Any, precondition_penalty: bool, radius: Any
+) -> StepCoefficients:
+  """The scalars of one :func:`ncl` step (``radius`` only says whether the norm is needed)."""
+  return StepCoefficients(
+    alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
+    lam=jnp.asarray(strength, jnp.float32),
+    n=jnp.asarray(data_size, jnp.float32),
+    precondition_penalty=precondition_penalty,
+    with_norm=radius is not None,
+  )
+
+
 def ncl(
   data_size: float,
   *,
@@ -329,13 +342,10 @@ def ncl(
   _check_arguments(data_size, strength, damping, decay, radius, precision, layers, prior_mean)
   prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
 
-  def _found(tree: Any) -> tuple[_select.Layer, ...]:
-    return _select.find_layers(tree, layers, transform="ncl", orientation=orientation)
-
   def init_fn(params: optax.Params) -> NCLState:
     n = jnp.asarray(data_size, jnp.float32)
     if precision == "kfac":
-      kron, prec = init_kron(params, _found(params), n, damping, prec_dtype)
+      kron, prec = init_kron(params, (layers, orientation), n, damping, prec_dtype)
     else:
       kron, prec = {}, _init_diag(params, n, prec_dtype)
     return NCLState(
@@ -357,22 +367,16 @@ def ncl(
     state = cast(NCLState, state)
     if params is None:
       raise ValueError("ncl: update needs `params` (the pull to the prior mean uses them).")
-    coef = StepCoefficients(
-      alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
-      lam=jnp.asarray(strength, jnp.float32),
-      n=jnp.asarray(data_size, jnp.float32),
-      precondition_penalty=precondition_penalty,
-      with_norm=radius is not None,
-    )
+    coef = _coefficients(damping, strength, data_size, precondition_penalty, radius)
     _checks.check_updates(updates, state.prior_mean, transform="ncl")
     _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
     leaves = StepLeaves(u_leaves, *_state_leaves(params, state, len(u_leaves)))
     out, sq_norms = _diag_directions(leaves, coef)
     if state.kron:
-      found = _found(updates)
-      roles = leaf_roles(updates, found)
-      sq_norms += kron_directions(out, leaves, state.kron, roles, found, coef)
+      sq_norms += kron_directions(
+        out, leaves, state.kron, kron_layout(updates, layers, orientation), coef
+      )
     if radius is not None:
       out = _clip_to_radius(out, sum(sq_norms, start=jnp.zeros((), jnp.float32)), radius)
     new = treedef.unflatten([_finish(u, d) for u, d in zip(u_leaves, out)])
