@@ -29,7 +29,7 @@ import fnmatch
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -107,7 +107,7 @@ def labels(spec: Any, params: Any, default: Callable[[Any], Any]) -> tuple[Any, 
   if spec is None:
     return default(params), False
   if is_selector(spec) or (callable(spec) and _takes_path_and_leaf(spec)):
-    return select_mask(params, spec), True
+    return select_mask(params, cast(Selector, spec)), True
   return _trees.resolve_labels(spec, params), False
 
 
