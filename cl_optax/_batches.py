@@ -109,7 +109,10 @@ def check_batches(batches: Any, name: str, *, labels: bool = False) -> Batches:
   if not isinstance(batches, Batches):
     raise ValueError(f"{name}: `batches` is {_what(batches)}; {_HOW}")
   if labels and batches.y is None:
-    raise ValueError(f"{name}: needs labels; got Batches with y=None. {_HOW}")
+    raise ValueError(
+      f"{name}: needs labels; got Batches with y=None (pass Batches(xs, ys), ys "
+      "[num_batches, batch])."
+    )
   sizes = {}
   for part in ("x", "y"):
     for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(batches, part)):
@@ -117,11 +120,11 @@ def check_batches(batches: Any, name: str, *, labels: bool = False) -> Batches:
       if np.ndim(leaf) < 2:
         raise ValueError(
           f"{name}: `{where}` has shape {np.shape(leaf)}; it needs two leading axes "
-          f"[num_batches, batch] (a single batch is Batches(x[None], y[None])). {_HOW}"
+          "[num_batches, batch] (a single batch is Batches(x[None], y[None]))."
         )
       sizes[where] = tuple(np.shape(leaf)[:2])
   if not sizes:
-    raise ValueError(f"{name}: `batches.x` has no array leaf. {_HOW}")
+    raise ValueError(f"{name}: `batches.x` has no array leaf; {_HOW}")
   if len(set(sizes.values())) > 1:
     listed = ", ".join(f"{k}: {v[0]} batches of {v[1]}" for k, v in sizes.items())
     raise ValueError(

@@ -192,10 +192,11 @@ def _check_inputs(fn, params, batches, layers) -> None:
   try:
     _, inputs = jax.eval_shape(fn, params, first, taps)
   except (TypeError, ValueError) as e:
-    widths = {ly.path: (ly.orientation, _select.in_out_shape(params, ly)) for ly in layers}
+    widths = {ly.path: (ly.orientation, _select.stored_shape(params, ly)) for ly in layers}
+    cause = str(e).splitlines()[0].rstrip(".")
     raise ValueError(
       f"kfac_factors: fn(params, x, taps) failed with taps [batch, out] for the layers "
-      f"{widths} (orientation, stored kernel shape): {str(e).splitlines()[0]}. {_ORIENT}"
+      f"{widths} (orientation, stored kernel shape): {cause}. {_ORIENT}"
     ) from e
   for layer in layers:
     d_in, d_out = _select.widths(params, layer)
@@ -208,7 +209,7 @@ def _check_inputs(fn, params, batches, layers) -> None:
     if got[0] != n or int(np.prod(got[1:])) != d_in:
       raise ValueError(
         f"kfac_factors: layer {layer.path!r} ({layer.kernel} "
-        f"{_select.in_out_shape(params, layer)}, orientation {layer.orientation!r}: "
+        f"{_select.stored_shape(params, layer)}, orientation {layer.orientation!r}: "
         f"[in, out] = [{d_in}, {d_out}]) got an input of shape {tuple(got)}; expected "
         f"[{n}, {d_in}]. {_ORIENT}"
       )

@@ -216,6 +216,6 @@ def widths(params: Any, layer: Layer) -> tuple[int, int]:
   return int(d_in), int(d_out)
 
 
-def in_out_shape(params: Any, layer: Layer) -> tuple[int, ...]:
+def stored_shape(params: Any, layer: Layer) -> tuple[int, ...]:
   """The stored shape of a layer's kernel in ``params``."""
   return tuple(np.shape(dict(leaves_with_paths(params))[layer.kernel]))
