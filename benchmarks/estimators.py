@@ -85,7 +85,7 @@ def estimators(name: str, params, merge, data, batch: int, task: int):
   n_layers = lm.lm_config(name)["layers"]
   xs = data[:, :-1].reshape(-1, batch, data.shape[1] - 1)
   ys = data[:, -1].reshape(-1, batch)
-  stacked = (xs, ys)
+  stacked = cl_optax.importance.Batches(xs, ys)
   key = jax.random.key(1)
 
   def last_logits(p, x, head=0):
@@ -115,7 +115,7 @@ def estimators(name: str, params, merge, data, batch: int, task: int):
     return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean()
 
   gates = merge(params).ones_gates()
-  batches = data.reshape(-1, batch, data.shape[1])
+  batches = cl_optax.importance.Batches(data.reshape(-1, batch, data.shape[1]))
   return {
     f"spg (task {task}: {task + 1} heads)": lambda: cl_optax.importance.spg(
       last_logits, params, stacked, task=task

@@ -1,80 +1,169 @@
-"""How the estimators read ``batches`` and average over them.
+"""The one batch form of the estimators: :class:`Batches`, :func:`stack_batches`, the scan.
 
-``batches`` is a stacked ``(xs, ys)`` pair or an iterable of batches; every
-estimator sums a per-batch quantity on device and divides by the number of
-examples (or tokens) once at the end (:func:`weighted_mean`).
+Every estimator takes ``batches`` as a :class:`Batches` whose leaves carry a
+leading ``[num_batches, batch, ...]`` axis and scans it inside one jitted call
+(:func:`scan_mean`): the per-batch sums are added on device in batch order and
+divided by the number of examples (or tokens) once at the end. Any other form
+is refused by :func:`check_batches` with a message naming the form expected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-Batches = tuple[jax.Array, jax.Array] | Iterable[Any]
-"""A stacked ``(xs, ys)`` pair (leading number-of-batches axis) or an iterable of batches."""
+_HOW = (
+  "expected cl_optax.importance.Batches(x, y) whose leaves carry a leading "
+  "[num_batches, batch, ...] axis (y optional, [num_batches, batch] labels): one batch "
+  "is Batches(x[None], y[None]), stacked arrays are Batches(xs, ys), and a list of "
+  "(x, y) pairs is cl_optax.importance.stack_batches(pairs)."
+)
 
 
-def is_stacked(batches: Any) -> TypeGuard[tuple[Any, Any]]:
-  """Whether ``batches`` is a stacked pair ``(xs, ys)`` of arrays (not an iterable of batches)."""
-  return (
-    isinstance(batches, tuple | list)
-    and len(batches) == 2
-    and all(hasattr(b, "ndim") for b in batches)
-  )
+def _what(x: Any) -> str:
+  """``x`` described for a message: an array's shape, a sequence's length, else its type."""
+  if hasattr(x, "shape"):
+    return f"an array of shape {tuple(x.shape)}"
+  if isinstance(x, tuple | list):
+    return f"a {type(x).__name__} of {len(x)} elements"
+  return f"a {type(x).__name__}"
 
 
-def batch_list(batches: Batches, name: str) -> list[tuple[jax.Array, jax.Array | None]]:
-  """Stacked ``(xs, ys)`` (integer ``ys`` with two leading axes), or an iterable.
+class Batches(NamedTuple):
+  """A task's data for an estimator: stacked batches with a leading batch-count axis.
 
-  Raises a ``ValueError`` when there is no example: no batch, a stacked pair
-  with zero batches, or only batches with zero rows.
+  A pytree (a ``NamedTuple``), so it passes through ``jax.jit``; every leaf of
+  ``x`` and ``y`` is ``[num_batches, batch, ...]``, the same two leading sizes
+  everywhere. Build it from stacked arrays, or from a list of ``(x, y)`` pairs
+  with :func:`stack_batches`.
+
+  Attributes:
+    x: the inputs, any pytree (an array, a dict of token ids and masks, ...).
+    y: the labels, ``[num_batches, batch, ...]``, or ``None`` for estimators
+      that do not read labels (MAS, DAS, the sampled or exact Fisher).
+
+  Example:
+    >>> import jax.numpy as jnp, cl_optax
+    >>> b = cl_optax.importance.Batches(jnp.zeros((3, 8, 5)), jnp.zeros((3, 8), jnp.int32))
+    >>> b.x.shape, b.y.shape
+    ((3, 8, 5), (3, 8))
   """
-  out: list[tuple[jax.Array, jax.Array | None]] = []
-  if is_stacked(batches) and jnp.issubdtype(jnp.asarray(batches[1]).dtype, jnp.integer):
-    xs, ys = batches
-    out = [(jnp.asarray(xs[i]), jnp.asarray(ys[i])) for i in range(len(xs))]
-  else:
-    for b in batches:
-      if isinstance(b, tuple | list):
-        x, y = b[0], (b[1] if len(b) > 1 else None)
-      else:
-        x, y = b, None
-      out.append((jnp.asarray(x), None if y is None else jnp.asarray(y)))
-  if not out or all(jnp.ndim(x) == 0 or x.shape[0] == 0 for x, _ in out):
+
+  x: Any
+  y: Any = None
+
+
+def stack_batches(pairs: Iterable[tuple[Any, Any]]) -> Batches:
+  """Stacks an iterable of ``(x, y)`` pairs of equal-size batches into one :class:`Batches`.
+
+  Args:
+    pairs: ``(x, y)`` pairs (``y`` may be ``None`` in every pair); ``x`` any
+      pytree of ``[batch, ...]`` arrays, the same structure and shapes in
+      every pair.
+
+  Returns:
+    ``Batches(x, y)`` with a leading ``[num_batches]`` axis on every leaf.
+
+  Raises:
+    ValueError: for no pair, an item that is not an ``(x, y)`` pair, or
+      batches of different shapes (ragged: the sizes are named; drop or pad
+      the short batch).
+
+  Example:
+    >>> import jax.numpy as jnp, cl_optax
+    >>> pairs = [(jnp.ones((4, 2)), jnp.zeros(4, jnp.int32))] * 3
+    >>> cl_optax.importance.stack_batches(pairs).x.shape
+    (3, 4, 2)
+  """
+  items = list(pairs)
+  if not items:
+    raise ValueError("stack_batches: no (x, y) pair given; expected at least one batch.")
+  for i, item in enumerate(items):
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+      raise ValueError(f"stack_batches: item {i} is {_what(item)}; expected an (x, y) pair.")
+  shapes = [[np.shape(leaf) for leaf in jax.tree.leaves(tuple(item))] for item in items]
+  if any(s != shapes[0] for s in shapes):
+    sizes = [s[0][0] if s and s[0] else None for s in shapes]
+    odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
     raise ValueError(
-      f"{name}: `batches` is empty ({len(out)} batches, "
-      f"{sum(x.shape[0] for x, _ in out if jnp.ndim(x))} examples); expected at least one "
-      "(x, y) batch with at least one example."
+      f"stack_batches: batches differ in shape (ragged): batch sizes {sizes}; batch 0 has "
+      f"leaf shapes {shapes[0]}, batch {odd} {shapes[odd]}. Drop or pad the short batch so "
+      "that every batch has the same shape."
     )
-  return out
+  return Batches(*(jax.tree.map(lambda *xs: jnp.stack(xs), *col) for col in zip(*items)))
 
 
-def weighted_mean(sums: Iterable[tuple[Any, Any]], count: Any = 0) -> Any:
-  """``sum_b s_b / (count + sum_b n_b)`` over ``(s_b, n_b)`` pairs; ``None`` when there is none.
+def check_batches(batches: Any, name: str, *, labels: bool = False) -> Batches:
+  """``batches`` checked to be a :class:`Batches` of consistent ``[num_batches, batch]`` axes.
 
-  ``s_b`` is a pytree (a batch's sum over its examples), ``n_b`` the batch's
-  example (or token) count; the trees are added on device and divided once.
+  Raises a ``ValueError`` naming the estimator ``name`` and the form expected
+  for anything else: a bare array or tuple, a list of pairs, a leaf without
+  the two leading axes, leaves with different batch counts or batch sizes,
+  no example, or (``labels``) no ``y``.
   """
-  total = None
-  for s, n in sums:
-    total = s if total is None else optax.tree.add(total, s)
-    count = count + n
-  return None if total is None else jax.tree.map(lambda s: s / count, total)
+  if not isinstance(batches, Batches):
+    raise ValueError(f"{name}: `batches` is {_what(batches)}; {_HOW}")
+  if labels and batches.y is None:
+    raise ValueError(
+      f"{name}: needs labels; got Batches with y=None (pass Batches(xs, ys), ys "
+      "[num_batches, batch])."
+    )
+  sizes = {}
+  for part in ("x", "y"):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(batches, part)):
+      where = f"batches.{part}{jax.tree_util.keystr(path)}"
+      if np.ndim(leaf) < 2:
+        raise ValueError(
+          f"{name}: `{where}` has shape {np.shape(leaf)}; it needs two leading axes "
+          "[num_batches, batch] (a single batch is Batches(x[None], y[None]))."
+        )
+      sizes[where] = tuple(np.shape(leaf)[:2])
+  if not sizes:
+    raise ValueError(f"{name}: `batches.x` has no array leaf; {_HOW}")
+  if len(set(sizes.values())) > 1:
+    listed = ", ".join(f"{k}: {v[0]} batches of {v[1]}" for k, v in sizes.items())
+    raise ValueError(
+      f"{name}: the leaves of `batches` disagree on [num_batches, batch] ({listed}); every "
+      "leaf needs the same leading two sizes."
+    )
+  if 0 in next(iter(sizes.values())):
+    raise ValueError(
+      f"{name}: `batches` is empty ({next(iter(sizes.values()))} [num_batches, batch]); "
+      "expected at least one batch with at least one example."
+    )
+  return batches
 
 
-def example_mean(
-  batch_sum: Callable[[int, jax.Array, jax.Array | None], Any], batches: Batches, name: str
-) -> Any:
-  """The mean over all examples of ``batches`` of a per-example quantity.
+def _zeros_like_shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
-  ``batch_sum(i, x, y)`` returns the sum over the examples of batch ``i``
-  (``y`` is ``None`` for unlabelled batches); the sums are added and divided
-  by the number of examples. Raises a ``ValueError`` naming ``name`` when
-  ``batches`` holds no example.
+
+def scan_sum(batch_sum: Callable[[Any, Any, Any], Any], batches: Batches) -> Any:
+  """``sum_b batch_sum(b, x_b, y_b)`` over the batches, one ``lax.scan`` (batch order).
+
+  Call it under ``jax.jit``: the sum starts from zeros and adds the batches
+  in order, the same additions as a Python loop over the batches.
   """
-  pairs = batch_list(batches, name)
-  return weighted_mean((batch_sum(i, x, y), x.shape[0]) for i, (x, y) in enumerate(pairs))
+  first = jax.tree.map(lambda v: v[0], batches)
+  init = _zeros_like_shapes(jax.eval_shape(batch_sum, jnp.int32(0), first.x, first.y))
+
+  def body(total, item):
+    i, b = item
+    return optax.tree.add(total, batch_sum(i, b.x, b.y)), None
+
+  n = jax.tree.leaves(batches)[0].shape[0]
+  return jax.lax.scan(body, init, (jnp.arange(n, dtype=jnp.int32), batches))[0]
+
+
+def scan_mean(batch_sum: Callable[[Any, Any, Any], Any], batches: Batches) -> Any:
+  """The mean over all examples of a per-example quantity (:func:`scan_sum` / examples).
+
+  ``batch_sum(i, x, y)`` returns the sum over the examples of batch ``i``.
+  """
+  n, b = jax.tree.leaves(batches)[0].shape[:2]
+  return jax.tree.map(lambda s: s / (n * b), scan_sum(batch_sum, batches))

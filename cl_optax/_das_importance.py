@@ -20,7 +20,7 @@ official code) is :func:`cl_optax.consolidate`'s merge rule for soft_mask.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _trees
-from cl_optax._batches import weighted_mean
+from cl_optax import _select, _trees
+from cl_optax._batches import Batches, check_batches, scan_sum
 from cl_optax._standardize import standardised_tanh
 
 GatedFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
 
 _LOSSES = ("proxy_kl",)
+_NAME = "das_param_importance"
 
 
 def das_normalize(raw: chex.ArrayTree, *, stacked: bool = False) -> chex.ArrayTree:
@@ -96,11 +97,23 @@ def _gate_grad(fn, params, gates, batch, key, loss, kl_axis, tokens):
   return grads, n
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _das_scan(fn, params, gates, batches, key, loss, kl_axis, tokens):
+  """The summed gate gradients of every batch (one scan) over their summed token count."""
+
+  def batch_sum(i, x, y):
+    batch = x if y is None else (x, y)
+    return _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
+
+  grads, n = scan_sum(batch_sum, batches)
+  return jax.tree.map(lambda g: g / n, grads)
+
+
 def das_units(
   fn: GatedFn,
   params: optax.Params,
   gates: chex.ArrayTree,
-  batches: Iterable[Any],
+  batches: Batches,
   *,
   key: jax.Array | None = None,
   loss: str | Callable[[jax.Array, Any], jax.Array] = "proxy_kl",
@@ -154,8 +167,10 @@ def das_units(
     params: the model's parameters (not differentiated).
     gates: pytree of gate values (ones), e.g. ``{"heads": [L, H], "ffn":
       [L, F]}`` or one subtree per layer; the gradient is taken at these values.
-    batches: iterable of batches (any pytrees ``fn`` accepts); one jitted call
-      per batch, all batches of one shape compile once.
+    batches: :class:`cl_optax.importance.Batches`, leaves ``[num_batches,
+      batch, ...]``, scanned in one jitted call; ``fn``, ``loss`` and
+      ``tokens`` get one batch's ``x`` (any pytree ``fn`` accepts) when ``y``
+      is ``None``, else the pair ``(x, y)``.
     key: PRNG key for the dropout passes (required for ``"proxy_kl"``); batch
       ``i`` uses ``fold_in(key, i)``.
     loss: ``"proxy_kl"`` or ``loss(output, batch) -> scalar``.
@@ -190,15 +205,8 @@ def das_units(
   if not jax.tree.leaves(gates):
     raise ValueError("das_units: `gates` has no leaves; expected gate arrays (ones).")
   key = jax.random.key(0) if key is None else key
-  raw = weighted_mean(
-    (
-      _gate_grad(fn, params, gates, batch, jax.random.fold_in(key, i), loss, kl_axis, tokens)
-      for i, batch in enumerate(batches)
-    ),
-    count=0.0,
-  )
-  if raw is None:
-    raise ValueError("das_units: `batches` is empty; expected at least one batch.")
+  batches = check_batches(batches, "das_units")
+  raw = _das_scan(fn, params, gates, batches, key, loss, kl_axis, tokens)
   return das_normalize(raw, stacked=stacked) if normalize else raw
 
 
@@ -231,9 +239,28 @@ def _attention_leaf(rel: tuple[str, ...], shape, imp, where: str):
   return out
 
 
+def _is_out_in(names: tuple[str, ...], shape: Any, orientation: str | None) -> bool:
+  """Whether a ``"units"`` layer's leaf is a 2-D ``[out, in]`` weight (Equinox / PyTorch)."""
+  if len(shape) != 2 or names[-1:] == ("bias",):
+    return False
+  return _select.kernel_orientation(_NAME, "/".join(names), shape, orientation) == "out_in"
+
+
+def _out_in_leaf(rel: tuple[str, ...], shape: Any, imp: jax.Array, where: str) -> jax.Array:
+  """Unit importance ``[out, 1]`` for an ``[out, in]`` weight."""
+  if shape[0] != imp.shape[0]:
+    raise ValueError(
+      f"{_NAME}: {where} has {imp.shape[0]} unit importances but its [out, in] "
+      f"weight {'/'.join(rel)} has shape {tuple(shape)} (expected axis 0 {imp.shape[0]})."
+    )
+  return imp[:, None]
+
+
 def das_param_importance(
   params: optax.Params,
   units: Mapping[str | tuple, tuple[str, jax.Array]],
+  *,
+  orientation: str | None = None,
 ) -> optax.Params:
   r"""Spreads DAS head / unit importance onto parameter leaves (broadcastable).
 
@@ -251,7 +278,9 @@ def das_param_importance(
   - ``"units"``, importance ``[out]``, for a dense layer (``nnx.Linear``,
     linen ``Dense``, kernel ``[..., out]``, bias ``[out]``) whose output units
     are gated: kernel and bias get ``[out]``, so unit *j*'s weights and bias
-    get its importance (DAS's intermediate and output FFN units).
+    get its importance (DAS's intermediate and output FFN units). An
+    Equinox ``Linear`` (``weight [out, in]``, see ``orientation``) gets
+    ``[out, 1]`` on its weight.
 
   Every other leaf (embeddings, layer norms, the LM head, the attention output
   bias) gets a scalar 0: it is not masked and costs one number of state.
@@ -270,7 +299,11 @@ def das_param_importance(
 
   Args:
     params: the parameter pytree (Flax ``Variable`` s are unwrapped).
-    units: ``{path: (kind, importance)}`` as above.
+    units: ``{path: (kind, importance)}`` as above; ``path`` is a layer's
+      ``/``-joined path (``docs/selectors.md``).
+    orientation: of the ``"units"`` layers' 2-D kernels: ``"in_out"``
+      (Flax), ``"out_in"`` (Equinox / PyTorch) or ``None`` (a ``weight`` is
+      ``"out_in"``, refused when square; a ``kernel`` ``"in_out"``).
 
   Returns:
     A pytree like ``params`` (plain arrays) of float32 importance leaves, each
@@ -318,6 +351,8 @@ def das_param_importance(
     rel, shape, where = names[len(prefix) :], np.shape(p), "/".join(prefix)
     if kind == "heads":
       return _attention_leaf(rel, shape, imp, where)
+    if _is_out_in(names, shape, orientation):
+      return _out_in_leaf(rel, shape, imp, where)
     if len(shape) == 0 or shape[-1] != imp.shape[0]:
       raise ValueError(
         f"das_param_importance: {where} has {imp.shape[0]} unit importances but its "

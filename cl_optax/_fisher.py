@@ -9,17 +9,22 @@ about the batch size.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from cl_optax import _trees
-from cl_optax._batches import Batches, example_mean
+from cl_optax import _select
+from cl_optax._batches import Batches, check_batches, scan_mean
 
 _FISHER_KINDS = ("empirical", "sampled", "exact")
+_ORIENT = (
+  "Pass orientation='in_out' (Flax kernel [in, out]) or 'out_in' (Equinox / PyTorch "
+  "weight [out, in]) to match the model."
+)
 
 
 class KronFactors(NamedTuple):
@@ -108,8 +113,9 @@ def fisher_diag(
     logits_fn: ``logits_fn(params, x) -> logits`` ``[batch, classes]``
       (close over a task head or a dropout key with ``functools.partial``).
     params: the parameters at the end of the task.
-    batches: stacked ``(xs, ys)`` with a leading number-of-batches axis, or an
-      iterable of ``(x, y)`` batches (labels are ignored unless empirical).
+    batches: :class:`cl_optax.importance.Batches` ``(x, y)``, leaves
+      ``[num_batches, batch, ...]``, scanned in one jitted call (``y`` is
+      read only by ``"empirical"`` and may be ``None`` otherwise).
     fisher: ``"empirical"``, ``"sampled"`` or ``"exact"``.
     key: PRNG key, required for ``"sampled"``.
 
@@ -125,21 +131,25 @@ def fisher_diag(
     GMvandeVen/continual-learning ``estimate_fisher``.
   """
   _check_kind(fisher, "fisher_diag", key)
+  batches = check_batches(batches, "fisher_diag", labels=fisher == "empirical")
   key = jax.random.key(0) if key is None else key
+  return _fisher_diag_scan(logits_fn, params, batches, key, fisher)
 
-  def batch_sum(i: int, x: jax.Array, y: jax.Array | None) -> Any:
-    if fisher == "empirical" and y is None:
-      raise ValueError("fisher_diag: fisher='empirical' needs labels; got batches without y.")
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _fisher_diag_scan(logits_fn, params, batches, key, fisher):
+  """:func:`fisher_diag` over every batch: one scan, batch ``i`` drawn from ``fold_in(key, i)``."""
+
+  def batch_sum(i, x, y):
     return _fisher_diag_batch(logits_fn, params, x, y, jax.random.fold_in(key, i), fisher)
 
-  return example_mean(batch_sum, batches, "fisher_diag")
+  return scan_mean(batch_sum, batches)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _kfac_batch(fn, params, x, y, key, fisher, layers):
-  n = x.shape[0]
-  subs = {name: _trees.layer_subtree(params, name) for name in layers}
-  taps = {name: jnp.zeros((n, jnp.shape(s["kernel"])[1]), jnp.float32) for name, s in subs.items()}
+  """Sums over one batch of ``abar abar^T`` and ``d d^T`` of every layer."""
+  n = jax.tree.leaves(x)[0].shape[0]
+  taps = {ly.path: jnp.zeros((n, _select.widths(params, ly)[1]), jnp.float32) for ly in layers}
 
   def total_nll(t, labels):
     logits, _ = fn(params, x, t)
@@ -158,12 +168,51 @@ def _kfac_batch(fn, params, x, y, key, fisher, layers):
     d = jax.grad(lambda t: total_nll(t, y)[0])(taps)
     gs = {k: v.T @ v for k, v in d.items()}
   out = {}
-  for name, s in subs.items():
-    a = acts[name].astype(jnp.float32).reshape(n, -1)
-    if "bias" in s:
+  for layer in layers:
+    a = acts[layer.path].astype(jnp.float32).reshape(n, -1)
+    if layer.bias is not None:
       a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)
-    out[name] = KronFactors(a=a.T @ a, g=gs[name])
+    out[layer.path] = KronFactors(a=a.T @ a, g=gs[layer.path])
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _kfac_scan(fn, params, batches, key, fisher, layers):
+  def batch_sum(i, x, y):
+    return _kfac_batch(fn, params, x, y, jax.random.fold_in(key, i), fisher, layers)
+
+  return scan_mean(batch_sum, batches)
+
+
+def _check_inputs(fn, params, batches, layers) -> None:
+  """Raises a ``ValueError`` where ``fn``'s layer inputs do not fit the layers' kernels."""
+  first = jax.tree.map(lambda v: v[0], batches.x)
+  n = jax.tree.leaves(first)[0].shape[0]
+  taps = {ly.path: jnp.zeros((n, _select.widths(params, ly)[1]), jnp.float32) for ly in layers}
+  try:
+    _, inputs = jax.eval_shape(fn, params, first, taps)
+  except (TypeError, ValueError) as e:
+    widths = {ly.path: (ly.orientation, _select.stored_shape(params, ly)) for ly in layers}
+    cause = str(e).splitlines()[0].rstrip(".")
+    raise ValueError(
+      f"kfac_factors: fn(params, x, taps) failed with taps [batch, out] for the layers "
+      f"{widths} (orientation, stored kernel shape): {cause}. {_ORIENT}"
+    ) from e
+  for layer in layers:
+    d_in, d_out = _select.widths(params, layer)
+    if layer.path not in inputs:
+      raise ValueError(
+        f"kfac_factors: `fn` returned no input for layer {layer.path!r}; it returned inputs "
+        f"for {sorted(inputs)} (fn(params, x, taps) -> (logits, {{layer: input [batch, in]}}))."
+      )
+    got = inputs[layer.path].shape
+    if got[0] != n or int(np.prod(got[1:])) != d_in:
+      raise ValueError(
+        f"kfac_factors: layer {layer.path!r} ({layer.kernel} "
+        f"{_select.stored_shape(params, layer)}, orientation {layer.orientation!r}: "
+        f"[in, out] = [{d_in}, {d_out}]) got an input of shape {tuple(got)}; expected "
+        f"[{n}, {d_in}]. {_ORIENT}"
+      )
 
 
 def kfac_factors(
@@ -171,13 +220,15 @@ def kfac_factors(
   params: optax.Params,
   batches: Batches,
   *,
-  layers: Sequence[str],
+  layers: _select.Selector,
+  orientation: str | None = None,
   fisher: str = "sampled",
   key: jax.Array | None = None,
 ) -> dict[str, KronFactors]:
   r"""Kronecker-factored Fisher (K-FAC) of dense layers, ``F_l ~= A_l (x) G_l``.
 
-  For a dense layer ``y = a @ kernel + bias`` (Flax layout, kernel ``[in, out]``)
+  For a dense layer ``y = a @ kernel + bias`` (kernel ``[in, out]``; an
+  Equinox ``weight [out, in]`` is its transpose, the factors are the same)
 
   .. math::
     A = \frac{1}{N}\sum_n \bar a_n \bar a_n^\top, \qquad
@@ -205,15 +256,31 @@ def kfac_factors(
   Args:
     fn: ``fn(params, x, taps) -> (logits, inputs)`` as above.
     params: parameters at the end of the task.
-    batches: stacked ``(xs, ys)`` or an iterable of ``(x, y)`` batches.
-    layers: ``/``-separated key paths of the dense layers in ``params``
-      (each a mapping with ``kernel`` and optionally ``bias``).
+    batches: :class:`cl_optax.importance.Batches` ``(x, y)``, leaves
+      ``[num_batches, batch, ...]``, scanned in one jitted call (``y`` is
+      read only by ``"empirical"``).
+    layers: a layer selector (``docs/selectors.md``): ``"l1"``,
+      ``["l1", "l2"]``, ``"layers/*"``, a compiled regex or a ``(path,
+      leaf) -> bool`` callable over parameter paths; it selects the dense
+      layers whose 2-D ``kernel`` (Flax) or ``weight`` (Equinox) it selects.
+      The factors are keyed by the layer's path (``"l1"``, ``"layers/0"``),
+      as are ``taps`` and ``inputs``.
+    orientation: ``"in_out"`` (Flax ``kernel [in, out]``), ``"out_in"``
+      (Equinox ``weight [out, in]``) or ``None``: a ``kernel`` is
+      ``"in_out"``, a non-square ``weight`` ``"out_in"``, a square ``weight``
+      is refused. Checked against the width of the inputs ``fn`` returns.
     fisher: ``"sampled"`` (default), ``"exact"`` or ``"empirical"``.
     key: PRNG key, required for ``"sampled"``.
 
   Returns:
-    ``{name: KronFactors(a, g)}``, float32: the ``precision=`` of
+    ``{layer path: KronFactors(a, g)}``, float32: the ``precision=`` of
     ``cl_optax.ncl(precision="kfac")``.
+
+  Raises:
+    ValueError: for ``batches`` not a :class:`cl_optax.importance.Batches`,
+      a selector that selects no dense layer (the layers found are listed),
+      a square ``weight`` without ``orientation``, or layer inputs whose
+      width does not match the kernel's input width.
 
   References:
     Martens & Grosse, *Optimizing neural networks with Kronecker-factored
@@ -222,16 +289,8 @@ def kfac_factors(
     ``estimate_kfac_fisher``.
   """
   _check_kind(fisher, "kfac_factors", key)
-  layers = tuple(layers)
-  if not layers:
-    raise ValueError("kfac_factors: `layers` is empty; expected the dense layers' key paths.")
-  for name in layers:
-    _trees.layer_subtree(params, name)
+  batches = check_batches(batches, "kfac_factors", labels=fisher == "empirical")
+  found = _select.find_layers(params, layers, transform="kfac_factors", orientation=orientation)
+  _check_inputs(fn, params, batches, found)
   key = jax.random.key(0) if key is None else key
-
-  def batch_sum(i: int, x: jax.Array, y: jax.Array | None) -> dict[str, KronFactors]:
-    if fisher == "empirical" and y is None:
-      raise ValueError("kfac_factors: fisher='empirical' needs labels; got batches without y.")
-    return _kfac_batch(fn, params, x, y, jax.random.fold_in(key, i), fisher, layers)
-
-  return example_mean(batch_sum, batches, "kfac_factors")
+  return _kfac_scan(fn, params, batches, key, fisher, found)

@@ -10,8 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _debug, _trees
-from cl_optax._conv import ConvRepresentations
+from cl_optax import _checks, _debug, _select, _trees
+from cl_optax._gpm_signals import (
+  by_path,
+  checked_threshold,
+  kernel_shapes,
+  layer_inputs,
+  representations_by_path,
+  thresholds_by_path,
+)
 
 
 def _static_widths(top: int) -> tuple[int, ...]:
@@ -61,9 +68,13 @@ class GPMState(NamedTuple):
     thresholds = signals.get("threshold")
     basis_paths = _trees.unmasked_key_strings(self.feature_basis)
     unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
-    rep_by_path = _representations_by_path(reps, basis_paths, unprojected)
-    kernel_shapes = _kernel_shapes(params)
-    thr_by_path = _thresholds_by_path(thresholds, basis_paths)
+    aliases = dict(
+      zip(_trees.leaf_paths(self.feature_basis), _trees.key_strings(self.feature_basis))
+    )
+    rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
+    shapes = kernel_shapes(params)
+    thr = None if thresholds is None else by_path(thresholds, aliases)
+    thr_by_path = thresholds_by_path(thr, basis_paths)
     new_b, new_c = [], []
     for path, b, c in zip(
       basis_paths,
@@ -71,8 +82,8 @@ class GPMState(NamedTuple):
       _trees.unmasked_leaves(self.feature_count),
       strict=True,
     ):
-      x = _layer_inputs(path, rep_by_path[path], b.shape[0], kernel_shapes.get(path))
-      thr = _checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
+      x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
+      thr = checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
       nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, jnp.float32))
       new_b.append(nb)
       new_c.append(nc)
@@ -84,128 +95,6 @@ class GPMState(NamedTuple):
 
 
 # ------------------------------------------------------------ basis growth
-
-
-def _is_conv(x: Any) -> bool:
-  return isinstance(x, ConvRepresentations)
-
-
-def _by_path(tree: Any) -> dict[str, Any]:
-  """``{key path: leaf}`` of a signal tree (a :class:`ConvRepresentations` is one leaf)."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_conv)
-  return {_trees.key_string(p): x for p, x in leaves}
-
-
-def _kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
-  """``{key path: shape}`` of the parameters (empty without them)."""
-  if params is None:
-    return {}
-  return {p: tuple(np.shape(x)) for p, x in _by_path(params).items()}
-
-
-def _representations_by_path(
-  reps: Any, basis_paths: list[str], unprojected: list[str]
-) -> dict[str, Any]:
-  """The ``representations`` leaves by path, exactly one per projected leaf.
-
-  Paths of parameters the transform does not project (``unprojected``, e.g.
-  masked out by ``optax.masked``) are ignored; any other path is an error.
-  """
-  rep_by_path = _by_path(reps)
-  missing = [p for p in basis_paths if p not in rep_by_path]
-  extra = [
-    p for p in rep_by_path if p not in basis_paths and not any(p.startswith(u) for u in unprojected)
-  ]
-  if missing or extra:
-    raise ValueError(
-      f"gpm: `representations` must hold one [n, d_in] array at the path of each "
-      f"projected leaf; expected paths {basis_paths}, got {sorted(rep_by_path)} "
-      f"(missing {missing}, unexpected {extra})."
-    )
-  return rep_by_path
-
-
-def _thresholds_by_path(thresholds: Any, basis_paths: list[str]) -> dict[str, Any]:
-  """The per-layer ``threshold`` signal by path (empty without one), a subset of the leaves."""
-  if thresholds is None:
-    return {}
-  thr_by_path = _by_path(thresholds)
-  unknown = [p for p in thr_by_path if p not in basis_paths]
-  if unknown:
-    raise ValueError(
-      f"gpm: `threshold` has paths {unknown} that are not projected leaves "
-      f"(expected a subset of {basis_paths})."
-    )
-  return thr_by_path
-
-
-def _conv_width(kernel_shape: tuple[int, ...]) -> str:
-  """``"kh*kw*c_in = 3*3*2 = 18"``: a conv kernel's input width, spelled out."""
-  names = ["kd", "kh", "kw"][-(len(kernel_shape) - 2) :] if len(kernel_shape) <= 5 else []
-  names = names or [f"k{i}" for i in range(len(kernel_shape) - 2)]
-  dims = kernel_shape[:-1]
-  return f"{'*'.join([*names, 'c_in'])} = {'*'.join(str(d) for d in dims)} = {int(np.prod(dims))}"
-
-
-_HOW = (
-  "build them with cl_optax.conv_representations(x, kernel.shape, strides=..., padding=..., "
-  "dilation=...)"
-)
-
-
-def _layer_inputs(path: str, x: Any, d_in: int, kernel_shape: tuple[int, ...] | None) -> jax.Array:
-  """A layer's inputs ``[n, d_in]`` (float32) from ``[n, d_in]`` or ``[n, *in_shape]``, or a
-  convolution's patches from a :class:`ConvRepresentations` built for its kernel.
-
-  A kernel with more than one input axis (a convolution's ``(*window, c_in, c_out)``) takes
-  only a :class:`ConvRepresentations` of its own shape: a plain array's feature order cannot
-  be checked, and patches ordered ``(c_in, *window)`` have the right width.
-  """
-  conv_kernel = kernel_shape is not None and len(kernel_shape) >= 3
-  if isinstance(x, ConvRepresentations):
-    if kernel_shape is not None and not conv_kernel:
-      raise ValueError(
-        f"gpm: `representations` leaf {path} holds convolution patches (built for a kernel "
-        f"of shape {x.kernel_shape}) but the parameter there has shape {kernel_shape}; a "
-        f"dense kernel takes its layer's inputs as an array [n, {d_in}]."
-      )
-    if conv_kernel and tuple(x.kernel_shape) != tuple(kernel_shape or ()):
-      raise ValueError(
-        f"gpm: `representations` leaf {path} holds patches built for a kernel of shape "
-        f"{x.kernel_shape}, but the kernel there has shape {kernel_shape} (width "
-        f"{_conv_width(kernel_shape or ())}); {_HOW} with that layer's inputs."
-      )
-    width = int(np.prod(x.kernel_shape[:-1]))
-    if np.ndim(x.patches) != 2 or np.shape(x.patches)[1] != width or width != d_in:
-      raise ValueError(
-        f"gpm: `representations` leaf {path} holds patches of shape {np.shape(x.patches)} "
-        f"for a kernel of shape {x.kernel_shape}; expected (n, {d_in}); {_HOW}."
-      )
-    x = x.patches
-  elif conv_kernel:
-    assert kernel_shape is not None
-    raise ValueError(
-      f"gpm: `representations` leaf {path} is a plain array of shape {np.shape(x)} for the "
-      f"convolution kernel of shape {kernel_shape}: the order of its features cannot be "
-      f"checked (the kernel's rows are ordered (*window, c_in); "
-      f"jax.lax.conv_general_dilated_patches orders a patch (c_in, *window)). Expected the "
-      f"patches [n, {_conv_width(kernel_shape)}] as a ConvRepresentations: {_HOW}."
-    )
-  if np.ndim(x) < 2 or int(np.prod(np.shape(x)[1:])) != d_in:
-    raise ValueError(
-      f"gpm: `representations` leaf {path} has shape {np.shape(x)}; expected "
-      f"(n, {d_in}) (or (n, *in_shape)): the inputs of that layer at n samples."
-    )
-  x = jnp.reshape(jnp.asarray(x, jnp.float32), (np.shape(x)[0], d_in))
-  _checks.check_finite(x, transform="gpm", name="representations", leaf=path)
-  return x
-
-
-def _checked_threshold(path: str, thr: Any) -> Any:
-  """``thr``, checked to lie in [0, 1] where it is concrete."""
-  if _checks.is_concrete(thr) and not 0.0 <= float(thr) <= 1.0:
-    raise ValueError(f"gpm: threshold for {path} is {float(thr)}; expected a value in [0, 1].")
-  return thr
 
 
 @jax.jit
@@ -274,12 +163,17 @@ def _project_out(q, count, g):
 # -------------------------------------------------------------- projection
 
 
-def _project_leaf(path: Any, basis: jax.Array, count: jax.Array, u: jax.Array) -> jax.Array:
+def _project_leaf(
+  path: Any, basis: jax.Array, count: jax.Array, u: jax.Array, orientation: str | None = None
+) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
   An update holding a non-finite entry passes unchanged (the projection would
-  spread it over the kernel).
+  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
   """
+  shape = jnp.shape(u)
+  if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
+    return _project_leaf(path, basis, count, u.T, "in_out").T
   d_in = basis.shape[0]
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
@@ -308,22 +202,31 @@ def _default_projected(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
 
 
-def _init_buffers(labels: Any, params: optax.Params, dtype: Any) -> tuple[Any, Any]:
+class _Buffers(NamedTuple):
+  basis: Any
+  count: Any
+
+
+def _init_buffers(
+  labels: Any, params: optax.Params, dtype: Any, orientation: str | None = None
+) -> tuple[Any, Any]:
   """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
 
-  def make(is_proj, p):
+  def make(path, is_proj, p):
     if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
-      return optax.MaskedNode(), optax.MaskedNode()
+      return _Buffers(optax.MaskedNode(), optax.MaskedNode())
     shape = jnp.shape(p)
     if len(shape) < 2:
       raise ValueError(
         f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
       )
+    if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
+      shape = shape[::-1]
     d_in = int(np.prod(shape[:-1]))
-    return jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32)
+    return _Buffers(jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32))
 
-  pairs = jax.tree.map(make, labels, params)
-  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _trees.is_masked(x)  # noqa: E731
+  pairs = jax.tree_util.tree_map_with_path(make, labels, params)
+  is_pair = lambda x: isinstance(x, _Buffers)  # noqa: E731  (not any 2-tuple: Equinox's layers)
   basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
   count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
   return basis, count
@@ -333,6 +236,7 @@ def gpm(
   threshold: float = 0.97,
   *,
   layers: Any | Callable[[Any], Any] | None = None,
+  orientation: str | None = None,
   freeze_unprojected: bool = True,
   basis_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -379,10 +283,19 @@ def gpm(
 
   Args:
     threshold: energy threshold :math:`\epsilon_{th} \in [0, 1]`.
-    layers: optional labels in the style of ``optax.masked``: a pytree of bools
-      like params, or a function ``params -> bools``, marking the kernels to
-      project (default: every non-empty leaf with 2 or more dimensions). With
-      ``optax.inject_hyperparams`` pass it in ``static_args``.
+    layers: the kernels to project: a selector over parameter paths
+      (``docs/selectors.md``: ``"l1"``, ``["l1", "l2"]``, ``"*/kernel"``, a
+      compiled regex or a ``(path, leaf) -> bool`` callable; of the leaves it
+      selects, those with 2 or more axes are projected), or, as before,
+      ``optax.masked``-style labels (a pytree of bools like params, or a
+      function ``params -> bools``). Default: every non-empty leaf with 2 or
+      more dimensions. With ``optax.inject_hyperparams`` pass it in
+      ``static_args``.
+    orientation: ``"in_out"`` (Flax: input axes first, the output axis last),
+      ``"out_in"`` (Equinox / PyTorch ``weight [out, in]``, projected as its
+      transpose; 2-D only) or ``None``: a leaf named ``weight`` is
+      ``"out_in"`` (refused when square: declare it), any other ``"in_out"``.
+      The representations are the layer's inputs ``[n, in]`` either way.
     freeze_unprojected: whether the unprojected leaves with fewer than 2
       dimensions (biases, norm scales) stop moving after the first task.
       Unprojected kernels always train; to leave a layer out entirely (its
@@ -438,10 +351,15 @@ def gpm(
   _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
 
   def init_fn(params: optax.Params) -> GPMState:
-    labels = (
-      _trees.resolve_labels(layers, params) if layers is not None else (_default_projected(params))
-    )
-    basis, count = _init_buffers(labels, params, dtype)
+    labels, by_selector = _select.labels(layers, params, _default_projected)
+    if by_selector:  # a layer selector projects the kernels of the layers it selects
+      labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
+      if not any(jax.tree.leaves(labels)):
+        raise ValueError(
+          f"gpm: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
+          f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
+        )
+    basis, count = _init_buffers(labels, params, dtype, orientation)
     return GPMState(
       feature_basis=basis,
       feature_count=count,
@@ -466,7 +384,7 @@ def gpm(
         return u
       if _trees.is_masked(b):
         return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u)
+      return _project_leaf(path, b, c, u, orientation)
 
     new_updates = jax.tree_util.tree_map_with_path(
       leaf, state.feature_basis, state.feature_count, updates, is_leaf=_trees.is_masked

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cl_optax import _checks, _trees
+from cl_optax import _checks, _select, _trees
 
 _EIG_FLOOR = 1e-9  # relative floor on damped eigenvalues (as reginv(.., 1e-9) in tachukao/ncl)
 
@@ -134,14 +134,19 @@ def lookup_factors(tree: Any, name: str) -> Any:
   return node
 
 
-def leaf_roles(tree: Any, layers: Sequence[str]) -> list[tuple[str, str] | None]:
-  """For each leaf (flatten order, MaskedNode as leaf): ``(layer, role)`` or None."""
-  roles = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_trees.is_masked)[0]:
-    names = _trees.path_names(path)
-    prefix, last = "/".join(names[:-1]), names[-1] if names else ""
-    roles.append((prefix, last) if prefix in layers and last in ("kernel", "bias") else None)
-  return roles
+def kron_layout(
+  tree: Any, layers: Any, orientation: str | None
+) -> tuple[list[tuple[str, str] | None], tuple[_select.Layer, ...]]:
+  """The roles of ``tree``'s leaves (:func:`leaf_roles`) and its dense layers, for :func:`ncl`."""
+  found = _select.find_layers(tree, layers, transform="ncl", orientation=orientation)
+  return leaf_roles(tree, found), found
+
+
+def leaf_roles(tree: Any, layers: Sequence[_select.Layer]) -> list[tuple[str, str] | None]:
+  """For each leaf (flatten order, MaskedNode as leaf): ``(layer, "kernel" | "bias")`` or None."""
+  role = {ly.kernel: (ly.path, "kernel") for ly in layers}
+  role.update({ly.bias: (ly.path, "bias") for ly in layers if ly.bias is not None})
+  return [role.get(path) for path, _ in _select.leaves_with_paths(tree)]
 
 
 # ------------------------------------------------------------ init and step
@@ -166,9 +171,13 @@ class StepLeaves(NamedTuple):
   precision: list
 
 
-def _row_blocks(leaves: list, rows: list[int]) -> list[jax.Array]:
-  """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32)."""
-  blocks = [jnp.asarray(leaves[rows[0]], jnp.float32)]
+def _row_blocks(leaves: list, rows: list[int], transposed: bool) -> list[jax.Array]:
+  """A Kronecker layer's rows: ``[kernel [in, out]]`` or ``[kernel, bias [1, out]]`` (float32).
+
+  An ``"out_in"`` weight (``transposed``) is read as its transpose.
+  """
+  kernel = jnp.asarray(leaves[rows[0]], jnp.float32)
+  blocks = [kernel.T if transposed else kernel]
   if len(rows) > 1:
     blocks.append(jnp.asarray(leaves[rows[1]], jnp.float32)[None])
   return blocks
@@ -194,23 +203,24 @@ def prior_diagonal(x: jax.Array, n: jax.Array, dtype: Any) -> jax.Array:
 
 
 def init_kron(
-  params: optax.Params, layers: tuple[str, ...], n: jax.Array, damping: float, dtype: Any
+  params: optax.Params, selection: tuple[Any, str | None], n: jax.Array, damping: float, dtype: Any
 ) -> tuple[dict[str, NCLKron], optax.Params]:
   """Kronecker precision: :math:`A_0 = G_0 = I/\\sqrt N` per layer, and the
   diagonal :math:`I/N` at the leaves outside the layers (``MaskedNode`` inside).
+
+  ``selection`` is ``(layers selector, orientation)`` as :func:`ncl` takes them.
   """
-  subtrees = {name: _trees.layer_subtree(params, name) for name in layers}
+  layers = kron_layout(params, *selection)[1]
   # A layer masked out by optax.masked / partition is not kept (the transform passes it).
-  subtrees = {k: v for k, v in subtrees.items() if not _trees.is_masked(v["kernel"])}
-  layers = tuple(subtrees)
+  kept = [layer for layer in layers if layer.orientation is not None]
   kron = {}
-  for name, sub in subtrees.items():
-    d_in, d_out = jnp.shape(sub["kernel"])
-    d_in += 1 if "bias" in sub else 0
+  for layer in kept:
+    d_in, d_out = _select.widths(params, layer)
+    d_in += 1 if layer.bias is not None else 0
     a = jnp.eye(d_in, dtype=jnp.float32) / jnp.sqrt(n)
     g = jnp.eye(d_out, dtype=jnp.float32) / jnp.sqrt(n)
-    kron[name] = NCLKron(a, g, *damped_inverses(a, g, damping))
-  roles = leaf_roles(params, layers)
+    kron[layer.path] = NCLKron(a, g, *damped_inverses(a, g, damping))
+  roles = leaf_roles(params, kept)
   leaves, treedef = jax.tree.flatten(params, is_leaf=_trees.is_masked)
   prec = treedef.unflatten(
     [
@@ -239,7 +249,11 @@ def _layer_rows(roles: list, name: str) -> list[int]:
 
 
 def kron_directions(
-  out: list, leaves: StepLeaves, kron: dict[str, NCLKron], roles: list, c: StepCoefficients
+  out: list,
+  leaves: StepLeaves,
+  kron: dict[str, NCLKron],
+  layout: tuple[list, tuple[_select.Layer, ...]],
+  c: StepCoefficients,
 ) -> list[jax.Array]:
   """Writes :math:`\\delta` of every Kronecker layer into ``out``; returns the layers'
   squared :math:`\\Lambda`-norms when ``c.with_norm``.
@@ -248,16 +262,20 @@ def kron_directions(
   so such a layer passes its gradient unchanged and stays out of the norm.
   """
   sq_norms = []
+  roles, layers = layout
+  transposed = {layer.path: layer.orientation == "out_in" for layer in layers}
   for name, k in kron.items():
-    rows = _layer_rows(roles, name)
-    g = _row_blocks(leaves.updates, rows)
-    diff = [x - y for x, y in zip(_row_blocks(leaves.params, rows), _row_blocks(leaves.mean, rows))]
+    rows, t = _layer_rows(roles, name), transposed[name]
+    g = _row_blocks(leaves.updates, rows, t)
+    diff = [
+      x - y for x, y in zip(_row_blocks(leaves.params, rows, t), _row_blocks(leaves.mean, rows, t))
+    ]
     d = _kron_direction(k, g, diff, c)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
     if c.with_norm:
       norm2 = sum(jnp.sum(x * (y @ k.g)) for x, y in zip(d, _left(k.a, d)))
       sq_norms.append(jnp.where(finite, norm2, 0.0))
-    out[rows[0]] = jnp.where(finite, d[0], g[0])
+    out[rows[0]] = jnp.where(finite, d[0], g[0]).T if t else jnp.where(finite, d[0], g[0])
     if len(rows) > 1:
       out[rows[1]] = jnp.where(finite, d[1][0], g[1][0])
   return sq_norms

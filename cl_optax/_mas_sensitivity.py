@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax._batches import Batches, example_mean
+from cl_optax._batches import Batches, check_batches, scan_mean
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -37,8 +37,9 @@ def mas_sensitivity(
   Args:
     fn: ``fn(params, x) -> outputs`` ``[batch, ...]`` (the logits, pre-softmax).
     params: the parameters at the end of the task.
-    batches: stacked ``(xs, ys)``, or an iterable of ``(x, y)`` pairs or of
-      plain ``x`` arrays.
+    batches: :class:`cl_optax.importance.Batches` ``(x, y)``, leaves
+      ``[num_batches, batch, ...]``, scanned in one jitted call (``y`` is
+      ignored and may be ``None``: ``Batches(tokens)``).
 
   Returns:
     A float32 pytree like ``params``: the ``importance=`` of :func:`cl_optax.mas`.
@@ -47,4 +48,9 @@ def mas_sensitivity(
     Aljundi, Babiloni, Elhoseiny, Rohrbach, Tuytelaars, *Memory Aware Synapses:
     Learning what (not) to forget*, ECCV 2018, Eq. 4.
   """
-  return example_mean(lambda i, x, y: _mas_batch(fn, params, x), batches, "mas_sensitivity")
+  return _mas_scan(fn, params, check_batches(batches, "mas_sensitivity"))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _mas_scan(fn, params, batches):
+  return scan_mean(lambda i, x, y: _mas_batch(fn, params, x), batches)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -19,12 +18,13 @@ from cl_optax._kron import (
   init_kron,
   is_factors,
   kron_directions,
+  kron_layout,
   leaf_names,
-  leaf_roles,
   lookup_factors,
   nearest_kron_sum,
   prior_diagonal,
 )
+from cl_optax._select import Selector
 
 
 class NCLState(NamedTuple):
@@ -133,7 +133,7 @@ def _check_arguments(
   decay: float,
   radius: float | None,
   precision: str,
-  layers: tuple[str, ...],
+  layers: Any,
   prior_mean: str,
 ) -> None:
   """Raises a ``ValueError`` for an option or hyperparameter :func:`ncl` does not take."""
@@ -142,7 +142,10 @@ def _check_arguments(
   if prior_mean not in ("zeros", "init"):
     raise ValueError(f"ncl: `prior_mean` must be 'zeros' or 'init'; got {prior_mean!r}.")
   if precision == "kfac" and not layers:
-    raise ValueError("ncl: precision='kfac' needs `layers=` (key paths of the dense layers).")
+    raise ValueError(
+      "ncl: precision='kfac' needs `layers=`, a selector of the dense layers "
+      "(e.g. ['l1', 'l2'] or 'layers/*'; docs/selectors.md)."
+    )
   if precision == "diag" and layers:
     raise ValueError("ncl: `layers=` is only used with precision='kfac'.")
   for arg, value, low, open_low in (
@@ -224,6 +227,19 @@ def _finish(u: Any, d: Any) -> Any:
   return jnp.where(jnp.isfinite(u), d, u.astype(jnp.float32)).astype(u.dtype)
 
 
+def _coefficients(
+  damping: Any, strength: Any, data_size: Any, precondition_penalty: bool, radius: Any
+) -> StepCoefficients:
+  """The scalars of one :func:`ncl` step (``radius`` only says whether the norm is needed)."""
+  return StepCoefficients(
+    alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
+    lam=jnp.asarray(strength, jnp.float32),
+    n=jnp.asarray(data_size, jnp.float32),
+    precondition_penalty=precondition_penalty,
+    with_norm=radius is not None,
+  )
+
+
 def ncl(
   data_size: float,
   *,
@@ -232,7 +248,8 @@ def ncl(
   decay: float = 1.0,
   radius: float | None = None,
   precision: str = "diag",
-  layers: Sequence[str] = (),
+  layers: Selector | None = None,
+  orientation: str | None = None,
   prior_mean: str = "zeros",
   precondition_penalty: bool = False,
   precision_dtype: Any = None,
@@ -255,16 +272,17 @@ def ncl(
 
   ``precision="diag"``: :math:`\Lambda` is a pytree like params.
   ``precision="kfac"``: :math:`\Lambda \approx A \otimes G` for each of
-  ``layers`` (dense ``{kernel [in, out], bias [out]}``, the bias a homogeneous
-  input coordinate), and a step costs two matmuls, :math:`A_s^{-1}\,\bar
-  g\,G_s^{-1}` with :math:`A_s = A + \tfrac{\alpha}{\pi}I`, :math:`G_s = G +
-  \alpha\pi I` inverted once per task; parameters outside the layers keep a
-  diagonal precision. From :math:`\Lambda_0 = I/N` (:math:`A_0 = G_0 =
-  I/\sqrt N`) and :math:`\mu_0 = 0`, ``cl_optax.consolidate(state, params,
-  precision=F_k)`` sets :math:`\mu \leftarrow \theta` and :math:`\Lambda_k =
-  \gamma\Lambda_{k-1} + F_k`. ``docs/precision.md`` derives the step, gives
-  the form of the Kronecker ``precision=`` signal and walks through a Flax
-  model.
+  ``layers`` (dense: a Flax ``kernel [in, out]`` or an Equinox ``weight [out,
+  in]``, and a ``bias [out]``, the bias a homogeneous input coordinate), and
+  a step costs two matmuls, :math:`A_s^{-1}\,\bar g\,G_s^{-1}` with
+  :math:`A_s = A + \tfrac{\alpha}{\pi}I`, :math:`G_s = G + \alpha\pi I`
+  inverted once per task; parameters outside the layers keep a diagonal
+  precision. From :math:`\Lambda_0 = I/N` (:math:`A_0 = G_0 = I/\sqrt N`)
+  and :math:`\mu_0 = 0`, ``cl_optax.consolidate(state, params,
+  precision=F_k)`` sets :math:`\mu \leftarrow \theta` and
+  :math:`\Lambda_k = \gamma\Lambda_{k-1} + F_k`. ``docs/precision.md``
+  derives the step, gives the form of the Kronecker ``precision=`` signal
+  and walks through a Flax model; ``docs/selectors.md`` the layer selector.
 
   Departures from the official code: the Kronecker prior sum is
   re-approximated by one product with the trace heuristic (van de Ven's
@@ -287,7 +305,13 @@ def ncl(
     decay: :math:`\gamma` of the prior update (1 = no forgetting).
     radius: optional trust-region radius :math:`r` in the :math:`\Lambda`-norm.
     precision: ``"diag"`` or ``"kfac"``.
-    layers: with ``"kfac"``, ``/``-separated key paths of the dense layers.
+    layers: with ``"kfac"``, a layer selector (``docs/selectors.md``): layer
+      paths such as ``["l1", "l2"]``, a glob ``"layers/*"``, a compiled regex
+      or a ``(path, leaf) -> bool`` callable; the state and the
+      ``precision=`` signal are keyed by the layer paths.
+    orientation: with ``"kfac"``, ``"in_out"`` (Flax), ``"out_in"``
+      (Equinox) or ``None`` (a ``kernel`` is ``"in_out"``, a non-square
+      ``weight`` ``"out_in"``, a square ``weight`` is refused).
     prior_mean: ``"zeros"`` (official) or ``"init"``.
     precondition_penalty: precondition the pull too (official codes), see above.
     precision_dtype: storage dtype of the diagonal precision (float32 when
@@ -315,14 +339,13 @@ def ncl(
     >>> tx.update({"w": jnp.ones(3)}, state, params)[0]["w"]  # -(g / (1 + F))
     Array([-0.5  , -0.25 , -0.125], dtype=float32)
   """
-  layers = tuple(layers)
   _check_arguments(data_size, strength, damping, decay, radius, precision, layers, prior_mean)
   prec_dtype = jnp.float32 if precision_dtype is None else precision_dtype
 
   def init_fn(params: optax.Params) -> NCLState:
     n = jnp.asarray(data_size, jnp.float32)
     if precision == "kfac":
-      kron, prec = init_kron(params, layers, n, damping, prec_dtype)
+      kron, prec = init_kron(params, (layers, orientation), n, damping, prec_dtype)
     else:
       kron, prec = {}, _init_diag(params, n, prec_dtype)
     return NCLState(
@@ -344,20 +367,16 @@ def ncl(
     state = cast(NCLState, state)
     if params is None:
       raise ValueError("ncl: update needs `params` (the pull to the prior mean uses them).")
-    coef = StepCoefficients(
-      alpha2=jnp.square(jnp.asarray(damping, jnp.float32)),
-      lam=jnp.asarray(strength, jnp.float32),
-      n=jnp.asarray(data_size, jnp.float32),
-      precondition_penalty=precondition_penalty,
-      with_norm=radius is not None,
-    )
+    coef = _coefficients(damping, strength, data_size, precondition_penalty, radius)
     _checks.check_updates(updates, state.prior_mean, transform="ncl")
     _checks.check_updates(params, state.prior_mean, transform="ncl", name="params")
     u_leaves, treedef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
     leaves = StepLeaves(u_leaves, *_state_leaves(params, state, len(u_leaves)))
     out, sq_norms = _diag_directions(leaves, coef)
     if state.kron:
-      sq_norms += kron_directions(out, leaves, state.kron, leaf_roles(updates, layers), coef)
+      sq_norms += kron_directions(
+        out, leaves, state.kron, kron_layout(updates, layers, orientation), coef
+      )
     if radius is not None:
       out = _clip_to_radius(out, sum(sq_norms, start=jnp.zeros((), jnp.float32)), radius)
     new = treedef.unflatten([_finish(u, d) for u, d in zip(u_leaves, out)])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax import _checks, _debug, _trees
+from cl_optax import _checks, _debug, _select, _trees
 
 
 class SoftMaskState(NamedTuple):
@@ -158,9 +158,12 @@ def soft_mask(
   the same number the explicit mask gives.
 
   Args:
-    head: optional labels in the style of ``optax.masked``: a pytree of bools
-      like params (or a prefix of it), or a function ``params -> bools``,
-      marking the task-head leaves. With ``optax.inject_hyperparams`` pass it in
+    head: the task-head leaves: a selector over parameter paths
+      (``docs/selectors.md``: ``"head"``, ``"heads/*"``, a compiled regex or
+      a ``(path, leaf) -> bool`` callable; ``"head"`` selects every leaf
+      under ``head``), or, as before, ``optax.masked``-style labels (a
+      pytree of bools like params or a prefix of it, or a function
+      ``params -> bools``). With ``optax.inject_hyperparams`` pass it in
       ``static_args``.
     importance_dtype: storage dtype of the accumulated importance, float32 when
       ``None`` (``jnp.bfloat16`` halves its memory and traffic). Under
@@ -211,7 +214,7 @@ def soft_mask(
   dtype = jnp.float32 if importance_dtype is None else importance_dtype
 
   def init_fn(params: optax.Params) -> SoftMaskState:
-    labels = _trees.resolve_labels(head, params)
+    labels, _ = _select.labels(head, params, lambda p: _trees.resolve_labels(None, p))
     shapes = _state_shapes(importance_shapes, params)  # like params, ShapeDtypeStruct leaves
     zeros = lambda tree: jax.tree.map(  # noqa: E731
       lambda s, p: (  # state shards like params where it is shaped like them

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cl_optax._batches import is_stacked
+from cl_optax._batches import Batches, check_batches
 from cl_optax._standardize import standardised_tanh
 
 LogitsFn = Callable[[Any, jax.Array, int], jax.Array]
@@ -36,7 +36,7 @@ def _summed_head_grad(logits_fn, params, xs, ys, head, is_current):
 def spg(
   logits_fn: LogitsFn,
   params: optax.Params,
-  batches: tuple[jax.Array, jax.Array] | Iterable[tuple[jax.Array, jax.Array]],
+  batches: Batches,
   *,
   task: int,
 ) -> optax.Params:
@@ -66,9 +66,10 @@ def spg(
     logits_fn: ``logits_fn(params, x, head) -> logits`` for task head ``head``
       (a Python int, static under jit).
     params: parameters at the end of task ``task``.
-    batches: the task's training data, stacked ``(xs, ys)`` with shapes
-      ``[n_batches, batch, ...]`` and ``[n_batches, batch]``, or an iterable
-      of ``(x, y)`` batches. Labels are integer classes of head ``task``.
+    batches: the task's training data, :class:`cl_optax.importance.Batches`
+      ``(x, y)`` with leaves ``[num_batches, batch, ...]`` and labels
+      ``[num_batches, batch]``, integer classes of head ``task``; each head's
+      gradient is one jitted scan over the batches.
     task: index of the task just trained (its head gets the cross-entropy;
       heads ``0..task-1`` get the sum of their logits).
 
@@ -82,18 +83,10 @@ def spg(
   """
   if not isinstance(task, int) or task < 0:
     raise ValueError(f"spg: `task` must be a non-negative int; got {task!r}.")
-  if is_stacked(batches):
-    stacked = [tuple(jnp.asarray(b) for b in batches)]
-  else:
-    stacked = [(jnp.asarray(x)[None], jnp.asarray(y)[None]) for x, y in batches]
-  if not stacked:
-    raise ValueError("spg: `batches` is empty; expected at least one (x, y) batch.")
+  batches = check_batches(batches, "spg", labels=True)
 
   def head_importance(head: int) -> optax.Params:
-    grads = None
-    for xs, ys in stacked:
-      g = _summed_head_grad(logits_fn, params, xs, ys, head, head == task)
-      grads = g if grads is None else optax.tree.add(grads, g)
+    grads = _summed_head_grad(logits_fn, params, batches.x, batches.y, head, head == task)
     return jax.tree.map(standardised_tanh, grads)
 
   gammas = (head_importance(head) for head in range(task + 1))

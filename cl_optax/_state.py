@@ -260,10 +260,17 @@ def consolidate(
   ]
   new = state_def.unflatten(new_leaves)
   if any(_trees.is_variable(x) for x in nodes):
-    for var, value in zip(nodes, treedef.flatten_up_to(new), strict=True):
+    values = treedef.flatten_up_to(new)
+    for var, value in zip(nodes, values, strict=True):
       if _trees.is_variable(var):
         var.set_value(value)
-    return opt_state
+    if all(_trees.is_variable(x) for x in nodes):  # an nnx.Optimizer's state: in place
+      return opt_state
+    # A state built from NNX params (Variables in its prior mean) also holds plain
+    # leaves (NCL's Kronecker factors): those are new, so return the rebuilt tree.
+    return treedef.unflatten(
+      [v if _trees.is_variable(v) else x for v, x in zip(nodes, values, strict=True)]
+    )
   return new
 
 

@@ -5,12 +5,15 @@ Leaves are named two ways, each for one use:
 - a **layer path** (:func:`leaf_path`) is the ``/``-joined key names from the
   root (dict keys, attribute names, sequence indices), with the trailing
   ``value`` of a Flax NNX ``Variable`` dropped: ``"dense/kernel"``,
-  ``"blocks/0/attn"``. Arguments a user writes by hand use it (``layers=``
-  of :func:`cl_optax.ncl` and :func:`cl_optax.importance.kfac_factors`, the
-  ``units=`` of :func:`cl_optax.importance.das_param_importance`).
+  ``"blocks/0/attn"``, ``"layers/0/weight"`` (Equinox). Arguments a user
+  writes by hand use it: the selectors of ``cl_optax/_select.py``
+  (``layers=`` of :func:`cl_optax.ncl`, :func:`cl_optax.gpm` and
+  :func:`cl_optax.importance.kfac_factors`, ``head=`` of
+  :func:`cl_optax.soft_mask`; ``docs/selectors.md``) and the ``units=`` of
+  :func:`cl_optax.importance.das_param_importance`.
 - a **key string** (:func:`key_string`, ``jax.tree_util.keystr``:
   ``"['dense']['kernel']"``) names a leaf in error messages and matches the
-  leaves of two trees by position in the tree (GPM's ``representations=``).
+  leaves of two trees by position in the tree.
 """
 
 from __future__ import annotations
@@ -178,25 +181,6 @@ def resolve_labels(labels: Any, params: Any) -> Any:
   if labels is None:
     return jax.tree.map(lambda _: False, params)
   return labels(params) if callable(labels) else labels
-
-
-def layer_subtree(params: Any, name: str) -> Any:
-  """The dense layer (``{kernel, bias?}``) of ``params`` at the path ``name``."""
-  node = params
-  for k in name.split("/"):
-    try:
-      node = node[k]
-    except (KeyError, TypeError, IndexError) as e:
-      try:
-        node = node[int(k)]
-      except (ValueError, KeyError, TypeError, IndexError):
-        raise ValueError(f"layer {name!r} not found in params (no key {k!r}).") from e
-  if not hasattr(node, "__getitem__") or "kernel" not in node:
-    raise ValueError(
-      f"layer {name!r}: expected a dense layer, a mapping with a 2-D `kernel` "
-      f"[in, out] and optionally a `bias` [out]; got {type(node).__name__}."
-    )
-  return node
 
 
 def fresh(x: jax.Array, dtype: Any) -> jax.Array:

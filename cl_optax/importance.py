@@ -13,12 +13,18 @@ state stores:
 * :func:`mas_sensitivity` (``importance=`` of :func:`cl_optax.mas`);
 * :func:`output_gradients` (``output_grads=`` of :func:`cl_optax.ogd`).
 
-``batches`` is either a stacked pair ``(xs, ys)`` whose arrays carry a
-leading number-of-batches axis (scanned inside one jitted call), or any
-iterable of ``(x, y)`` pairs (one jitted call per batch, summed on device).
+``batches`` has one form: a :class:`Batches` ``(x, y)`` whose leaves carry a
+leading ``[num_batches, batch, ...]`` axis (``y`` optional), built from
+stacked arrays or, from a list of ``(x, y)`` pairs, by :func:`stack_batches`.
+Every estimator scans it inside one jitted call; anything else (a bare
+array, a tuple, a list of pairs) is refused with a message naming this form.
 :func:`output_gradients` takes the stored samples ``[n, ...]`` themselves.
+The layer-structured estimators (:func:`kfac_factors`) choose layers with a
+selector over parameter paths (``docs/selectors.md``).
 """
 
+from cl_optax._batches import Batches as Batches
+from cl_optax._batches import stack_batches as stack_batches
 from cl_optax._das_importance import das_normalize as das_normalize
 from cl_optax._das_importance import das_param_importance as das_param_importance
 from cl_optax._das_importance import das_units as das_units
@@ -30,6 +36,7 @@ from cl_optax._output_gradients import output_gradients as output_gradients
 from cl_optax._spg import spg as spg
 
 __all__ = [
+  "Batches",
   "KronFactors",
   "das_normalize",
   "das_param_importance",
@@ -39,4 +46,5 @@ __all__ = [
   "mas_sensitivity",
   "output_gradients",
   "spg",
+  "stack_batches",
 ]

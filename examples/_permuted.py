@@ -19,7 +19,7 @@ import optax
 from _plots import save_heatmaps
 from flax import nnx
 
-from cl_optax import metrics, streams
+from cl_optax import importance, metrics, streams
 
 LAYERS = ("l0", "l1", "l2")
 
@@ -81,9 +81,11 @@ def accuracy(model, x, y):
 
 
 def fisher_batches(x, y, batch_size=64):
-  """``(x, y)`` as stacked ``[n_batches, batch_size, ...]`` arrays for the importance estimators."""
+  """``(x, y)`` as ``Batches`` of ``[n_batches, batch_size, ...]`` for the importance estimators."""
   n = len(x) // batch_size * batch_size
-  return x[:n].reshape(-1, batch_size, x.shape[1]), y[:n].reshape(-1, batch_size)
+  return importance.Batches(
+    x[:n].reshape(-1, batch_size, x.shape[1]), y[:n].reshape(-1, batch_size)
+  )
 
 
 def run(

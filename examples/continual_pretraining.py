@@ -51,7 +51,7 @@ import optax
 from flax import nnx
 
 import cl_optax
-from cl_optax.importance import das_param_importance, das_units
+from cl_optax.importance import Batches, das_param_importance, das_units
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
 from benchmarks.lm_model import ByteLM  # noqa: E402  the model, shared with the benchmarks
@@ -208,9 +208,11 @@ def run_stream(method, cfg, pretrained, train, held_out, seed):
     return lm_loss(logits, batch[:, 1:])
 
   def importance(data, loss, k):
-    batches = [
-      windows(data, cfg["batch"], cfg["length"], impt_rng) for _ in range(cfg["impt_batches"])
-    ]
+    batches = Batches(
+      jnp.stack(
+        [windows(data, cfg["batch"], cfg["length"], impt_rng) for _ in range(cfg["impt_batches"])]
+      )
+    )
     fn = gated_hidden if loss == "proxy_kl" else gated_logits
     return das_units(
       fn, nnx.state(model), model.ones_gates(), batches, key=k, loss=loss, stacked=True

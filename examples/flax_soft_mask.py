@@ -106,7 +106,10 @@ def run(method: str, seed: int, epochs: int, lr: float, batch_size: int):
     if method != "adam":
       params = nnx.state(model, nnx.Param)
       imp = cl_optax.importance.spg(
-        logits_fn, params, list(streams.minibatches(xtr, ytr, batch_size, rng)), task=t
+        logits_fn,
+        params,
+        cl_optax.importance.stack_batches(streams.minibatches(xtr, ytr, batch_size, rng)),
+        task=t,
       )
       cl_optax.consolidate(optimizer, params, importance=imp)
   return acc

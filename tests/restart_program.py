@@ -81,7 +81,11 @@ def squared(name):
 def kfac(params, task):
   x, y = batch(task * STEPS)
   factors = cl_optax.importance.kfac_factors(
-    apply, params, [(x, y)], layers=LAYERS, key=jax.random.key(task)
+    apply,
+    params,
+    cl_optax.importance.Batches(x[None], y[None]),
+    layers=LAYERS,
+    key=jax.random.key(task),
   )
   return {"precision": factors}
 

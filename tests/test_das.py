@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cl_optax
-from cl_optax.importance import das_normalize, das_param_importance, das_units
+from cl_optax.importance import (
+  das_normalize,
+  das_param_importance,
+  das_units,
+  stack_batches,
+)
 
 SETTINGS = settings(deadline=None, max_examples=15)
 
@@ -169,9 +174,14 @@ _TINY = _tiny_params()
 GATES = {"heads": jnp.ones(H), "ffn": jnp.ones(F)}
 
 
-def _batches(n=2):
+def _batch_list(n=2):
   rng = np.random.default_rng(0)
   return [{"x": rng.integers(0, V, (3, T)), "y": rng.integers(0, V, (3, T))} for _ in range(n)]
+
+
+def _batches(n=2):
+  """The batches of ``_batch_list`` stacked: ``fn`` gets each batch's dict (``y`` is None)."""
+  return stack_batches((b, None) for b in _batch_list(n))
 
 
 def _fn(params, gates, batch, key):
@@ -194,12 +204,12 @@ def _finite_difference(objective, gates, eps=1e-2):
 @pytest.mark.parametrize("loss", ["own", "proxy_kl"])
 def test_gate_importance_matches_finite_differences(loss):
   key = jax.random.key(11)
-  batches = _batches()
-  n_tokens = sum(b["x"].size for b in batches)
+  pairs, batches = _batch_list(), _batches()
+  n_tokens = sum(b["x"].size for b in pairs)
 
   def objective(gates):  # sum over batches of the batch loss, over the tokens
     total = 0.0
-    for i, b in enumerate(batches):
+    for i, b in enumerate(pairs):
       k = jax.random.fold_in(key, i)
       if loss == "own":
         total += _lm_loss(_fn(_TINY, gates, b, k), b)
@@ -226,7 +236,8 @@ def test_das_units_bad_input():
   with pytest.raises(ValueError, match="`loss` must be 'proxy_kl' or a callable"):
     das_units(_fn, _TINY, GATES, _batches(), key=jax.random.key(0), loss="mlm")
   with pytest.raises(ValueError, match="`batches` is empty"):
-    das_units(_fn, _TINY, GATES, [], key=jax.random.key(0))
+    empty = jax.tree.map(lambda v: v[:0], _batches())
+    das_units(_fn, _TINY, GATES, empty, key=jax.random.key(0))
 
 
 # ------------------------------------------------ mapping onto Flax parameters
@@ -321,8 +332,8 @@ def test_tokens_scale_only_the_raw_importance():
   key, batches = jax.random.key(2), _batches()
   raw = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False)
   raw_one = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False, tokens=lambda b: 1.0)
-  n_tokens = sum(b["x"].size for b in batches)
+  n_tokens = sum(b["x"].size for b in _batch_list())
   chex.assert_trees_all_close(
-    raw_one, jax.tree.map(lambda x: x * n_tokens / len(batches), raw), rtol=1e-5
+    raw_one, jax.tree.map(lambda x: x * n_tokens / len(_batch_list()), raw), rtol=1e-5
   )
   chex.assert_trees_all_close(das_normalize(raw_one), das_normalize(raw), rtol=1e-4, atol=1e-5)

@@ -25,6 +25,7 @@ import cl_optax
 from cl_optax import metrics as M
 from cl_optax import replay, streams
 from cl_optax.importance import (
+  Batches,
   KronFactors,
   fisher_diag,
   kfac_factors,
@@ -74,7 +75,7 @@ def tapped(p, x, taps):
 
 def xs_ys(n_batches=2, n=5):
   x = jax.random.normal(jax.random.key(3), (n_batches, n, 4))
-  return x, jnp.zeros((n_batches, n), jnp.int32)
+  return Batches(x, jnp.zeros((n_batches, n), jnp.int32))
 
 
 def kron(a=None, g=None):
@@ -438,7 +439,7 @@ FAULTS = [
   ),
   raises(
     "mas_sensitivity(stacked zero batches)",
-    lambda: mas_sensitivity(logits_fn, params(), jnp.zeros((0, 5, 4))),
+    lambda: mas_sensitivity(logits_fn, params(), Batches(jnp.zeros((0, 5, 4)))),
     r"mas.*batches.*empty",
   ),
   raises(
@@ -452,9 +453,9 @@ FAULTS = [
     r"fisher_diag.*batches.*empty",
   ),
   raises(
-    "fisher_diag(empty list)",
-    lambda: fisher_diag(logits_fn, params(), []),
-    r"fisher_diag.*batches.*empty",
+    "fisher_diag(a list of pairs, not Batches)",
+    lambda: fisher_diag(logits_fn, params(), [(jnp.ones((5, 4)), jnp.zeros(5, jnp.int32))]),
+    r"fisher_diag: `batches` is a list of 1 elements.*stack_batches",
   ),
   raises(
     "fisher_diag(fisher='true')",

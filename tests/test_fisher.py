@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cl_optax
-from cl_optax.importance import KronFactors
+from cl_optax.importance import Batches, KronFactors, stack_batches
 
 from conftest import classification_batches, normal_tree
 
@@ -47,7 +47,7 @@ def _score(x, prob, c):
 def test_fisher_diag_empirical_matches_numpy():
   p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
-  got = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="empirical")
+  got = cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="empirical")
   x, y, _, prob = _np(p, xs, ys)
   gk, gb = _score(x, prob, y)
   np.testing.assert_allclose(got["dense"]["kernel"], (gk**2).mean(0), rtol=1e-5, atol=1e-7)
@@ -60,7 +60,7 @@ def test_fisher_diag_empirical_matches_numpy():
 def test_fisher_diag_exact_matches_numpy_and_iterable_equals_stacked():
   p = normal_tree(2, SHAPES)
   xs, ys = _data(3)
-  got = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="exact")
+  got = cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="exact")
   x, _, _, prob = _np(p, xs, ys)
   want_k = sum(
     prob[:, c, None, None] * _score(x, prob, np.full(len(x), c))[0] ** 2 for c in range(C)
@@ -68,16 +68,16 @@ def test_fisher_diag_exact_matches_numpy_and_iterable_equals_stacked():
   want_b = sum(prob[:, c, None] * _score(x, prob, np.full(len(x), c))[1] ** 2 for c in range(C))
   np.testing.assert_allclose(got["dense"]["kernel"], want_k.mean(0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got["dense"]["bias"], want_b.mean(0), rtol=1e-5, atol=1e-7)
-  listed = cl_optax.importance.fisher_diag(logits_fn, p, list(zip(xs, ys)), fisher="exact")
+  listed = cl_optax.importance.fisher_diag(logits_fn, p, stack_batches(zip(xs, ys)), fisher="exact")
   np.testing.assert_allclose(listed["dense"]["kernel"], got["dense"]["kernel"], rtol=1e-6)
 
 
 def test_fisher_diag_sampled_is_unbiased_for_the_exact():
   p = normal_tree(4, SHAPES)
   xs, ys = _data(5, n_batch=1, batch=4000)
-  exact = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="exact")
+  exact = cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="exact")
   sampled = cl_optax.importance.fisher_diag(
-    logits_fn, p, (xs, ys), fisher="sampled", key=jax.random.key(0)
+    logits_fn, p, Batches(xs, ys), fisher="sampled", key=jax.random.key(0)
   )
   np.testing.assert_allclose(sampled["dense"]["kernel"], exact["dense"]["kernel"], rtol=0.15)
 
@@ -85,14 +85,14 @@ def test_fisher_diag_sampled_is_unbiased_for_the_exact():
 def test_mas_matches_numpy():
   p = normal_tree(6, SHAPES)
   xs, ys = _data(7)
-  got = cl_optax.importance.mas_sensitivity(logits_fn, p, (xs, ys))
+  got = cl_optax.importance.mas_sensitivity(logits_fn, p, Batches(xs, ys))
   x, _, z, _ = _np(p, xs, ys)
   # d ||z||^2 / dW = 2 x z^T per example; d/db = 2 z
   np.testing.assert_allclose(
     got["dense"]["kernel"], np.abs(2 * np.einsum("ni,nj->nij", x, z)).mean(0), rtol=1e-5
   )
   np.testing.assert_allclose(got["dense"]["bias"], np.abs(2 * z).mean(0), rtol=1e-5)
-  unlabelled = cl_optax.importance.mas_sensitivity(logits_fn, p, list(xs))
+  unlabelled = cl_optax.importance.mas_sensitivity(logits_fn, p, Batches(xs))
   np.testing.assert_allclose(unlabelled["dense"]["bias"], got["dense"]["bias"], rtol=1e-6)
 
 
@@ -111,12 +111,14 @@ def test_kfac_factors_equal_exact_fisher_when_factorisation_is_exact():
   # zero weights: p(y|x) is uniform for every x, so E[a a^T (x) g g^T] factorises
   p = jax.tree.map(jnp.zeros_like, normal_tree(8, SHAPES))
   xs, ys = _data(9)
-  kf = cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=["dense"], fisher="exact")
+  kf = cl_optax.importance.kfac_factors(
+    tapped, p, Batches(xs, ys), layers=["dense"], fisher="exact"
+  )
   x, _, _, prob = _np(p, xs, ys)
   np.testing.assert_allclose(
     np.kron(kf["dense"].a, kf["dense"].g), _exact_fisher_block(x, prob), rtol=1e-5, atol=1e-7
   )
-  diag = cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="exact")
+  diag = cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="exact")
   kdiag = np.outer(np.diag(kf["dense"].a), np.diag(kf["dense"].g))
   np.testing.assert_allclose(kdiag[:D], diag["dense"]["kernel"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(kdiag[D], diag["dense"]["bias"], rtol=1e-5, atol=1e-7)
@@ -126,7 +128,7 @@ def test_kfac_factors_equal_exact_fisher_when_factorisation_is_exact():
 def test_kfac_factors_match_numpy_definitions(fisher):
   p = normal_tree(10, SHAPES)
   xs, ys = _data(11)
-  kf = cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=["dense"], fisher=fisher)
+  kf = cl_optax.importance.kfac_factors(tapped, p, Batches(xs, ys), layers=["dense"], fisher=fisher)
   x, y, _, prob = _np(p, xs, ys)
   abar = np.concatenate([x, np.ones((len(x), 1))], 1)
   np.testing.assert_allclose(kf["dense"].a, abar.T @ abar / len(x), rtol=1e-5, atol=1e-6)
@@ -145,14 +147,15 @@ def test_estimator_errors():
   p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
   with pytest.raises(ValueError, match="pass `key=`"):
-    cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="sampled")
+    cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="sampled")
   with pytest.raises(ValueError, match="must be one of"):
-    cl_optax.importance.fisher_diag(logits_fn, p, (xs, ys), fisher="true")
+    cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs, ys), fisher="true")
   with pytest.raises(ValueError, match="is empty"):
-    cl_optax.importance.mas_sensitivity(logits_fn, p, [])
-  with pytest.raises(ValueError, match="needs labels"):
-    cl_optax.importance.fisher_diag(logits_fn, p, list(xs))
-  with pytest.raises(ValueError, match="layer 'nope' not found"):
-    cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=["nope"], key=jax.random.key(0))
-  with pytest.raises(ValueError, match="`layers` is empty"):
-    cl_optax.importance.kfac_factors(tapped, p, (xs, ys), layers=[], key=jax.random.key(0))
+    cl_optax.importance.mas_sensitivity(logits_fn, p, Batches(xs[:0]))
+  with pytest.raises(ValueError, match="fisher_diag: needs labels; got Batches with y=None"):
+    cl_optax.importance.fisher_diag(logits_fn, p, Batches(xs))
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r"kfac_factors: the layer selector \['nope'\] selects no"):
+    cl_optax.importance.kfac_factors(tapped, p, Batches(xs, ys), layers=["nope"], key=key)
+  with pytest.raises(ValueError, match="kfac_factors: the layer selector \\[\\] selects no"):
+    cl_optax.importance.kfac_factors(tapped, p, Batches(xs, ys), layers=[], key=key)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cl_optax
+from cl_optax.importance import Batches, stack_batches
 
 from conftest import classification_batches, normal_tree
 
@@ -68,7 +69,7 @@ def _numpy_spg(p, xs, ys, task):
 def test_spg_matches_numpy(seed, task):
   p = normal_tree(seed, SHAPES)
   xs, ys = _data(seed + 1)
-  got = cl_optax.importance.spg(logits_fn, p, (xs, ys), task=task)
+  got = cl_optax.importance.spg(logits_fn, p, Batches(xs, ys), task=task)
   want = _numpy_spg(p, xs, ys, task)
   chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
   for leaf in jax.tree.leaves(got):
@@ -78,21 +79,21 @@ def test_spg_matches_numpy(seed, task):
 def test_iterable_equals_stacked():
   p = normal_tree(0, SHAPES)
   xs, ys = _data(1)
-  stacked = cl_optax.importance.spg(logits_fn, p, (xs, ys), task=2)
-  iterable = cl_optax.importance.spg(logits_fn, p, list(zip(xs, ys)), task=2)
+  stacked = cl_optax.importance.spg(logits_fn, p, Batches(xs, ys), task=2)
+  iterable = cl_optax.importance.spg(logits_fn, p, stack_batches(zip(xs, ys)), task=2)
   chex.assert_trees_all_close(stacked, iterable, rtol=1e-5, atol=1e-6)
 
 
 def test_constant_gradient_tensor_gets_zero_not_nan():
   p = normal_tree(0, SHAPES)
-  imp = cl_optax.importance.spg(logits_fn, p, _data(1), task=1)
+  imp = cl_optax.importance.spg(logits_fn, p, Batches(*_data(1)), task=1)
   np.testing.assert_array_equal(imp["unused"], 0.0)  # all-zero gradient
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(imp))
 
 
 def test_feeds_consolidate():
   p = normal_tree(0, SHAPES)
-  imp = cl_optax.importance.spg(logits_fn, p, _data(1), task=0)
+  imp = cl_optax.importance.spg(logits_fn, p, Batches(*_data(1)), task=0)
   state = cl_optax.soft_mask().init(p)
   state = cl_optax.consolidate(state, p, importance=imp)
   chex.assert_trees_all_close(state.importance, imp)
@@ -101,9 +102,10 @@ def test_feeds_consolidate():
 @pytest.mark.parametrize("task", [-1, 1.0, "0"])
 def test_bad_task_is_named(task):
   with pytest.raises(ValueError, match="spg: `task` must be a non-negative int"):
-    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), _data(1), task=task)
+    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), Batches(*_data(1)), task=task)
 
 
 def test_empty_batches_is_named():
+  xs, ys = _data(1)
   with pytest.raises(ValueError, match="spg: `batches` is empty"):
-    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), [], task=0)
+    cl_optax.importance.spg(logits_fn, normal_tree(0, SHAPES), Batches(xs[:0], ys[:0]), task=0)

@@ -259,7 +259,9 @@ def test_errors_are_explicit():
     )
   with pytest.raises(ValueError, match="no KronFactors.* for layer 'dense'"):
     cl_optax.consolidate(kt.init(theta), theta, precision={"other": KronFactors(1, 1)})
-  with pytest.raises(ValueError, match="layer 'nope' not found"):
+  with pytest.raises(
+    ValueError, match=r"ncl: the layer selector \['nope'\] selects no dense.*\['dense'\]"
+  ):
     cl_optax.ncl(1.0, precision="kfac", layers=["nope"]).init(theta)
   with pytest.raises(ValueError, match="needs `layers=`"):
     cl_optax.ncl(1.0, precision="kfac")

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import cl_optax
-from cl_optax.importance import KronFactors, kfac_factors
+from cl_optax.importance import Batches, KronFactors, kfac_factors
 
 from conftest import normal_like, normal_tree, psd, uniform_like
 
@@ -29,8 +29,9 @@ def test_sampled_kfac_factors_estimate_the_exact_ones_not_the_data_labels():
   p = {"dense": {"kernel": jax.random.normal(k[0], (3, 4)), "bias": jnp.zeros(4)}}
   xs = jax.random.normal(k[1], (8, 500, 3))
   ys = jnp.zeros((8, 500), jnp.int32)
+  b = Batches(xs, ys)
   fisher = {
-    kind: kfac_factors(_tapped, p, (xs, ys), layers=["dense"], fisher=kind, key=k[2])["dense"]
+    kind: kfac_factors(_tapped, p, b, layers=["dense"], fisher=kind, key=k[2])["dense"]
     for kind in ("sampled", "exact", "empirical")
   }
   np.testing.assert_allclose(fisher["sampled"].a, fisher["exact"].a, rtol=1e-6)
@@ -42,7 +43,7 @@ def test_sampled_kfac_factors_estimate_the_exact_ones_not_the_data_labels():
   assert rel(fisher["empirical"].g) > 0.5, rel(fisher["empirical"].g)
   # Another key: another sample, the same expectation.
   again = kfac_factors(
-    _tapped, p, (xs, ys), layers=["dense"], fisher="sampled", key=jax.random.key(9)
+    _tapped, p, Batches(xs, ys), layers=["dense"], fisher="sampled", key=jax.random.key(9)
   )["dense"]
   assert not np.allclose(again.g, fisher["sampled"].g)
   assert rel(again.g) < 0.05

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+import cl_optax
 from benchmarks.continual.model import Heads
 
 PyTree = Any
@@ -69,13 +70,13 @@ class TaskEnd(NamedTuple):
   key: jax.Array
   model: Any = None  # the runner's model (`init`, `apply`, `is_head`, `layer_inputs`, ...)
 
-  def first_batches(self, n: int | None) -> tuple[jax.Array, jax.Array]:
+  def first_batches(self, n: int | None) -> cl_optax.importance.Batches:
     """The first batches holding at least ``n`` examples (``None``: every batch)."""
     xs, ys = self.batches
     if n is not None:
       k = max(1, -(-int(n) // xs.shape[1]))
       xs, ys = xs[:k], ys[:k]
-    return xs, ys
+    return cl_optax.importance.Batches(xs, ys)
 
   def examples(self, n: int) -> tuple[jax.Array, jax.Array]:
     """The first ``n`` training examples, flat: ``x [n, ...]``, ``y [n]``."""

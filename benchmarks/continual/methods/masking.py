@@ -17,7 +17,9 @@ def spg_importance(end: TaskEnd):
     # One shared head (domain-incremental): every old head's sum-of-logits loss is the
     # same function, so heads 1..t-1 repeat head 0; SPG with task=1 gives the same max.
     task = 1
-  return cl_optax.importance.spg(end.heads.logits, end.params, end.batches, task=task)
+  return cl_optax.importance.spg(
+    end.heads.logits, end.params, cl_optax.importance.Batches(*end.batches), task=task
+  )
 
 
 def _consolidate_spg(end: TaskEnd):

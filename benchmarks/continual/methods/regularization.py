@@ -29,7 +29,7 @@ def fisher(e: TaskEnd):
   if kind == "predicted":
     xs, _ = batches
     ys = jnp.stack([jnp.argmax(fn(e.params, x), -1) for x in xs]).astype(jnp.int32)
-    batches, kind = (xs, ys), "empirical"
+    batches, kind = cl_optax.importance.Batches(xs, ys), "empirical"
   return cl_optax.importance.fisher_diag(fn, e.params, batches, fisher=kind, key=e.key)
 
 
