@@ -46,6 +46,58 @@ def _reduce_but(x: jax.Array, axis: int) -> jax.Array:
   return jnp.mean(x, axis=tuple(a for a in range(x.ndim) if a != axis))
 
 
+def _check_cbp_hyperparameters(
+  replacement_rate: float,
+  decay_rate: float,
+  maturity_threshold: int,
+  utility: str,
+  max_units: int | None,
+) -> None:
+  """Raises a ``ValueError`` naming ``cbp_selector`` for an out-of-range hyperparameter."""
+  name = "cbp_selector"
+  _checks.check_hyperparameter(replacement_rate, transform=name, name="replacement_rate", low=0.0)
+  _checks.check_hyperparameter(decay_rate, transform=name, name="decay_rate", low=0.0, high=1.0)
+  if _checks.is_concrete(decay_rate) and not callable(decay_rate) and float(decay_rate) >= 1.0:
+    raise ValueError(f"{name}: `decay_rate` must be a finite number < 1; got {decay_rate:g}.")
+  _checks.check_hyperparameter(
+    maturity_threshold, transform=name, name="maturity_threshold", low=0.0
+  )
+  if utility not in _UTILITIES:
+    raise ValueError(f"{name}: `utility` must be one of {_UTILITIES}; got {utility!r}.")
+  if max_units is not None:
+    _checks.check_hyperparameter(max_units, transform=name, name="max_units", low=1, integer=True)
+
+
+def _cbp_init(n: int) -> CBPStats:
+  """Fresh :class:`CBPStats` for a layer of ``n`` units (all zero)."""
+  return CBPStats(
+    cbp_utility=jnp.zeros((n,), jnp.float32),
+    cbp_mean_output=jnp.zeros((n,), jnp.float32),
+    cbp_age=jnp.zeros((n,), jnp.int32),
+    cbp_accumulator=jnp.zeros((), jnp.float32),
+  )
+
+
+def _cbp_reset(stats: CBPStats, r: jax.Array) -> CBPStats:
+  """``stats`` with the units where ``r`` holds restarted (utility, mean output, age 0)."""
+  return stats._replace(
+    cbp_utility=jnp.where(r, 0.0, stats.cbp_utility),
+    cbp_mean_output=jnp.where(r, 0.0, stats.cbp_mean_output),
+    cbp_age=jnp.where(r, 0, stats.cbp_age),
+  )
+
+
+def _lowest_mature(
+  u_hat: jax.Array, mature: jax.Array, k: jax.Array, max_units: int | None
+) -> jax.Array:
+  """The ``k`` mature units of lowest utility (ties by index), at most ``max_units`` of them."""
+  n = u_hat.shape[0]
+  kk = n if max_units is None else min(int(max_units), n)
+  s = _writes.replicated(jnp.where(mature, u_hat, jnp.inf))  # top_k: the whole unit axis
+  _, idx = jax.lax.top_k(-s, kk)
+  return jnp.zeros((n,), jnp.bool_).at[idx].set(jnp.arange(kk) < k) & mature
+
+
 def cbp_selector(
   replacement_rate: float = 1e-6,
   decay_rate: float = 0.99,
@@ -100,26 +152,7 @@ def cbp_selector(
     632, 2024, Methods (Eq. 1, the generate-and-test algorithm); official
     code ``shibhansh/loss-of-plasticity`` ``lop/algos/gnt.py``.
   """
-  name = "cbp_selector"
-  _checks.check_hyperparameter(replacement_rate, transform=name, name="replacement_rate", low=0.0)
-  _checks.check_hyperparameter(decay_rate, transform=name, name="decay_rate", low=0.0, high=1.0)
-  if _checks.is_concrete(decay_rate) and not callable(decay_rate) and float(decay_rate) >= 1.0:
-    raise ValueError(f"{name}: `decay_rate` must be a finite number < 1; got {decay_rate:g}.")
-  _checks.check_hyperparameter(
-    maturity_threshold, transform=name, name="maturity_threshold", low=0.0
-  )
-  if utility not in _UTILITIES:
-    raise ValueError(f"{name}: `utility` must be one of {_UTILITIES}; got {utility!r}.")
-  if max_units is not None:
-    _checks.check_hyperparameter(max_units, transform=name, name="max_units", low=1, integer=True)
-
-  def init(n):
-    return CBPStats(
-      cbp_utility=jnp.zeros((n,), jnp.float32),
-      cbp_mean_output=jnp.zeros((n,), jnp.float32),
-      cbp_age=jnp.zeros((n,), jnp.int32),
-      cbp_accumulator=jnp.zeros((), jnp.float32),
-    )
+  _check_cbp_hyperparameters(replacement_rate, decay_rate, maturity_threshold, utility, max_units)
 
   def correction(age):
     return 1.0 - jnp.power(jnp.asarray(decay_rate, jnp.float32), age.astype(jnp.float32))
@@ -143,13 +176,7 @@ def cbp_selector(
     u_hat = u / c
     mature = age > jnp.asarray(maturity_threshold)
     acc = stats.cbp_accumulator + jnp.asarray(replacement_rate, jnp.float32) * jnp.sum(mature)
-    k = jnp.floor(acc)
-    # the k mature units of lowest utility (ties by index), at most max_units of them
-    n = u_hat.shape[0]
-    kk = n if max_units is None else min(int(max_units), n)
-    s = _writes.replicated(jnp.where(mature, u_hat, jnp.inf))  # top_k: the whole unit axis
-    _, idx = jax.lax.top_k(-s, kk)
-    chosen = jnp.zeros((n,), jnp.bool_).at[idx].set(jnp.arange(kk) < k) & mature
+    chosen = _lowest_mature(u_hat, mature, jnp.floor(acc), max_units)
     new = CBPStats(
       cbp_utility=u,
       cbp_mean_output=f,
@@ -158,17 +185,10 @@ def cbp_selector(
     )
     return u_hat, chosen, new
 
-  def reset(stats: CBPStats, r):
-    return stats._replace(
-      cbp_utility=jnp.where(r, 0.0, stats.cbp_utility),
-      cbp_mean_output=jnp.where(r, 0.0, stats.cbp_mean_output),
-      cbp_age=jnp.where(r, 0, stats.cbp_age),
-    )
-
   def mean_output(stats: CBPStats):
     return stats.cbp_mean_output / correction(stats.cbp_age)
 
-  return UnitSelector(init=init, score=score, reset=reset, mean_output=mean_output)
+  return UnitSelector(init=_cbp_init, score=score, reset=_cbp_reset, mean_output=mean_output)
 
 
 def continual_backprop(

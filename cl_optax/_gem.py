@@ -46,6 +46,33 @@ def _gem_dual(gram, dots, mask, strength, eps, active, *, iterations):
   return project, v, active
 
 
+def _task_mask(task_mask: jax.Array | None, k: int) -> jax.Array:
+  """``task_mask`` as a bool ``[k]`` array (all rows when ``None``), its shape checked."""
+  if task_mask is None:
+    return jnp.ones((k,), jnp.bool_)
+  if tuple(np.shape(task_mask)) != (k,):
+    raise ValueError(
+      f"gem: `task_mask` has shape {tuple(np.shape(task_mask))}; expected ({k},) "
+      "(one entry per row of task_grads)."
+    )
+  return jnp.asarray(task_mask).astype(jnp.bool_)
+
+
+def _gram_and_dots(pairs: list, k: int) -> tuple[jax.Array, jax.Array]:
+  r""":math:`G G^\top` (``[k, k]``) and :math:`G g` (``[k]``) in float32, summed over leaf pairs.
+
+  ``pairs``: ``(update leaf, task_grads leaf)``, the latter with a leading
+  axis of size ``k``.
+  """
+  gram = jnp.zeros((k, k), jnp.float32)
+  dots = jnp.zeros((k,), jnp.float32)
+  for u, t in pairs:  # contractions over the leaf's axes: no reshape of sharded leaves
+    t32, rest = t.astype(jnp.float32), list(range(1, t.ndim))
+    gram = gram + contract(t32, t32, (rest, rest))
+    dots = dots + contract(t32, u.astype(jnp.float32), (rest, list(range(u.ndim))))
+  return gram, dots
+
+
 class GEMState(NamedTuple):
   """State of :func:`gem`.
 
@@ -170,22 +197,8 @@ def gem(
     )
     if not pairs:
       return updates, state
-    if task_mask is None:
-      mask = jnp.ones((k,), jnp.bool_)
-    else:
-      if tuple(np.shape(task_mask)) != (k,):
-        raise ValueError(
-          f"gem: `task_mask` has shape {tuple(np.shape(task_mask))}; expected ({k},) "
-          "(one entry per row of task_grads)."
-        )
-      mask = jnp.asarray(task_mask).astype(jnp.bool_)
-
-    gram = jnp.zeros((k, k), jnp.float32)
-    dots = jnp.zeros((k,), jnp.float32)
-    for u, t in pairs:  # contractions over the leaf's axes: no reshape of sharded leaves
-      t32, rest = t.astype(jnp.float32), list(range(1, t.ndim))
-      gram = gram + contract(t32, t32, (rest, rest))
-      dots = dots + contract(t32, u.astype(jnp.float32), (rest, list(range(u.ndim))))
+    mask = _task_mask(task_mask, k)
+    gram, dots = _gram_and_dots(pairs, k)
     project, v, active = _gem_dual(
       gram, dots, mask, strength, eps, state.gem_active, iterations=solver_iterations
     )
