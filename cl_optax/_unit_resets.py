@@ -8,11 +8,14 @@ exactly (fresh incoming weights, zero bias, zero outgoing weights; the same
 leaf rule as :mod:`cl_optax._writes`) and zeroes the inner optimiser's
 per-parameter state (Adam's ``mu``/``nu``) at those entries.
 
-See ``docs/boundary_writes_and_resets.md``.
+Which units to reset (the selectors, the ``layers`` specs) is in
+:mod:`cl_optax._unit_select`; this module writes the resets. See
+``docs/boundary_writes_and_resets.md``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -21,110 +24,16 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _trees, _writes
+from cl_optax._unit_select import (
+  UnitLayer,
+  UnitSelector,
+  _layer_indices,
+  lowest_units,
+  redo_selector,
+)
 from cl_optax._writes import write_leaf
 
 _TRANSFORM = "unit_resets"
-
-
-class UnitLayer(NamedTuple):
-  """The weights of one layer's units, as a selector sees them (after this step's update).
-
-  Attributes:
-    kernel_in: incoming weights ``[..., fan_in, n]`` (units on the last axis:
-      a Flax ``Dense`` kernel ``[in, out]``, a conv kernel ``HWIO``).
-    bias: the units' bias ``[n]``, or ``None``.
-    kernel_out: outgoing weights ``[..., n, fan_out]`` (units on axis -2).
-  """
-
-  kernel_in: jax.Array
-  bias: jax.Array | None
-  kernel_out: jax.Array
-
-
-class UnitSelector(NamedTuple):
-  """Which units of a layer to reset: three pure, jittable functions.
-
-  Attributes:
-    init: ``n_units -> stats``, the selector's per-layer state (a pytree of
-      arrays with fixed shapes, e.g. utilities and ages ``[n]``; ``()`` for
-      none).
-    score: ``(stats, activations, layer, step) -> (score, eligible, stats)``:
-      ``activations`` ``[..., n]`` (this step's post-activation outputs of
-      the layer), ``layer`` a :class:`UnitLayer` of the weights after this
-      step's update, ``step`` the number of earlier updates (int32 scalar).
-      Returns a ``[n]`` score (lower = reset first), a ``[n]`` bool of units
-      that may be reset now, and the updated stats.
-    reset: ``(stats, reset) -> stats``: the stats after the units of the
-      ``[n]`` bool ``reset`` were re-drawn (e.g. age and utility to 0).
-    mean_output: ``stats -> [n]``, the units' mean output (after this step's
-      ``score``), or ``None``. Where a layer names its next layer's bias (a
-      4-tuple in ``layers``), that bias absorbs the mean contribution of each
-      reset unit (continual backprop): ``b_next += sum_j mean_j *
-      kernel_out[..., j, :]`` over the reset units ``j``.
-  """
-
-  init: Callable[[int], Any]
-  score: Callable[[Any, jax.Array, UnitLayer, jax.Array], tuple[jax.Array, jax.Array, Any]]
-  reset: Callable[[Any, jax.Array], Any] = lambda stats, reset: stats
-  mean_output: Callable[[Any], jax.Array] | None = None
-
-
-def redo_selector(
-  threshold: float = 0.0, *, every: int = 1, centered: bool = False
-) -> UnitSelector:
-  r"""ReDo's dormant units: normalised mean activation at or below ``threshold``.
-
-  .. math::
-    s_i = \frac{\mathbb{E}|h_i|}{\frac{1}{n}\sum_k \mathbb{E}|h_k| + 10^{-9}}, \qquad
-    \text{eligible}_i = s_i \le \tau \ \text{at every } F\text{-th update}
-
-  (the mean over every axis of the activations but the last; with
-  ``centered``, :math:`h_i - \mathbb{E} h_i` in place of :math:`h_i`, as
-  Dopamine's ``sub_mean_score``). Units are
-  eligible after every ``every``-th update (``(step + 1) % every == 0``);
-  :func:`unit_resets` resets at most ``max_units`` of them per layer, the
-  lowest scores first (ReDo recycles all dormant units: set ``max_units`` to
-  the layer width for that). No statistics are kept.
-
-  Args:
-    threshold: τ; ``0`` resets only units that are exactly dead on the batch.
-    every: F, the reset period in updates (a static integer >= 1).
-    centered: subtract each unit's batch mean before taking :math:`|h|`
-      (Dopamine's ``sub_mean_score``; default ``False`` as there).
-
-  Returns:
-    A :class:`UnitSelector`.
-
-  References:
-    Sokar, Agarwal, Castro & Evci, *The dormant neuron phenomenon in deep
-    reinforcement learning*, ICML 2023, Def. 3.1 (score) and Alg. 1;
-    official code ``dopamine/labs/redo/weight_recyclers.py``.
-  """
-  _checks.check_hyperparameter(every, transform="redo_selector", name="every", low=1, integer=True)
-  every = int(every)
-
-  def score(stats, activations, layer, step):
-    del layer
-    h = jnp.asarray(activations, jnp.float32).reshape(-1, jnp.shape(activations)[-1])
-    if centered:
-      h = h - jnp.mean(h, axis=0)
-    mean = jnp.mean(jnp.abs(h), axis=0)
-    s = mean / (jnp.mean(mean) + 1e-9)
-    due = (step + 1) % every == 0
-    return s, (s <= threshold) & due, stats
-
-  return UnitSelector(init=lambda n: (), score=score)
-
-
-def lowest_units(score: jax.Array, eligible: jax.Array, k: int) -> jax.Array:
-  """``[n]`` bool: the (at most) ``k`` eligible units of lowest finite score; ties by index."""
-  n = score.shape[-1]
-  k = min(int(k), n)
-  score, eligible = _writes.replicated(score), _writes.replicated(eligible)  # top_k: whole axis
-  valid = eligible & jnp.isfinite(score)
-  s = jnp.where(valid, score.astype(jnp.float32), jnp.inf)
-  _, idx = jax.lax.top_k(-s, k)
-  return jnp.zeros(n, jnp.bool_).at[idx].set(True) & valid
 
 
 class UnitResetsState(NamedTuple):
@@ -152,67 +61,6 @@ def _units_mask(reset: jax.Array, ndim: int, axis: int) -> jax.Array:
   shape = [1] * ndim
   shape[axis] = reset.shape[0]
   return reset.reshape(shape)
-
-
-def _layer_indices(
-  params, layers, *, transform: str
-) -> list[tuple[int, tuple[int, int | None, int, int | None]]]:
-  """``(layer number, (kernel_in, bias, kernel_out, bias_out) leaf indices)`` of the layers.
-
-  ``bias_out`` (the next layer's bias, an optional fourth path) is ``None`` when not given.
-
-  A layer whose two kernels are both masked out (``optax.masked`` / ``partition``)
-  is left out: the transform passes its updates through.
-  """
-  paths = _trees.leaf_paths(params)
-  leaves = jax.tree.leaves(params, is_leaf=_trees.is_masked)
-  where = {p: i for i, p in enumerate(paths)}
-  out = []
-  for li, spec in enumerate(layers):
-    if not (isinstance(spec, Sequence) and len(spec) in (3, 4)):
-      raise ValueError(
-        f"{transform}: layers[{li}] is {spec!r}; expected (kernel_in_path, bias_path or None, "
-        "kernel_out_path[, next_bias_path or None])."
-      )
-    idx = []
-    roles = ("kernel_in", "bias", "kernel_out", "bias_out")
-    for role, path in zip(roles, (*spec, None)[:4], strict=True):
-      if path is None and role in ("bias", "bias_out"):
-        idx.append(None)
-        continue
-      if path not in where:
-        raise ValueError(
-          f"{transform}: layers[{li}] {role} path {path!r} is not a leaf of params; "
-          f"the leaves are {paths}."
-        )
-      idx.append(where[path])
-    i_in, i_b, i_out, i_bo = idx
-    k_in, k_out = leaves[i_in], leaves[i_out]
-    if _trees.is_masked(k_in) and _trees.is_masked(k_out):
-      continue
-    if _trees.is_masked(k_in) or jnp.ndim(k_in) < 2:
-      raise ValueError(
-        f"{transform}: layers[{li}] kernel_in {spec[0]!r} has shape {jnp.shape(k_in)}; expected "
-        "[..., fan_in, n] (units on the last axis, a Dense kernel [in, out])."
-      )
-    n = jnp.shape(k_in)[-1]
-    if i_b is not None and tuple(jnp.shape(leaves[i_b])) != (n,):
-      raise ValueError(
-        f"{transform}: layers[{li}] bias {spec[1]!r} has shape {jnp.shape(leaves[i_b])}; "
-        f"expected ({n},) (one per unit of kernel_in)."
-      )
-    if _trees.is_masked(k_out) or jnp.ndim(k_out) < 2 or jnp.shape(k_out)[-2] != n:
-      raise ValueError(
-        f"{transform}: layers[{li}] kernel_out {spec[2]!r} has shape {jnp.shape(k_out)}; "
-        f"expected [..., {n}, fan_out] (the {n} units on axis -2, a Dense kernel [in, out])."
-      )
-    if i_bo is not None and tuple(jnp.shape(leaves[i_bo])) != (jnp.shape(k_out)[-1],):
-      raise ValueError(
-        f"{transform}: layers[{li}] next bias {spec[3]!r} has shape {jnp.shape(leaves[i_bo])}; "
-        f"expected ({jnp.shape(k_out)[-1]},) (one per output of kernel_out)."
-      )
-    out.append((li, (i_in, i_b, i_out, i_bo)))
-  return out
 
 
 def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
@@ -252,6 +100,119 @@ def _zero_at(inner, inner_state, params, masks: dict[int, jax.Array]):
       )
 
     return jax.tree.map(visit, inner_state, is_leaf=like_params)
+
+
+def _init_state(inner, select: UnitSelector, layers, seed: int, params) -> UnitResetsState:
+  """The state :func:`unit_resets` starts from: one selector state and no reset per layer."""
+  plain = _trees.unwrap_variables(params)
+  idx = _layer_indices(plain, layers, transform=_TRANSFORM)
+  leaves = jax.tree.leaves(plain, is_leaf=_trees.is_masked)
+  widths = [jnp.shape(leaves[i_in])[-1] for _, (i_in, *_) in idx]
+  return UnitResetsState(
+    reset_inner_state=inner.init(params),
+    reset_key=jax.random.PRNGKey(seed),
+    reset_count=jnp.zeros((), jnp.int32),
+    reset_stats=tuple(select.init(n) for n in widths),
+    reset_units=tuple(jnp.zeros((n,), jnp.bool_) for n in widths),
+  )
+
+
+def _no_reset(state: UnitResetsState, inner_state, key, count) -> UnitResetsState:
+  """The state after a step that resets nothing (no ``activations``, or no layer left)."""
+  no_reset = tuple(jnp.zeros_like(r) for r in state.reset_units)
+  return state._replace(
+    reset_inner_state=inner_state, reset_key=key, reset_count=count, reset_units=no_reset
+  )
+
+
+def _check_activations(activations, n_layers: int) -> None:
+  """Raises unless ``activations`` is a sequence of one array per layer."""
+  if not isinstance(activations, Sequence) or len(activations) != n_layers:
+    raise ValueError(
+      f"{_TRANSFORM}: `activations` must be a sequence of {n_layers} arrays, one "
+      f"[..., n] per layer; got {type(activations).__name__}"
+      f"{f' of length {len(activations)}' if isinstance(activations, Sequence) else ''}."
+    )
+
+
+def _score_layers(
+  select: UnitSelector, max_units: int, layers, idx, activations, p_leaves, u_leaves, state
+) -> tuple[list[jax.Array], list[Any]]:
+  """Each layer's ``[n]`` bool of units to reset and its selector stats after ``score``.
+
+  The selector sees the weights after the step (``params + updates``) and the
+  number of earlier updates.
+  """
+
+  def after(i):
+    return None if i is None else p_leaves[i] + u_leaves[i]
+
+  def after_kernel(i: int) -> jax.Array:
+    return p_leaves[i] + u_leaves[i]
+
+  resets, stats = [], []
+  for (li, (i_in, i_b, i_out, _)), st in zip(idx, state.reset_stats, strict=True):
+    h = activations[li]
+    n = jnp.shape(p_leaves[i_in])[-1]
+    if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n:
+      raise ValueError(
+        f"{_TRANSFORM}: `activations`[{li}] has shape {jnp.shape(h)}; expected [..., {n}] "
+        f"(the units of layer {layers[li][0]!r})."
+      )
+    layer = UnitLayer(after_kernel(i_in), after(i_b), after_kernel(i_out))
+    score, eligible, st = select.score(st, h, layer, state.reset_count)
+    resets.append(lowest_units(score, eligible, max_units))
+    stats.append(st)
+  return resets, stats
+
+
+def _absorbed_bias(
+  mean_output: Callable[[Any], jax.Array], st, r: jax.Array, w_out: jax.Array, b: jax.Array
+) -> jax.Array:
+  """The next layer's bias ``b`` plus the mean contribution of the reset units ``r``.
+
+  ``w_out`` is the layer's ``kernel_out`` as it stands now (after the step and
+  any earlier write); continual backprop's bias correction.
+  """
+  mean = jnp.where(r, mean_output(st), 0.0).astype(jnp.float32)
+  w = w_out.astype(jnp.float32)
+  contrib = jnp.sum(w * mean[:, None], axis=tuple(range(w.ndim - 1)))
+  return (b.astype(jnp.float32) + contrib).astype(b.dtype)
+
+
+def _apply_resets(
+  operand, *, inner, select: UnitSelector, reinit, plain, idx, p_leaves, resets, keys
+):
+  """``(update leaves, inner state, stats)`` with the ``resets`` written (under ``lax.cond``).
+
+  Per layer, in order: fresh incoming weights, zero bias, the next bias's
+  absorption (with a ``mean_output``), zero outgoing weights; then the inner
+  state's params-shaped leaves zeroed at the written entries and the stats
+  through ``select.reset``.
+  """
+  u_leaves, inner_state, stats = operand
+  u_leaves = list(u_leaves)
+  masks: dict[int, jax.Array] = {}
+
+  def write(i, target, m, *, moments=True):
+    u_leaves[i] = write_leaf(u_leaves[i], target, m, p_leaves[i])
+    if moments:
+      masks[i] = masks[i] | m if i in masks else m
+
+  for (li, (i_in, i_b, i_out, i_bo)), r, st in zip(idx, resets, stats, strict=True):
+    k_in, k_out = p_leaves[i_in], p_leaves[i_out]
+    draw = reinit(keys[li], k_in.shape, k_in.dtype)
+    write(i_in, draw, _units_mask(r, k_in.ndim, -1))
+    if i_b is not None:
+      write(i_b, jnp.zeros((), p_leaves[i_b].dtype), r)
+    if i_bo is not None and select.mean_output is not None:
+      w_out = p_leaves[i_out] + u_leaves[i_out]
+      b = p_leaves[i_bo] + u_leaves[i_bo]
+      write(i_bo, _absorbed_bias(select.mean_output, st, r, w_out, b), jnp.any(r), moments=False)
+    write(i_out, jnp.zeros((), k_out.dtype), _units_mask(r, k_out.ndim, -2))
+  inner_state = _zero_at(inner, inner_state, plain, masks)
+  stats = tuple(select.reset(st, r) for st, r in zip(stats, resets, strict=True))
+  return tuple(u_leaves), inner_state, stats
 
 
 def unit_resets(
@@ -355,17 +316,7 @@ def unit_resets(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    plain = _trees.unwrap_variables(params)
-    idx = _layer_indices(plain, layers, transform=_TRANSFORM)
-    leaves = jax.tree.leaves(plain, is_leaf=_trees.is_masked)
-    widths = [jnp.shape(leaves[i_in])[-1] for _, (i_in, *_) in idx]
-    return UnitResetsState(
-      reset_inner_state=inner.init(params),
-      reset_key=jax.random.PRNGKey(seed),
-      reset_count=jnp.zeros((), jnp.int32),
-      reset_stats=tuple(select.init(n) for n in widths),
-      reset_units=tuple(jnp.zeros((n,), jnp.bool_) for n in widths),
-    )
+    return _init_state(inner, select, layers, seed, params)
 
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     if params is None:
@@ -380,72 +331,26 @@ def unit_resets(
     plain = _trees.unwrap_variables(params)
     idx = _layer_indices(plain, layers, transform=_TRANSFORM)
     if activations is None or not idx:
-      no_reset = tuple(jnp.zeros_like(r) for r in state.reset_units)
-      return updates, state._replace(
-        reset_inner_state=inner_state, reset_key=key, reset_count=count, reset_units=no_reset
-      )
+      return updates, _no_reset(state, inner_state, key, count)
 
-    if not isinstance(activations, Sequence) or len(activations) != len(layers):
-      raise ValueError(
-        f"{_TRANSFORM}: `activations` must be a sequence of {len(layers)} arrays, one "
-        f"[..., n] per layer; got {type(activations).__name__}"
-        f"{f' of length {len(activations)}' if isinstance(activations, Sequence) else ''}."
-      )
+    _check_activations(activations, len(layers))
     u_leaves, udef = jax.tree.flatten(updates, is_leaf=_trees.is_masked)
     p_leaves = udef.flatten_up_to(plain)
-
-    def after(i):
-      return None if i is None else p_leaves[i] + u_leaves[i]
-
-    def after_kernel(i: int) -> jax.Array:
-      return p_leaves[i] + u_leaves[i]
-
-    resets, stats = [], []
-    for (li, (i_in, i_b, i_out, _)), st in zip(idx, state.reset_stats, strict=True):
-      h = activations[li]
-      n = jnp.shape(p_leaves[i_in])[-1]
-      if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != n:
-        raise ValueError(
-          f"{_TRANSFORM}: `activations`[{li}] has shape {jnp.shape(h)}; expected [..., {n}] "
-          f"(the units of layer {layers[li][0]!r})."
-        )
-      layer = UnitLayer(after_kernel(i_in), after(i_b), after_kernel(i_out))
-      score, eligible, st = select.score(st, h, layer, state.reset_count)
-      resets.append(lowest_units(score, eligible, max_units))
-      stats.append(st)
+    resets, stats = _score_layers(
+      select, max_units, layers, idx, activations, p_leaves, u_leaves, state
+    )
     any_reset = jnp.any(jnp.stack([jnp.any(r) for r in resets]))
-    keys = jax.random.split(sub, len(layers))
-
-    def do_reset(operand):
-      u_leaves, inner_state, stats = operand
-      u_leaves = list(u_leaves)
-      masks: dict[int, jax.Array] = {}
-
-      def write(i, target, m, *, moments=True):
-        u_leaves[i] = write_leaf(u_leaves[i], target, m, p_leaves[i])
-        if moments:
-          masks[i] = masks[i] | m if i in masks else m
-
-      for (li, (i_in, i_b, i_out, i_bo)), r, st in zip(idx, resets, stats, strict=True):
-        k = keys[li]
-        k_in, k_out = p_leaves[i_in], p_leaves[i_out]
-        draw = reinit(k, k_in.shape, k_in.dtype)
-        write(i_in, draw, _units_mask(r, k_in.ndim, -1))
-        if i_b is not None:
-          write(i_b, jnp.zeros((), p_leaves[i_b].dtype), r)
-        if i_bo is not None and select.mean_output is not None:
-          # the next bias absorbs the reset units' mean contribution, read off the
-          # weights as they stand now (after the step and any earlier write)
-          mean = jnp.where(r, select.mean_output(st), 0.0).astype(jnp.float32)
-          w = (p_leaves[i_out] + u_leaves[i_out]).astype(jnp.float32)
-          contrib = jnp.sum(w * mean[:, None], axis=tuple(range(w.ndim - 1)))
-          b = p_leaves[i_bo] + u_leaves[i_bo]
-          write(i_bo, (b.astype(jnp.float32) + contrib).astype(b.dtype), jnp.any(r), moments=False)
-        write(i_out, jnp.zeros((), k_out.dtype), _units_mask(r, k_out.ndim, -2))
-      inner_state = _zero_at(inner, inner_state, plain, masks)
-      stats = tuple(select.reset(st, r) for st, r in zip(stats, resets, strict=True))
-      return tuple(u_leaves), inner_state, stats
-
+    do_reset = functools.partial(
+      _apply_resets,
+      inner=inner,
+      select=select,
+      reinit=reinit,
+      plain=plain,
+      idx=idx,
+      p_leaves=p_leaves,
+      resets=resets,
+      keys=jax.random.split(sub, len(layers)),
+    )
     operand = (tuple(u_leaves), inner_state, tuple(stats))
     u_leaves, inner_state, stats = jax.lax.cond(any_reset, do_reset, lambda op: op, operand)
     return udef.unflatten(list(u_leaves)), UnitResetsState(
