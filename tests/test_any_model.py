@@ -62,8 +62,8 @@ class _Nnx(nnx.Module):
 def nnx_model():
   model = _Nnx()
   for name in ("l1", "l2"):
-    getattr(model, name).kernel.value = REF[name]["kernel"]
-    getattr(model, name).bias.value = REF[name]["bias"]
+    getattr(model, name).kernel[...] = REF[name]["kernel"]
+    getattr(model, name).bias[...] = REF[name]["bias"]
   params = nnx.state(model, nnx.Param)
 
   def fn(p, x, taps=None):

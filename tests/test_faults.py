@@ -645,10 +645,6 @@ def test_state_is_unchanged_after_an_error_and_still_works(fault):
 
 
 # ---------------------------------------------- checkpoint into a different tree
-# orbax's callback of the failed restore finds its event loop closed (its own warning)
-@pytest.mark.filterwarnings(
-  "ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning"
-)
 def test_restoring_a_checkpoint_into_a_different_tree_names_the_mismatch(tmp_path):
   p = params()
   saved = cl_optax.consolidate(cl_optax.soft_mask().init(p), p, importance=like(0.5))

@@ -14,8 +14,9 @@ Modules, by role: `model` (the MLP and its per-head forward passes), `registry`
 (`Method` and what its hooks get), `methods/` (one module per family: entries and
 hooks), `protocols` (presets), `paper_settings` (the papers' per-(preset, method)
 settings), `trainer` (`make_train`: a task's jitted scan, `task_loss`), `evaluation`
-(`make_eval`, the test sets), `runner` (`run_method`: a seed's steps), `resilience`
-(checkpoints, divergence), `report` (table, plots), `cli`, `nnx_models` (any Flax NNX
+(`make_eval`, the test sets), `runner` (`run_method`: a seed's steps), `seed_state`
+(one seed's state), `resilience` (checkpoints, divergence), `report` (table, plots),
+`cli`, `nnx_models` (any Flax NNX
 module; the `--model` registry), `api` (`run_stream`: your stream, your model factory,
 method names -> records).
 Add a method with one module in `methods/` (see benchmarks/ADDING_METHODS.md).

@@ -9,7 +9,6 @@ initial model), :meth:`_Run.resume` (from a ``--resume`` checkpoint),
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from benchmarks.continual.paper_settings import settings
 from benchmarks.continual.progress import Ticks
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, TaskEnd
 from benchmarks.continual.resilience import TaskCheckpoints, diverged_record, stability_note
+from benchmarks.continual.seed_state import TIMES, Seed
 from benchmarks.continual.trainer import batch_indices, make_train, pad_rows
 from cl_optax import metrics, streams
 
@@ -49,46 +49,6 @@ class Config(NamedTuple):
   model: Any = "mlp"  # a nnx_models.MODELS name, a model, or an nnx.Module factory
   resume: str | None = None  # --resume DIR: checkpoint every task there, continue from the last
   stop_after: int | None = None  # --stop-after-task K: checkpoint task K and stop (tests)
-
-
-@dataclasses.dataclass
-class _Seed:
-  """One seed: its stream, batch plans and test sets, and the state its tasks advance."""
-
-  seed: int
-  stream: streams.Stream
-  plans: list[np.ndarray]  # per task: shuffled example indices [steps, batch]
-  n_max: int  # training examples of the largest task (every task is padded to it)
-  s_max: int  # steps of the longest plan
-  padded: bool  # some plan is shorter: the scan skips the steps past its end
-  tests: TestSets
-  rng: np.random.Generator  # batch order (plans, end-of-task epochs)
-  key: jax.Array
-  params: Any
-  opt_state: Any
-  aux: Any
-  baseline: np.ndarray  # accuracies of the initial model
-  R: np.ndarray  # the accuracy matrix so far
-  t_wall: float
-  start: int = 0  # the first task to train (after a resumed checkpoint)
-  samples: int = 0
-  train_s: float = 0.0
-  end_s: float = 0.0
-  compile_s: float = 0.0
-  diverged: int | None = None  # the task whose loss was not finite
-  note: str | None = None  # the stability note of the last task end
-
-  @property
-  def final(self) -> tuple:
-    return self.params, self.opt_state, self.aux
-
-  def arrays(self) -> dict:
-    """The checkpointed arrays (``aux`` only when the method has one)."""
-    arrays = {"params": self.params, "opt_state": self.opt_state, "key": self.key}
-    return arrays | {"R": jnp.asarray(self.R)} | ({"aux": self.aux} if self.aux is not None else {})
-
-
-_TIMES = ("samples", "train_s", "end_s", "compile_s")  # counters a checkpoint keeps
 
 
 class _Run:
@@ -142,13 +102,13 @@ class _Run:
       if not self.one_task(s, t):
         break  # diverged: recorded as such; the run goes on with the other methods
       if ckpt is not None:
-        meta = {"rng": s.rng.bit_generator.state} | {k: getattr(s, k) for k in _TIMES}
+        meta = {"rng": s.rng.bit_generator.state} | {k: getattr(s, k) for k in TIMES}
         ckpt.save(t, s.arrays(), meta)
       if self.cfg.stop_after is not None and t + 1 == self.cfg.stop_after:
         return None, s.final
     return self.record(s), s.final
 
-  def prepare(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> _Seed:
+  def prepare(self, seed: int, make_stream: Callable[[int], streams.Stream]) -> Seed:
     """The seed's stream, its batch plans (every task padded to the same shapes, so the
     scan compiles once), the initial parameters, optimiser state and aux."""
     t_wall = time.perf_counter()
@@ -171,12 +131,12 @@ class _Run:
     baseline = tests.evaluate(self.evaluate, params, np.asarray(stream.eval_valid))
     s_max = max(len(p) for p in plans)
     padded = any(len(p) != s_max for p in plans)
-    return _Seed(
+    return Seed(
       seed, stream, plans, max(sizes), s_max, padded, tests, rng, key, params, opt_state, aux,
       baseline, np.zeros((len(stream), len(stream))), t_wall,
     )  # fmt: skip
 
-  def resume(self, s: _Seed, ckpt: TaskCheckpoints) -> None:
+  def resume(self, s: Seed, ckpt: TaskCheckpoints) -> None:
     """Continues ``s`` after the last task ``ckpt`` holds (if any)."""
     last = ckpt.latest()
     if last is None:
@@ -185,11 +145,11 @@ class _Run:
     s.params, s.opt_state, s.key = arrays["params"], arrays["opt_state"], arrays["key"]
     s.aux, s.R = arrays.get("aux", s.aux), np.asarray(arrays["R"])
     s.rng.bit_generator.state = meta["rng"]
-    for k in _TIMES:
+    for k in TIMES:
       setattr(s, k, meta[k])
     s.start = last + 1
 
-  def one_task(self, s: _Seed, t: int) -> bool:
+  def one_task(self, s: Seed, t: int) -> bool:
     """Trains task ``t``, evaluates every task, ends task ``t``; False if it diverged."""
     x, y = s.stream[t].train()
     key, k_task, k_end = jax.random.split(s.key, 3)
@@ -202,7 +162,7 @@ class _Run:
       self.end_task(s, t, x, y, k_end)
     return True
 
-  def train_task(self, s: _Seed, t: int, x, y, key) -> bool:
+  def train_task(self, s: Seed, t: int, x, y, key) -> bool:
     """One jitted scan over task ``t``'s plan (compiled once per shape, untimed); False
     if a loss was not finite."""
     cfg, plan = self.cfg, s.plans[t]
@@ -231,7 +191,7 @@ class _Run:
     s.samples += len(plan) * cfg.batch_size
     return bool(np.all(np.isfinite(np.asarray(losses)[active])))
 
-  def end_task(self, s: _Seed, t: int, x, y, key) -> None:
+  def end_task(self, s: Seed, t: int, x, y, key) -> None:
     """The method's end of task ``t`` on one shuffled epoch of its data; notes (once per
     run) a state that makes the next tasks' steps unstable."""
     s0 = time.perf_counter()
@@ -247,7 +207,7 @@ class _Run:
       self.warned = True
       print(f"warning: {self.name} after task {t}: {s.note}", file=sys.stderr, flush=True)
 
-  def record(self, s: _Seed) -> dict:
+  def record(self, s: Seed) -> dict:
     """The seed's JSON record: settings, accuracy matrix, metrics and timings."""
     cfg, T = self.cfg, len(s.stream)
     record = {
