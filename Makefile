@@ -35,7 +35,8 @@ demo: $(VENV)/.stamp-bench
 	  --methods $(DEMO_METHODS) --seeds 3 --out results/demo
 
 # The suite runs on every core (pytest-xdist; XLA's compiler is mostly single-threaded, so
-# one process per core); `test-fast` leaves out the `slow` end-to-end and multi-device runs.
+# one process per core); `test-fast` leaves out the `slow` tests: end-to-end and multi-device
+# runs, and the battery's wrapper properties (tests/test_common.py).
 PYTEST := $(BIN)/python -m pytest -n auto --dist worksteal
 test: $(VENV)/.stamp-test
 	$(PYTEST)

@@ -119,6 +119,17 @@ def eqx_model():
 MODELS = {"dict": dict_model, "nnx": nnx_model, "linen": linen_model, "equinox": eqx_model}
 
 
+def _frameworks(*names):
+  """`names` as parameters; Linen and Equinox are `slow` (`make test-fast` runs the plain
+  dict and Flax NNX forms, `make test` all four)."""
+  return [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("linen", "equinox") else n for n in names
+  ]
+
+
+ALL_MODELS = _frameworks(*MODELS)
+
+
 def _grads(params, fn):
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(fn(p, XS[0])[0], YS[0]).sum()  # noqa: E731
   return jax.grad(loss)(params)
@@ -129,7 +140,7 @@ def _close(got, want, **kw):
 
 
 # --------------------------------------------------- layer-structured ones
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_kfac_factors_and_ncl_kfac_agree_across_models(name):
   params, fn, layers, to_ref, keys = MODELS[name]()
   _, ref_fn, ref_layers, _, ref_keys = dict_model()
@@ -147,7 +158,7 @@ def test_kfac_factors_and_ncl_kfac_agree_across_models(name):
   _close(to_ref(upd), ref_upd)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_gpm_agrees_across_models(name):
   params, fn, layers, to_ref, keys = MODELS[name]()
   _, ref_fn, _, _, _ = dict_model()
@@ -163,7 +174,7 @@ def test_gpm_agrees_across_models(name):
   _close(to_ref(upd), ref_tx.update(_grads(REF, ref_fn), ref_state)[0])
 
 
-@pytest.mark.parametrize("name", ["equinox", "linen"])
+@pytest.mark.parametrize("name", _frameworks("equinox", "linen"))
 def test_ogd_and_output_gradients_agree_across_models(name):
   params, fn, _, to_ref, _ = MODELS[name]()
   _, ref_fn, _, _, _ = dict_model()
@@ -177,7 +188,7 @@ def test_ogd_and_output_gradients_agree_across_models(name):
   _close(to_ref(upd), ref_tx.update(_grads(REF, ref_fn), ref_state)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["equinox", "linen", "nnx"])
+@pytest.mark.parametrize("name", _frameworks("equinox", "linen", "nnx"))
 def test_spg_and_soft_mask_heads_agree_across_models(name):
   params, fn, _, to_ref, keys = MODELS[name]()
   _, ref_fn, _, _, _ = dict_model()

@@ -34,24 +34,24 @@ def _np_masked_ce(logits, labels, mask, weights=None):
   return 0.0 if w.sum() == 0 else float(np.sum(w * per) / w.sum())
 
 
+_N_IDS, _N_CLASSES = 9, 6  # one shape: hypothesis draws the ids and `where`, not the sizes
+_jit_seen = jax.jit(losses.seen_classes_mask, static_argnums=1)
+
+
 @settings(deadline=None, max_examples=30)
 @given(st.data())
 def test_seen_classes_mask_matches_numpy(data):
-  num_classes = data.draw(st.integers(1, 12))
-  n = data.draw(st.integers(0, 20))
-  classes = np.asarray(
-    data.draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n)), np.int32
-  )
-  where = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool)
+  ids = st.lists(st.integers(0, _N_CLASSES - 1), min_size=_N_IDS, max_size=_N_IDS)
+  classes = np.asarray(data.draw(ids), np.int32)
+  where = np.asarray(data.draw(st.lists(st.booleans(), min_size=_N_IDS, max_size=_N_IDS)), bool)
   np.testing.assert_array_equal(
-    losses.seen_classes_mask(classes, num_classes), _np_mask(classes, num_classes)
+    losses.seen_classes_mask(classes, _N_CLASSES), _np_mask(classes, _N_CLASSES)
   )
   np.testing.assert_array_equal(
-    losses.seen_classes_mask(classes, num_classes, where=where),
-    _np_mask(classes, num_classes, where),
+    losses.seen_classes_mask(classes, _N_CLASSES, where=where),
+    _np_mask(classes, _N_CLASSES, where),
   )
-  jitted = jax.jit(losses.seen_classes_mask, static_argnums=1)
-  np.testing.assert_array_equal(jitted(classes, num_classes), _np_mask(classes, num_classes))
+  np.testing.assert_array_equal(_jit_seen(classes, _N_CLASSES), _np_mask(classes, _N_CLASSES))
 
 
 def test_seen_classes_mask_takes_any_shape_and_accumulates():
@@ -77,30 +77,34 @@ def test_seen_classes_mask_errors():
   assert out.tolist() == [False, True, False, False]
 
 
+_B, _C = 5, 7  # one shape: hypothesis draws values, not shapes (one compile per weights kind)
+_jit_masked_ce = jax.jit(losses.masked_cross_entropy)
+_grad_masked_ce = jax.jit(jax.grad(losses.masked_cross_entropy))
+
+
 @settings(deadline=None, max_examples=30)
 @given(st.data())
 def test_masked_cross_entropy_matches_numpy(data):
-  b = data.draw(st.integers(1, 6))
-  c = data.draw(st.integers(2, 8))
   seed = data.draw(st.integers(0, 2**30))
   scale = data.draw(st.floats(0.1, 50.0))
   rng = np.random.default_rng(seed)
-  logits = (scale * rng.normal(size=(b, c))).astype(np.float32)
-  mask = rng.random(c) < 0.6
-  mask[rng.integers(c)] = True
-  labels = rng.choice(np.flatnonzero(mask), size=b).astype(np.int32)
+  logits = (scale * rng.normal(size=(_B, _C))).astype(np.float32)
+  mask = rng.random(_C) < 0.6
+  mask[rng.integers(_C)] = True
+  labels = rng.choice(np.flatnonzero(mask), size=_B).astype(np.int32)
   weights = data.draw(st.sampled_from([None, "bool", "float"]))
   if weights == "bool":
-    weights = rng.random(b) < 0.5
+    weights = rng.random(_B) < 0.5
   elif weights == "float":
-    weights = rng.random(b).astype(np.float32)
-  got = losses.masked_cross_entropy(logits, labels, mask, weights=weights)
+    weights = rng.random(_B).astype(np.float32)
   want = _np_masked_ce(logits, labels, mask, weights)
+  got = losses.masked_cross_entropy(logits, labels, mask, weights=weights)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-  jitted = jax.jit(lambda z, y, m: losses.masked_cross_entropy(z, y, m, weights=weights))
-  np.testing.assert_allclose(jitted(logits, labels, mask), want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    _jit_masked_ce(logits, labels, mask, weights=weights), want, rtol=2e-5, atol=2e-5
+  )
   # the gradient is finite, zero on the masked classes, and softmax - onehot on the others
-  grad = jax.grad(lambda z: losses.masked_cross_entropy(z, labels, mask, weights=weights))(logits)
+  grad = _grad_masked_ce(logits, labels, mask, weights=weights)
   assert np.all(np.isfinite(grad))
   np.testing.assert_array_equal(np.asarray(grad)[:, ~mask], 0.0)
 

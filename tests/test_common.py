@@ -2,6 +2,11 @@
 
 Add a transform by appending a `Case` to `CASES`: its factory, and the
 signals `consolidate` needs for it (built from params).
+
+The properties that compile each case inside another wrapper (`optax.MultiSteps`,
+`optax.inject_hyperparams`, a donating step, jit against `jax.disable_jit`) are marked
+`slow`: `make test` runs them, `make test-fast` leaves them out. While working on one
+transform, run the whole battery for it: `pytest tests/test_common.py -k NAME`.
 """
 
 import functools
@@ -337,13 +342,14 @@ def test_accepts_unknown_extra_args(case):
     unexpected_extra_args_your_optimizer_doesnt_expect=1,
     **case.extra_args(params),
   )
-  chex.assert_trees_all_equal_shapes(updates, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_preserves_dtype(case, dtype):
-  params = make_params(dtype)
+def test_preserves_bfloat16(case):
+  """bfloat16 parameters and gradients give bfloat16 updates (float32 is checked by
+  `test_accepts_unknown_extra_args`)."""
+  params = make_params(jnp.bfloat16)
   tx = optax.chain(optax.sgd(0.1), case.make())
   state = tx.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
@@ -353,22 +359,8 @@ def test_preserves_dtype(case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_state_stable_across_steps_and_consolidate(case):
-  params = make_params()
-  tx = optax.chain(optax.adam(0.1), case.make())
-  state = tx.init(params)
-  extra = case.extra_args(params)
-  step = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
-  _, s1 = step(normal_like(params), state, params)
-  s2 = cl_optax.consolidate(s1, params, **case.signals(params))
-  _, s3 = step(normal_like(params, 2), s2, params)
-  for a, b in [(state, s1), (s1, s2), (s2, s3)]:
-    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_no_retrace_or_recompile_after_consolidate(case, caplog):
+  """Steps and consolidates keep the state's tree, shapes and dtypes: one trace, one compile."""
   params = make_params()
   tx = optax.chain(optax.adam(0.1), case.make())
 
@@ -379,12 +371,18 @@ def test_no_retrace_or_recompile_after_consolidate(case, caplog):
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
+  states = [state]
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     for task in range(3):
       for step in range(2):
         extra = case.extra_args(params)
         params, state = train_step(params, state, normal_like(params, 10 * task + step), extra)
+        states.append(state)
       state = cl_optax.consolidate(state, params, **case.signals(params))
+      states.append(state)
+  for a, b in zip(states, states[1:]):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
   chex.clear_trace_counter()
   compiles = [
     r
@@ -394,6 +392,7 @@ def test_no_retrace_or_recompile_after_consolidate(case, caplog):
   assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_multisteps(case):
   params = make_params()
@@ -413,6 +412,7 @@ def test_works_under_multisteps(case):
   chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_inject_hyperparams(case):
   params = make_params()
@@ -427,6 +427,7 @@ def test_works_under_inject_hyperparams(case):
   chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_train_step_donating_params_and_state(case):
   """No state leaf may share a buffer with params (a donating step would get it twice)."""
@@ -446,6 +447,21 @@ def test_train_step_donating_params_and_state(case):
   chex.assert_tree_all_finite((params, state))
 
 
+@functools.cache
+def _disabled_jit_reference(case: Case):
+  """The case's chain, consolidated state, inputs and the update run under
+  `jax.disable_jit()`, computed once for both variants of the jit-equality test."""
+  params = make_params()
+  grads = normal_like(params)
+  tx = optax.chain(optax.adam(0.1), case.make())
+  state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
+  extra = case.extra_args(params)
+  with jax.disable_jit():
+    expected, _ = tx.update(grads, state, params, **extra)
+  return tx, (grads, state, params, extra), expected
+
+
+@pytest.mark.slow
 class JitEqualityTest(chex.TestCase):
   """Each transform's update, jitted and not, against the same update run under
   `jax.disable_jit()` (every inner `jit`, `lax.cond`/`switch` and loop in Python)."""
@@ -453,15 +469,9 @@ class JitEqualityTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters((case.name, case) for case in CASES)
   def test_same_with_and_without_jit(self, case):
-    params = make_params()
-    grads = normal_like(params)
-    tx = optax.chain(optax.adam(0.1), case.make())
-    state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
-    extra = case.extra_args(params)
-    with jax.disable_jit():
-      expected, _ = tx.update(grads, state, params, **extra)
+    tx, args, expected = _disabled_jit_reference(case)
     update = self.variant(lambda g, s, p, e: tx.update(g, s, p, **e))
-    got, _ = update(grads, state, params, extra)
+    got, _ = update(*args)
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
