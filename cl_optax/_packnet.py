@@ -77,7 +77,9 @@ class PackNetState(NamedTuple):
       lambda o, w: _prune_mask(o == self.packnet_task, w, prune), self.packnet_owner, params
     )
     owner = _trees.map_unmasked(
-      lambda o, m: jnp.where(m, jnp.zeros((), o.dtype), o), self.packnet_owner, pruned
+      lambda o, m: _trees.placed_like(o, jnp.where(m, jnp.zeros((), o.dtype), o)),
+      self.packnet_owner,
+      pruned,
     )
     mask = jax.tree.map(
       lambda m, t: m if not _trees.is_masked(m) else False,
@@ -95,7 +97,8 @@ class PackNetState(NamedTuple):
       if _checks.is_concrete(task) and int(task) > top:
         raise ValueError(f"{_TRANSFORM}: task {int(task)} does not fit the owner dtype {o.dtype}.")
     owner = _trees.map_unmasked(
-      lambda o: jnp.where(o == 0, task.astype(o.dtype), o), self.packnet_owner
+      lambda o: _trees.placed_like(o, jnp.where(o == 0, task.astype(o.dtype), o)),
+      self.packnet_owner,
     )
     return self._replace(packnet_owner=owner, packnet_task=task)
 
@@ -105,7 +108,7 @@ def _prune_mask(current: jax.Array, w: jax.Array, fraction: Any) -> jax.Array:
   mag = jnp.abs(jnp.asarray(w, jnp.float32))
   n = jnp.sum(current)
   k = jnp.round(jnp.asarray(fraction, jnp.float32) * n).astype(jnp.int32)
-  ranked = jnp.sort(jnp.where(current, mag, jnp.inf).ravel())
+  ranked = jnp.sort(_writes.replicated(jnp.where(current, mag, jnp.inf)).ravel())  # a boundary
   cutoff = jnp.take(ranked, jnp.clip(k - 1, 0, max(ranked.size - 1, 0)))
   return current & (mag <= cutoff) & (k > 0)
 
