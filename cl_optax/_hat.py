@@ -255,7 +255,7 @@ def hat(
     official code ``joansj/hat`` (``src/approaches/hat.py``, ``networks/mlp_hat.py``).
 
   Example:
-    >>> import jax.numpy as jnp, optax, cl_optax
+    >>> import jax, jax.numpy as jnp, optax, cl_optax
     >>> params = {"l1": {"kernel": jnp.ones((2, 2))}, "l2": {"kernel": jnp.ones((2, 1))}}
     >>> tx = optax.chain(optax.sgd(1.0), cl_optax.hat(["l1", "l2"]))
     >>> state = tx.init(params)
