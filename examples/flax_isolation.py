@@ -190,8 +190,9 @@ def main():
   parser.add_argument("--keep", type=float, default=0.5, help="WSN's kept fraction c")
   args = parser.parse_args()
   data = streams.load_digits() if args.data is None else streams.load_mnist(args.data)
-  test = None if data.x_test is None else (data.x_test, data.y_test)
-  stream = streams.split(data.x_train, data.y_train, scenario="task", test=test, seed=0)
+  flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+  test = None if data.x_test is None else (flat(data.x_test), data.y_test)
+  stream = streams.split(flat(data.x_train), data.y_train, scenario="task", test=test, seed=0)
   print(f"{stream.name}: accuracy re-measured on every task after every task")
   for kind in args.methods.split(","):
     for seed in range(args.seeds):

@@ -82,7 +82,7 @@ def test_isolation_example_packnet_and_wsn_forget_exactly_nothing(monkeypatch):
   monkeypatch.syspath_prepend(str(EXAMPLES))
   iso = __import__("flax_isolation")
   data = streams.load_digits()
-  groups = [(0, 1), (2, 3), (4, 5)]
+  groups = [(0, 1), (2, 3), (4, 5)]  # three tasks: two boundaries
   stream = streams.split(data.x_train, data.y_train, groups=groups, scenario="task", seed=0)
   args = types.SimpleNamespace(epochs=3, batch=32, hidden=32, lr=3e-3, keep=0.5)
   for kind in ("packnet", "wsn"):
