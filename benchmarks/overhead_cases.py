@@ -241,3 +241,35 @@ CASES += [
     models=("mlp", "mlp-1000"),
   ),
 ]
+
+
+def _consolidate_gates(state, params):
+  """HAT's gates of a first task: a uniform draw per hidden unit."""
+  gates = [jax.random.uniform(jax.random.key(i), params[n]["bias"].shape) for i, n in enumerate(
+    _LAYERS[:-1])]  # fmt: skip
+  return cl_optax.consolidate(state, params, gates=gates)
+
+
+def _prune_and_finish(state, params):
+  """PackNet after a first task: half of it pruned (the write lands), then frozen."""
+  state = cl_optax.consolidate(state, params, prune=0.5)
+  _, state = cl_optax.apply_pending_writes(params, state)
+  return cl_optax.consolidate(state, params, finish=True)
+
+
+CASES += [
+  Case(
+    "hat",
+    "adam",
+    lambda b: optax.chain(b, cl_optax.hat(_LAYERS[:-1])),
+    _consolidate_gates,
+    models=("mlp", "mlp-10m", "mlp-1000"),  # gates per hidden MLP layer
+  ),
+  Case(
+    "packnet",
+    "adam",
+    lambda b: optax.chain(b, cl_optax.packnet(heads="head")),
+    _prune_and_finish,
+    models=("mlp", "mlp-10m", "mlp-1000"),
+  ),
+]

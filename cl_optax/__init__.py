@@ -1,6 +1,7 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
 from cl_optax import importance as importance
+from cl_optax import isolation as isolation
 from cl_optax import losses as losses
 from cl_optax import metrics as metrics
 from cl_optax import replay as replay
@@ -20,6 +21,17 @@ from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
 from cl_optax._writes import boundary_writes as boundary_writes
 from cl_optax._writes import check_writes_last as check_writes_last
+from cl_optax.isolation import HATState as HATState
+from cl_optax.isolation import PackNetState as PackNetState
+from cl_optax.isolation import WSNMasks as WSNMasks
+from cl_optax.isolation import hat as hat
+from cl_optax.isolation import hat_anneal as hat_anneal
+from cl_optax.isolation import hat_gate as hat_gate
+from cl_optax.isolation import packnet as packnet
+from cl_optax.isolation import packnet_params as packnet_params
+from cl_optax.isolation import packnet_share as packnet_share
+from cl_optax.isolation import wsn_kth as wsn_kth
+from cl_optax.isolation import wsn_mask as wsn_mask
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
@@ -82,9 +94,14 @@ __all__ = [
   "FreezeState",
   "gem",
   "GEMState",
+  "hat",
+  "hat_anneal",
+  "hat_gate",
+  "HATState",
   "gpm",
   "GPMState",
   "importance",
+  "isolation",
   "l2_init",
   "L2InitState",
   "losses",
@@ -97,6 +114,10 @@ __all__ = [
   "OGDState",
   "online_ewc",
   "OnlineEWCState",
+  "packnet",
+  "packnet_params",
+  "packnet_share",
+  "PackNetState",
   "param_noise",
   "ParamNoiseState",
   "PendingWrite",
@@ -116,4 +137,7 @@ __all__ = [
   "UnitResetsState",
   "UnitSelector",
   "unread_extra_args",
+  "wsn_kth",
+  "wsn_mask",
+  "WSNMasks",
 ]

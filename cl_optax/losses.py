@@ -20,10 +20,12 @@ from cl_optax._class_il import masked_cross_entropy as masked_cross_entropy
 from cl_optax._class_il import seen_classes_mask as seen_classes_mask
 from cl_optax._distillation import der_logit_mse as der_logit_mse
 from cl_optax._distillation import lwf_distillation as lwf_distillation
+from cl_optax._hat import hat_regularizer as hat_regularizer
 
 __all__ = [
   "das_contrastive",
   "der_logit_mse",
+  "hat_regularizer",
   "lwf_distillation",
   "masked_cross_entropy",
   "seen_classes_mask",

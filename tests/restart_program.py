@@ -101,6 +101,11 @@ def output_grads(params, task):
   return {"output_grads": cl_optax.importance.output_gradients(fn, params, x[:3], y[:3])}
 
 
+def hat_gates(params, task):
+  """HAT's task gates: a different half of the units for each task."""
+  return {"gates": [jax.nn.sigmoid(40.0 * jnp.sin(jnp.arange(n) + task)) for n in (5, 3)]}
+
+
 def no_signals(params, task):
   return {}
 
@@ -137,6 +142,11 @@ CASES = {
   "online_ewc": Case(_sgd(lambda: cl_optax.online_ewc(3.0, decay=0.9)), squared("importance")),
   "mas": Case(_sgd(lambda: cl_optax.mas(3.0)), squared("importance")),
   "si": Case(_sgd(lambda: cl_optax.si(3.0)), no_signals),
+  "hat": Case(_adam(lambda: cl_optax.hat(LAYERS)), hat_gates),
+  "packnet": Case(
+    lambda: optax.chain(optax.adam(1e-2), cl_optax.packnet(layers="dense")),
+    lambda params, task: {"prune": 0.5, "finish": True},
+  ),
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),

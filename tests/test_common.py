@@ -131,6 +131,14 @@ def _cbp():
   return cl_optax.continual_backprop(cl_optax.freeze(), layers=_RESET_LAYERS, **_CBP_ARGS)
 
 
+def _hat_gates(params):
+  del params
+  return {"gates": [uniform_like(jnp.zeros(3), 13), uniform_like(jnp.zeros(2), 14)]}
+
+
+_HAT_STATIC = ("layers", "embeddings", "heads", "orientation")
+_PACKNET_STATIC = ("layers", "heads", "train_biases", "owner_dtype")
+
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
 _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 
@@ -324,6 +332,20 @@ CASES = [
       cl_optax.freeze(), layers=_RESET_LAYERS, **_CBP_ARGS
     ),
     _activations,
+  ),
+]
+CASES += [
+  Case(
+    "hat",
+    lambda: cl_optax.hat(("dense", "head")),
+    _hat_gates,
+    lambda: optax.inject_hyperparams(cl_optax.hat, static_args=_HAT_STATIC)(("dense", "head")),
+  ),
+  Case(
+    "packnet",
+    lambda: cl_optax.packnet(heads="scale"),
+    lambda params: {"prune": 0.5},
+    lambda: optax.inject_hyperparams(cl_optax.packnet, static_args=_PACKNET_STATIC)(heads="scale"),
   ),
 ]
 IDS = [c.name for c in CASES]

@@ -67,3 +67,27 @@ def test_derpp_example_beats_fine_tuning_in_class_il(data, args, min_acc, monkey
   derpp = metrics.average_accuracy(results["derpp"][0])
   finetune = metrics.average_accuracy(results["finetune"][0])
   assert derpp > min_acc and derpp > finetune + 0.25, (derpp, finetune)
+
+
+@pytest.mark.slow
+def test_isolation_example_packnet_and_wsn_forget_exactly_nothing(monkeypatch):
+  """Task-IL split digits, old tasks re-measured with their own view of the network:
+  PackNet (packnet_params) and WSN (stored masks) keep every old accuracy bit for bit."""
+  import types
+
+  import numpy as np
+
+  from cl_optax import streams
+
+  monkeypatch.syspath_prepend(str(EXAMPLES))
+  iso = __import__("flax_isolation")
+  data = streams.load_digits()
+  groups = [(0, 1), (2, 3), (4, 5)]  # three tasks: two boundaries
+  stream = streams.split(data.x_train, data.y_train, groups=groups, scenario="task", seed=0)
+  args = types.SimpleNamespace(epochs=3, batch=32, hidden=32, lr=3e-3, keep=0.5)
+  for kind in ("packnet", "wsn"):
+    R, _, cap = iso.run(kind, stream, args, 0)
+    for t in range(3):
+      np.testing.assert_array_equal(R[t:, t], R[t, t])  # re-measured, unchanged
+    assert np.all(np.diag(R) > 0.6), (kind, R)
+    assert len(cap) == 3

@@ -219,6 +219,32 @@ FAULTS = [
     ).init(params()),
     r"next bias.*dense/bias.*\(2,\)",
   ),
+  # isolation
+  raises("hat(clamp=0)", lambda: cl_optax.hat(["dense"], clamp=0.0), r"hat: .*clamp"),
+  raises(
+    "hat(embeddings of another length)",
+    lambda: cl_optax.hat(["dense", "head"], embeddings=["dense"]),
+    r"hat: .*embeddings.*2",
+  ),
+  raises(
+    "hat.init(a selector with no kernel)",
+    lambda: cl_optax.hat(["nope"]).init(params()),
+    r"hat: layers\[0\].*'nope'",
+  ),
+  raises(
+    "hat.init(input width not a multiple)",
+    lambda: cl_optax.hat(["a", "b"]).init(
+      {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((2, 5))}}
+    ),
+    r"hat: kernel 'b/kernel' has 2 inputs.*3 units",
+  ),
+  raises(
+    "packnet(owner_dtype=float32)",
+    lambda: cl_optax.packnet(owner_dtype=jnp.float32),
+    r"packnet: .*owner_dtype",
+  ),
+  raises("packnet_share(task=T)", lambda: cl_optax.packnet_share(4, 4), r"packnet_share.*task"),
+  raises("wsn_mask(keep=1.5)", lambda: cl_optax.wsn_mask(jnp.ones(4), 1.5), r"wsn_mask.*keep"),
   # ------------------------------------------------ update: trees, shapes, dtypes
   *[
     raises(f"{n}.update(extra leaf)", lambda tx=tx: update(tx(), G_EXTRA, **e), r"update")
@@ -231,6 +257,7 @@ FAULTS = [
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
       ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
+      ("packnet", cl_optax.packnet, {}),
     ]
   ],
   *[
@@ -274,6 +301,8 @@ FAULTS = [
       ("l2_init", lambda: cl_optax.l2_init(1.0), finite_entries_finite_nonfinite_unchanged),
       ("shrink_perturb", cl_optax.shrink_perturb, all_unchanged),
       ("param_noise", lambda: cl_optax.param_noise(0.1), finite_entries_finite_nonfinite_unchanged),
+      ("hat", lambda: cl_optax.hat(["dense", "head"]), finite_entries_finite_nonfinite_unchanged),
+      ("packnet", cl_optax.packnet, finite_entries_finite_nonfinite_unchanged),
     ]
     for k, g in (("nan", G_NAN), ("inf", G_INF))
   ],
@@ -341,6 +370,46 @@ FAULTS = [
     "soft_mask.consolidate(importance > 1)",
     lambda: consolidated(cl_optax.soft_mask(), importance=poke(like(0.5), 1.5)),
     r"soft_mask.*importance.*\[0, 1\]",
+  ),
+  raises(
+    "hat.consolidate(no gates)",
+    lambda: consolidated(cl_optax.hat(["dense", "head"])),
+    r"hat.*needs the signal `gates=`",
+  ),
+  raises(
+    "hat.consolidate(gates > 1)",
+    lambda: consolidated(cl_optax.hat(["dense", "head"]), gates=[jnp.full(3, 1.5), jnp.ones(2)]),
+    r"hat.*gates.*\[0, 1\]",
+  ),
+  raises(
+    "hat.consolidate(one gate vector for two layers)",
+    lambda: consolidated(cl_optax.hat(["dense", "head"]), gates=[jnp.ones(3)]),
+    r"hat.*gates",
+  ),
+  raises(
+    "hat.consolidate(gates of the wrong width)",
+    lambda: consolidated(cl_optax.hat(["dense", "head"]), gates=[jnp.ones(3), jnp.ones(3)]),
+    r"hat.*gates",
+  ),
+  raises(
+    "packnet.consolidate(no prune)",
+    lambda: consolidated(cl_optax.packnet()),
+    r"packnet.*needs the signal `prune=`",
+  ),
+  raises(
+    "packnet.consolidate(prune=1.5)",
+    lambda: consolidated(cl_optax.packnet(), prune=1.5),
+    r"packnet: .*prune.*1.5",
+  ),
+  raises(
+    "packnet.consolidate(prune=nan)",
+    lambda: consolidated(cl_optax.packnet(), prune=NAN),
+    r"packnet: .*prune",
+  ),
+  raises(
+    "packnet.update(no params)",
+    lambda: cl_optax.packnet().update(grads(), cl_optax.packnet().init(params())),
+    r"packnet: update needs `params`",
   ),
   raises(
     "shrink_perturb.consolidate(no fresh)",
@@ -623,6 +692,18 @@ STATE_FAULTS = [
     lambda: cl_optax.ogd(4),
     _bad_consolidate(output_grads=jax.tree.map(lambda g: g[None], poke(grads(), NAN))),
     {"output_grads": jax.tree.map(lambda g: g[None], grads())},
+  ),
+  StateFault(
+    "hat/gates > 1",
+    lambda: cl_optax.hat(["dense", "head"]),
+    _bad_consolidate(gates=[jnp.full(3, 2.0), jnp.ones(2)]),
+    {"gates": [jnp.full(3, 0.5), jnp.ones(2)]},
+  ),
+  StateFault(
+    "packnet/prune=2",
+    cl_optax.packnet,
+    _bad_consolidate(prune=2.0),
+    {"prune": 0.5, "finish": True},
   ),
   StateFault(
     "ewc/update extra leaf", cl_optax.ewc, _bad_update(G_EXTRA), {"importance": like(1.0)}

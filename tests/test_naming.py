@@ -66,6 +66,8 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.L2InitState,
     cl_optax.ShrinkPerturbState,
     cl_optax.ParamNoiseState,
+    cl_optax.HATState,
+    cl_optax.PackNetState,
     cl_optax.CBPStats,
   ]
   seen = {}

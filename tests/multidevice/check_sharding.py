@@ -63,6 +63,30 @@ def main():
       assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
     print(f"{name}: ok")
   check_projection(mesh, params, specs, shapes)
+  check_isolation(params, shapes)
+
+
+def check_isolation(params, shapes):
+  """hat (O(units) state, outer-min in update) and packnet (owner map like the kernel)."""
+  cases = {
+    "hat": (cl_optax.hat(["kernel"]), {"gates": [jnp.linspace(0.0, 1.0, 8)]}),
+    "packnet": (cl_optax.packnet(layers="kernel"), {"prune": 0.5, "finish": True}),
+  }
+  for name, (transform, signals) in cases.items():
+    tx = optax.chain(optax.adam(1e-3), transform)
+    state = tx.init(params)
+    for when in ("init", "consolidate"):
+      if name == "packnet":
+        owner = state[1].packnet_owner["kernel"]
+        assert owner.sharding.is_equivalent_to(params["kernel"].sharding, 2), when
+      state = cl_optax.consolidate(state, params, **signals)
+    update = jax.jit(tx.update)
+    hlo = update.lower(params, state, params).compile().as_text()
+    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
+    updates, _ = update(params, state, params)
+    for k in shapes:
+      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
+    print(f"{name}: ok")
 
 
 def check_projection(mesh, params, specs, shapes):
