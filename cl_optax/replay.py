@@ -307,7 +307,7 @@ def sample_indices(
   if balanced and not isinstance(memory, ClassBalanced):
     raise ValueError("replay.sample: balanced=True needs a ClassBalanced memory (labels).")
   noise = jax.random.uniform(key, (size,))
-  if balanced:
+  if balanced and isinstance(memory, ClassBalanced):
     count = memory.class_count[jnp.maximum(memory.slot_class, 0)]
     gumbel = -jnp.log(-jnp.log(jnp.clip(noise, 1e-12, 1.0 - 1e-7)))
     noise = jnp.exp(gumbel - jnp.log(jnp.maximum(count, 1)).astype(jnp.float32))
