@@ -157,6 +157,14 @@ class _Run:
     if not self.train_task(s, t, x, y, k_task):
       s.diverged = t
       return False
+    if self.method.finish_task is not None:  # before evaluation: e.g. GDumb's retrain
+      k_task, k_finish = jax.random.split(k_task)
+      flat = jnp.asarray(x.reshape(len(x), -1).astype(np.float32))[None]
+      end = TaskEnd(t, s.params, s.opt_state, s.aux, (flat, jnp.asarray(y)[None]),
+                    self.heads_for(s.stream), self.hp, k_finish, self.model)  # fmt: skip
+      s0 = time.perf_counter()
+      s.params, s.opt_state, s.aux = self.method.finish_task(end)
+      s.end_s += time.perf_counter() - s0
     s.R[t] = s.tests.evaluate(self.evaluate, s.params, np.asarray(s.stream.eval_valid))
     if self.method.end_task is not None and t < len(s.stream) - 1:
       self.end_task(s, t, x, y, k_end)
