@@ -111,6 +111,8 @@ class Method(NamedTuple):
     finish_task: ``TaskEnd -> (params, opt_state, aux)`` after every task's
       training, the last included, *before* it is evaluated (GDumb's retrain
       from scratch on the memory, WA's alignment, iCaRL's memory rebuild).
+    eval_apply: ``(model, (params, aux), x) -> logits`` to evaluate with
+      instead of the network's outputs (iCaRL's nearest mean of exemplars).
   """
 
   name: str
@@ -124,6 +126,7 @@ class Method(NamedTuple):
   defaults: dict = {}
   own_loss: bool = False
   finish_task: Callable[[TaskEnd], tuple[PyTree, PyTree, PyTree]] | None = None
+  eval_apply: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -84,6 +84,8 @@ def sgdr_epoch_lr(epoch, maxlr, minlr):
 def _crop(key, x, pad):
   """Random ``28 x 28`` crops of the zero-padded images (torchvision RandomCrop(28, pad))."""
   side = int(round(np.sqrt(x.shape[-1])))
+  if side * side != x.shape[-1]:  # not a square image: no crop
+    return x
   imgs = jnp.pad(x.reshape(-1, side, side), ((0, 0), (pad, pad), (pad, pad)))
   offs = jax.random.randint(key, (x.shape[0], 2), 0, 2 * pad + 1)
   cut = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1]), (side, side)))
