@@ -21,6 +21,7 @@ filled with its `replay.herding_select` order on the head's input features
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import cl_optax
@@ -65,21 +66,21 @@ def _wa_loss(s: Step, params):
   return (1.0 - lam) * ce + lam * kd
 
 
-@jax.jit
+_herd = jax.jit(cl_optax.replay.herding_select, static_argnames=("num",))
+
+
 def _rebuild(memory, params, x, y, new):
-  """Shrink to K // n_seen per class, then fill each new class in herding order."""
-  n_classes = memory.class_count.shape[0]
-  seen = (memory.class_count > 0) | new
-  per = memory.slot_class.shape[0] // jnp.maximum(jnp.sum(seen), 1)
+  """Shrink to K // n_seen per class, then fill each new class in herding order (eager)."""
+  seen = np.asarray((memory.class_count > 0) | new)
+  per = memory.slot_class.shape[0] // max(int(seen.sum()), 1)
   memory = cl_optax.replay.shrink(memory, per)
   feats = _features(params, x)
-  cap = memory.slot_class.shape[0]
-  for c in range(n_classes):  # static loop; classes not new add nothing
-    mine = (y == c) & new[c]
-    idx, ok = cl_optax.replay.herding_select(feats, min(cap, x.shape[0]), where=mine)
-    ok = ok & (jnp.arange(idx.shape[0]) < per)
-    memory = cl_optax.replay.fill(memory, (x[idx], y[idx].astype(jnp.int32)),
-                                  y[idx].astype(jnp.int32), where=ok)  # fmt: skip
+  y_np = np.asarray(y)
+  for c in np.flatnonzero(np.asarray(new)):
+    rows = np.flatnonzero(y_np == c)
+    idx, _ = _herd(feats[rows], num=min(per, len(rows)))
+    pick = rows[np.asarray(idx)]
+    memory = cl_optax.replay.fill(memory, (x[pick], y[pick]), y[pick])
   return memory
 
 
