@@ -16,6 +16,7 @@ from cl_optax._unit_resets import UnitResetsState as UnitResetsState
 from cl_optax._unit_resets import UnitSelector as UnitSelector
 from cl_optax._unit_resets import redo_selector as redo_selector
 from cl_optax._unit_resets import unit_resets as unit_resets
+from cl_optax._weight_align import weight_align as weight_align
 from cl_optax._writes import BoundaryWritesState as BoundaryWritesState
 from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
@@ -140,4 +141,5 @@ __all__ = [
   "wsn_kth",
   "wsn_mask",
   "WSNMasks",
+  "weight_align",
 ]

@@ -7,7 +7,10 @@ DAS's contrastive loss, DER's logit replay (:func:`der_logit_mse`; DER++ adds
 (:func:`lwf_distillation`). For class-incremental training,
 :func:`seen_classes_mask` and :func:`masked_cross_entropy` restrict the
 softmax to the classes seen so far (``examples/flax_derpp.py`` puts them
-together with DER++).
+together with DER++). The class-incremental replay methods' terms: ER-ACE's
+:func:`ace_cross_entropy`, iCaRL's :func:`icarl_bce`, BiC's :func:`bic_loss`,
+:func:`bias_correct` and :func:`bic_bias_loss`, X-DER's
+:func:`xder_logit_update` and :func:`xder_future_constraint`.
 """
 
 from __future__ import annotations
@@ -18,17 +21,33 @@ import optax
 
 from cl_optax._class_il import masked_cross_entropy as masked_cross_entropy
 from cl_optax._class_il import seen_classes_mask as seen_classes_mask
+from cl_optax._class_il_losses import ace_active_classes as ace_active_classes
+from cl_optax._class_il_losses import ace_cross_entropy as ace_cross_entropy
+from cl_optax._class_il_losses import bias_correct as bias_correct
+from cl_optax._class_il_losses import bic_bias_loss as bic_bias_loss
+from cl_optax._class_il_losses import bic_loss as bic_loss
+from cl_optax._class_il_losses import icarl_bce as icarl_bce
 from cl_optax._distillation import der_logit_mse as der_logit_mse
 from cl_optax._distillation import lwf_distillation as lwf_distillation
 from cl_optax._hat import hat_regularizer as hat_regularizer
+from cl_optax._xder import xder_future_constraint as xder_future_constraint
+from cl_optax._xder import xder_logit_update as xder_logit_update
 
 __all__ = [
+  "ace_active_classes",
+  "ace_cross_entropy",
+  "bias_correct",
+  "bic_bias_loss",
+  "bic_loss",
   "das_contrastive",
   "der_logit_mse",
   "hat_regularizer",
+  "icarl_bce",
   "lwf_distillation",
   "masked_cross_entropy",
   "seen_classes_mask",
+  "xder_future_constraint",
+  "xder_logit_update",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Fixed-capacity episodic memory as a pytree: reservoir sampling and per-task rings.
+"""Fixed-capacity episodic memory as a pytree: reservoir, per-task rings, class-balanced.
 
 A memory is a ``NamedTuple`` of arrays with static shapes, so it is carried
 through a jitted train step like the optimiser state, and ``init`` / ``add`` /
@@ -10,6 +10,13 @@ through a jitted train step like the optimiser state, and ``init`` / ``add`` /
 * :class:`TaskRing` (``init(example, capacity, num_tasks=T)``): ``capacity``
   slots per task, each task's ring holding its most recent items (GEM's
   memory, ``n_memories`` per task).
+* :class:`ClassBalanced` (``init_balanced(example, capacity, num_classes)``):
+  one pool of slots that know their class, filled from the stream by GDumb's
+  greedy sampler or CBRS (:func:`add_balanced`), rebuilt at a boundary by
+  :func:`shrink` and :func:`fill` (iCaRL's herding order from
+  :func:`herding_select`, X-DER's first-k per class); :func:`sample` with
+  ``balanced=True`` draws classes about equally. :func:`class_means` and
+  :func:`nme_predict` are iCaRL's nearest-mean-of-exemplars classifier.
 
 An item is any pytree of arrays (e.g. ``(x, y)``, or ``{"x", "y", "logits"}``
 for DER); ``example`` gives the shape and dtype of one item, and a batch is the
@@ -38,19 +45,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from cl_optax import _trees
+from cl_optax._class_balanced import ClassBalanced as ClassBalanced
+from cl_optax._class_balanced import add_balanced as add_balanced
+from cl_optax._class_balanced import fill as fill
+from cl_optax._class_balanced import init_balanced as init_balanced
+from cl_optax._class_balanced import shrink as shrink
 from cl_optax._experience_replay import ExperienceReplayState as ExperienceReplayState
 from cl_optax._experience_replay import experience_replay as experience_replay
+from cl_optax._herding import class_means as class_means
+from cl_optax._herding import herding_select as herding_select
+from cl_optax._herding import nme_predict as nme_predict
 
 __all__ = [
+  "ClassBalanced",
   "ExperienceReplayState",
   "Memory",
   "Reservoir",
   "TaskRing",
   "add",
+  "add_balanced",
+  "class_means",
   "experience_replay",
+  "fill",
   "filled",
+  "herding_select",
   "init",
+  "init_balanced",
+  "nme_predict",
   "sample",
+  "sample_indices",
+  "shrink",
+  "take",
+  "write",
 ]
 
 PyTree = Any
@@ -81,7 +107,7 @@ class TaskRing(NamedTuple):
   written: jax.Array  # shape=(num_tasks,), int32
 
 
-Memory = Reservoir | TaskRing
+Memory = Reservoir | TaskRing | ClassBalanced
 
 
 def init(example: PyTree, capacity: int, *, num_tasks: int | None = None) -> Memory:
@@ -111,7 +137,7 @@ def init(example: PyTree, capacity: int, *, num_tasks: int | None = None) -> Mem
 
 def _capacity(memory: Memory) -> int:
   leaf = jax.tree.leaves(memory.items)[0]
-  return int(leaf.shape[0] if isinstance(memory, Reservoir) else leaf.shape[1])
+  return int(leaf.shape[1] if isinstance(memory, TaskRing) else leaf.shape[0])
 
 
 def _batch_size(memory: Memory, batch: PyTree) -> int:
@@ -170,6 +196,8 @@ def add(memory: Memory, batch: PyTree, *, key: jax.Array | None = None, task: An
     the oldest ones. A batch of zero items leaves the memory as it is;
     items are stored as given (non-finite values too).
   """
+  if isinstance(memory, ClassBalanced):
+    raise ValueError("replay.add: a ClassBalanced memory takes labels: use replay.add_balanced.")
   b = _batch_size(memory, batch)
   cap = _capacity(memory)
   if b == 0:  # nothing offered: the memory (and its count) stays as it is
@@ -197,6 +225,8 @@ def add(memory: Memory, batch: PyTree, *, key: jax.Array | None = None, task: An
 
 def filled(memory: Memory) -> jax.Array:
   """Which slots hold an item: bool ``[capacity]`` or ``[num_tasks, capacity]``."""
+  if isinstance(memory, ClassBalanced):
+    return memory.slot_class >= 0
   cap = _capacity(memory)
   if isinstance(memory, Reservoir):
     return jnp.arange(cap) < jnp.minimum(memory.seen, cap)
@@ -204,7 +234,12 @@ def filled(memory: Memory) -> jax.Array:
 
 
 def sample(
-  memory: Memory, key: jax.Array, batch_size: int, *, tasks: jax.Array | None = None
+  memory: Memory,
+  key: jax.Array,
+  batch_size: int,
+  *,
+  tasks: jax.Array | None = None,
+  balanced: bool = False,
 ) -> tuple[PyTree, jax.Array]:
   """Draws ``batch_size`` distinct stored items uniformly (without replacement).
 
@@ -216,11 +251,15 @@ def sample(
   with the memory's size).
 
   Args:
-    memory: a :class:`Reservoir` or :class:`TaskRing`.
+    memory: a :class:`Reservoir`, :class:`TaskRing` or :class:`ClassBalanced`.
     key: PRNG key.
     batch_size: number of items (static).
     tasks: for a ring, an optional bool ``[num_tasks]`` mask of the tasks to
       draw from (A-GEM: the tasks before the current one); all by default.
+    balanced: for a :class:`ClassBalanced`, draw each item with probability
+      proportional to ``1 / (stored items of its class)`` (successively,
+      without replacement: Gumbel top-k), so that every stored class is about
+      equally likely (the class-weighted replay CBRS pairs with its memory).
 
   Returns:
     ``(batch, valid)``: the items (leaves ``[batch_size, ...]``) and a bool
@@ -228,21 +267,77 @@ def sample(
     (those rows hold slot contents that must be ignored, e.g. by weighting the
     loss with ``valid``).
   """
+  idx, valid = sample_indices(memory, key, batch_size, tasks=tasks, balanced=balanced)
+  return take(memory, idx), valid
+
+
+def _flat(memory: Memory, tasks: jax.Array | None) -> tuple[PyTree, jax.Array]:
+  """The items with one slot axis, and which slots may be drawn."""
   full = filled(memory)
-  items = memory.items
-  if isinstance(memory, TaskRing):
-    if tasks is not None:
-      if tuple(np.shape(tasks)) != (full.shape[0],):
-        raise ValueError(
-          f"replay.sample: `tasks` has shape {tuple(np.shape(tasks))}; expected ({full.shape[0]},)."
-        )
-      full = full & jnp.asarray(tasks, jnp.bool_)[:, None]
-    full = full.reshape(-1)
-    items = jax.tree.map(lambda m: m.reshape((-1,) + m.shape[2:]), items)
+  if not isinstance(memory, TaskRing):
+    return memory.items, full
+  if tasks is not None:
+    if tuple(np.shape(tasks)) != (full.shape[0],):
+      raise ValueError(
+        f"replay.sample: `tasks` has shape {tuple(np.shape(tasks))}; expected ({full.shape[0]},)."
+      )
+    full = full & jnp.asarray(tasks, jnp.bool_)[:, None]
+  items = jax.tree.map(lambda m: m.reshape((-1,) + m.shape[2:]), memory.items)
+  return items, full.reshape(-1)
+
+
+def sample_indices(
+  memory: Memory,
+  key: jax.Array,
+  batch_size: int,
+  *,
+  tasks: jax.Array | None = None,
+  balanced: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """The slots :func:`sample` draws: int32 ``[batch_size]`` flat slot indices and ``valid``.
+
+  A :class:`TaskRing`'s slots are numbered ``task * capacity + j``. Use with
+  :func:`take` to read the items and :func:`write` to change them in place
+  (X-DER's rewrite of the stored logits). Arguments as :func:`sample`.
+  """
+  _, full = _flat(memory, tasks)
   size = full.shape[0]
   if batch_size > size:
     raise ValueError(f"replay.sample: batch_size {batch_size} exceeds the {size} slots.")
-  scores = jnp.where(full, jax.random.uniform(key, (size,)), -1.0)
+  if balanced and not isinstance(memory, ClassBalanced):
+    raise ValueError("replay.sample: balanced=True needs a ClassBalanced memory (labels).")
+  noise = jax.random.uniform(key, (size,))
+  if balanced and isinstance(memory, ClassBalanced):
+    count = memory.class_count[jnp.maximum(memory.slot_class, 0)]
+    gumbel = -jnp.log(-jnp.log(jnp.clip(noise, 1e-12, 1.0 - 1e-7)))
+    noise = jnp.exp(gumbel - jnp.log(jnp.maximum(count, 1)).astype(jnp.float32))
+  scores = jnp.where(full, noise, -1.0)
   top, idx = jax.lax.top_k(scores, batch_size)
-  batch = jax.tree.map(lambda m: jnp.take(m, idx, axis=0), items)
-  return batch, top >= 0
+  return idx.astype(jnp.int32), top >= 0
+
+
+def take(memory: Memory, indices: jax.Array) -> PyTree:
+  """The items at flat slot ``indices`` (as :func:`sample_indices` numbers them)."""
+  items, _ = _flat(memory, None)
+  return jax.tree.map(lambda m: jnp.take(m, indices, axis=0), items)
+
+
+def write(
+  memory: Memory, indices: jax.Array, items: PyTree, *, where: jax.Array | None = None
+) -> Memory:
+  """Overwrites the items at flat slot ``indices`` (``where``: only those rows).
+
+  The stored items change, not which slots are filled nor their classes:
+  X-DER rewrites the logits stored with sampled items (pass the whole item
+  with its new logits). Jittable; among repeated indices one row wins.
+  """
+  idx = jnp.asarray(indices, jnp.int32)
+  cap = jax.tree.leaves(_flat(memory, None)[0])[0].shape[0]
+  if where is not None:
+    idx = jnp.where(jnp.asarray(where, jnp.bool_), idx, cap)
+
+  def leaf(m, x):
+    flat = m.reshape((-1,) + m.shape[2:]) if isinstance(memory, TaskRing) else m
+    return flat.at[idx].set(jnp.asarray(x, m.dtype), mode="drop").reshape(m.shape)
+
+  return memory._replace(items=jax.tree.map(leaf, memory.items, items))

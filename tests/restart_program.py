@@ -113,7 +113,7 @@ def no_signals(params, task):
 class Case(NamedTuple):
   make: object  # () -> GradientTransformation
   signals: object  # (params, task) -> consolidate signals
-  memory: str | None = None  # "reservoir" (agem) or "ring" (gem)
+  memory: str | None = None  # "reservoir" (agem), "ring" (gem) or "cbrs" (class-balanced)
 
 
 def _sgd(tx):
@@ -147,6 +147,7 @@ CASES = {
     lambda: optax.chain(optax.adam(1e-2), cl_optax.packnet(layers="dense")),
     lambda params, task: {"prune": 0.5, "finish": True},
   ),
+  "experience_replay(cbrs)": Case(_sgd(cl_optax.experience_replay), no_signals, "cbrs"),
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),
@@ -169,6 +170,8 @@ def init_run(name: str) -> dict:
     run["memory"] = cl_optax.replay.init(item, 16)
   elif case.memory == "ring":
     run["memory"] = cl_optax.replay.init(item, 4, num_tasks=TASKS)
+  elif case.memory == "cbrs":
+    run["memory"] = cl_optax.replay.init_balanced(item, 12, 3)
   run["key"] = jax.random.key(7)
   run["step"] = jnp.asarray(0, jnp.int32)
   return run
@@ -197,6 +200,10 @@ def _step_fn(name: str):
       extra["task_grads"] = jax.vmap(jax.grad(loss_fn), (None, 0, 0, 0))(params, mx, my, full)
       extra["task_mask"] = jnp.arange(TASKS) < task
       memory = cl_optax.replay.add(memory, (x, y), task=task)
+    elif case.memory == "cbrs":  # class-balanced reservoir, class-balanced draws
+      memory = cl_optax.replay.add_balanced(memory, (x, y), y, key=key, rule="cbrs")
+      (mx, my), valid = cl_optax.replay.sample(memory, jax.random.fold_in(key, 2), 4, balanced=True)
+      extra["replay_grads"] = jax.grad(loss_fn)(params, mx, my, valid.astype(jnp.float32))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, memory
 

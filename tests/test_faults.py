@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import cl_optax
+from cl_optax import losses, replay, streams
 from cl_optax import metrics as M
-from cl_optax import replay, streams
 from cl_optax.importance import (
   Batches,
   KronFactors,
@@ -576,6 +576,95 @@ FAULTS = [
       np.testing.assert_array_equal(m.items, np.zeros((4, 2))),
       np.testing.assert_array_equal(m.seen, 0),
     ),
+  ),
+  raises(
+    "replay.init_balanced(num_classes=0)",
+    lambda: replay.init_balanced(jnp.zeros(2), 4, 0),
+    r"init_balanced.*num_classes",
+  ),
+  raises(
+    "replay.add_balanced(label out of range)",
+    lambda: replay.add_balanced(
+      replay.init_balanced(jnp.zeros(2), 4, 3),
+      jnp.ones((2, 2)),
+      jnp.array([0, 3]),
+      key=jax.random.key(0),
+    ),
+    r"add_balanced.*labels.*\[0, 3\)",
+  ),
+  raises(
+    "replay.add_balanced(unknown rule)",
+    lambda: replay.add_balanced(
+      replay.init_balanced(jnp.zeros(2), 4, 3),
+      jnp.ones((2, 2)),
+      jnp.array([0, 1]),
+      key=jax.random.key(0),
+      rule="fifo",
+    ),
+    r"add_balanced.*rule",
+  ),
+  raises(
+    "replay.add(class-balanced memory)",
+    lambda: replay.add(
+      replay.init_balanced(jnp.zeros(2), 4, 3), jnp.ones((1, 2)), key=jax.random.key(0)
+    ),
+    r"replay.add.*add_balanced",
+  ),
+  raises(
+    "replay.sample(balanced on a reservoir)",
+    lambda: replay.sample(replay.init(jnp.zeros(2), 4), jax.random.key(0), 2, balanced=True),
+    r"replay.sample.*balanced",
+  ),
+  raises(
+    "replay.herding_select(num > n)",
+    lambda: replay.herding_select(jnp.ones((3, 2)), 4),
+    r"herding_select.*num",
+  ),
+  passes(
+    "replay.add_balanced(nan items)",
+    lambda: replay.add_balanced(
+      replay.init_balanced(jnp.zeros(2), 4, 2),
+      jnp.array([[NAN, 1.0], [INF, 2.0]]),
+      jnp.array([0, 1]),
+      key=jax.random.key(0),
+    ),
+    lambda m: (
+      np.testing.assert_array_equal(np.asarray(m.items)[:2], [[NAN, 1.0], [INF, 2.0]]),
+      np.testing.assert_array_equal(m.class_count, [1, 1]),
+    ),
+  ),
+  raises(
+    "losses.icarl_bce(teacher without old_mask)",
+    lambda: losses.icarl_bce(
+      jnp.zeros((2, 3)), jnp.array([0, 1]), teacher_logits=jnp.zeros((2, 3))
+    ),
+    r"icarl_bce.*old_mask",
+  ),
+  raises(
+    "losses.ace_cross_entropy(float labels)",
+    lambda: losses.ace_cross_entropy(jnp.zeros((2, 3)), jnp.zeros(2), jnp.zeros(3, bool)),
+    r"ace_cross_entropy.*integers",
+  ),
+  raises(
+    "losses.xder_logit_update(shape mismatch)",
+    lambda: losses.xder_logit_update(
+      jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.array([0, 1]), jnp.ones(3, bool)
+    ),
+    r"xder_logit_update.*\[b, C\]",
+  ),
+  passes(
+    "losses.ace_cross_entropy(nan logit of a masked class)",
+    lambda: jax.grad(
+      lambda z: losses.ace_cross_entropy(z, jnp.array([2]), jnp.array([True, True, False]))[0]
+    )(jnp.array([[NAN, 0.0, 1.0]])),
+    lambda g: np.testing.assert_array_equal(np.isfinite(np.asarray(g)), [[True, True, True]]),
+  ),
+  raises(
+    "weight_align(unknown head path)",
+    lambda: cl_optax.weight_align(
+      params(), "head/kernel", old_classes=jnp.ones(3, bool), new_classes=jnp.ones(3, bool)
+    ),
+    r"weight_align.*head/kernel",
   ),
   # -------------------------------------------------------- streams, metrics
   raises(

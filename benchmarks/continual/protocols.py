@@ -121,6 +121,27 @@ PRESETS: dict[str, Preset] = {
     epochs=1,
     scenario="class",
   ),
+  "gdumb-mnist": Preset(
+    "GDumb (Prabhu et al. 2020, drimpossible/GDumb scripts/replicate.sh): MNIST class-IL 5 x 2, "
+    "MLP 784-100-100; the stream only fills the memory (--hp buffer=300/500/4400)",
+    _mnist_split,
+    (100, 100),
+    "sgd",
+    {"sgd": 0.05, "adam": 1e-3},
+    16,
+    epochs=1,
+    scenario="class",
+  ),
+  "gdumb-mnist-400": Preset(
+    "gdumb-mnist with the MLP 784-400-400 (GDumb's MNIST MLP-400 rows)",
+    _mnist_split,
+    (400, 400),
+    "sgd",
+    {"sgd": 0.05, "adam": 1e-3},
+    16,
+    epochs=1,
+    scenario="class",
+  ),
   "pmnist-agem": Preset(
     "A-GEM (Chaudhry et al., ICLR 2019): permuted MNIST, the 17 evaluation tasks, every training "
     "example once (MNIST train[5000:], TF's 55000 split), batch 10, MLP 784-256-256-10, SGD "

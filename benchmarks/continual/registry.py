@@ -106,6 +106,13 @@ class Method(NamedTuple):
       the aux as it was before ``step``.
     defaults: the method's hyper-parameters (``--hp name=value`` overrides;
       a paper's settings for one protocol go in ``paper_settings.SETTINGS``).
+    own_loss: the ``loss`` hook is the whole training loss (ER-ACE's
+      asymmetric CE replaces the runner's CE on the current batch).
+    finish_task: ``TaskEnd -> (params, opt_state, aux)`` after every task's
+      training, the last included, *before* it is evaluated (GDumb's retrain
+      from scratch on the memory, WA's alignment, iCaRL's memory rebuild).
+    eval_apply: ``(model, (params, aux), x) -> logits`` to evaluate with
+      instead of the network's outputs (iCaRL's nearest mean of exemplars).
   """
 
   name: str
@@ -117,6 +124,9 @@ class Method(NamedTuple):
   step: Callable[[Step], tuple[dict, PyTree]] | None = None
   loss: Callable[[Step, PyTree], jax.Array] | None = None
   defaults: dict = {}
+  own_loss: bool = False
+  finish_task: Callable[[TaskEnd], tuple[PyTree, PyTree, PyTree]] | None = None
+  eval_apply: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -9,6 +9,7 @@ initial model), :meth:`_Run.resume` (from a ``--resume`` checkpoint),
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -72,9 +73,14 @@ class _Run:
       self.model = self.model._replace(scheme=cfg.init)
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
     self.ticks = Ticks()
-    self.evaluate = make_eval(self.model.apply)
+    ev = method.eval_apply
+    self.evaluate = make_eval(self.model.apply if ev is None else functools.partial(ev, self.model))
     self.trainers, self.compiled, self.heads = {}, {}, heads
     self.warned = False  # the stability note is printed once per run
+
+  def eval_args(self, params, aux):
+    """What the evaluation reads: the params, or ``(params, aux)`` for a method's ``eval_apply``."""
+    return params if self.method.eval_apply is None else (params, aux)
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
@@ -128,7 +134,9 @@ class _Run:
       aux = self.method.init_aux(
         AuxInit(len(stream), x0.shape[1:], self.hp, stream.n_outputs, params)
       )
-    baseline = tests.evaluate(self.evaluate, params, np.asarray(stream.eval_valid))
+    baseline = tests.evaluate(
+      self.evaluate, self.eval_args(params, aux), np.asarray(stream.eval_valid)
+    )
     s_max = max(len(p) for p in plans)
     padded = any(len(p) != s_max for p in plans)
     return Seed(
@@ -157,7 +165,16 @@ class _Run:
     if not self.train_task(s, t, x, y, k_task):
       s.diverged = t
       return False
-    s.R[t] = s.tests.evaluate(self.evaluate, s.params, np.asarray(s.stream.eval_valid))
+    if self.method.finish_task is not None:  # before evaluation: e.g. GDumb's retrain
+      k_task, k_finish = jax.random.split(k_task)
+      flat = jnp.asarray(x.reshape(len(x), -1).astype(np.float32))[None]
+      end = TaskEnd(t, s.params, s.opt_state, s.aux, (flat, jnp.asarray(y)[None]),
+                    self.heads_for(s.stream), self.hp, k_finish, self.model)  # fmt: skip
+      s0 = time.perf_counter()
+      s.params, s.opt_state, s.aux = self.method.finish_task(end)
+      s.end_s += time.perf_counter() - s0
+    s.R[t] = s.tests.evaluate(self.evaluate, self.eval_args(s.params, s.aux),
+                              np.asarray(s.stream.eval_valid))  # fmt: skip
     if self.method.end_task is not None and t < len(s.stream) - 1:
       self.end_task(s, t, x, y, k_end)
     return True

@@ -103,7 +103,7 @@ def make_train(
           extra, aux = method.step(s)
 
         def total(p):
-          loss = loss_fn(p, x, y, tids)
+          loss = 0.0 if method.own_loss else loss_fn(p, x, y, tids)
           return loss if method.loss is None else loss + method.loss(s, p)
 
         loss, grads = jax.value_and_grad(total)(params)

@@ -1,0 +1,116 @@
+r"""X-DER's logit rewrite and future-head constraint (Boschini et al., TPAMI 2022).
+
+X-DER is DER++ for class-incremental learning with a class-balanced memory
+rebuilt at each boundary (:func:`cl_optax.replay.shrink` /
+:func:`cl_optax.replay.fill`) whose stored logits are *rewritten* once later
+heads have learned something about old examples (:func:`xder_logit_update`,
+written back with :func:`cl_optax.replay.write`), plus a margin keeping the
+future heads below the right one (:func:`xder_future_constraint`). The
+stream CE on the current head is :func:`cl_optax.losses.masked_cross_entropy`,
+the logit term :func:`cl_optax.losses.der_logit_mse`, the past-head CE a
+replay gradient for :func:`cl_optax.experience_replay`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def xder_logit_update(
+  stored: jax.Array,
+  new: jax.Array,
+  labels: jax.Array,
+  block: jax.Array,
+  *,
+  gamma: float = 0.85,
+  where: jax.Array | None = None,
+) -> jax.Array:
+  r"""X-DER's "future past" update of stored logits on a block of heads.
+
+  On the block's columns :math:`T = z^{new}_{:, \text{block}}`; with
+  :math:`g_i = z^{stored}_{i y_i}` and :math:`m_i = \max_{c \in \text{block}}
+  T_{ic}`, where :math:`m_i > g_i` the block is scaled, :math:`T_i \leftarrow
+  T_i\,\gamma g_i / m_i`, so the new heads' answer stays below the true
+  class's stored logit; then :math:`z^{stored}_{:, \text{block}} \leftarrow T`
+  (mammoth ``models/xder.py`` ``update_logits``, :math:`\gamma = 0.85`).
+  At the end of task :math:`t` the block is the current and future heads
+  (``U(z', f(x'), y, t, T-t)``); for the logits stored for the new items,
+  the past heads with ``stored = new`` (``U(out, out, y, 0, t)``).
+
+  As the official code, a row with :math:`g_i \le 0 < m_i` is scaled by a
+  negative factor (the block's signs flip); that is kept.
+
+  Args:
+    stored: ``[b, C]`` the stored logits.
+    new: ``[b, C]`` the current network's logits on the same items.
+    labels: int ``[b]``.
+    block: bool ``[C]``: the columns to rewrite.
+    gamma: :math:`\gamma`.
+    where: optional bool ``[b]``: only these rows change.
+
+  Returns:
+    The ``[b, C]`` updated stored logits.
+
+  Example:
+    >>> import jax.numpy as jnp, cl_optax
+    >>> old = jnp.array([[2.0, 0.0, 0.0, 0.0]])
+    >>> new = jnp.array([[9.0, 9.0, 4.0, 1.0]])
+    >>> cl_optax.losses.xder_logit_update(old, new, jnp.array([0]),
+    ...   jnp.array([False, False, True, True]), gamma=0.5)
+    Array([[2.  , 0.  , 1.  , 0.25]], dtype=float32)
+  """
+  stored, new = jnp.asarray(stored), jnp.asarray(new)
+  if stored.ndim != 2 or stored.shape != new.shape or labels.shape != stored.shape[:1]:
+    raise ValueError(
+      "xder_logit_update: `stored` and `new` must be [b, C] and `labels` [b]; got "
+      f"{stored.shape}, {new.shape} and {jnp.shape(labels)}."
+    )
+  block = jnp.asarray(block, jnp.bool_)
+  g = jnp.take_along_axis(stored, labels[:, None], axis=-1)
+  m = jnp.max(jnp.where(block, new, -jnp.inf), axis=-1, keepdims=True)
+  scale = jnp.where(m > g, gamma * g / jnp.where(m > g, m, 1.0), 1.0)
+  out = jnp.where(block, new * scale, stored)
+  if where is not None:
+    out = jnp.where(jnp.asarray(where, jnp.bool_)[:, None], out, stored)
+  return out.astype(stored.dtype)
+
+
+def xder_future_constraint(
+  logits: jax.Array,
+  own_mask: jax.Array,
+  future_mask: jax.Array,
+  *,
+  margin: float = 0.3,
+  weights: jax.Array | None = None,
+) -> jax.Array:
+  r"""X-DER's future-heads constraint: :math:`\text{mean}_{i: v_i > 0} v_i`.
+
+  .. math::
+    v_i = \max_{c \in \text{future}} z_{ic} + m - \max_{c \in \text{own}_i} z_{ic}
+
+  (mammoth ``models/xder.py``, ``--constr_margin 0.3``, weight
+  ``--constr_eta 0.1`` to multiply outside), where the own head is the
+  current task's head for stream rows and the label's task head for memory
+  rows. Rows with :math:`v_i \le 0` (or weight 0) do not count; 0 when none does.
+
+  Args:
+    logits: ``[b, C]``.
+    own_mask: bool ``[b, C]`` (or ``[C]``): each row's own head.
+    future_mask: bool ``[C]``: the heads of the tasks not trained yet.
+    margin: :math:`m`.
+    weights: optional ``[b]``: rows with weight 0 are left out.
+
+  Returns:
+    The scalar loss.
+  """
+  z = jnp.asarray(logits)
+  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+  own = jnp.broadcast_to(jnp.asarray(own_mask, jnp.bool_), z.shape)
+  fut = jnp.max(jnp.where(jnp.asarray(future_mask, jnp.bool_), z, -jnp.inf), axis=-1)
+  v = fut + margin - jnp.max(jnp.where(own, z, -jnp.inf), axis=-1)
+  count = v > 0
+  if weights is not None:
+    count = count & (jnp.asarray(weights) != 0)
+  n = jnp.sum(count)
+  return jnp.where(n > 0, jnp.sum(jnp.where(count, v, 0.0)) / jnp.maximum(n, 1), 0.0)
