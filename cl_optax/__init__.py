@@ -49,10 +49,12 @@ from cl_optax.projection import ogd as ogd
 from cl_optax.regularization import EWCState as EWCState
 from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState
+from cl_optax.regularization import RWalkState as RWalkState
 from cl_optax.regularization import SIState as SIState
 from cl_optax.regularization import ewc as ewc
 from cl_optax.regularization import mas as mas
 from cl_optax.regularization import online_ewc as online_ewc
+from cl_optax.regularization import rwalk as rwalk
 from cl_optax.regularization import si as si
 from cl_optax.replay import ExperienceReplayState as ExperienceReplayState
 from cl_optax.replay import experience_replay as experience_replay
@@ -107,6 +109,8 @@ __all__ = [
   "set_debug",
   "shrink_perturb",
   "ShrinkPerturbState",
+  "rwalk",
+  "RWalkState",
   "si",
   "SIState",
   "soft_mask",

@@ -13,7 +13,7 @@ transform *first* in the chain, where its input is the loss gradient (after
 an adaptive optimiser the penalty would be added to a step, not a gradient).
 ``cl_optax.consolidate(opt_state, params, importance=Omega_task)`` ends a task:
 it sets the anchor :math:`\theta^*` and merges :math:`\Omega` by the method's
-rule. SI needs no signal: it integrates its importance inside ``update``.
+rule. SI and RWalk need no signal: it integrates its importance inside ``update``.
 
 Papers that write the penalty without the 1/2 (MAS, SI) have a :math:`\lambda`
 half of ours: ``mas(strength=2 * lambda_paper)``, ``si(strength=2 * c)``.
@@ -25,7 +25,20 @@ from cl_optax._ewc import ewc as ewc
 from cl_optax._ewc import online_ewc as online_ewc
 from cl_optax._mas import MASState as MASState
 from cl_optax._mas import mas as mas
+from cl_optax._rwalk import RWalkState as RWalkState
+from cl_optax._rwalk import rwalk as rwalk
 from cl_optax._si import SIState as SIState
 from cl_optax._si import si as si
 
-__all__ = ["EWCState", "MASState", "OnlineEWCState", "SIState", "ewc", "mas", "online_ewc", "si"]
+__all__ = [
+  "EWCState",
+  "MASState",
+  "OnlineEWCState",
+  "RWalkState",
+  "SIState",
+  "ewc",
+  "mas",
+  "online_ewc",
+  "rwalk",
+  "si",
+]

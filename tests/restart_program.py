@@ -137,6 +137,7 @@ CASES = {
   "online_ewc": Case(_sgd(lambda: cl_optax.online_ewc(3.0, decay=0.9)), squared("importance")),
   "mas": Case(_sgd(lambda: cl_optax.mas(3.0)), squared("importance")),
   "si": Case(_sgd(lambda: cl_optax.si(3.0)), no_signals),
+  "rwalk": Case(_sgd(lambda: cl_optax.rwalk(3.0, every=2)), no_signals),
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),

@@ -270,6 +270,14 @@ CASES = [
     lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, xi=0.1),
   ),
   Case(
+    "rwalk",
+    lambda: cl_optax.rwalk(2.0, every=2),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.rwalk, static_args=("every", "official"))(
+      2.0, every=2
+    ),
+  ),
+  Case(
     "boundary_writes",
     cl_optax.boundary_writes,
     _writes,

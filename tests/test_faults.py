@@ -162,6 +162,10 @@ FAULTS = [
   raises("ncl(radius=0)", lambda: cl_optax.ncl(1.0, radius=0.0), r"radius"),
   raises("si(xi=-1)", lambda: cl_optax.si(1.0, xi=-1.0), r"si: .*xi.*-1"),
   raises("si(strength=nan)", lambda: cl_optax.si(NAN), r"strength"),
+  raises("rwalk(strength=-1)", lambda: cl_optax.rwalk(-1.0), r"rwalk: .*strength.*-1"),
+  raises("rwalk(alpha=2)", lambda: cl_optax.rwalk(alpha=2.0), r"rwalk: .*alpha"),
+  raises("rwalk(xi=0)", lambda: cl_optax.rwalk(xi=0.0), r"rwalk: .*xi"),
+  raises("rwalk(every=1.5)", lambda: cl_optax.rwalk(every=1.5), r"rwalk: .*every"),  # type: ignore[arg-type]
   raises("freeze(threshold=-1)", lambda: cl_optax.freeze(threshold=-1.0), r"threshold.*-1"),
   raises("freeze(threshold=2)", lambda: cl_optax.freeze(threshold=2.0), r"threshold"),
   raises("online_ewc(decay=5)", lambda: cl_optax.online_ewc(1.0, decay=5.0), r"decay.*5"),
@@ -227,6 +231,7 @@ FAULTS = [
       ("freeze", cl_optax.freeze, {}),
       ("ewc", cl_optax.ewc, {}),
       ("si", cl_optax.si, {}),
+      ("rwalk", cl_optax.rwalk, {}),
       ("ncl", lambda: cl_optax.ncl(1.0), {}),
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
@@ -269,6 +274,7 @@ FAULTS = [
       ("online_ewc", cl_optax.online_ewc, finite_entries_finite_nonfinite_unchanged),
       ("mas", cl_optax.mas, finite_entries_finite_nonfinite_unchanged),
       ("si", cl_optax.si, finite_entries_finite_nonfinite_unchanged),
+      ("rwalk", cl_optax.rwalk, finite_entries_finite_nonfinite_unchanged),
       ("ncl_diag", lambda: cl_optax.ncl(1.0), finite_entries_finite_nonfinite_unchanged),
       ("ogd", lambda: cl_optax.ogd(2), all_unchanged),
       ("l2_init", lambda: cl_optax.l2_init(1.0), finite_entries_finite_nonfinite_unchanged),
@@ -627,6 +633,7 @@ STATE_FAULTS = [
   StateFault(
     "ewc/update extra leaf", cl_optax.ewc, _bad_update(G_EXTRA), {"importance": like(1.0)}
   ),
+  StateFault("rwalk/update extra leaf", cl_optax.rwalk, _bad_update(G_EXTRA), {}),
 ]
 
 
