@@ -375,12 +375,17 @@ def test_output_gradients_linear_model():
 # ------------------------------------------------------------------- GPM
 
 
-def gpm_reference(M, X, thr):
-  """Paper Eq. 5/8/9 in float64: the new basis columns for representation X [n, d]."""
+def gpm_reference(M, X, thr, official=False):
+  """Paper Eq. 5/8/9 in float64: the new basis columns for representation X [n, d].
+
+  ``official``: the official main_pmnist.py's first task, r = #{cumulative energy < thr}.
+  """
   R = X.T
   total = (R**2).sum()
   R_hat = R - M @ M.T @ R if M.shape[1] else R
   U, S, _ = np.linalg.svd(R_hat, full_matrices=False)
+  if official and not M.shape[1]:
+    return U[:, : int(np.sum(np.cumsum(S**2) / total < thr))]
   acc = (total - (R_hat**2).sum()) / total
   r = 0
   while acc < thr and r < len(S):
@@ -389,16 +394,19 @@ def gpm_reference(M, X, thr):
   return np.hstack([M, U[:, :r]])
 
 
-def test_gpm_matches_paper_and_projects_in_input_space():
+@pytest.mark.parametrize("official", [False, True])
+def test_gpm_matches_paper_and_projects_in_input_space(official):
   params = {"k": jnp.zeros((12, 5))}
-  tx = cl_optax.gpm(0.9)
+  tx = cl_optax.gpm(0.9, official_rank=official)
   state = tx.init(params)
   rng = np.random.default_rng(0)
   M = np.zeros((12, 0))
   for task in range(3):
     X = rng.normal(size=(30, 4)) @ rng.normal(size=(4, 12)) + 0.05 * rng.normal(size=(30, 12))
     state = cl_optax.consolidate(state, params, representations={"k": X})
-    M = gpm_reference(M, X, 0.9)
+    before, M = M.shape[1], gpm_reference(M, X, 0.9, official)
+    if task == 0:  # the official rule keeps one column fewer on the first task
+      assert before == 0 and M.shape[1] == (3 if official else 4), M.shape
     count = int(state.feature_count["k"])
     assert count == M.shape[1], (task, count, M.shape)
     B = np.asarray(state.feature_basis["k"])[:, :count]

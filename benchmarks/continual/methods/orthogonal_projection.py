@@ -85,15 +85,26 @@ register(
     defaults={"samples": 200, "max_directions": 800},
   )
 )
-register(
-  Method(
-    "gpm",
-    lambda h: optax.chain(
-      cl_optax.gpm(layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]), h.base()
-    ),
-    "GPM (Saha et al. 2021): input-space bases from model.layer_inputs of 300 examples per task",
-    end_task=_consolidate_gpm,
-    # multi-head streams: the head (one column block per task) is not projected
-    defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
+# gpm_official: the official code's rank rule (one basis column fewer per layer after task 0)
+_GPM_DOC = "GPM (Saha et al. 2021): input-space bases from model.layer_inputs of 300 examples/task"
+for _name, _official, _doc in [
+  ("gpm", False, _GPM_DOC),
+  ("gpm_official", True, "GPM with the official code's first-task rank rule (#{cum < eps})"),
+]:
+  register(
+    Method(
+      _name,
+      lambda h, official=_official: optax.chain(
+        cl_optax.gpm(
+          layers=_gpm_layers(h),
+          freeze_unprojected=h.hp["project_head"],
+          official_rank=official,
+        ),
+        h.base(),
+      ),
+      _doc,
+      end_task=_consolidate_gpm,
+      # multi-head streams: the head (one column block per task) is not projected
+      defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
+    )
   )
-)
