@@ -100,7 +100,7 @@ for _name, _official, _doc in [
         cl_optax.rwalk(
           h.hp["strength"],
           alpha=h.hp["alpha"],
-          every=int(h.hp["every"]),
+          every=int(h.hp["fisher_every"]),
           xi=h.hp["xi"],
           official=official,
         ),
@@ -108,6 +108,6 @@ for _name, _official, _doc in [
       ),
       _doc,
       end_task=_consolidate_plain,
-      defaults={"strength": 2 * 1.0, "alpha": 0.9, "every": 10, "xi": 1e-3},
+      defaults={"strength": 2 * 1.0, "alpha": 0.9, "fisher_every": 10, "xi": 1e-3},
     )
   )
