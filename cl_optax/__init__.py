@@ -51,11 +51,13 @@ from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState
 from cl_optax.regularization import RWalkState as RWalkState
 from cl_optax.regularization import SIState as SIState
+from cl_optax.regularization import TaskFreeState as TaskFreeState
 from cl_optax.regularization import ewc as ewc
 from cl_optax.regularization import mas as mas
 from cl_optax.regularization import online_ewc as online_ewc
 from cl_optax.regularization import rwalk as rwalk
 from cl_optax.regularization import si as si
+from cl_optax.regularization import task_free as task_free
 from cl_optax.replay import ExperienceReplayState as ExperienceReplayState
 from cl_optax.replay import experience_replay as experience_replay
 
@@ -113,6 +115,8 @@ __all__ = [
   "RWalkState",
   "si",
   "SIState",
+  "task_free",
+  "TaskFreeState",
   "soft_mask",
   "SoftMaskState",
   "streams",

@@ -17,6 +17,9 @@ rule. SI and RWalk need no signal: it integrates its importance inside ``update`
 
 Papers that write the penalty without the 1/2 (MAS, SI) have a :math:`\lambda`
 half of ours: ``mas(strength=2 * lambda_paper)``, ``si(strength=2 * c)``.
+
+On a stream without task boundaries, :func:`task_free` wraps any of them and
+consolidates inside ``update``, every ``k`` steps or when a trigger fires.
 """
 
 from cl_optax._ewc import EWCState as EWCState
@@ -29,6 +32,8 @@ from cl_optax._rwalk import RWalkState as RWalkState
 from cl_optax._rwalk import rwalk as rwalk
 from cl_optax._si import SIState as SIState
 from cl_optax._si import si as si
+from cl_optax._task_free import TaskFreeState as TaskFreeState
+from cl_optax._task_free import task_free as task_free
 
 __all__ = [
   "EWCState",
@@ -36,9 +41,11 @@ __all__ = [
   "OnlineEWCState",
   "RWalkState",
   "SIState",
+  "TaskFreeState",
   "ewc",
   "mas",
   "online_ewc",
   "rwalk",
   "si",
+  "task_free",
 ]

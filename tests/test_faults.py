@@ -162,6 +162,12 @@ FAULTS = [
   raises("ncl(radius=0)", lambda: cl_optax.ncl(1.0, radius=0.0), r"radius"),
   raises("si(xi=-1)", lambda: cl_optax.si(1.0, xi=-1.0), r"si: .*xi.*-1"),
   raises("si(strength=nan)", lambda: cl_optax.si(NAN), r"strength"),
+  raises("task_free(every=0)", lambda: cl_optax.task_free(cl_optax.ewc(), every=0), r"every"),
+  raises(
+    "task_free.update(no importance)",
+    lambda: update(cl_optax.task_free(cl_optax.ewc(), every=2, signals=["importance"]), grads()),
+    r"task_free: .*importance",
+  ),
   raises("rwalk(strength=-1)", lambda: cl_optax.rwalk(-1.0), r"rwalk: .*strength.*-1"),
   raises("rwalk(alpha=2)", lambda: cl_optax.rwalk(alpha=2.0), r"rwalk: .*alpha"),
   raises("rwalk(xi=0)", lambda: cl_optax.rwalk(xi=0.0), r"rwalk: .*xi"),

@@ -61,6 +61,7 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.MASState,
     cl_optax.SIState,
     cl_optax.RWalkState,
+    cl_optax.TaskFreeState,
     cl_optax.ExperienceReplayState,
     cl_optax.BoundaryWritesState,
     cl_optax.UnitResetsState,
