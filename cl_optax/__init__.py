@@ -41,11 +41,13 @@ from cl_optax.projection import ConvRepresentations as ConvRepresentations
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
 from cl_optax.projection import OGDState as OGDState
+from cl_optax.projection import SGPState as SGPState
 from cl_optax.projection import agem as agem
 from cl_optax.projection import conv_representations as conv_representations
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
 from cl_optax.projection import ogd as ogd
+from cl_optax.projection import sgp as sgp
 from cl_optax.regularization import EWCState as EWCState
 from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState
@@ -109,6 +111,8 @@ __all__ = [
   "replay",
   "selected",
   "set_debug",
+  "sgp",
+  "SGPState",
   "shrink_perturb",
   "ShrinkPerturbState",
   "rwalk",

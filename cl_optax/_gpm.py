@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _select, _trees
-from cl_optax._gpm_project import project_out
+from cl_optax._gpm_project import project_out, project_scaled
 from cl_optax._gpm_signals import (
   by_path,
   checked_threshold,
@@ -52,35 +52,16 @@ class GPMState(NamedTuple):
 
   def consolidate(self, params: optax.Params, **signals: Any) -> GPMState:
     """Basis growth: extends every projected leaf's basis from the task's ``representations``."""
-    reps = _checks.require_signal(
-      signals,
-      "representations",
-      "gpm",
-      "a pytree holding, at the path of each projected kernel leaf, the layer's "
-      "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
-      "cl_optax.conv_representations(x, kernel.shape, ...))",
-    )
-    thresholds = signals.get("threshold")
-    basis_paths = _trees.unmasked_key_strings(self.feature_basis)
-    unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
-    aliases = dict(
-      zip(_trees.leaf_paths(self.feature_basis), _trees.key_strings(self.feature_basis))
-    )
-    rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
-    shapes = kernel_shapes(params)
-    thr = None if thresholds is None else by_path(thresholds, aliases)
-    thr_by_path = thresholds_by_path(thr, basis_paths)
+    inputs = layer_signals(self.feature_basis, params, signals, self.gpm_threshold, "gpm")
+    strict = self.gpm_official_rank & (self.gpm_tasks == 0)
     new_b, new_c = [], []
-    for path, b, c in zip(
-      basis_paths,
+    for (x, thr), b, c in zip(
+      inputs,
       _trees.unmasked_leaves(self.feature_basis),
       _trees.unmasked_leaves(self.feature_count),
       strict=True,
     ):
-      x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
-      thr = checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
-      strict = self.gpm_official_rank & (self.gpm_tasks == 0)
-      nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, jnp.float32), strict)
+      nb, nc = _gpm_grow(b, c, x, thr, strict)
       new_b.append(nb)
       new_c.append(nc)
     return self._replace(
@@ -88,6 +69,32 @@ class GPMState(NamedTuple):
       feature_count=_trees.replace_unmasked(self.feature_count, new_c),
       gpm_tasks=self.gpm_tasks + 1,
     )
+
+
+def layer_signals(basis: Any, params: Any, signals: dict, default_threshold: Any, transform: str):
+  """``[(inputs [n, d_in], threshold)]`` per projected leaf of ``basis`` (its unmasked leaves)."""
+  reps = _checks.require_signal(
+    signals,
+    "representations",
+    transform,
+    "a pytree holding, at the path of each projected kernel leaf, the layer's "
+    "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
+    "cl_optax.conv_representations(x, kernel.shape, ...))",
+  )
+  thresholds = signals.get("threshold")
+  basis_paths = _trees.unmasked_key_strings(basis)
+  unprojected = [p for p in _trees.key_strings(basis) if p not in basis_paths]
+  aliases = dict(zip(_trees.leaf_paths(basis), _trees.key_strings(basis)))
+  rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
+  shapes = kernel_shapes(params)
+  thr = None if thresholds is None else by_path(thresholds, aliases)
+  thr_by_path = thresholds_by_path(thr, basis_paths)
+  out = []
+  for path, b in zip(basis_paths, _trees.unmasked_leaves(basis), strict=True):
+    x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
+    t = checked_threshold(path, thr_by_path.get(path, default_threshold))
+    out.append((x, jnp.asarray(t, jnp.float32)))
+  return out
 
 
 # ------------------------------------------------------------ basis growth
@@ -134,16 +141,22 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
 
 
 def _project_leaf(
-  path: Any, basis: jax.Array, count: jax.Array, u: jax.Array, orientation: str | None = None
+  path: Any,
+  basis: jax.Array,
+  count: jax.Array,
+  u: jax.Array,
+  orientation: str | None = None,
+  scale: jax.Array | None = None,
 ) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
   An update holding a non-finite entry passes unchanged (the projection would
   spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
+  With ``scale`` (SGP) each direction is removed by that fraction.
   """
   shape = jnp.shape(u)
   if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
-    return _project_leaf(path, basis, count, u.T, "in_out").T
+    return _project_leaf(path, basis, count, u.T, "in_out", scale).T
   d_in = basis.shape[0]
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
@@ -151,7 +164,10 @@ def _project_leaf(
       f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
     )
   g = u.reshape(d_in, -1).astype(jnp.float32)
-  new = project_out(basis, count, g).reshape(u.shape)
+  if scale is None:
+    new = project_out(basis, count, g).reshape(u.shape)
+  else:
+    new = project_scaled(basis, count, scale, g).reshape(u.shape)
   return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
 
@@ -200,6 +216,19 @@ def _init_buffers(
   basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
   count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
   return basis, count
+
+
+def projected_buffers(layers, params, dtype, orientation, transform):
+  """``(basis, count)`` trees at the kernels ``layers`` selects (``MaskedNode`` elsewhere)."""
+  labels, by_selector = _select.labels(layers, params, _default_projected)
+  if by_selector:  # a layer selector projects the kernels of the layers it selects
+    labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
+    if not any(jax.tree.leaves(labels)):
+      raise ValueError(
+        f"{transform}: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
+        f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
+      )
+  return _init_buffers(labels, params, dtype, orientation)
 
 
 def gpm(
@@ -326,15 +355,7 @@ def gpm(
   _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
 
   def init_fn(params: optax.Params) -> GPMState:
-    labels, by_selector = _select.labels(layers, params, _default_projected)
-    if by_selector:  # a layer selector projects the kernels of the layers it selects
-      labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
-      if not any(jax.tree.leaves(labels)):
-        raise ValueError(
-          f"gpm: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
-          f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
-        )
-    basis, count = _init_buffers(labels, params, dtype, orientation)
+    basis, count = projected_buffers(layers, params, dtype, orientation, "gpm")
     return GPMState(
       feature_basis=basis,
       feature_count=count,

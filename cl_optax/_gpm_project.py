@@ -43,3 +43,27 @@ def project_out(q, count, g):
 
   index = jnp.searchsorted(jnp.asarray(widths), need)
   return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)
+
+
+def project_scaled(q, count, scale, g):
+  """``g - M diag(scale) M^T g`` for ``M = q[:, :count]`` (SGP: not a projector).
+
+  Reads only the first ``w`` columns, ``w`` the next static width at or above
+  ``count`` (a ``lax.switch`` branch each, as :func:`project_out`).
+  """
+  d_in = q.shape[0]
+  widths = static_widths(d_in)
+
+  def branch(w):
+    def project(q, g):
+      if w == 0:
+        return g
+      keep = jnp.arange(w) < count
+      v = jnp.where(keep[None, :], q[:, :w], 0.0)
+      lam = jnp.where(keep, scale[:w], 0.0).astype(g.dtype)
+      return g - v @ (lam[:, None] * (v.T @ g))
+
+    return project
+
+  index = jnp.searchsorted(jnp.asarray(widths), count)
+  return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)

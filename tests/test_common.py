@@ -206,6 +206,14 @@ CASES = [
     ),
   ),
   Case(
+    "sgp",
+    lambda: cl_optax.sgp(0.9, alpha=3.0, layers=_gpm_layers),
+    _representations,
+    lambda: optax.inject_hyperparams(cl_optax.sgp, static_args=("layers",))(
+      threshold=0.9, alpha=3.0, layers=_gpm_layers
+    ),
+  ),
+  Case(
     "ncl_diag",
     lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
     _rand_precision,

@@ -183,6 +183,8 @@ FAULTS = [
   raises("ogd(0)", lambda: cl_optax.ogd(0), r"max_directions.*0"),
   raises("ogd(rtol=-1)", lambda: cl_optax.ogd(4, rtol=-1.0), r"rtol"),
   raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
+  raises("sgp(alpha=0)", lambda: cl_optax.sgp(alpha=0.0), r"sgp: .*alpha"),
+  raises("sgp(threshold=-1)", lambda: cl_optax.sgp(-1.0), r"sgp: .*threshold"),
   raises("ncl(precision='full')", lambda: cl_optax.ncl(1.0, precision="full"), r"'diag' or 'kfac'"),
   # plasticity
   raises("l2_init(strength=-1)", lambda: cl_optax.l2_init(-1.0), r"l2_init: .*strength.*-1"),
@@ -241,6 +243,7 @@ FAULTS = [
       ("ncl", lambda: cl_optax.ncl(1.0), {}),
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
+      ("sgp", cl_optax.sgp, {}),
       ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
     ]
   ],
@@ -251,6 +254,7 @@ FAULTS = [
       ("ewc", cl_optax.ewc),
       ("ncl", lambda: cl_optax.ncl(1.0)),
       ("gpm", cl_optax.gpm),
+      ("sgp", cl_optax.sgp),
     ]
   ],
   raises(
@@ -398,6 +402,11 @@ FAULTS = [
     "ncl_kfac.consolidate(factor wrong shape)",
     lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(a=jnp.eye(4))),
     r"ncl.*dense.*\(5, 5\)",
+  ),
+  raises(
+    "sgp.consolidate(no representations)",
+    lambda: consolidated(cl_optax.sgp()),
+    r"sgp.*representations",
   ),
   raises(
     "gpm.consolidate(nan representations)",

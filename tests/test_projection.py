@@ -597,3 +597,43 @@ def test_examples_run_end_to_end(monkeypatch):
     assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 1))
     assert acc[0, 0] > 0.5 and acc[1, 1] > 0.5  # 30 steps of 10 digits per task
   assert "flax_agem" in sys.modules
+
+
+def sgp_reference(M, lam, X, thr, alpha):
+  """sahagobinda/SGP update_SGP in float64: (basis, importances) after representation X [n, d]."""
+  R = X.T
+  scale = lambda v: (alpha + 1) * v / (alpha * v + v.max())  # noqa: E731
+  if not M.shape[1]:
+    U, S, _ = np.linalg.svd(R, full_matrices=False)
+    r = int(np.sum(np.cumsum(S**2) / np.sum(S**2) < thr))
+    return U[:, :r], scale(S[:r])
+  Uc, Sc, _ = np.linalg.svd(M @ M.T @ R, full_matrices=False)
+  old = np.sqrt(((M.T @ Uc) ** 2 * Sc**2).sum(1))
+  U, S, _ = np.linalg.svd(R - M @ M.T @ R, full_matrices=False)
+  total, acc, r = (R**2).sum(), (R**2).sum() - ((R - M @ M.T @ R) ** 2).sum(), 0
+  while acc / total < thr and r < len(S):
+    acc, r = acc + S[r] ** 2, r + 1
+  new = scale(np.concatenate([old, S[:r]]))
+  lam = np.concatenate([np.clip(lam + new[: len(lam)], 0, 1), new[len(lam) :]])
+  return np.hstack([M, U[:, :r]]), lam
+
+
+def test_sgp_matches_the_official_growth_importance_and_scaled_step():
+  params = {"k": jnp.zeros((12, 5)), "b": jnp.zeros(5)}
+  tx = cl_optax.sgp(0.9, alpha=3.0)
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  M, lam = np.zeros((12, 0)), np.zeros(0)
+  for _ in range(2):
+    X = rng.normal(size=(30, 4)) @ rng.normal(size=(4, 12)) + 0.05 * rng.normal(size=(30, 12))
+    state = cl_optax.consolidate(state, params, representations={"k": X})
+    M, lam = sgp_reference(M, lam, X, 0.9, 3.0)
+    count = int(state.sgp_count["k"])
+    assert count == M.shape[1] and 0 < count < 12, (count, M.shape)
+    np.testing.assert_allclose(state.sgp_importance["k"][:count], lam, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(state.sgp_importance["k"][count:]) == 0)
+  assert np.all(lam <= 1) and lam[0] == 1.0
+  g = {"k": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32), "b": jnp.ones(5)}
+  out = jax.jit(tx.update)(g, state, params)[0]
+  np.testing.assert_allclose(out["k"], g["k"] - M @ (lam[:, None] * (M.T @ g["k"])), atol=1e-4)
+  np.testing.assert_array_equal(out["b"], 0.0)  # biases frozen after the first task

@@ -100,7 +100,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
   # GPM (Saha et al. 2021), single-head permuted streams: its PMNIST thresholds, head projected
   **_rows(
     ["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST],
-    ["gpm", "gpm_official"],
+    ["gpm", "gpm_official", "sgp"],
     {"thresholds": [0.95, 0.99, 0.99], "project_head": True},
   ),
   **_SEQ_MNIST,

@@ -12,4 +12,4 @@ from benchmarks.continual.methods import rehearsal  # noqa: F401  er, der, derpp
 from benchmarks.continual.methods import regularization  # noqa: F401  ewc, online_ewc, mas, si, rwalk
 from benchmarks.continual.methods import agem_code  # noqa: F401  ewc_agem_code, mas_agem_code
 from benchmarks.continual.methods import precision  # noqa: F401  ncl, ncl_kfac
-from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm
+from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm, sgp

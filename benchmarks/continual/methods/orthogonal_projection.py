@@ -108,3 +108,17 @@ for _name, _official, _doc in [
       defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
     )
   )
+register(
+  Method(
+    "sgp",
+    lambda h: optax.chain(
+      cl_optax.sgp(
+        alpha=h.hp["alpha"], layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]
+      ),
+      h.base(),
+    ),
+    "SGP (Saha & Roy 2023): GPM's bases, each direction removed by its importance (alpha)",
+    end_task=_consolidate_gpm,
+    defaults={"samples": 300, "thresholds": [0.97], "project_head": False, "alpha": 10.0},
+  )
+)
