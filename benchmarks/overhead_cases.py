@@ -228,6 +228,21 @@ CASES += [
     lambda state, params: cl_optax.consolidate(state, params),
   ),
   Case(
+    "rwalk",
+    "adam",
+    lambda b: optax.chain(cl_optax.rwalk(2.0), b),
+    lambda state, params: cl_optax.consolidate(state, params),
+  ),
+  Case(
+    "task_free_online_ewc",
+    "adam",
+    lambda b: optax.chain(
+      cl_optax.task_free(cl_optax.online_ewc(1.0, decay=0.9), every=100, signals=["importance"]),
+      b,
+    ),
+    extra_args=lambda params: {"importance": jax.tree.map(jnp.ones_like, params)},
+  ),
+  Case(
     "ncl_diag",
     "sgdm",
     lambda b: optax.chain(cl_optax.ncl(60000.0), b),

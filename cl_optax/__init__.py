@@ -54,19 +54,25 @@ from cl_optax.projection import ConvRepresentations as ConvRepresentations
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
 from cl_optax.projection import OGDState as OGDState
+from cl_optax.projection import SGPState as SGPState
 from cl_optax.projection import agem as agem
 from cl_optax.projection import conv_representations as conv_representations
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
 from cl_optax.projection import ogd as ogd
+from cl_optax.projection import sgp as sgp
 from cl_optax.regularization import EWCState as EWCState
 from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState
+from cl_optax.regularization import RWalkState as RWalkState
 from cl_optax.regularization import SIState as SIState
+from cl_optax.regularization import TaskFreeState as TaskFreeState
 from cl_optax.regularization import ewc as ewc
 from cl_optax.regularization import mas as mas
 from cl_optax.regularization import online_ewc as online_ewc
+from cl_optax.regularization import rwalk as rwalk
 from cl_optax.regularization import si as si
+from cl_optax.regularization import task_free as task_free
 from cl_optax.replay import ExperienceReplayState as ExperienceReplayState
 from cl_optax.replay import experience_replay as experience_replay
 
@@ -127,10 +133,16 @@ __all__ = [
   "replay",
   "selected",
   "set_debug",
+  "sgp",
+  "SGPState",
   "shrink_perturb",
   "ShrinkPerturbState",
+  "rwalk",
+  "RWalkState",
   "si",
   "SIState",
+  "task_free",
+  "TaskFreeState",
   "soft_mask",
   "SoftMaskState",
   "streams",

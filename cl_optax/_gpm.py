@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _select, _trees
+from cl_optax._gpm_project import project_out, project_scaled
 from cl_optax._gpm_signals import (
   by_path,
   checked_threshold,
@@ -19,15 +20,6 @@ from cl_optax._gpm_signals import (
   representations_by_path,
   thresholds_by_path,
 )
-
-
-def _static_widths(top: int) -> tuple[int, ...]:
-  """The static column counts a GPM step may read: 0, 16, 32, 64, ... up to ``top``."""
-  widths, w = [0], 16
-  while w < top:
-    widths.append(w)
-    w *= 2
-  return tuple(sorted({*widths, top}))
 
 
 class GPMState(NamedTuple):
@@ -44,6 +36,8 @@ class GPMState(NamedTuple):
     gpm_tasks: number of consolidates so far (int32).
     gpm_threshold: the default energy threshold (float32), refreshed from the
       factory argument at every update.
+    gpm_official_rank: bool, the official code's rank rule on the first task
+      (see :func:`gpm`'s ``official_rank``).
   """
 
   TRANSFORM = "gpm"
@@ -54,37 +48,20 @@ class GPMState(NamedTuple):
   feature_count: Any
   gpm_tasks: jax.Array  # shape=(), int32
   gpm_threshold: jax.Array  # shape=(), float32
+  gpm_official_rank: jax.Array  # shape=(), bool
 
   def consolidate(self, params: optax.Params, **signals: Any) -> GPMState:
     """Basis growth: extends every projected leaf's basis from the task's ``representations``."""
-    reps = _checks.require_signal(
-      signals,
-      "representations",
-      "gpm",
-      "a pytree holding, at the path of each projected kernel leaf, the layer's "
-      "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
-      "cl_optax.conv_representations(x, kernel.shape, ...))",
-    )
-    thresholds = signals.get("threshold")
-    basis_paths = _trees.unmasked_key_strings(self.feature_basis)
-    unprojected = [p for p in _trees.key_strings(self.feature_basis) if p not in basis_paths]
-    aliases = dict(
-      zip(_trees.leaf_paths(self.feature_basis), _trees.key_strings(self.feature_basis))
-    )
-    rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
-    shapes = kernel_shapes(params)
-    thr = None if thresholds is None else by_path(thresholds, aliases)
-    thr_by_path = thresholds_by_path(thr, basis_paths)
+    inputs = layer_signals(self.feature_basis, params, signals, self.gpm_threshold, "gpm")
+    strict = self.gpm_official_rank & (self.gpm_tasks == 0)
     new_b, new_c = [], []
-    for path, b, c in zip(
-      basis_paths,
+    for (x, thr), b, c in zip(
+      inputs,
       _trees.unmasked_leaves(self.feature_basis),
       _trees.unmasked_leaves(self.feature_count),
       strict=True,
     ):
-      x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
-      thr = checked_threshold(path, thr_by_path.get(path, self.gpm_threshold))
-      nb, nc = _gpm_grow(b, c, x, jnp.asarray(thr, jnp.float32))
+      nb, nc = _gpm_grow(b, c, x, thr, strict)
       new_b.append(nb)
       new_c.append(nc)
     return self._replace(
@@ -94,12 +71,41 @@ class GPMState(NamedTuple):
     )
 
 
+def layer_signals(basis: Any, params: Any, signals: dict, default_threshold: Any, transform: str):
+  """``[(inputs [n, d_in], threshold)]`` per projected leaf of ``basis`` (its unmasked leaves)."""
+  reps = _checks.require_signal(
+    signals,
+    "representations",
+    transform,
+    "a pytree holding, at the path of each projected kernel leaf, the layer's "
+    "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
+    "cl_optax.conv_representations(x, kernel.shape, ...))",
+  )
+  thresholds = signals.get("threshold")
+  basis_paths = _trees.unmasked_key_strings(basis)
+  unprojected = [p for p in _trees.key_strings(basis) if p not in basis_paths]
+  aliases = dict(zip(_trees.leaf_paths(basis), _trees.key_strings(basis)))
+  rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
+  shapes = kernel_shapes(params)
+  thr = None if thresholds is None else by_path(thresholds, aliases)
+  thr_by_path = thresholds_by_path(thr, basis_paths)
+  out = []
+  for path, b in zip(basis_paths, _trees.unmasked_leaves(basis), strict=True):
+    x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
+    t = checked_threshold(path, thr_by_path.get(path, default_threshold))
+    out.append((x, jnp.asarray(t, jnp.float32)))
+  return out
+
+
 # ------------------------------------------------------------ basis growth
 
 
 @jax.jit
-def _gpm_grow(basis, count, x, threshold):
-  """GPM Eq. 8-9: adds the top left singular vectors of the residual activations."""
+def _gpm_grow(basis, count, x, threshold, strict=False):
+  """GPM Eq. 8-9: adds the top left singular vectors of the residual activations.
+
+  ``strict``: ``#{k : cum_k < threshold}`` columns (the official code's first task).
+  """
   d_in = basis.shape[0]
   idx = jnp.arange(d_in)
   R = x.T  # [d_in, n], columns are samples (the paper's R_l)
@@ -112,7 +118,8 @@ def _gpm_grow(basis, count, x, threshold):
   captured = (total - jnp.sum(R_hat * R_hat)) / safe_total
   cum = captured + jnp.cumsum(S * S) / safe_total
   # The smallest r with cum[r - 1] >= threshold (0 when already captured).
-  r = jnp.where(captured >= threshold, 0, jnp.sum(cum < threshold) + 1)
+  below = jnp.sum(cum < threshold)
+  r = jnp.where(captured >= threshold, 0, jnp.where(strict, below, below + 1))
   significant = jnp.sum(S > 1e-6 * jnp.maximum(S[0], 1e-30))
   r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
   r = jnp.where(total > 0, r, 0).astype(jnp.int32)
@@ -130,50 +137,26 @@ def _gpm_grow(basis, count, x, threshold):
   return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
 
 
-def _project_out(q, count, g):
-  """``g - M M^T g`` for ``M = q[:, :count]``, through the fewer of M or its complement.
-
-  ``q`` is orthogonal, so ``g - M M^T g = N N^T g`` for the other columns ``N``.
-  Each static width is a ``lax.switch`` branch, so only that many columns are
-  read: the cost is ``2 d_in w out`` with ``w`` the next width at or above
-  ``min(count, d_in - count)``, 0 before the first task and once the space is full.
-  """
-  d_in = q.shape[0]
-  widths = _static_widths(d_in // 2)  # min(count, d_in - count) <= d_in // 2
-  complement = count > d_in - count
-  need = jnp.minimum(count, d_in - count)
-
-  def branch(w):
-    def project(q, g):
-      if w == 0:
-        return jnp.where(complement, jnp.zeros_like(g), g)
-      start = jnp.where(complement, d_in - w, 0)
-      cols = start + jnp.arange(w)
-      keep = jnp.where(complement, cols >= count, cols < count)
-      v = jnp.where(keep[None, :], jax.lax.dynamic_slice_in_dim(q, start, w, axis=1), 0.0)
-      vvg = v @ (v.T @ g)
-      return jnp.where(complement, vvg, g - vvg)
-
-    return project
-
-  index = jnp.searchsorted(jnp.asarray(widths), need)
-  return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)
-
-
 # -------------------------------------------------------------- projection
 
 
 def _project_leaf(
-  path: Any, basis: jax.Array, count: jax.Array, u: jax.Array, orientation: str | None = None
+  path: Any,
+  basis: jax.Array,
+  count: jax.Array,
+  u: jax.Array,
+  orientation: str | None = None,
+  scale: jax.Array | None = None,
 ) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
   An update holding a non-finite entry passes unchanged (the projection would
   spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
+  With ``scale`` (SGP) each direction is removed by that fraction.
   """
   shape = jnp.shape(u)
   if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
-    return _project_leaf(path, basis, count, u.T, "in_out").T
+    return _project_leaf(path, basis, count, u.T, "in_out", scale).T
   d_in = basis.shape[0]
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
@@ -181,7 +164,10 @@ def _project_leaf(
       f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
     )
   g = u.reshape(d_in, -1).astype(jnp.float32)
-  new = _project_out(basis, count, g).reshape(u.shape)
+  if scale is None:
+    new = project_out(basis, count, g).reshape(u.shape)
+  else:
+    new = project_scaled(basis, count, scale, g).reshape(u.shape)
   return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
 
@@ -232,6 +218,19 @@ def _init_buffers(
   return basis, count
 
 
+def projected_buffers(layers, params, dtype, orientation, transform):
+  """``(basis, count)`` trees at the kernels ``layers`` selects (``MaskedNode`` elsewhere)."""
+  labels, by_selector = _select.labels(layers, params, _default_projected)
+  if by_selector:  # a layer selector projects the kernels of the layers it selects
+    labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
+    if not any(jax.tree.leaves(labels)):
+      raise ValueError(
+        f"{transform}: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
+        f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
+      )
+  return _init_buffers(labels, params, dtype, orientation)
+
+
 def gpm(
   threshold: float = 0.97,
   *,
@@ -239,6 +238,7 @@ def gpm(
   orientation: str | None = None,
   freeze_unprojected: bool = True,
   basis_dtype: Any = None,
+  official_rank: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GPM: gradient projection memory (Saha, Garg & Roy, 2021).
 
@@ -278,8 +278,10 @@ def gpm(
 
   Departures from the official code: the first task keeps the smallest ``k``
   that reaches the threshold (Eq. 5); the official code keeps one column fewer
-  there. A kernel update holding a non-finite entry passes unchanged (the
-  projection would spread it over the kernel).
+  there, :math:`\#\{k : \text{cum}_k < \epsilon_{th}\}` (``main_pmnist.py``
+  ``update_GPM``, task 0), which ``official_rank=True`` reproduces (later tasks
+  add until the threshold is reached in both). A kernel update holding a
+  non-finite entry passes unchanged (the projection would spread it over the kernel).
 
   Args:
     threshold: energy threshold :math:`\epsilon_{th} \in [0, 1]`.
@@ -305,6 +307,8 @@ def gpm(
       ``jnp.bfloat16`` halves the largest state at about three significant
       digits of orthogonality). Under ``optax.inject_hyperparams`` list it in
       ``static_args``.
+    official_rank: the official code's rank rule on the first task (one
+      column fewer per layer); static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state's ``consolidate``
@@ -351,20 +355,13 @@ def gpm(
   _checks.check_hyperparameter(threshold, transform="gpm", name="threshold", low=0.0, high=1.0)
 
   def init_fn(params: optax.Params) -> GPMState:
-    labels, by_selector = _select.labels(layers, params, _default_projected)
-    if by_selector:  # a layer selector projects the kernels of the layers it selects
-      labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
-      if not any(jax.tree.leaves(labels)):
-        raise ValueError(
-          f"gpm: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
-          f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
-        )
-    basis, count = _init_buffers(labels, params, dtype, orientation)
+    basis, count = projected_buffers(layers, params, dtype, orientation, "gpm")
     return GPMState(
       feature_basis=basis,
       feature_count=count,
       gpm_tasks=jnp.zeros((), jnp.int32),
       gpm_threshold=jnp.asarray(threshold, jnp.float32),
+      gpm_official_rank=jnp.asarray(official_rank),
     )
 
   def update_fn(

@@ -37,6 +37,8 @@ from cl_optax._gpm import gpm as gpm
 from cl_optax._ogd import OGDState as OGDState
 from cl_optax._ogd import ogd as ogd
 from cl_optax._qp import solve_box_qp as solve_box_qp
+from cl_optax._sgp import SGPState as SGPState
+from cl_optax._sgp import sgp as sgp
 
 __all__ = [
   "AGEMState",
@@ -44,10 +46,12 @@ __all__ = [
   "GEMState",
   "GPMState",
   "OGDState",
+  "SGPState",
   "agem",
   "conv_representations",
   "gem",
   "gpm",
   "ogd",
+  "sgp",
   "solve_box_qp",
 ]

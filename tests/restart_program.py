@@ -131,6 +131,7 @@ CASES = {
   "gem": Case(_sgd(lambda: cl_optax.gem(max_tasks=TASKS)), no_signals, "ring"),
   "ogd": Case(_sgd(lambda: cl_optax.ogd(8)), output_grads),
   "gpm": Case(_sgd(lambda: cl_optax.gpm(0.9)), representations),
+  "sgp": Case(_sgd(lambda: cl_optax.sgp(0.9)), representations),
   "ncl_diag": Case(
     _sgd(lambda: cl_optax.ncl(16.0, strength=0.5, damping=0.1)), squared("precision")
   ),
@@ -148,6 +149,7 @@ CASES = {
     lambda params, task: {"prune": 0.5, "finish": True},
   ),
   "experience_replay(cbrs)": Case(_sgd(cl_optax.experience_replay), no_signals, "cbrs"),
+  "rwalk": Case(_sgd(lambda: cl_optax.rwalk(3.0, every=2)), no_signals),
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),

@@ -219,6 +219,14 @@ CASES = [
     ),
   ),
   Case(
+    "sgp",
+    lambda: cl_optax.sgp(0.9, alpha=3.0, layers=_gpm_layers),
+    _representations,
+    lambda: optax.inject_hyperparams(cl_optax.sgp, static_args=("layers",))(
+      threshold=0.9, alpha=3.0, layers=_gpm_layers
+    ),
+  ),
+  Case(
     "ncl_diag",
     lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
     _rand_precision,
@@ -281,6 +289,25 @@ CASES = [
     lambda: cl_optax.si(3.0, xi=0.1),
     lambda params: {},
     lambda: optax.inject_hyperparams(cl_optax.si, static_args=("include_penalty",))(3.0, xi=0.1),
+  ),
+  Case(
+    "rwalk",
+    lambda: cl_optax.rwalk(2.0, every=2),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.rwalk, static_args=("every", "official"))(
+      2.0, every=2
+    ),
+  ),
+  Case(
+    "task_free",
+    lambda: cl_optax.task_free(
+      cl_optax.online_ewc(2.0, decay=0.5), every=2, signals=["importance"]
+    ),
+    _rand_importance,
+    lambda: optax.inject_hyperparams(cl_optax.task_free, static_args=("inner", "every", "signals"))(
+      cl_optax.online_ewc(2.0, decay=0.5), every=2, signals=["importance"]
+    ),
+    _rand_importance,
   ),
   Case(
     "boundary_writes",

@@ -162,6 +162,16 @@ FAULTS = [
   raises("ncl(radius=0)", lambda: cl_optax.ncl(1.0, radius=0.0), r"radius"),
   raises("si(xi=-1)", lambda: cl_optax.si(1.0, xi=-1.0), r"si: .*xi.*-1"),
   raises("si(strength=nan)", lambda: cl_optax.si(NAN), r"strength"),
+  raises("task_free(every=0)", lambda: cl_optax.task_free(cl_optax.ewc(), every=0), r"every"),
+  raises(
+    "task_free.update(no importance)",
+    lambda: update(cl_optax.task_free(cl_optax.ewc(), every=2, signals=["importance"]), grads()),
+    r"task_free: .*importance",
+  ),
+  raises("rwalk(strength=-1)", lambda: cl_optax.rwalk(-1.0), r"rwalk: .*strength.*-1"),
+  raises("rwalk(alpha=2)", lambda: cl_optax.rwalk(alpha=2.0), r"rwalk: .*alpha"),
+  raises("rwalk(xi=0)", lambda: cl_optax.rwalk(xi=0.0), r"rwalk: .*xi"),
+  raises("rwalk(every=1.5)", lambda: cl_optax.rwalk(every=1.5), r"rwalk: .*every"),  # type: ignore[arg-type]
   raises("freeze(threshold=-1)", lambda: cl_optax.freeze(threshold=-1.0), r"threshold.*-1"),
   raises("freeze(threshold=2)", lambda: cl_optax.freeze(threshold=2.0), r"threshold"),
   raises("online_ewc(decay=5)", lambda: cl_optax.online_ewc(1.0, decay=5.0), r"decay.*5"),
@@ -173,6 +183,8 @@ FAULTS = [
   raises("ogd(0)", lambda: cl_optax.ogd(0), r"max_directions.*0"),
   raises("ogd(rtol=-1)", lambda: cl_optax.ogd(4, rtol=-1.0), r"rtol"),
   raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
+  raises("sgp(alpha=0)", lambda: cl_optax.sgp(alpha=0.0), r"sgp: .*alpha"),
+  raises("sgp(threshold=-1)", lambda: cl_optax.sgp(-1.0), r"sgp: .*threshold"),
   raises("ncl(precision='full')", lambda: cl_optax.ncl(1.0, precision="full"), r"'diag' or 'kfac'"),
   # plasticity
   raises("l2_init(strength=-1)", lambda: cl_optax.l2_init(-1.0), r"l2_init: .*strength.*-1"),
@@ -253,9 +265,11 @@ FAULTS = [
       ("freeze", cl_optax.freeze, {}),
       ("ewc", cl_optax.ewc, {}),
       ("si", cl_optax.si, {}),
+      ("rwalk", cl_optax.rwalk, {}),
       ("ncl", lambda: cl_optax.ncl(1.0), {}),
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
+      ("sgp", cl_optax.sgp, {}),
       ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
       ("packnet", cl_optax.packnet, {}),
     ]
@@ -267,6 +281,7 @@ FAULTS = [
       ("ewc", cl_optax.ewc),
       ("ncl", lambda: cl_optax.ncl(1.0)),
       ("gpm", cl_optax.gpm),
+      ("sgp", cl_optax.sgp),
     ]
   ],
   raises(
@@ -296,6 +311,7 @@ FAULTS = [
       ("online_ewc", cl_optax.online_ewc, finite_entries_finite_nonfinite_unchanged),
       ("mas", cl_optax.mas, finite_entries_finite_nonfinite_unchanged),
       ("si", cl_optax.si, finite_entries_finite_nonfinite_unchanged),
+      ("rwalk", cl_optax.rwalk, finite_entries_finite_nonfinite_unchanged),
       ("ncl_diag", lambda: cl_optax.ncl(1.0), finite_entries_finite_nonfinite_unchanged),
       ("ogd", lambda: cl_optax.ogd(2), all_unchanged),
       ("l2_init", lambda: cl_optax.l2_init(1.0), finite_entries_finite_nonfinite_unchanged),
@@ -455,6 +471,11 @@ FAULTS = [
     "ncl_kfac.consolidate(factor wrong shape)",
     lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(a=jnp.eye(4))),
     r"ncl.*dense.*\(5, 5\)",
+  ),
+  raises(
+    "sgp.consolidate(no representations)",
+    lambda: consolidated(cl_optax.sgp()),
+    r"sgp.*representations",
   ),
   raises(
     "gpm.consolidate(nan representations)",
@@ -797,6 +818,7 @@ STATE_FAULTS = [
   StateFault(
     "ewc/update extra leaf", cl_optax.ewc, _bad_update(G_EXTRA), {"importance": like(1.0)}
   ),
+  StateFault("rwalk/update extra leaf", cl_optax.rwalk, _bad_update(G_EXTRA), {}),
 ]
 
 

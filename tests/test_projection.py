@@ -375,12 +375,17 @@ def test_output_gradients_linear_model():
 # ------------------------------------------------------------------- GPM
 
 
-def gpm_reference(M, X, thr):
-  """Paper Eq. 5/8/9 in float64: the new basis columns for representation X [n, d]."""
+def gpm_reference(M, X, thr, official=False):
+  """Paper Eq. 5/8/9 in float64: the new basis columns for representation X [n, d].
+
+  ``official``: the official main_pmnist.py's first task, r = #{cumulative energy < thr}.
+  """
   R = X.T
   total = (R**2).sum()
   R_hat = R - M @ M.T @ R if M.shape[1] else R
   U, S, _ = np.linalg.svd(R_hat, full_matrices=False)
+  if official and not M.shape[1]:
+    return U[:, : int(np.sum(np.cumsum(S**2) / total < thr))]
   acc = (total - (R_hat**2).sum()) / total
   r = 0
   while acc < thr and r < len(S):
@@ -389,16 +394,19 @@ def gpm_reference(M, X, thr):
   return np.hstack([M, U[:, :r]])
 
 
-def test_gpm_matches_paper_and_projects_in_input_space():
+@pytest.mark.parametrize("official", [False, True])
+def test_gpm_matches_paper_and_projects_in_input_space(official):
   params = {"k": jnp.zeros((12, 5))}
-  tx = cl_optax.gpm(0.9)
+  tx = cl_optax.gpm(0.9, official_rank=official)
   state = tx.init(params)
   rng = np.random.default_rng(0)
   M = np.zeros((12, 0))
   for task in range(3):
     X = rng.normal(size=(30, 4)) @ rng.normal(size=(4, 12)) + 0.05 * rng.normal(size=(30, 12))
     state = cl_optax.consolidate(state, params, representations={"k": X})
-    M = gpm_reference(M, X, 0.9)
+    before, M = M.shape[1], gpm_reference(M, X, 0.9, official)
+    if task == 0:  # the official rule keeps one column fewer on the first task
+      assert before == 0 and M.shape[1] == (3 if official else 4), M.shape
     count = int(state.feature_count["k"])
     assert count == M.shape[1], (task, count, M.shape)
     B = np.asarray(state.feature_basis["k"])[:, :count]
@@ -589,3 +597,43 @@ def test_examples_run_end_to_end(monkeypatch):
     assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 1))
     assert acc[0, 0] > 0.5 and acc[1, 1] > 0.5  # 30 steps of 10 digits per task
   assert "flax_agem" in sys.modules
+
+
+def sgp_reference(M, lam, X, thr, alpha):
+  """sahagobinda/SGP update_SGP in float64: (basis, importances) after representation X [n, d]."""
+  R = X.T
+  scale = lambda v: (alpha + 1) * v / (alpha * v + v.max())  # noqa: E731
+  if not M.shape[1]:
+    U, S, _ = np.linalg.svd(R, full_matrices=False)
+    r = int(np.sum(np.cumsum(S**2) / np.sum(S**2) < thr))
+    return U[:, :r], scale(S[:r])
+  Uc, Sc, _ = np.linalg.svd(M @ M.T @ R, full_matrices=False)
+  old = np.sqrt(((M.T @ Uc) ** 2 * Sc**2).sum(1))
+  U, S, _ = np.linalg.svd(R - M @ M.T @ R, full_matrices=False)
+  total, acc, r = (R**2).sum(), (R**2).sum() - ((R - M @ M.T @ R) ** 2).sum(), 0
+  while acc / total < thr and r < len(S):
+    acc, r = acc + S[r] ** 2, r + 1
+  new = scale(np.concatenate([old, S[:r]]))
+  lam = np.concatenate([np.clip(lam + new[: len(lam)], 0, 1), new[len(lam) :]])
+  return np.hstack([M, U[:, :r]]), lam
+
+
+def test_sgp_matches_the_official_growth_importance_and_scaled_step():
+  params = {"k": jnp.zeros((12, 5)), "b": jnp.zeros(5)}
+  tx = cl_optax.sgp(0.9, alpha=3.0)
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  M, lam = np.zeros((12, 0)), np.zeros(0)
+  for _ in range(2):
+    X = rng.normal(size=(30, 4)) @ rng.normal(size=(4, 12)) + 0.05 * rng.normal(size=(30, 12))
+    state = cl_optax.consolidate(state, params, representations={"k": X})
+    M, lam = sgp_reference(M, lam, X, 0.9, 3.0)
+    count = int(state.sgp_count["k"])
+    assert count == M.shape[1] and 0 < count < 12, (count, M.shape)
+    np.testing.assert_allclose(state.sgp_importance["k"][:count], lam, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(state.sgp_importance["k"][count:]) == 0)
+  assert np.all(lam <= 1) and lam[0] == 1.0
+  g = {"k": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32), "b": jnp.ones(5)}
+  out = jax.jit(tx.update)(g, state, params)[0]
+  np.testing.assert_allclose(out["k"], g["k"] - M @ (lam[:, None] * (M.T @ g["k"])), atol=1e-4)
+  np.testing.assert_array_equal(out["b"], 0.0)  # biases frozen after the first task

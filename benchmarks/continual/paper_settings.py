@@ -52,6 +52,8 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **_rows(
     _AGEM_PMNIST, ["si"], {"lr": 0.1, "strength": 2 * 0.1, "xi": 0.1, "include_penalty": False}
   ),
+  # RWalk: lr 0.1, lambda 1 (strength = 2 lambda), K 10, alpha 0.9 (replicate_results_iclr19.sh)
+  **_rows(_AGEM_PMNIST, ["rwalk", "rwalk_official"], {"lr": 0.1, "strength": 2 * 1.0}),
   # The A-GEM code's own EWC and MAS (methods/agem_code.py): lambda 10 at lr 0.03, lambda 0.1
   # at lr 0.1; their penalty lambda * sum(Omega (theta - theta*)^2) has no 1/2: strength 2 lambda
   **_rows(_AGEM_PMNIST, ["ewc_agem_code"], {"lr": 0.03, "strength": 2 * 10.0}),
@@ -101,7 +103,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
   # GPM (Saha et al. 2021), single-head permuted streams: its PMNIST thresholds, head projected
   **_rows(
     ["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST],
-    ["gpm"],
+    ["gpm", "gpm_official", "sgp"],
     {"thresholds": [0.95, 0.99, 0.99], "project_head": True},
   ),
   **_SEQ_MNIST,

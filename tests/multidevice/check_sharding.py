@@ -35,6 +35,11 @@ TRANSFORMS = {
     None,
   ),
   "ncl_diag": (lambda: cl_optax.ncl(100.0), ("prior_mean", "prior_precision"), "precision"),
+  "rwalk": (
+    lambda: cl_optax.rwalk(2.0, every=2),
+    ("rwalk_anchor", "rwalk_importance", "rwalk_fisher", "rwalk_path", "rwalk_window"),
+    None,
+  ),
 }
 
 

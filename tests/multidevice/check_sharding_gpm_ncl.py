@@ -39,6 +39,7 @@ import cl_optax  # noqa: E402
 # axis (checked below: only kernel-shaped all-gathers, never a factor).
 SPECS = {
   "gpm": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
+  "sgp": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
   "ncl_kfac": {"dense": {"kernel": P(None, "model"), "bias": P("model")}, "table": P(None, "data")},
   "input_split": {"dense": {"kernel": P("data", None), "bias": P()}, "table": P(None, "data")},
 }
@@ -63,11 +64,18 @@ def signals(params):
       }
     },
     "ncl_kfac": {"precision": {"dense": kron, "table": jnp.square(params["table"])}},
+    "sgp": {
+      "representations": {
+        "dense": {"kernel": jax.random.normal(jax.random.key(5), (12, 16))},
+        "table": jax.random.normal(jax.random.key(6), (12, 3)),
+      }
+    },
   }
 
 
 TRANSFORMS = {
   "gpm": lambda: cl_optax.gpm(0.9),
+  "sgp": lambda: cl_optax.sgp(0.9, alpha=3.0),  # GPM's bases, replicated, with importances
   "ncl_kfac": lambda: cl_optax.ncl(
     10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense",)
   ),
@@ -107,9 +115,10 @@ def run(name, params, mesh, *, gathers=False):
 
 def check_state(name, state, params, mesh, task):
   inner = state[0]
-  if name == "gpm":
+  if name in ("gpm", "sgp"):
     like_params = []
-    matrices = jax.tree.leaves(inner.feature_basis)
+    matrices = jax.tree.leaves(inner.feature_basis if name == "gpm" else inner.sgp_basis)
+    matrices += jax.tree.leaves(getattr(inner, "sgp_importance", []))
   else:
     like_params = [inner.prior_mean, {"table": inner.prior_precision["table"]}]
     matrices = [m for k in inner.kron.values() for m in k]

@@ -85,15 +85,40 @@ register(
     defaults={"samples": 200, "max_directions": 800},
   )
 )
+# gpm_official: the official code's rank rule (one basis column fewer per layer after task 0)
+_GPM_DOC = "GPM (Saha et al. 2021): input-space bases from model.layer_inputs of 300 examples/task"
+for _name, _official, _doc in [
+  ("gpm", False, _GPM_DOC),
+  ("gpm_official", True, "GPM with the official code's first-task rank rule (#{cum < eps})"),
+]:
+  register(
+    Method(
+      _name,
+      lambda h, official=_official: optax.chain(
+        cl_optax.gpm(
+          layers=_gpm_layers(h),
+          freeze_unprojected=h.hp["project_head"],
+          official_rank=official,
+        ),
+        h.base(),
+      ),
+      _doc,
+      end_task=_consolidate_gpm,
+      # multi-head streams: the head (one column block per task) is not projected
+      defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
+    )
+  )
 register(
   Method(
-    "gpm",
+    "sgp",
     lambda h: optax.chain(
-      cl_optax.gpm(layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]), h.base()
+      cl_optax.sgp(
+        alpha=h.hp["alpha"], layers=_gpm_layers(h), freeze_unprojected=h.hp["project_head"]
+      ),
+      h.base(),
     ),
-    "GPM (Saha et al. 2021): input-space bases from model.layer_inputs of 300 examples per task",
+    "SGP (Saha & Roy 2023): GPM's bases, each direction removed by its importance (alpha)",
     end_task=_consolidate_gpm,
-    # multi-head streams: the head (one column block per task) is not projected
-    defaults={"samples": 300, "thresholds": [0.97], "project_head": False},
+    defaults={"samples": 300, "thresholds": [0.97], "project_head": False, "alpha": 10.0},
   )
 )

@@ -1,4 +1,4 @@
-"""Importance-weighted penalties as gradients (EWC, online EWC, MAS, SI).
+"""Importance-weighted penalties as gradients (EWC, online EWC, MAS, SI, RWalk).
 
 EWC and MAS estimate importance with `cl_optax.importance` on (at most `fisher_n` of)
 the task's training examples, through the task's own head; SI accumulates its path
@@ -87,3 +87,27 @@ register(
     defaults={"strength": _PENALTY_STRENGTH, "xi": 0.1, "include_penalty": True},
   )
 )
+# RWalk: strength = 2 lambda (the code's penalty has no 1/2); its window K and EMA weight alpha
+# (fisher_update_after 10, fisher_ema_decay 0.9 in the A-GEM code's permuted-MNIST run)
+for _name, _official, _doc in [
+  ("rwalk", False, "RWalk (Chaudhry et al. 2018), the paper's form: online Fisher + KL path score"),
+  ("rwalk_official", True, "RWalk as the A-GEM code runs it (T kept within a task; 1.5/0.5 merge)"),
+]:
+  register(
+    Method(
+      _name,
+      lambda h, official=_official: optax.chain(
+        cl_optax.rwalk(
+          h.hp["strength"],
+          alpha=h.hp["alpha"],
+          every=int(h.hp["fisher_every"]),
+          xi=h.hp["xi"],
+          official=official,
+        ),
+        h.base(),
+      ),
+      _doc,
+      end_task=_consolidate_plain,
+      defaults={"strength": 2 * 1.0, "alpha": 0.9, "fisher_every": 10, "xi": 1e-3},
+    )
+  )
