@@ -80,7 +80,8 @@ class OnlinePermuted:
       perm_position=jnp.array(self.examples_per_task, jnp.int32),
     )
 
-  def _new_task(self, c: PermutedCursor) -> PermutedCursor:
+  def start_task(self, c: PermutedCursor) -> PermutedCursor:
+    """The cursor at the start of the next task (new composed permutation, new order)."""
     task = c.perm_task + 1
     kp, ko = self.task_keys(task)
     n, d = self.images.shape
@@ -92,8 +93,17 @@ class OnlinePermuted:
   def next(self, cursor: PermutedCursor, batch_size: int = 1):
     """``(cursor, x [b, d], y [b], task)``: the next ``batch_size`` examples of the stream."""
     c = jax.lax.cond(
-      cursor.perm_position >= self.examples_per_task, self._new_task, lambda c: c, cursor
+      cursor.perm_position >= self.examples_per_task, self.start_task, lambda c: c, cursor
     )
+    return self.take(c, batch_size)
+
+  def take(self, c: PermutedCursor, batch_size: int = 1):
+    """:meth:`next` within the current task, without the new-task check.
+
+    A loop whose inner scan is exactly one task calls :meth:`start_task`
+    once per task and ``take`` at each step: XLA's conditional may copy the
+    cursor (the ``[examples_per_task]`` order) at each step.
+    """
     idx = jax.lax.dynamic_slice(c.perm_order, (c.perm_position,), (batch_size,))
     x = self.images[idx][:, c.perm_pixels]
     y = self.labels[idx]
@@ -150,7 +160,8 @@ class SlowlyChangingRegression:
   """The slowly-changing regression problem: see :func:`slowly_changing_regression`."""
 
   def __init__(self, n_inputs, n_slow, n_hidden, beta, flip_after, flip_one, seed):
-    self.n_inputs, self.n_slow, self.flip_after, self.flip_one = n_inputs, n_slow, flip_after, flip_one
+    self.n_inputs, self.n_slow = n_inputs, n_slow
+    self.flip_after, self.flip_one = flip_after, flip_one
     k = jax.random.split(jax.random.PRNGKey(seed), 5)
 
     def signs(key, shape):

@@ -72,7 +72,7 @@ def effective_rank(activations: jax.Array) -> jax.Array:
 
 
 def mean_weight_magnitude(params: Any) -> jax.Array:
-  """Mean :math:`|w|` over every element of every leaf of ``params`` (pass the kernels only for weights).
+  """Mean :math:`|w|` over every element of every leaf of ``params`` (pass only the kernels).
 
   Example:
     >>> import jax.numpy as jnp

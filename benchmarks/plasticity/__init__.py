@@ -1,4 +1,6 @@
-"""Loss-of-plasticity benchmarks: slowly-changing regression, online permuted MNIST, stability-plasticity chain.
+"""Loss-of-plasticity benchmarks.
+
+Slowly-changing regression, online permuted MNIST, and the stability-plasticity chain.
 
 See ``benchmarks/plasticity/RESULTS.md`` for the commands and the numbers.
 """

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import cl_optax
@@ -75,7 +76,7 @@ def make_tx(spec: dict, n_layers: int) -> optax.GradientTransformation:
 
 
 def _activations(spec, params, count, stats, hs):
-  """The ``activations=`` of the step: the batch's (CBP), a statistics batch on recycle steps (ReDo)."""
+  """The ``activations=``: the batch's (CBP), a statistics batch on recycle steps (ReDo)."""
   if spec["method"] == "cbp":
     return {"activations": hs}
   if spec["method"] != "redo":
@@ -97,13 +98,15 @@ def make_run(
   score: Callable[[jax.Array, jax.Array], jax.Array],
   probe: Callable[[Any, Any, jax.Array], jax.Array],
   per_bin: int,
+  start: Callable[[Any, Any], Any] = lambda problem, cursor: cursor,
 ) -> tuple[Callable, Callable]:
   """``(init(seed), run_bins(carry, seed, n_bins))`` for one method on one problem.
 
   ``make_problem(seed)`` builds the stream; ``draw(problem, cursor) -> (cursor,
   x, y)``; ``score(out, y)`` the per-example metric (before the update);
   ``probe(problem, cursor, key)`` a batch of inputs for the health measures
-  and ReDo's statistics.
+  and ReDo's statistics; ``start(problem, cursor)`` runs at each bin's start
+  (a new task where bins are tasks).
   """
   n_layers = len(sizes) - 1
   tx = make_tx(spec, n_layers)
@@ -124,23 +127,23 @@ def make_run(
     params, opt_state, cursor, count = carry
     cursor, x, y = draw(problem, cursor)
     (_, (out, hs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
-    stats = lambda: probe(problem, cursor, jax.random.PRNGKey(count))[: spec.get("stats_batch")]
+
+    def stats():
+      return probe(problem, cursor, jax.random.PRNGKey(count))[: spec.get("stats_batch")]
+
     extra = _activations(spec, params, count, stats, hs)
     updates, opt_state = tx.update(g, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     return (params, opt_state, cursor, count + 1), score(out, y)[0]
 
   def one_bin(problem, carry, _):
-    carry, per_example = jax.lax.scan(
-      lambda c, u: step(problem, c, u), carry, None, length=per_bin
-    )
+    carry = (*carry[:2], start(problem, carry[2]), carry[3])
+    carry, per_example = jax.lax.scan(lambda c, u: step(problem, c, u), carry, None, length=per_bin)
     params, cursor = carry[0], carry[2]
     hs = mlp(params, probe(problem, cursor, jax.random.PRNGKey(carry[3])))[1]
     kernels = [params[f"l{i}"]["kernel"] for i in range(1, n_layers + 1)]
     health = {
-      "dead": jnp.mean(jnp.stack([metrics.dead_fraction(h) for h in hs]))
-      if hs
-      else jnp.zeros(()),
+      "dead": jnp.mean(jnp.stack([metrics.dead_fraction(h) for h in hs])) if hs else jnp.zeros(()),
       "erank": metrics.effective_rank(hs[-1]) if hs else jnp.zeros(()),
       "weight": metrics.mean_weight_magnitude(kernels),
     }
@@ -153,28 +156,64 @@ def make_run(
   return init, run_bins
 
 
-def run_method(spec, sizes, make_problem, draw, score, probe, per_bin, n_bins, seeds, chunk, log):
-  """Runs ``n_bins`` bins for every seed (vmapped), ``chunk`` bins per jitted call; returns a dict."""
-  init, run_bins = make_run(spec, sizes, make_problem, draw, score, probe, per_bin)
+def _runner(init, run_bins, vmap_runs):
+  """``(groups(seeds), make(group), call(carry, group, k))``: vmapped, or one seed at a time.
+
+  Under ``vmap`` every ``lax.cond`` with a per-run predicate (a new task, a
+  reset step) becomes a ``select`` running both branches at every step, so
+  the permuted-MNIST runs go one seed at a time.
+  """
+  if vmap_runs:
+    call = jax.jit(jax.vmap(run_bins, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0)
+    return (lambda seeds: [seeds]), jax.vmap(init), call
+  one = jax.jit(run_bins, static_argnums=2, donate_argnums=0)
+
+  def call1(carry, group, k):
+    carry, rec = one(carry, group[0], k)
+    return carry, jax.tree.map(lambda a: a[None], rec)
+
+  return (
+    (lambda seeds: [seeds[i : i + 1] for i in range(len(seeds))]),
+    (lambda g: init(g[0])),
+    call1,
+  )
+
+
+def run_method(spec, problem, per_bin, n_bins, seeds, chunk, log, vmap_runs=True):
+  """``n_bins`` bins for every seed, ``chunk`` bins per jitted call, as a dict.
+
+  ``problem``: the keyword arguments of :func:`make_run` but ``spec`` and ``per_bin``.
+  """
+  init, run_bins = make_run(spec, per_bin=per_bin, **problem)
+  groups, make, call = _runner(init, run_bins, vmap_runs)
   seeds = jnp.asarray(seeds, jnp.int32)
-  carry = jax.vmap(init)(seeds)
-  fn = jax.jit(jax.vmap(run_bins, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0)
-  out: dict[str, list] = {}
+  per_group: list[dict] = []
   t0 = time.perf_counter()
-  done, timed = 0, []  # (bins, seconds) of each call; the first one compiles
-  while done < n_bins:
-    k = min(chunk, n_bins - done)
-    t1 = time.perf_counter()
-    carry, rec = fn(carry, seeds, k)
-    rec = jax.device_get(rec)
-    timed.append((k, time.perf_counter() - t1))
-    for name, v in rec.items():
-      out.setdefault(name, []).append(v)
-    done += k
-    log(f"{spec['name']}: {done}/{n_bins} bins, {time.perf_counter() - t0:.0f} s")
+  timed = []  # (bins x runs, seconds) of each call; the first of a group compiles
+  for group in groups(seeds):
+    carry, out, done = make(group), {}, 0
+    while done < n_bins:
+      k = min(chunk, n_bins - done)
+      t1 = time.perf_counter()
+      carry, rec = call(carry, group, k)
+      rec = jax.device_get(rec)
+      if done or k == n_bins:
+        timed.append((k * len(group), time.perf_counter() - t1))
+      for name, v in rec.items():
+        out.setdefault(name, []).append(v)
+      done += k
+      log(
+        f"{spec['name']} seeds {group.tolist()}: {done}/{n_bins} bins, "
+        f"{time.perf_counter() - t0:.0f} s"
+      )
+    per_group.append({name: np.concatenate(v, axis=1) for name, v in out.items()})
   wall = time.perf_counter() - t0
-  result = {name: jnp.concatenate(v, axis=1).tolist() for name, v in out.items()}
-  steady = timed[1:] or timed  # without the compiling call where there are several
-  rate = sum(k for k, _ in steady) * per_bin * len(seeds) / sum(t for _, t in steady)
-  return {**result, "spec": spec, "seeds": [int(s) for s in seeds], "wall_s": wall,
-          "samples_per_s": rate}
+  result = {n: np.concatenate([g[n] for g in per_group]).tolist() for n in per_group[0]}
+  rate = sum(k for k, _ in timed) * per_bin / sum(t for _, t in timed)
+  return {
+    **result,
+    "spec": spec,
+    "seeds": [int(s) for s in seeds],
+    "wall_s": wall,
+    "samples_per_s": rate,
+  }

@@ -40,12 +40,8 @@ def load(path):
   )
 
 
-def problem_maker(x, y, per_task):
-  return lambda seed: streams.online_permuted(x, y, examples_per_task=per_task, seed=seed)
-
-
 def draw(problem, cursor):
-  cursor, x, y, _ = problem.next(cursor, 1)
+  cursor, x, y, _ = problem.take(cursor, 1)  # each bin is one task: start_task at its start
   return cursor, x, y
 
 
@@ -59,6 +55,20 @@ def probe(problem, cursor, key):
   return problem.images[idx][:, cursor.perm_pixels]
 
 
+def problem(x, y, per_task, sizes=SIZES):
+  """The :func:`make_run` arguments of online permuted MNIST (one bin = one task)."""
+  return {
+    "sizes": sizes,
+    "make_problem": lambda seed: streams.online_permuted(
+      x, y, examples_per_task=per_task, seed=seed
+    ),
+    "draw": draw,
+    "score": score,
+    "probe": probe,
+    "start": lambda problem, cursor: problem.start_task(cursor),
+  }
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--methods", default=",".join(SPECS))
@@ -66,7 +76,8 @@ def main(argv=None):
   ap.add_argument("--per-task", type=int, default=60_000)
   ap.add_argument("--seeds", default="0")
   ap.add_argument("--chunk", type=int, default=5, help="tasks per jitted call")
-  ap.add_argument("--data", default=os.environ.get("CL_OPTAX_DATA", "/work/shared/data") + "/mnist.npz")
+  data = os.environ.get("CL_OPTAX_DATA", "/work/shared/data")
+  ap.add_argument("--data", default=data + "/mnist.npz")
   ap.add_argument("--out", required=True)
   a = ap.parse_args(argv)
   x, y = load(a.data)
@@ -75,8 +86,14 @@ def main(argv=None):
   for name in a.methods.split(","):
     spec = {"name": name, **SPECS[name]}
     results[name] = run_method(
-      spec, SIZES, problem_maker(x, y, a.per_task), draw, score, probe, a.per_task, a.tasks,
-      seeds, a.chunk, lambda m: print(m, file=sys.stderr, flush=True),
+      spec,
+      problem(x, y, a.per_task),
+      a.per_task,
+      a.tasks,
+      seeds,
+      a.chunk,
+      lambda m: print(m, file=sys.stderr, flush=True),
+      vmap_runs=False,
     )
     meta = {"tasks": a.tasks, "per_task": a.per_task, "seeds": seeds}
     with open(a.out, "w") as f:

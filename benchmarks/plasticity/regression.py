@@ -1,8 +1,9 @@
-"""Slowly-changing regression (Dohare et al., 2024): BP at three step sizes, the linear learner, then the fixes.
+"""Slowly-changing regression (Dohare et al., 2024): BP at three step sizes, linear, the fixes.
 
 20 -> 5 -> 1 ReLU, SGD, batch 1, MSE; error per bin of 2T = 20 000 examples.
 
-  python -m benchmarks.plasticity.regression --runs 30 --steps 1000000 --out benchmarks/plasticity/results/regression.json
+  python -m benchmarks.plasticity.regression --runs 30 --steps 1000000 \
+    --out benchmarks/plasticity/results/regression.json
 """
 
 from __future__ import annotations
@@ -63,10 +64,20 @@ def main(argv=None):
   results = {}
   for name in a.methods.split(","):
     spec = {"name": name, **SPECS[name]}
-    sizes = (20, 1) if spec["method"] == "linear" else (20, 5, 1)
+    problem = {
+      "sizes": (20, 1) if spec["method"] == "linear" else (20, 5, 1),
+      "make_problem": _problem(a.flip_one),
+      "draw": _draw,
+      "score": _score,
+      "probe": _probe,
+    }
     results[name] = run_method(
-      spec, sizes, _problem(a.flip_one), _draw, _score, _probe, PER_BIN,
-      a.steps // PER_BIN, list(range(a.runs)), a.chunk,
+      spec,
+      problem,
+      PER_BIN,
+      a.steps // PER_BIN,
+      list(range(a.runs)),
+      a.chunk,
       lambda m: print(m, file=sys.stderr, flush=True),
     )
     meta = {"steps": a.steps, "runs": a.runs, "flip_one": a.flip_one, "per_bin": PER_BIN}
