@@ -1,4 +1,4 @@
-"""Boundary-free streams (online permuted MNIST, slowly-changing regression) and plasticity metrics vs numpy."""
+"""Boundary-free streams (online permuted MNIST, slowly-changing regression), metrics vs numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def test_online_permuted_composes_permutations_and_serves_each_example_once():
     got_y = ys[3 * t : 3 * t + 3].reshape(-1)
     assert sorted(got_y.tolist()) == list(range(6))  # each example once per task
     np.testing.assert_array_equal(xs[3 * t : 3 * t + 3].reshape(6, 5), x[got_y][:, perm])
-  assert np.asarray(cursors.perm_pixels).shape == (9, 5)  # one [d] permutation held, never all tasks
+  assert np.asarray(cursors.perm_pixels).shape == (9, 5)  # one [d] permutation held
 
 
 def test_slowly_changing_regression_matches_numpy_target_and_bit_schedule():
