@@ -32,8 +32,9 @@ def _mean(r, key):
 def regression(res, out):
   fig, ax = plt.subplots(figsize=(7, 4))
   rows = [
-    "| method | setting | runs | first bin | last bin | figure (first → last) | samples/s |",
-    "|---|---|---|---|---|---|---|",
+    "| method | setting | runs | first bin | last bin | last 5 bins | figure (first → last) "
+    "| dead units (end) | samples/s |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in res["results"].items():
     err = _mean(r, "metric")
@@ -41,9 +42,10 @@ def regression(res, out):
     t = REGRESSION_TARGETS.get(name)
     fig_txt = f"≈ {t[0]} → {t[1]}" if t else "—"
     setting = ", ".join(f"{k} {v}" for k, v in r["spec"].items() if k not in ("name", "method"))
+    dead = _mean(r, "dead")[-1]
     rows.append(
       f"| {name} | {setting} | {len(r['seeds'])} | {err[0]:.3f} | {err[-1]:.3f} | "
-      f"{fig_txt} | {r['samples_per_s']:,.0f} |"
+      f"{err[-5:].mean():.3f} | {fig_txt} | {dead:.2f} | {r['samples_per_s']:,.0f} |"
     )
   for name, (a, b) in REGRESSION_TARGETS.items():
     if name in res["results"]:
@@ -120,6 +122,8 @@ def main(argv=None):
       r["results"].update(more["results"])
     parts.append("## Slowly-changing regression\n\n" + regression(r, d))
   if r := load("pmnist.json"):
+    if more := load("pmnist_b.json"):  # methods run later, on fewer tasks
+      r["results"].update(more["results"])
     parts.append("## Online permuted MNIST\n\n" + pmnist(r, d, load("pmnist_bp40.json")))
   if r := load("chain.json"):
     parts.append("## Stability-plasticity chain\n\n" + chain(r, d))
