@@ -55,6 +55,9 @@ TRAFFIC = {
   # A-GEM: a first pass reads g and r for the two dot products, the second
   # reads g, r (and p) to project and apply
   "agem": ("base g:P r:f32 r:f32", "base"),
+  # L2 Init reads its float32 anchor; param_noise draws the noise (no array read)
+  "l2_init": ("base anchor:f32", "base"),
+  "param_noise": ("base", "base"),
 }
 _SIZES = {"P": None, "f32": 4, "bf16": 2, "bool": 1}
 

@@ -37,15 +37,18 @@ from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
 from cl_optax.masking import soft_mask as soft_mask
+from cl_optax.plasticity import AdamGnTState as AdamGnTState
 from cl_optax.plasticity import CBPStats as CBPStats
 from cl_optax.plasticity import L2InitState as L2InitState
 from cl_optax.plasticity import ParamNoiseState as ParamNoiseState
 from cl_optax.plasticity import ShrinkPerturbState as ShrinkPerturbState
+from cl_optax.plasticity import adam_gnt as adam_gnt
 from cl_optax.plasticity import cbp_selector as cbp_selector
 from cl_optax.plasticity import continual_backprop as continual_backprop
 from cl_optax.plasticity import l2_init as l2_init
 from cl_optax.plasticity import param_noise as param_noise
 from cl_optax.plasticity import redo as redo
+from cl_optax.plasticity import scale_by_adam_gnt as scale_by_adam_gnt
 from cl_optax.plasticity import shrink_perturb as shrink_perturb
 from cl_optax.precision import NCLState as NCLState
 from cl_optax.precision import ncl as ncl
@@ -79,6 +82,8 @@ from cl_optax.replay import experience_replay as experience_replay
 __version__ = "0.1.0"
 
 __all__ = [
+  "adam_gnt",
+  "AdamGnTState",
   "agem",
   "AGEMState",
   "apply_pending_writes",
@@ -131,6 +136,7 @@ __all__ = [
   "redo",
   "redo_selector",
   "replay",
+  "scale_by_adam_gnt",
   "selected",
   "set_debug",
   "sgp",

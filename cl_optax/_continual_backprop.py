@@ -238,10 +238,11 @@ def continual_backprop(
     weight's first steps are larger, :math:`\alpha(1-\beta_1^k)/\sqrt{1 -
     \beta_2^k}` with the global :math:`k` (about 3 :math:`\alpha` for
     :math:`k \ge 100` at :math:`\beta = (0.9, 0.999)`, decaying as the
-    moments fill). Not corrected here; the official permuted-MNIST and
-    regression runs use SGD (no state to reset), and the PPO runs plain Adam
-    without any reset (author, issue #10). Bound it, if needed, by clipping
-    after the optimiser *inside* ``inner``.
+    moments fill). Solved by giving ``inner=cl_optax.adam_gnt(lr)``: Adam
+    with a params-shaped count, which the reset zeroes with the moments
+    (AdamGnT exactly). The official permuted-MNIST and regression runs use
+    SGD (no state to reset), and the PPO runs plain Adam without any reset
+    (author, issue #10).
   - **Bias absorption.** ``gnt.py`` zeroes the replaced units' running mean
     in ``test_features`` before ``gen_new_features`` reads it, so its
     next-bias correction adds 0; here the bias absorbs :math:`\hat f_i` as

@@ -16,6 +16,11 @@ Eq. 6-7; used by A-GEM, ICLR 2019). The official GEM code
 (``metrics/metrics.py``) divides BWT and FWT by ``T`` (its entries for the
 last / first task are 0); these functions follow the papers' ``T - 1``.
 
+The loss-of-plasticity streams (:func:`cl_optax.streams.online_permuted`)
+have no test set and no accuracy matrix: :func:`online_accuracy`,
+:func:`dead_fraction`, :func:`effective_rank` and
+:func:`mean_weight_magnitude` measure them (jittable).
+
 Example:
   >>> import numpy as np
   >>> from cl_optax import metrics
@@ -31,12 +36,21 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from cl_optax._plasticity_metrics import dead_fraction as dead_fraction
+from cl_optax._plasticity_metrics import effective_rank as effective_rank
+from cl_optax._plasticity_metrics import mean_weight_magnitude as mean_weight_magnitude
+from cl_optax._plasticity_metrics import online_accuracy as online_accuracy
+
 __all__ = [
   "average_accuracy",
   "average_accuracy_curve",
   "backward_transfer",
+  "dead_fraction",
+  "effective_rank",
   "forgetting",
   "forward_transfer",
+  "mean_weight_magnitude",
+  "online_accuracy",
   "summary",
 ]
 

@@ -16,10 +16,17 @@ units, growing weights, lost rank).
   per-step re-draws of low-utility or dormant hidden units, wrappers over
   the whole optimiser built on :func:`cl_optax.unit_resets`; last.
 
+- :func:`adam_gnt` (:func:`scale_by_adam_gnt`): Adam with a per-element
+  step count, the ``inner`` optimiser under which a reset unit restarts
+  Adam's bias correction exactly (continual backprop's ``AdamGnT``).
+
 None of them reads a boundary signal except :func:`shrink_perturb`
 (``fresh=``).
 """
 
+from cl_optax._adam_gnt import AdamGnTState as AdamGnTState
+from cl_optax._adam_gnt import adam_gnt as adam_gnt
+from cl_optax._adam_gnt import scale_by_adam_gnt as scale_by_adam_gnt
 from cl_optax._continual_backprop import CBPStats as CBPStats
 from cl_optax._continual_backprop import cbp_selector as cbp_selector
 from cl_optax._continual_backprop import continual_backprop as continual_backprop
@@ -32,7 +39,9 @@ from cl_optax._shrink_perturb import param_noise as param_noise
 from cl_optax._shrink_perturb import shrink_perturb as shrink_perturb
 
 __all__ = [
+  "AdamGnTState",
   "CBPStats",
+  "adam_gnt",
   "L2InitState",
   "ParamNoiseState",
   "ShrinkPerturbState",
@@ -41,5 +50,6 @@ __all__ = [
   "l2_init",
   "param_noise",
   "redo",
+  "scale_by_adam_gnt",
   "shrink_perturb",
 ]

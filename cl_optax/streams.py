@@ -18,6 +18,11 @@ reference to the base arrays and the indices/transform, and
 :meth:`Task.train` / :meth:`Task.test` materialise them on demand, so a
 20-task permuted MNIST does not hold 20 copies of the data.
 
+Boundary-free streams (Dohare et al., 2024), jittable generators driven by
+a cursor inside one ``lax.scan``: :func:`online_permuted` (online permuted
+MNIST, composed permutations, examples once) and
+:func:`slowly_changing_regression`.
+
 Data: :func:`load_digits` (scikit-learn's bundled 8x8 digits, offline; the
 default) and :func:`load_mnist` / :func:`load_fashion_mnist` from a local
 ``.npz`` or IDX folder. Nothing here downloads.
@@ -51,6 +56,12 @@ from cl_optax._datasets import read_idx as read_idx
 from cl_optax._domain_streams import permuted as permuted
 from cl_optax._domain_streams import rotated as rotated
 from cl_optax._image_maps import rotation_weights as rotation_weights
+from cl_optax._online_streams import OnlinePermuted as OnlinePermuted
+from cl_optax._online_streams import PermutedCursor as PermutedCursor
+from cl_optax._online_streams import RegressionCursor as RegressionCursor
+from cl_optax._online_streams import SlowlyChangingRegression as SlowlyChangingRegression
+from cl_optax._online_streams import online_permuted as online_permuted
+from cl_optax._online_streams import slowly_changing_regression as slowly_changing_regression
 from cl_optax._split_stream import split as split
 from cl_optax._stream_checks import SCENARIOS as SCENARIOS
 from cl_optax._stream_checks import check_xy
@@ -61,16 +72,22 @@ __all__ = [
   "ENV_VAR",
   "SCENARIOS",
   "Dataset",
+  "OnlinePermuted",
+  "PermutedCursor",
+  "RegressionCursor",
+  "SlowlyChangingRegression",
   "Stream",
   "Task",
   "load_digits",
   "load_fashion_mnist",
   "load_mnist",
   "minibatches",
+  "online_permuted",
   "permuted",
   "read_idx",
   "rotated",
   "rotation_weights",
+  "slowly_changing_regression",
   "split",
 ]
 

@@ -28,6 +28,7 @@ import cl_optax
 STEPS, TASKS, BATCH = 4, 3, 8
 HALF = 2 * STEPS + STEPS // 2  # the checkpoint: after two tasks and half of the third
 LAYERS = ("dense", "head")
+UNITS = ("dense/kernel", "dense/bias", "head/kernel", "head/bias")  # CBP / ReDo layer spec
 
 
 def init_params():
@@ -110,10 +111,21 @@ def no_signals(params, task):
   return {}
 
 
+def fresh(params, task):
+  """A fresh draw of the network (shrink and perturb's ``fresh=``)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(100 + task), len(leaves))
+  draws = [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  return {"fresh": jax.tree.unflatten(treedef, draws)}
+
+
 class Case(NamedTuple):
   make: object  # () -> GradientTransformation
   signals: object  # (params, task) -> consolidate signals
   memory: str | None = None  # "reservoir" (agem), "ring" (gem) or "cbrs" (class-balanced)
+  signals: object  # (params, task) -> consolidate signals; None: no consolidate (no boundary)
+  memory: str | None = None  # "reservoir" (agem) or "ring" (gem)
+  activations: bool = False  # update(..., activations=[hidden]) (unit resets)
 
 
 def _sgd(tx):
@@ -150,6 +162,22 @@ CASES = {
   ),
   "experience_replay(cbrs)": Case(_sgd(cl_optax.experience_replay), no_signals, "cbrs"),
   "rwalk": Case(_sgd(lambda: cl_optax.rwalk(3.0, every=2)), no_signals),
+  # plasticity: PRNG keys, step counters, unit utilities and ages restored exactly
+  "l2_init": Case(_sgd(lambda: cl_optax.l2_init(0.1)), no_signals),
+  "param_noise": Case(lambda: optax.chain(optax.sgd(0.1), cl_optax.param_noise(0.01)), no_signals),
+  "shrink_perturb": Case(lambda: cl_optax.shrink_perturb(inner=optax.adam(1e-2)), fresh),
+  "continual_backprop": Case(
+    lambda: cl_optax.continual_backprop(
+      optax.adam(1e-2), layers=[UNITS], replacement_rate=0.3, maturity_threshold=2
+    ),
+    None,
+    activations=True,
+  ),
+  "redo": Case(
+    lambda: cl_optax.redo(optax.adam(1e-2), layers=[UNITS[:3]], threshold=0.9, every=3),
+    None,
+    activations=True,
+  ),
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),
@@ -206,6 +234,8 @@ def _step_fn(name: str):
       memory = cl_optax.replay.add_balanced(memory, (x, y), y, key=key, rule="cbrs")
       (mx, my), valid = cl_optax.replay.sample(memory, jax.random.fold_in(key, 2), 4, balanced=True)
       extra["replay_grads"] = jax.grad(loss_fn)(params, mx, my, valid.astype(jnp.float32))
+    if case.activations:
+      extra["activations"] = [apply(params, x)[1]["head"]]
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, memory
 
@@ -226,7 +256,7 @@ def train(name: str, run: dict, stop: int) -> dict:
     )
     if memory is not None:
       run["memory"] = memory
-    if (s + 1) % STEPS == 0 and task + 1 < TASKS:
+    if (s + 1) % STEPS == 0 and task + 1 < TASKS and CASES[name].signals is not None:
       signals = CASES[name].signals(run["params"], task)
       run["opt_state"] = cl_optax.consolidate(run["opt_state"], run["params"], **signals)
     run["step"] = jnp.asarray(s + 1, jnp.int32)

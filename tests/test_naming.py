@@ -72,6 +72,7 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.HATState,
     cl_optax.PackNetState,
     cl_optax.CBPStats,
+    cl_optax.AdamGnTState,
   ]
   seen = {}
   for s in states:
