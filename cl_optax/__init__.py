@@ -1,5 +1,6 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
+from cl_optax import adapters as adapters
 from cl_optax import importance as importance
 from cl_optax import losses as losses
 from cl_optax import metrics as metrics
@@ -20,6 +21,10 @@ from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
 from cl_optax._writes import boundary_writes as boundary_writes
 from cl_optax._writes import check_writes_last as check_writes_last
+from cl_optax.adapters import InfLoRAState as InfLoRAState
+from cl_optax.adapters import OLoRAState as OLoRAState
+from cl_optax.adapters import inflora as inflora
+from cl_optax.adapters import olora as olora
 from cl_optax.masking import FreezeState as FreezeState
 from cl_optax.masking import SoftMaskState as SoftMaskState
 from cl_optax.masking import freeze as freeze
@@ -60,6 +65,7 @@ from cl_optax.replay import experience_replay as experience_replay
 __version__ = "0.1.0"
 
 __all__ = [
+  "adapters",
   "agem",
   "AGEMState",
   "apply_pending_writes",
@@ -85,6 +91,8 @@ __all__ = [
   "gpm",
   "GPMState",
   "importance",
+  "inflora",
+  "InfLoRAState",
   "l2_init",
   "L2InitState",
   "losses",
@@ -95,6 +103,8 @@ __all__ = [
   "NCLState",
   "ogd",
   "OGDState",
+  "olora",
+  "OLoRAState",
   "online_ewc",
   "OnlineEWCState",
   "param_noise",

@@ -29,6 +29,8 @@ class Case(NamedTuple):
   inject: Callable[[], optax.GradientTransformation]  # inject_hyperparams form
   # params -> per-step extra args of `update` (e.g. `ref_grads=` for agem)
   extra_args: Callable[[Any], dict] = lambda params: {}
+  # (dtype=float32) -> the params the battery runs on (adapters need LoRA branches)
+  params: Callable[..., Any] = make_params
 
 
 def _rand_importance(params):
@@ -124,6 +126,27 @@ _CBP_STATIC = ("inner", "layers", "utility", "max_units", "reinit", "seed")
 
 def _cbp():
   return cl_optax.continual_backprop(cl_optax.freeze(), layers=_RESET_LAYERS, **_CBP_ARGS)
+
+
+def _lora_params(dtype=jnp.float32):
+  """`make_params` with a LoRA branch (3 slots) on `dense` (cl_optax.adapters' layout)."""
+  params = make_params(dtype)
+  shapes = {
+    "lora_a": (4, 2),
+    "lora_b": (2, 3),
+    "lora_slots_a": (3, 4, 2),
+    "lora_slots_b": (3, 2, 3),
+  }
+  params["dense"] |= jax.tree.map(lambda x: x.astype(dtype), normal_tree(21, shapes))
+  return params
+
+
+def _covariances(params):
+  del params
+  return {"next_covariance": {"dense": psd(22, 4)}, "covariance": {"dense": psd(23, 4)}}
+
+
+_OLORA_STATIC = ("inner", "form", "seed")
 
 
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
@@ -320,14 +343,32 @@ CASES = [
     ),
     _activations,
   ),
+  Case(
+    "olora",
+    lambda: cl_optax.olora(optax.trace(0.5), 0.5, 0.1),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.olora, static_args=_OLORA_STATIC)(
+      optax.trace(0.5), 0.5, 0.1
+    ),
+    params=_lora_params,
+  ),
+  Case(
+    "inflora",
+    lambda: cl_optax.inflora(optax.trace(0.5), 0.9, 1.0),
+    _covariances,
+    lambda: optax.inject_hyperparams(cl_optax.inflora, static_args=("inner",))(
+      optax.trace(0.5), 0.9, 1.0
+    ),
+    params=_lora_params,
+  ),
 ]
 IDS = [c.name for c in CASES]
-SIGNAL_CASES = [c for c in CASES if c.signals(make_params())]
+SIGNAL_CASES = [c for c in CASES if c.signals(c.params())]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_accepts_unknown_extra_args(case):
-  params = make_params()
+  params = case.params()
   tx = case.make()
   state = tx.init(params)
   updates, _ = tx.update(
@@ -343,7 +384,7 @@ def test_accepts_unknown_extra_args(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_preserves_dtype(case, dtype):
-  params = make_params(dtype)
+  params = case.params(dtype)
   tx = optax.chain(optax.sgd(0.1), case.make())
   state = tx.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
@@ -354,7 +395,7 @@ def test_preserves_dtype(case, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_stable_across_steps_and_consolidate(case):
-  params = make_params()
+  params = case.params()
   tx = optax.chain(optax.adam(0.1), case.make())
   state = tx.init(params)
   extra = case.extra_args(params)
@@ -369,7 +410,7 @@ def test_state_stable_across_steps_and_consolidate(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_no_retrace_or_recompile_after_consolidate(case, caplog):
-  params = make_params()
+  params = case.params()
   tx = optax.chain(optax.adam(0.1), case.make())
 
   @jax.jit
@@ -396,7 +437,7 @@ def test_no_retrace_or_recompile_after_consolidate(case, caplog):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_multisteps(case):
-  params = make_params()
+  params = case.params()
   k = 3
   tx = optax.MultiSteps(optax.chain(optax.sgd(1.0), case.make()), every_k_schedule=k)
   ref = optax.chain(optax.sgd(1.0), case.make())
@@ -415,7 +456,7 @@ def test_works_under_multisteps(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_inject_hyperparams(case):
-  params = make_params()
+  params = case.params()
   tx, ref = case.inject(), case.make()
   state, ref_state = tx.init(params), ref.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
@@ -430,7 +471,7 @@ def test_works_under_inject_hyperparams(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_train_step_donating_params_and_state(case):
   """No state leaf may share a buffer with params (a donating step would get it twice)."""
-  params = jax.tree.map(jnp.copy, make_params())
+  params = jax.tree.map(jnp.copy, case.params())
   tx = optax.chain(optax.sgd(0.1), case.make())
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -453,7 +494,7 @@ class JitEqualityTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters((case.name, case) for case in CASES)
   def test_same_with_and_without_jit(self, case):
-    params = make_params()
+    params = case.params()
     grads = normal_like(params)
     tx = optax.chain(optax.adam(0.1), case.make())
     state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
@@ -467,7 +508,7 @@ class JitEqualityTest(chex.TestCase):
 
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])
 def test_missing_signal_is_named(case):
-  params = make_params()
+  params = case.params()
   state = case.make().init(params)
   signal = next(iter(case.signals(params)))
   with pytest.raises(ValueError, match=f"needs the signal `{signal}=`"):
@@ -478,7 +519,7 @@ def test_missing_signal_is_named(case):
 def test_empty_selection_passes_through(case):
   """Under `optax.masked` with an all-False mask every transform is the identity:
   init, consolidate and (jitted) update work and the updates come out as they went in."""
-  params = make_params()
+  params = case.params()
   tx = optax.masked(case.make(), jax.tree.map(lambda _: False, params))
   state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
   grads = normal_like(params)
