@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 from cl_optax import _trees
 
 ROLES = ("lora_a", "lora_b", "lora_slots_a", "lora_slots_b")

@@ -31,7 +31,7 @@ class OLoRAState(NamedTuple):
   olora_tasks: jax.Array  # shape=(), int32
 
   def consolidate(self, params: optax.Params, **signals: Any) -> OLoRAState:
-    """Slot write: every branch's adapter into slot ``olora_tasks``; a fresh adapter in its place."""
+    """Slot write: each branch's adapter into slot ``olora_tasks``, a fresh one in its place."""
     del signals
     branches, leaves = _lora_slots.boundary_view(self.olora_write, params, "olora")
     key, sub = jax.random.split(jax.random.wrap_key_data(self.olora_key))
@@ -46,7 +46,7 @@ class OLoRAState(NamedTuple):
 
 
 def _branch_grads(a, slots_a, b, orthogonality, norm, form):
-  """:math:`\\lambda_1 \\nabla_A L_{orth}` and :math:`\\lambda_2 \\nabla \\lVert\\cdot\\rVert_F` of one branch."""
+  """The gradients (of ``a``, ``b``) of one branch's penalty, lambda_1 L_orth + lambda_2 norms."""
 
   def loss(a, b):
     o = jnp.einsum("sir,ik->srk", slots_a.astype(jnp.float32), a.astype(jnp.float32))
