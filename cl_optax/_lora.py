@@ -213,9 +213,21 @@ def olora_orthogonality(params: Any, form: str = "l1") -> jax.Array:
   leaves = jax.tree.leaves(plain, is_leaf=_trees.is_masked)
   total = jnp.zeros((), jnp.float32)
   for br in branches:
-    o = jnp.einsum("sir,ik->srk", leaves[br.slots_a], leaves[br.a]).astype(jnp.float32)
-    total = total + (jnp.sum(jnp.abs(o)) if form == "l1" else jnp.sum(o * o))
+    total = total + orthogonality_term(leaves[br.slots_a], leaves[br.a], form)
   return total
+
+
+def orthogonality_term(slots_a: jax.Array, a: jax.Array, form: str) -> jax.Array:
+  """One branch's :math:`\\sum_k \\sum_{jl} \\phi((A_k^\\top A)_{jl})` in float32.
+
+  A broadcast product summed over ``d_in`` (not a ``dot``): under explicit
+  sharding a contraction over a sharded axis needs an output sharding, a sum
+  does not (it reduces across devices; ``[S, r, r]`` is tiny).
+  """
+  o = jnp.sum(
+    slots_a.astype(jnp.float32)[:, :, :, None] * a.astype(jnp.float32)[None, :, None, :], axis=1
+  )
+  return jnp.sum(jnp.abs(o)) if form == "l1" else jnp.sum(o * o)
 
 
 def adapter_norm(params: Any) -> jax.Array:

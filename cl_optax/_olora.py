@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _debug, _lora_slots, _trees, _writes
-from cl_optax._lora import kaiming_a, safe_norm
+from cl_optax._lora import kaiming_a, orthogonality_term, safe_norm
 
 _FORMS = ("l1", "squared")
 
@@ -49,8 +49,7 @@ def _branch_grads(a, slots_a, b, orthogonality, norm, form):
   """The gradients (of ``a``, ``b``) of one branch's penalty, lambda_1 L_orth + lambda_2 norms."""
 
   def loss(a, b):
-    o = jnp.einsum("sir,ik->srk", slots_a.astype(jnp.float32), a.astype(jnp.float32))
-    orth = jnp.sum(jnp.abs(o)) if form == "l1" else jnp.sum(o * o)
+    orth = orthogonality_term(slots_a, a, form)
     return orthogonality * orth + norm * (safe_norm(a) + safe_norm(b))
 
   return jax.grad(loss, argnums=(0, 1))(a, b)
