@@ -67,6 +67,8 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.ShrinkPerturbState,
     cl_optax.ParamNoiseState,
     cl_optax.CBPStats,
+    cl_optax.OLoRAState,
+    cl_optax.InfLoRAState,
   ]
   seen = {}
   for s in states:
