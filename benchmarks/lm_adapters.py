@@ -206,6 +206,35 @@ def run_stream(method, ctx, pretrained, seed):
   return np.array(rows), int(n_train), int(state_bytes), tokens / max(seconds, 1e-9)
 
 
+def step_cost(ctx, repeats: int) -> dict:
+  """Seconds per jitted adapter train step: plain LoRA (Adam on lora_a, lora_b), O-LoRA, InfLoRA."""
+  _, base, lora, _ = split_model(AdaptedLM(ctx.cfg, nnx.Rngs(0)))
+  labels = jax.tree_util.tree_map_with_path(
+    lambda p, _: "train" if str(p[-1]) in ("['lora_a']", "['lora_b']") else "frozen", lora
+  )
+  plain = optax.multi_transform(
+    {"train": optax.adam(ctx.cfg["lora_lr"]), "frozen": optax.set_to_zero()}, labels
+  )
+  rng, out = np.random.default_rng(0), {}
+  for name, tx in [("lora", plain), ("olora", make_tx("olora", ctx, base))]:
+    out[name] = _time_steps(ctx, tx, base, lora, rng, repeats)
+  out["inflora"] = _time_steps(ctx, make_tx("inflora", ctx, base), base, lora, rng, repeats)
+  for name, s in out.items():
+    print(f"{name:8s} {1e3 * s:8.2f} ms/step  {s / out['lora']:.2f}x plain LoRA", flush=True)
+  return out
+
+
+def _time_steps(ctx, tx, base, lora, rng, repeats):
+  step, state = make_step(ctx, tx, False), tx.init(lora)
+  batches = [ctx.batch(ctx.data[1], rng) for _ in range(repeats)]
+  base, lora, state = jax.block_until_ready(step(base, lora, state, batches[0]))  # compile
+  start = time.perf_counter()
+  for b in batches:
+    base, lora, state = step(base, lora, state, b)
+  jax.block_until_ready(lora)
+  return (time.perf_counter() - start) / repeats
+
+
 def parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   arg = parser.add_argument
@@ -223,6 +252,7 @@ def parse(argv=None):
     arg(f"--{name}", type=float, default=default)
   arg("--olora-lambda", type=float, default=0.5)
   arg("--eps-begin", type=float, default=0.95)
+  arg("--cost", type=int, default=0, help="only time N adapter steps of each kind")
   arg("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/figures/lm_adapters"))
   return parser.parse_args(argv)
 
@@ -240,6 +270,8 @@ def main(argv=None):
     for _, te in data
   ]
   ctx = Ctx(cfg, [tr for tr, _ in data], held_out)
+  if args.cost:
+    return step_cost(ctx, args.cost)
   methods = args.methods.split(",")
   results = {m: [] for m in methods}
   start = time.perf_counter()
