@@ -66,6 +66,11 @@ def _add_penalty(updates, params, branches, orthogonality, norm, form):
   return tdef.unflatten(leaves)
 
 
+def _off(*weights: Any) -> bool:
+  """Whether every weight is a Python zero (not a traced hyper-parameter)."""
+  return all(isinstance(w, int | float) and w == 0 for w in weights)
+
+
 def olora(
   inner: optax.GradientTransformation,
   orthogonality: float = 0.5,
@@ -156,7 +161,8 @@ def olora(
     if params is None:
       raise ValueError("olora: update needs `params` (the penalty and the writes read them).")
     branches, _ = _lora_slots.branch_layout(params, "olora")
-    updates = _add_penalty(updates, params, branches, orthogonality, norm, form)
+    if not _off(orthogonality, norm):  # sequential LoRA (both 0) skips the penalty's pass
+      updates = _add_penalty(updates, params, branches, orthogonality, norm, form)
     frozen = {i for br in branches for i in (br.slots_a, br.slots_b)}
     updates, inner_state, write = _lora_slots.wrapped_update(
       inner, updates, state.olora_inner_state, state.olora_write, params, frozen,
