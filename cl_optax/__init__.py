@@ -1,5 +1,6 @@
 """cl_optax: continual-learning methods as composable Optax transformations."""
 
+from cl_optax import adapters as adapters
 from cl_optax import importance as importance
 from cl_optax import isolation as isolation
 from cl_optax import losses as losses
@@ -22,6 +23,10 @@ from cl_optax._writes import PendingWrite as PendingWrite
 from cl_optax._writes import apply_pending_writes as apply_pending_writes
 from cl_optax._writes import boundary_writes as boundary_writes
 from cl_optax._writes import check_writes_last as check_writes_last
+from cl_optax.adapters import InfLoRAState as InfLoRAState
+from cl_optax.adapters import OLoRAState as OLoRAState
+from cl_optax.adapters import inflora as inflora
+from cl_optax.adapters import olora as olora
 from cl_optax.isolation import HATState as HATState
 from cl_optax.isolation import PackNetState as PackNetState
 from cl_optax.isolation import WSNMasks as WSNMasks
@@ -84,6 +89,7 @@ __version__ = "0.1.0"
 __all__ = [
   "adam_gnt",
   "AdamGnTState",
+  "adapters",
   "agem",
   "AGEMState",
   "apply_pending_writes",
@@ -114,6 +120,8 @@ __all__ = [
   "GPMState",
   "importance",
   "isolation",
+  "inflora",
+  "InfLoRAState",
   "l2_init",
   "L2InitState",
   "losses",
@@ -124,6 +132,8 @@ __all__ = [
   "NCLState",
   "ogd",
   "OGDState",
+  "olora",
+  "OLoRAState",
   "online_ewc",
   "OnlineEWCState",
   "packnet",

@@ -39,10 +39,20 @@ def init_params():
   }
 
 
+def lora_params():
+  """``init_params`` with a LoRA branch (cl_optax.adapters' layout, 3 slots) on ``dense``."""
+  params = init_params()
+  params["dense"] |= cl_optax.adapters.lora_init(jax.random.key(3), 6, 5, rank=2, slots=TASKS)
+  return params
+
+
 def apply(params, x, taps=None):
   """``(logits, inputs of each dense layer)``; ``taps`` (K-FAC) add to the layer outputs."""
   taps = taps or {"dense": 0.0, "head": 0.0}
-  h = jnp.tanh(x @ params["dense"]["kernel"] + params["dense"]["bias"] + taps["dense"])
+  pre = x @ params["dense"]["kernel"] + params["dense"]["bias"] + taps["dense"]
+  if "lora_a" in params["dense"]:
+    pre = pre + cl_optax.adapters.lora_apply(params["dense"], x, 2.0)
+  h = jnp.tanh(pre)
   logits = h @ params["head"]["kernel"] + params["head"]["bias"] + taps["head"]
   return logits, {"dense": x, "head": h}
 
@@ -119,13 +129,18 @@ def fresh(params, task):
   return {"fresh": jax.tree.unflatten(treedef, draws)}
 
 
+def covariances(params, task):
+  c = {"dense": cl_optax.adapters.input_covariance(batch(task * STEPS)[0])}
+  nxt = {"dense": cl_optax.adapters.input_covariance(batch((task + 1) * STEPS)[0])}
+  return {"covariance": c, "next_covariance": nxt}
+
+
 class Case(NamedTuple):
   make: object  # () -> GradientTransformation
-  signals: object  # (params, task) -> consolidate signals
-  memory: str | None = None  # "reservoir" (agem), "ring" (gem) or "cbrs" (class-balanced)
   signals: object  # (params, task) -> consolidate signals; None: no consolidate (no boundary)
-  memory: str | None = None  # "reservoir" (agem) or "ring" (gem)
+  memory: str | None = None  # "reservoir" (agem), "ring" (gem) or "cbrs" (class-balanced)
   activations: bool = False  # update(..., activations=[hidden]) (unit resets)
+  params: object = init_params  # () -> the initial params
 
 
 def _sgd(tx):
@@ -181,6 +196,10 @@ CASES = {
   "inject_hyperparams(ewc)": Case(
     _sgd(lambda: optax.inject_hyperparams(cl_optax.ewc)(strength=3.0)), squared("importance")
   ),
+  "olora": Case(lambda: cl_optax.olora(optax.adam(1e-2), 0.5), no_signals, params=lora_params),
+  "inflora": Case(
+    lambda: cl_optax.inflora(optax.sgd(0.1), 0.9, 1.0), covariances, params=lora_params
+  ),
   "MultiSteps(soft_mask)": Case(
     lambda: optax.MultiSteps(
       optax.chain(optax.adam(1e-2), cl_optax.soft_mask()), every_k_schedule=2
@@ -193,7 +212,8 @@ CASES = {
 # ------------------------------------------------------------------ training
 def init_run(name: str) -> dict:
   """Everything a run carries: params, opt state, memory, PRNG key, step."""
-  case, params = CASES[name], init_params()
+  case = CASES[name]
+  params = case.params()
   run = {"params": params, "opt_state": case.make().init(params)}
   item = (jnp.zeros(6), jnp.zeros((), jnp.int32))
   if case.memory == "reservoir":

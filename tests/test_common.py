@@ -34,6 +34,8 @@ class Case(NamedTuple):
   inject: Callable[[], optax.GradientTransformation]  # inject_hyperparams form
   # params -> per-step extra args of `update` (e.g. `ref_grads=` for agem)
   extra_args: Callable[[Any], dict] = lambda params: {}
+  # (dtype=float32) -> the params the battery runs on (adapters need LoRA branches)
+  params: Callable[..., Any] = make_params
 
 
 def _rand_importance(params):
@@ -138,6 +140,28 @@ def _hat_gates(params):
 
 _HAT_STATIC = ("layers", "embeddings", "heads", "orientation")
 _PACKNET_STATIC = ("layers", "heads", "train_biases", "owner_dtype")
+
+
+def _lora_params(dtype=jnp.float32):
+  """`make_params` with a LoRA branch (3 slots) on `dense` (cl_optax.adapters' layout)."""
+  params = make_params(dtype)
+  shapes = {
+    "lora_a": (4, 2),
+    "lora_b": (2, 3),
+    "lora_slots_a": (3, 4, 2),
+    "lora_slots_b": (3, 2, 3),
+  }
+  params["dense"] |= jax.tree.map(lambda x: x.astype(dtype), normal_tree(21, shapes))
+  return params
+
+
+def _covariances(params):
+  del params
+  return {"next_covariance": {"dense": psd(22, 4)}, "covariance": {"dense": psd(23, 4)}}
+
+
+_OLORA_STATIC = ("inner", "form", "seed")
+
 
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
 _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
@@ -360,8 +384,24 @@ CASES = [
     ),
     _activations,
   ),
-]
-CASES += [
+  Case(
+    "olora",
+    lambda: cl_optax.olora(optax.trace(0.5), 0.5, 0.1),
+    _no_signals,
+    lambda: optax.inject_hyperparams(cl_optax.olora, static_args=_OLORA_STATIC)(
+      optax.trace(0.5), 0.5, 0.1
+    ),
+    params=_lora_params,
+  ),
+  Case(
+    "inflora",
+    lambda: cl_optax.inflora(optax.trace(0.5), 0.9, 1.0),
+    _covariances,
+    lambda: optax.inject_hyperparams(cl_optax.inflora, static_args=("inner",))(
+      optax.trace(0.5), 0.9, 1.0
+    ),
+    params=_lora_params,
+  ),
   Case(
     "hat",
     lambda: cl_optax.hat(("dense", "head")),
@@ -376,12 +416,12 @@ CASES += [
   ),
 ]
 IDS = [c.name for c in CASES]
-SIGNAL_CASES = [c for c in CASES if c.signals(make_params())]
+SIGNAL_CASES = [c for c in CASES if c.signals(c.params())]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_accepts_unknown_extra_args(case):
-  params = make_params()
+  params = case.params()
   tx = case.make()
   state = tx.init(params)
   updates, _ = tx.update(
@@ -398,7 +438,7 @@ def test_accepts_unknown_extra_args(case):
 def test_preserves_bfloat16(case):
   """bfloat16 parameters and gradients give bfloat16 updates (float32 is checked by
   `test_accepts_unknown_extra_args`)."""
-  params = make_params(jnp.bfloat16)
+  params = case.params(jnp.bfloat16)
   tx = optax.chain(optax.sgd(0.1), case.make())
   state = tx.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
@@ -410,7 +450,7 @@ def test_preserves_bfloat16(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_no_retrace_or_recompile_after_consolidate(case, caplog):
   """Steps and consolidates keep the state's tree, shapes and dtypes: one trace, one compile."""
-  params = make_params()
+  params = case.params()
   tx = optax.chain(optax.adam(0.1), case.make())
 
   @jax.jit
@@ -444,7 +484,7 @@ def test_no_retrace_or_recompile_after_consolidate(case, caplog):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_multisteps(case):
-  params = make_params()
+  params = case.params()
   k = 3
   tx = optax.MultiSteps(optax.chain(optax.sgd(1.0), case.make()), every_k_schedule=k)
   ref = optax.chain(optax.sgd(1.0), case.make())
@@ -464,7 +504,7 @@ def test_works_under_multisteps(case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_works_under_inject_hyperparams(case):
-  params = make_params()
+  params = case.params()
   tx, ref = case.inject(), case.make()
   state, ref_state = tx.init(params), ref.init(params)
   state = cl_optax.consolidate(state, params, **case.signals(params))
@@ -480,7 +520,7 @@ def test_works_under_inject_hyperparams(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_train_step_donating_params_and_state(case):
   """No state leaf may share a buffer with params (a donating step would get it twice)."""
-  params = jax.tree.map(jnp.copy, make_params())
+  params = jax.tree.map(jnp.copy, case.params())
   tx = optax.chain(optax.sgd(0.1), case.make())
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -500,7 +540,7 @@ def test_train_step_donating_params_and_state(case):
 def _disabled_jit_reference(case: Case):
   """The case's chain, consolidated state, inputs and the update run under
   `jax.disable_jit()`, computed once for both variants of the jit-equality test."""
-  params = make_params()
+  params = case.params()
   grads = normal_like(params)
   tx = optax.chain(optax.adam(0.1), case.make())
   state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
@@ -526,7 +566,7 @@ class JitEqualityTest(chex.TestCase):
 
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.name for c in SIGNAL_CASES])
 def test_missing_signal_is_named(case):
-  params = make_params()
+  params = case.params()
   state = case.make().init(params)
   signal = next(iter(case.signals(params)))
   with pytest.raises(ValueError, match=f"needs the signal `{signal}=`"):
@@ -537,7 +577,7 @@ def test_missing_signal_is_named(case):
 def test_empty_selection_passes_through(case):
   """Under `optax.masked` with an all-False mask every transform is the identity:
   init, consolidate and (jitted) update work and the updates come out as they went in."""
-  params = make_params()
+  params = case.params()
   tx = optax.masked(case.make(), jax.tree.map(lambda _: False, params))
   state = cl_optax.consolidate(tx.init(params), params, **case.signals(params))
   grads = normal_like(params)

@@ -146,6 +146,23 @@ def passes(id, run, check):
   return Fault(id, run, None, None, check)
 
 
+def lora_params():
+  """``params()`` with a LoRA branch (2 slots) on ``dense`` (cl_optax.adapters' layout)."""
+  return {**params(), "q": cl_optax.adapters.lora_init(jax.random.key(4), 4, 3, rank=2, slots=2)}
+
+
+def lora_grads(value=1.0, where=None):
+  g = like(value, lora_params())
+  return g if where is None else poke(g, where, ("q", "lora_b"), (0, 1))
+
+
+def lora_consolidated(tx, state=None, **signals):
+  p = lora_params()
+  return cl_optax.consolidate(tx.init(p) if state is None else state, p, **signals)
+
+
+C4 = {"q": jnp.eye(4)}
+
 G_NAN = poke(grads(), NAN)
 G_INF = poke(grads(), -INF, ("head", "kernel"), (1, 1))
 G_EXTRA = {**grads(), "extra": jnp.ones(2)}
@@ -257,6 +274,121 @@ FAULTS = [
   ),
   raises("packnet_share(task=T)", lambda: cl_optax.packnet_share(4, 4), r"packnet_share.*task"),
   raises("wsn_mask(keep=1.5)", lambda: cl_optax.wsn_mask(jnp.ones(4), 1.5), r"wsn_mask.*keep"),
+  # ------------------------------------------------------------- adapters
+  raises("olora(orthogonality=-1)", lambda: cl_optax.olora(optax.sgd(1.0), -1.0), r"olora.*-1"),
+  raises("olora(norm=nan)", lambda: cl_optax.olora(optax.sgd(1.0), norm=NAN), r"olora.*norm"),
+  raises("olora(form='l2')", lambda: cl_optax.olora(optax.sgd(1.0), form="l2"), r"form.*'l2'"),
+  raises(
+    "inflora(threshold_begin=1.5)",
+    lambda: cl_optax.inflora(optax.sgd(1.0), 1.5),
+    r"inflora.*threshold_begin.*1.5",
+  ),
+  raises(
+    "inflora(threshold_end=-1)",
+    lambda: cl_optax.inflora(optax.sgd(1.0), 0.9, -1.0),
+    r"inflora.*threshold_end",
+  ),
+  raises(
+    "olora_orthogonality(form='abs')",
+    lambda: cl_optax.adapters.olora_orthogonality(lora_params(), "abs"),
+    r"form.*'abs'",
+  ),
+  raises(
+    "olora.init(branch without lora_slots_b)",
+    lambda: cl_optax.olora(optax.sgd(1.0)).init(
+      {"q": {k: v for k, v in lora_params()["q"].items() if k != "lora_slots_b"}}
+    ),
+    r"olora.*'q'.*lora_slots_b",
+  ),
+  raises(
+    "inflora.init(slots of another rank)",
+    lambda: cl_optax.inflora(optax.sgd(1.0)).init(
+      {"q": {**lora_params()["q"], "lora_slots_a": jnp.zeros((2, 4, 3))}}
+    ),
+    r"inflora.*'q'.*lora_slots_a \(2, 4, 3\)",
+  ),
+  *[
+    raises(
+      f"{n}.update(extra leaf)",
+      lambda tx=tx: tx.update(
+        {**lora_grads(), "x": jnp.ones(2)}, tx.init(lora_params()), lora_params()
+      ),
+      r"update",
+    )
+    for n, tx in [
+      ("olora", cl_optax.olora(optax.sgd(1.0))),
+      ("inflora", cl_optax.inflora(optax.sgd(1.0))),
+    ]
+  ],
+  *[
+    raises(
+      f"{n}.update(no params)",
+      lambda tx=tx: tx.update(lora_grads(), tx.init(lora_params())),
+      rf"{n}: update needs `params`",
+    )
+    for n, tx in [
+      ("olora", cl_optax.olora(optax.sgd(1.0))),
+      ("inflora", cl_optax.inflora(optax.sgd(1.0))),
+    ]
+  ],
+  *[
+    passes(
+      f"{n}.update({k} gradient)",
+      lambda tx=tx, g=lora_grads(0.5, v): tx.update(g, tx.init(lora_params()), lora_params())[0],
+      lambda out, v=v: np.testing.assert_array_equal(np.asarray(out["q"]["lora_b"])[0, 1], -v),
+    )
+    for n, tx in [
+      ("olora", cl_optax.olora(optax.sgd(1.0))),
+      ("inflora", cl_optax.inflora(optax.sgd(1.0))),
+    ]
+    for k, v in (("nan", NAN), ("inf", INF))
+  ],
+  raises(
+    "olora.consolidate(all slots taken)",
+    lambda: lora_consolidated(
+      cl_optax.olora(optax.sgd(1.0)),
+      lora_consolidated(
+        cl_optax.olora(optax.sgd(1.0)), lora_consolidated(cl_optax.olora(optax.sgd(1.0)))
+      ),
+    ),
+    r"olora: all 2 adapter slots are taken",
+  ),
+  raises(
+    "inflora.consolidate(no next_covariance)",
+    lambda: lora_consolidated(cl_optax.inflora(optax.sgd(1.0))),
+    r"inflora.*needs the signal `next_covariance=`",
+  ),
+  raises(
+    "inflora.consolidate(no covariance after a task)",
+    lambda: lora_consolidated(
+      cl_optax.inflora(optax.sgd(1.0)),
+      lora_consolidated(cl_optax.inflora(optax.sgd(1.0)), next_covariance=C4),
+      next_covariance=C4,
+    ),
+    r"inflora.*needs the signal `covariance=`",
+  ),
+  raises(
+    "inflora.consolidate(next_covariance nan)",
+    lambda: lora_consolidated(
+      cl_optax.inflora(optax.sgd(1.0)), next_covariance={"q": jnp.eye(4).at[0, 1].set(NAN)}
+    ),
+    r"inflora.*next_covariance.*q",
+  ),
+  raises(
+    "inflora.consolidate(next_covariance wrong shape)",
+    lambda: lora_consolidated(cl_optax.inflora(optax.sgd(1.0)), next_covariance={"q": jnp.eye(3)}),
+    r"inflora.*next_covariance.*'q'.*\(4, 4\)",
+  ),
+  raises(
+    "inflora.consolidate(next_covariance missing a branch)",
+    lambda: lora_consolidated(cl_optax.inflora(optax.sgd(1.0)), next_covariance={"k": jnp.eye(4)}),
+    r"inflora.*next_covariance.*lacks the branches \['q'\]",
+  ),
+  raises(
+    "inflora.consolidate(next_covariance an array)",
+    lambda: lora_consolidated(cl_optax.inflora(optax.sgd(1.0)), next_covariance=jnp.eye(4)),
+    r"inflora.*next_covariance.*dict keyed by branch path",
+  ),
   # ------------------------------------------------ update: trees, shapes, dtypes
   *[
     raises(f"{n}.update(extra leaf)", lambda tx=tx: update(tx(), G_EXTRA, **e), r"update")

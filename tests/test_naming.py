@@ -73,6 +73,8 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.PackNetState,
     cl_optax.CBPStats,
     cl_optax.AdamGnTState,
+    cl_optax.OLoRAState,
+    cl_optax.InfLoRAState,
   ]
   seen = {}
   for s in states:

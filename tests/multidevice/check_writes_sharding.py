@@ -4,7 +4,10 @@ boundary_writes: the pending write (targets, mask) shards like the parameters
 at init and after consolidate; the jitted update and apply_pending_writes keep
 the parameters' sharding without an all-gather. unit_resets: the jitted
 update (with a reset) keeps the sharding without an all-gather; so does
-continual_backprop's (its selector and the next-bias write).
+continual_backprop's (its selector and the next-bias write). olora and
+inflora on a model with a LoRA branch: the pending slot write and the inner
+moments shard like the adapter leaves, and the jitted update (with a slot
+write pending) gathers no base kernel.
 """
 
 import os
@@ -101,6 +104,43 @@ def main():
   assert int(state.reset_units[0].sum()) == 2
   assert all(_same(u, p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)))
   print(f"continual_backprop: ok ({len(gathered)} gathers of [n] unit vectors)")
+
+  _adapters(mesh)
+
+
+def _adapters(mesh):
+  specs = {
+    "kernel": P("data", "model"),
+    "lora_a": P("data", None),
+    "lora_b": P(None, "model"),
+    "lora_slots_a": P(None, "data", None),
+    "lora_slots_b": P(None, None, "model"),
+  }
+  branch = cl_optax.adapters.lora_init(jax.random.key(0), 16, 8, rank=2, slots=3)
+  branch["kernel"] = jnp.ones((16, 8))
+  params = {"q": {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in branch.items()}}
+  cov = {"q": jnp.eye(16)}
+  for name, tx, signals in [
+    ("olora", cl_optax.olora(optax.adam(1e-3)), {}),
+    ("inflora", cl_optax.inflora(optax.adam(1e-3)), {"next_covariance": cov, "covariance": cov}),
+  ]:
+    state = cl_optax.consolidate(tx.init(params), params, **signals)
+    write = state[1]
+    for field in (write.write_target, write.write_mask):
+      for k, got in field["q"].items():
+        if k != "kernel":
+          assert _same(got, params["q"][k]), (name, k)
+    for k, got in state[0][0].mu["q"].items():
+      assert _same(got, params["q"][k]), (name, "mu", k)
+    update = jax.jit(tx.update)
+    hlo = update.lower(params, state, params).compile().as_text()
+    gathered = [ln for ln in hlo.splitlines() if re.search(r"all-gather(-start)?\(", ln)]
+    for ln in gathered:
+      assert not re.search(r"= \w+\[16,8\]", ln), f"{name} gathers the base kernel: {ln}"
+    updates, state = update(params, state, params)
+    for k, u in updates["q"].items():
+      assert _same(u, params["q"][k]), (name, k)
+    print(f"{name}: ok ({len(gathered)} gathers, none of the base kernel)")
 
 
 if __name__ == "__main__":
