@@ -256,8 +256,8 @@ FAULTS = [
       ("ncl", lambda: cl_optax.ncl(1.0), {}),
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
-      ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
       ("packnet", cl_optax.packnet, {}),
+      ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
     ]
   ],
   *[
