@@ -197,10 +197,12 @@ def main():
   for kind in args.methods.split(","):
     for seed in range(args.seeds):
       R, rate, cap = run(kind, stream, args, seed)
+      drop = max(float(np.max(R[t, t] - R[t:, t])) for t in range(len(stream)))
+      what = "units used per layer" if kind == "hat" else "weights per task"
       print(
         f"{kind:8s} seed {seed}: accuracy {metrics.average_accuracy(R):.4f} "
-        f"forgetting {metrics.forgetting(R):.4f} ({rate:.0f} samples/s) "
-        f"capacity per task {[round(c, 3) for c in cap]}"
+        f"forgetting {metrics.forgetting(R):.4f} (largest drop {drop!r}) "
+        f"{rate:.0f} samples/s, {what} {[round(c, 3) for c in cap]}"
       )
 
 

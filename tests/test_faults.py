@@ -391,7 +391,7 @@ FAULTS = [
   ),
   # ------------------------------------------------ update: trees, shapes, dtypes
   *[
-    raises(f"{n}.update(extra leaf)", lambda tx=tx: update(tx(), G_EXTRA, **e), r"update")
+    raises(f"{n}.update(extra leaf)", lambda tx=tx, e=e: update(tx(), G_EXTRA, **e), r"update")
     for n, tx, e in [
       ("soft_mask", cl_optax.soft_mask, {}),
       ("freeze", cl_optax.freeze, {}),
@@ -402,8 +402,8 @@ FAULTS = [
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
       ("sgp", cl_optax.sgp, {}),
-      ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
       ("packnet", cl_optax.packnet, {}),
+      ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
     ]
   ],
   *[
