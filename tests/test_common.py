@@ -323,17 +323,6 @@ CASES = [
     ),
   ),
   Case(
-    "task_free",
-    lambda: cl_optax.task_free(
-      cl_optax.online_ewc(2.0, decay=0.5), every=2, signals=["importance"]
-    ),
-    _rand_importance,
-    lambda: optax.inject_hyperparams(cl_optax.task_free, static_args=("inner", "every", "signals"))(
-      cl_optax.online_ewc(2.0, decay=0.5), every=2, signals=["importance"]
-    ),
-    _rand_importance,
-  ),
-  Case(
     "boundary_writes",
     cl_optax.boundary_writes,
     _writes,
