@@ -36,7 +36,7 @@ from flax import nnx
 
 import cl_optax
 from benchmarks.lm_adapters_model import AdaptedLM, make_apply, split_model
-from benchmarks.lm_adapters_report import report
+from benchmarks.lm_adapters_report import merge, report
 from cl_optax.importance import Batches, das_param_importance, das_units
 from examples.continual_pretraining import (
   DOMAINS,
@@ -248,6 +248,8 @@ def parse(argv=None):
     arg(f"--{name}", type=float, default=default)
   arg("--olora-lambda", type=float, default=0.5)
   arg("--eps-begin", type=float, default=0.95)
+  arg("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+  arg("--merge", nargs="*", type=pathlib.Path, help="only merge these runs' results.json")
   arg("--cost", type=int, default=0, help="only time N adapter steps of each kind")
   arg("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/figures/lm_adapters"))
   return parser.parse_args(argv)
@@ -255,7 +257,9 @@ def parse(argv=None):
 
 def main(argv=None):
   args = parse(argv)
-  cfg = {k: v for k, v in vars(args).items() if k not in ("out", "methods")}
+  if args.merge:
+    return merge(args.merge, args.out)
+  cfg = {k: v for k, v in vars(args).items() if k not in ("out", "methods", "merge")}
   cfg |= {"slots": args.domains, "seed": 0}
   corpora = [GENERAL, *DOMAINS[: args.domains]]
   names = [c[0] for c in corpora]
@@ -271,7 +275,7 @@ def main(argv=None):
   methods = args.methods.split(",")
   results = {m: [] for m in methods}
   start = time.perf_counter()
-  for seed in range(args.seeds):
+  for seed in range(args.first_seed, args.first_seed + args.seeds):
     ctx.cfg["seed"] = seed
     pretrained = pretrain(ctx, seed)
     print(f"seed {seed}: pre-trained ({time.perf_counter() - start:.0f} s)", flush=True)
