@@ -107,3 +107,18 @@ def report(results, names, cfg, n_base, wall, out: pathlib.Path) -> dict:
   doc["plots"] = [str(p) for p in _plots(results, numbers, names, out)]
   print(f"plots: {doc['plots']}")
   return doc
+
+
+def merge(paths: list[pathlib.Path], out: pathlib.Path) -> dict:
+  """One report from several runs' ``results.json`` (e.g. seeds run in separate processes)."""
+  docs = [json.loads((p / "results.json").read_text()) for p in paths]
+  results: dict = {}
+  for d in docs:
+    for m, mats in d["matrices"].items():
+      s = d["summary"][m]
+      for i, mat in enumerate(mats):
+        run = (np.asarray(mat), s["trainable"], s["state_bytes"], s["tokens_per_s"][i])
+        results.setdefault(m, []).append(run)
+  cfg = docs[0]["config"] | {"merged": [str(p) for p in paths]}
+  wall = sum(d["wall_s"] for d in docs)
+  return report(results, docs[0]["corpora"], cfg, docs[0]["base_params"], wall, out)
