@@ -122,8 +122,9 @@ def main(argv=None):
       r["results"].update(more["results"])
     parts.append("## Slowly-changing regression\n\n" + regression(r, d))
   if r := load("pmnist.json"):
-    if more := load("pmnist_b.json"):  # methods run later, on fewer tasks
-      r["results"].update(more["results"])
+    for later in ("pmnist_b.json", "pmnist_c.json"):  # methods run later, on fewer tasks
+      if more := load(later):
+        r["results"].update(more["results"])
     parts.append("## Online permuted MNIST\n\n" + pmnist(r, d, load("pmnist_bp_long.json")))
   if r := load("pmnist_speed.json"):
     rows = ["| method | samples/s | × BP |", "|---|---|---|"]
