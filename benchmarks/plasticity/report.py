@@ -1,6 +1,6 @@
 """Plots and markdown tables of the plasticity benchmarks' JSON results.
 
-python -m benchmarks.plasticity.report benchmarks/plasticity/results
+python -m benchmarks.plasticity.report benchmarks/figures/plasticity
 """
 
 from __future__ import annotations
