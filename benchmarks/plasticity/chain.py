@@ -7,7 +7,7 @@ task seen: the accuracy matrix, ACC / BWT, and the accuracy on the task just
 learnt (plasticity).
 
   python -m benchmarks.plasticity.chain --tasks 20 --per-task 10000 \\
-    --out benchmarks/plasticity/results/chain.json
+    --out benchmarks/figures/plasticity/chain.json
 """
 
 from __future__ import annotations

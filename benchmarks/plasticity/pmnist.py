@@ -4,7 +4,7 @@
 accuracy (prediction before the update) per task; health measures on 1000
 examples of the current task after each task.
 
-  python -m benchmarks.plasticity.pmnist --tasks 150 --out benchmarks/plasticity/results/pmnist.json
+  python -m benchmarks.plasticity.pmnist --tasks 150 --out benchmarks/figures/plasticity/pmnist.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 20 -> 5 -> 1 ReLU, SGD, batch 1, MSE; error per bin of 2T = 20 000 examples.
 
   python -m benchmarks.plasticity.regression --runs 30 --steps 1000000 \
-    --out benchmarks/plasticity/results/regression.json
+    --out benchmarks/figures/plasticity/regression.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plots and markdown tables of the plasticity benchmarks' JSON results.
 
-python -m benchmarks.plasticity.report benchmarks/plasticity/results
+python -m benchmarks.plasticity.report benchmarks/figures/plasticity
 """
 
 from __future__ import annotations
@@ -122,9 +122,16 @@ def main(argv=None):
       r["results"].update(more["results"])
     parts.append("## Slowly-changing regression\n\n" + regression(r, d))
   if r := load("pmnist.json"):
-    if more := load("pmnist_b.json"):  # methods run later, on fewer tasks
-      r["results"].update(more["results"])
-    parts.append("## Online permuted MNIST\n\n" + pmnist(r, d, load("pmnist_bp40.json")))
+    for later in ("pmnist_b.json", "pmnist_c.json"):  # methods run later, on fewer tasks
+      if more := load(later):
+        r["results"].update(more["results"])
+    parts.append("## Online permuted MNIST\n\n" + pmnist(r, d, load("pmnist_bp_long.json")))
+  if r := load("pmnist_speed.json"):
+    rows = ["| method | samples/s | × BP |", "|---|---|---|"]
+    bp = r["results"]["bp"]["samples_per_s"]
+    for name, v in r["results"].items():
+      rows.append(f"| {name} | {v['samples_per_s']:,.0f} | {v['samples_per_s'] / bp:.2f} |")
+    parts.append("## Speed, one process\n\n" + "\n".join(rows))
   if r := load("chain.json"):
     parts.append("## Stability-plasticity chain\n\n" + chain(r, d))
   (d / "tables.md").write_text("\n\n".join(parts) + "\n")
