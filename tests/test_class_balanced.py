@@ -73,13 +73,13 @@ def test_cbrs_keeps_minority_classes_and_marks_full():
 
 def test_cbrs_within_a_full_class_is_reservoir_uniform():
   """One class only: CBRS is reservoir sampling (each of N items kept with p = K/N)."""
-  n, cap, trials = 24, 6, 800
+  n, cap, trials = 24, 6, 400
 
   run = lambda key: _stream(jnp.zeros(n, jnp.int32), key, "cbrs", cap, 2).items[0][:, 0]  # noqa: E731
   keys = jax.random.split(jax.random.key(2), trials)
   stored = np.asarray(jax.jit(jax.vmap(run))(keys)).astype(int)
   freq = np.bincount(stored.ravel(), minlength=n) / trials
-  np.testing.assert_allclose(freq, cap / n, atol=0.06)
+  np.testing.assert_allclose(freq, cap / n, atol=0.08)
 
 
 def test_fill_and_shrink_keep_rank_order():
@@ -138,10 +138,10 @@ def test_herding_matches_a_loop_and_class_means_nme_match_loops():
 def test_balanced_sampling_equalises_classes_and_write_roundtrips():
   mem = replay.init_balanced(ITEM, 10, 2)
   mem = replay.fill(mem, _items([0] * 8 + [1] * 2), jnp.asarray([0] * 8 + [1] * 2, jnp.int32))
-  keys = jax.random.split(jax.random.key(3), 1000)
+  keys = jax.random.split(jax.random.key(3), 500)
   draw = jax.jit(jax.vmap(lambda k: replay.sample_indices(mem, k, 1, balanced=True)[0][0]))
   first = np.asarray(mem.slot_class)[np.asarray(draw(keys))]
-  assert abs(first.mean() - 0.5) < 0.05, first.mean()  # uniform draws would give 0.2
+  assert abs(first.mean() - 0.5) < 0.08, first.mean()  # uniform draws would give 0.2
   idx, valid = replay.sample_indices(mem, jax.random.key(4), 4)
   x, y = replay.take(mem, idx)
   mem2 = replay.write(mem, idx, (x + 100.0, y), where=jnp.array([True, True, False, True]))

@@ -12,6 +12,7 @@ from benchmarks.continual.methods import rehearsal  # noqa: F401  er, der, derpp
 from benchmarks.continual.methods import class_il  # noqa: F401  er_ace, gdumb
 from benchmarks.continual.methods import class_il_distill  # noqa: F401  icarl, wa
 from benchmarks.continual.methods import xder  # noqa: F401  xder
+from benchmarks.continual.methods import bic  # noqa: F401  bic
 from benchmarks.continual.methods import regularization  # noqa: F401  ewc, online_ewc, mas, si, rwalk
 from benchmarks.continual.methods import agem_code  # noqa: F401  ewc_agem_code, mas_agem_code
 from benchmarks.continual.methods import precision  # noqa: F401  ncl, ncl_kfac
