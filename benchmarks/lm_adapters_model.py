@@ -80,7 +80,7 @@ class AdaptedLM(ByteLM):
 def split_model(model: AdaptedLM):
   """``(graphdef, base, lora, rest)``: the LoRA params and the others as pure dicts."""
   graphdef, lora, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
-  return graphdef, base.to_pure_dict(), lora.to_pure_dict(), (lora, base, rest)
+  return graphdef, nnx.to_pure_dict(base), nnx.to_pure_dict(lora), (lora, base, rest)
 
 
 def make_apply(graphdef, templates):
@@ -88,7 +88,7 @@ def make_apply(graphdef, templates):
   lora_t, base_t, rest = templates
 
   def merged(base, lora):
-    b, lo = nnx.State(base_t), nnx.State(lora_t)
+    b, lo = jax.tree.map(lambda x: x, base_t), jax.tree.map(lambda x: x, lora_t)  # copies
     nnx.replace_by_pure_dict(b, base)
     nnx.replace_by_pure_dict(lo, lora)
     return nnx.merge(graphdef, lo, b, rest)
