@@ -60,15 +60,22 @@ def main():
           got = leaves[k].sharding
           assert got.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, field, when, k)
       state = cl_optax.consolidate(state, params, **({signal: imp} if signal else {}))
-    update = jax.jit(tx.update)
-    hlo = update.lower(params, state, params).compile().as_text()
-    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
-    updates, _ = update(params, state, params)
-    for k in shapes:
-      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
-    print(f"{name}: ok")
+    _check_update(name, tx, state, params, shapes)
   check_projection(mesh, params, specs, shapes)
   check_isolation(params, shapes)
+
+
+def _check_update(name, tx, state, params, shapes, extra=None):
+  """The compiled update (with `extra` args) gathers no sharded leaf and its updates shard
+  like the params."""
+  extra = extra or {}
+  update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
+  hlo = update.lower(params, state, params, extra).compile().as_text()
+  assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
+  updates, _ = update(params, state, params, extra)
+  for k in shapes:
+    assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
+  print(f"{name}: ok")
 
 
 def check_isolation(params, shapes):
@@ -85,13 +92,7 @@ def check_isolation(params, shapes):
         owner = state[1].packnet_owner["kernel"]
         assert owner.sharding.is_equivalent_to(params["kernel"].sharding, 2), when
       state = cl_optax.consolidate(state, params, **signals)
-    update = jax.jit(tx.update)
-    hlo = update.lower(params, state, params).compile().as_text()
-    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
-    updates, _ = update(params, state, params)
-    for k in shapes:
-      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
-    print(f"{name}: ok")
+    _check_update(name, tx, state, params, shapes)
 
 
 def check_projection(mesh, params, specs, shapes):
@@ -123,13 +124,7 @@ def check_projection(mesh, params, specs, shapes):
       for k in shapes:
         want = NamedSharding(mesh, P(None, *specs[k]))
         assert state[0].basis[k].sharding.is_equivalent_to(want, 1 + len(shapes[k])), k
-    update = jax.jit(lambda g, s, p, e, tx=tx: tx.update(g, s, p, **e))
-    hlo = update.lower(params, state, params, extra).compile().as_text()
-    assert "all-gather" not in hlo, f"{name}: the compiled update gathers a sharded leaf"
-    updates, _ = update(params, state, params, extra)
-    for k in shapes:
-      assert updates[k].sharding.is_equivalent_to(params[k].sharding, len(shapes[k])), (name, k)
-    print(f"{name}: ok")
+    _check_update(name, tx, state, params, shapes, extra)
 
 
 if __name__ == "__main__":
