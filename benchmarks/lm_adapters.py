@@ -237,9 +237,9 @@ def parse(argv=None):
   arg("--methods", default=",".join(METHODS))
   arg("--seeds", type=int, default=3)
   arg("--domains", type=int, default=len(DOMAINS))
-  for name, default in [("d", 192), ("layers", 4), ("heads", 4), ("ff", 768), ("length", 64)]:
+  for name, default in [("d", 160), ("layers", 3), ("heads", 4), ("ff", 640), ("length", 64)]:
     arg(f"--{name}", type=int, default=default)
-  for name, default in [("batch", 16), ("pretrain-steps", 600), ("steps", 150), ("rank", 8)]:
+  for name, default in [("batch", 16), ("pretrain-steps", 300), ("steps", 80), ("rank", 8)]:
     arg(f"--{name}", type=int, default=default)
   for name, default in [("impt-batches", 4), ("cov-batches", 4), ("eval-windows", 32)]:
     arg(f"--{name}", type=int, default=default)
