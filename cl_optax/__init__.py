@@ -61,12 +61,16 @@ from cl_optax.projection import AGEMState as AGEMState
 from cl_optax.projection import ConvRepresentations as ConvRepresentations
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
+from cl_optax.projection import NSCLState as NSCLState
 from cl_optax.projection import OGDState as OGDState
 from cl_optax.projection import SGPState as SGPState
 from cl_optax.projection import agem as agem
 from cl_optax.projection import conv_representations as conv_representations
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
+from cl_optax.projection import nscl as nscl
+from cl_optax.projection import nscl_batch_means as nscl_batch_means
+from cl_optax.projection import null_space_projector as null_space_projector
 from cl_optax.projection import ogd as ogd
 from cl_optax.projection import sgp as sgp
 from cl_optax.regularization import EWCState as EWCState
@@ -130,6 +134,10 @@ __all__ = [
   "metrics",
   "ncl",
   "NCLState",
+  "nscl",
+  "nscl_batch_means",
+  "NSCLState",
+  "null_space_projector",
   "ogd",
   "OGDState",
   "olora",

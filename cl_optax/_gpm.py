@@ -150,24 +150,38 @@ def _project_leaf(
 ) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
-  An update holding a non-finite entry passes unchanged (the projection would
-  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
   With ``scale`` (SGP) each direction is removed by that fraction.
   """
+  if scale is None:
+    project = lambda g: project_out(basis, count, g)  # noqa: E731
+  else:
+    project = lambda g: project_scaled(basis, count, scale, g)  # noqa: E731
+  return project_kernel(path, basis.shape[0], u, orientation, project)
+
+
+def project_kernel(
+  path: Any,
+  d_in: int,
+  u: jax.Array,
+  orientation: str | None,
+  project: Callable[[jax.Array], jax.Array],
+  transform: str = "gpm",
+) -> jax.Array:
+  """``project`` applied to a kernel's update as ``[d_in, out]`` (float32).
+
+  An update holding a non-finite entry passes unchanged (the projection would
+  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
+  """
   shape = jnp.shape(u)
-  if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
-    return _project_leaf(path, basis, count, u.T, "in_out", scale).T
-  d_in = basis.shape[0]
+  if _select.kernel_orientation(transform, _trees.leaf_path(path), shape, orientation) == "out_in":
+    return project_kernel(path, d_in, u.T, "in_out", project, transform).T
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
-      f"gpm: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; expected "
-      f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
+      f"{transform}: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; "
+      f"expected a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
     )
   g = u.reshape(d_in, -1).astype(jnp.float32)
-  if scale is None:
-    new = project_out(basis, count, g).reshape(u.shape)
-  else:
-    new = project_scaled(basis, count, scale, g).reshape(u.shape)
+  new = project(g).reshape(u.shape)
   return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
 

@@ -8,6 +8,8 @@ increase the loss of earlier tasks:
   :math:`\langle \tilde g, g_{mem} \rangle \ge 0`. Their memory lives outside the
   optimiser, in :mod:`cl_optax.replay`; the reference gradients are computed in
   the same jitted step (see ``examples/flax_agem.py`` and ``examples/flax_gem.py``).
+* :func:`nscl` (Adam-NSCL) sits *after* the base optimiser and maps each
+  kernel's update onto the null space of its old inputs' covariance.
 * :func:`ogd` and :func:`gpm` keep orthonormal bases in their state, grown at
   :func:`cl_optax.consolidate` (``output_grads=`` from
   :func:`cl_optax.importance.output_gradients` / ``representations=``), and
@@ -34,6 +36,10 @@ from cl_optax._gem import GEMState as GEMState
 from cl_optax._gem import gem as gem
 from cl_optax._gpm import GPMState as GPMState
 from cl_optax._gpm import gpm as gpm
+from cl_optax._nscl import NSCLState as NSCLState
+from cl_optax._nscl import nscl as nscl
+from cl_optax._nscl import nscl_batch_means as nscl_batch_means
+from cl_optax._nscl import null_space_projector as null_space_projector
 from cl_optax._ogd import OGDState as OGDState
 from cl_optax._ogd import ogd as ogd
 from cl_optax._qp import solve_box_qp as solve_box_qp
@@ -45,12 +51,16 @@ __all__ = [
   "ConvRepresentations",
   "GEMState",
   "GPMState",
+  "NSCLState",
   "OGDState",
   "SGPState",
   "agem",
   "conv_representations",
   "gem",
   "gpm",
+  "nscl",
+  "nscl_batch_means",
+  "null_space_projector",
   "ogd",
   "sgp",
   "solve_box_qp",

@@ -251,6 +251,14 @@ CASES = [
     ),
   ),
   Case(
+    "nscl",
+    lambda: cl_optax.nscl(10.0, layers=_gpm_layers),
+    _representations,
+    lambda: optax.inject_hyperparams(cl_optax.nscl, static_args=("layers",))(
+      a=10.0, layers=_gpm_layers
+    ),
+  ),
+  Case(
     "ncl_diag",
     lambda: cl_optax.ncl(10.0, strength=0.5, damping=0.1),
     _rand_precision,

@@ -1,6 +1,6 @@
 """Run in its own process with 8 host devices (see tests/test_sharding_gpm_ncl.py).
 
-``gpm`` and ``ncl(precision="kfac")`` keep matrices that are not shaped like
+``gpm`` (and ``sgp``, ``nscl``) and ``ncl(precision="kfac")`` keep matrices that are not shaped like
 any parameter: GPM a ``[d_in, d_in]`` orthogonal basis per kernel, NCL the
 Kronecker factors ``A [in+1, in+1]``, ``G [out, out]`` and their damped
 inverses. Both are built at ``consolidate`` by a decomposition (GPM: SVD and
@@ -40,6 +40,7 @@ import cl_optax  # noqa: E402
 SPECS = {
   "gpm": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
   "sgp": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
+  "nscl": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
   "ncl_kfac": {"dense": {"kernel": P(None, "model"), "bias": P("model")}, "table": P(None, "data")},
   "input_split": {"dense": {"kernel": P("data", None), "bias": P()}, "table": P(None, "data")},
 }
@@ -63,6 +64,12 @@ def signals(params):
         "table": jax.random.normal(jax.random.key(6), (12, 3)),
       }
     },
+    "nscl": {
+      "representations": {
+        "dense": {"kernel": jax.random.normal(jax.random.key(5), (12, 16))},
+        "table": jax.random.normal(jax.random.key(6), (12, 3)),
+      }
+    },
     "ncl_kfac": {"precision": {"dense": kron, "table": jnp.square(params["table"])}},
     "sgp": {
       "representations": {
@@ -76,6 +83,7 @@ def signals(params):
 TRANSFORMS = {
   "gpm": lambda: cl_optax.gpm(0.9),
   "sgp": lambda: cl_optax.sgp(0.9, alpha=3.0),  # GPM's bases, replicated, with importances
+  "nscl": lambda: cl_optax.nscl(10.0),  # covariance and projector, replicated
   "ncl_kfac": lambda: cl_optax.ncl(
     10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense",)
   ),
@@ -119,6 +127,9 @@ def check_state(name, state, params, mesh, task):
     like_params = []
     matrices = jax.tree.leaves(inner.feature_basis if name == "gpm" else inner.sgp_basis)
     matrices += jax.tree.leaves(getattr(inner, "sgp_importance", []))
+  elif name == "nscl":
+    like_params = []
+    matrices = jax.tree.leaves((inner.nscl_covariance, inner.nscl_basis))
   else:
     like_params = [inner.prior_mean, {"table": inner.prior_precision["table"]}]
     matrices = [m for k in inner.kron.values() for m in k]
