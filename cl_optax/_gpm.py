@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _select, _trees
-from cl_optax._gpm_project import project_out, project_scaled
+from cl_optax._gpm_project import append_columns, project_out, project_scaled
 from cl_optax._gpm_signals import (
   by_path,
   checked_threshold,
@@ -113,7 +113,6 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
   total = jnp.sum(R * R)
   R_hat = R - M @ (M.T @ R)
   U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
-  m = S.shape[0]
   safe_total = jnp.where(total > 0, total, 1.0)
   captured = (total - jnp.sum(R_hat * R_hat)) / safe_total
   cum = captured + jnp.cumsum(S * S) / safe_total
@@ -123,18 +122,7 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
   significant = jnp.sum(S > 1e-6 * jnp.maximum(S[0], 1e-30))
   r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
   r = jnp.where(total > 0, r, 0).astype(jnp.int32)
-  # Re-orthogonalise the new columns against the stored ones (float32 drift).
-  U = U - M @ (M.T @ U)
-  U = U / jnp.maximum(jnp.linalg.norm(U, axis=0, keepdims=True), 1e-30)
-  src = idx - count
-  take = (src >= 0) & (src < r)
-  cols = jnp.take(U, jnp.clip(src, 0, m - 1), axis=1)
-  new = jnp.where(take[None, :], cols, M)
-  # The complement: I - M M^T has eigenvalue 0 on span(M) and 1 off it, and eigh
-  # sorts ascending, so its eigenvectors from column `k` on span the rest.
-  k = count + r
-  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=jnp.float32) - new @ new.T)
-  return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
+  return append_columns(basis, count, U, r)
 
 
 # -------------------------------------------------------------- projection

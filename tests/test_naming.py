@@ -57,6 +57,7 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.GPMState,
     cl_optax.SGPState,
     cl_optax.NSCLState,
+    cl_optax.TRGPState,
     cl_optax.NCLState,
     cl_optax.EWCState,
     cl_optax.OnlineEWCState,
