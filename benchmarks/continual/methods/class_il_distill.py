@@ -16,7 +16,8 @@ filled with its `replay.herding_select` order on the head's input features
   at T 2 over the old ones, as PyCIL), on the current batch and a memory batch;
   after each task from the second on, `cl_optax.weight_align` scales the new
   classes' head columns, applied as a boundary write (`consolidate` +
-  `apply_pending_writes` of the `boundary_writes` last in the chain).
+  `apply_pending_writes` of the `boundary_writes` last in the chain); ``align=0``
+  skips it (CE + KD alone, the ablation of `REPRODUCTION.md`).
 """
 
 import jax
@@ -89,7 +90,7 @@ def _finish(e: TaskEnd, align: bool):
   n_out = e.aux["old"].shape[0]
   new = cl_optax.losses.seen_classes_mask(y, n_out)
   params, opt_state = e.params, e.opt_state
-  if align and bool(jnp.any(e.aux["old"])):
+  if align and e.hp["align"] and bool(jnp.any(e.aux["old"])):
     w, m, _ = cl_optax.weight_align(params, "head/kernel", old_classes=e.aux["old"],
                                     new_classes=new & ~e.aux["old"])  # fmt: skip
     opt_state = cl_optax.consolidate(opt_state, params, writes=w, write_mask=m)
@@ -136,6 +137,6 @@ register(
     loss=_wa_loss,
     own_loss=True,
     finish_task=lambda e: _finish(e, align=True),
-    defaults=dict(_HP),
+    defaults={**_HP, "align": 1},
   )
 )
