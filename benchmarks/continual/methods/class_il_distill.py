@@ -17,7 +17,9 @@ filled with its `replay.herding_select` order on the head's input features
   after each task from the second on, `cl_optax.weight_align` scales the new
   classes' head columns, applied as a boundary write (`consolidate` +
   `apply_pending_writes` of the `boundary_writes` last in the chain); ``align=0``
-  skips it (CE + KD alone, the ablation of `REPRODUCTION.md`).
+  skips it (CE + KD alone, the ablation of `REPRODUCTION.md`); ``kd=2`` weighs the
+  loss as the PyCIL ``models/wa.py`` read at ``716625e`` (``CE + 2 KD``; the
+  ``λ = known/total`` form is an earlier PyCIL's, as the research notes cite it).
 """
 
 import jax
@@ -63,6 +65,8 @@ def _wa_loss(s: Step, params):
   ce = cl_optax.losses.masked_cross_entropy(z, y, seen, weights=w)
   kd = cl_optax.losses.lwf_distillation(z, s.apply(s.aux["teacher"], x), temperature=2.0,
                                         where=s.aux["old"], weights=w)  # fmt: skip
+  if s.hp["kd"] != "lambda":  # PyCIL's wa.py at 716625e: CE + kd x KD
+    return ce + s.hp["kd"] * kd
   lam = jnp.sum(s.aux["old"]) / jnp.maximum(jnp.sum(seen), 1)
   return (1.0 - lam) * ce + lam * kd
 
@@ -137,6 +141,6 @@ register(
     loss=_wa_loss,
     own_loss=True,
     finish_task=lambda e: _finish(e, align=True),
-    defaults={**_HP, "align": 1},
+    defaults={**_HP, "align": 1, "kd": "lambda"},
   )
 )
