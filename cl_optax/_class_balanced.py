@@ -138,7 +138,8 @@ def _decide(mem: ClassBalanced, y: jax.Array, key: jax.Array, rule: str):
 def _write_one(mem: ClassBalanced, item: PyTree, y: jax.Array, slot: jax.Array) -> ClassBalanced:
   cap = mem.slot_class.shape[0]
   ok = slot < cap
-  old = jnp.where(ok, mem.slot_class[jnp.minimum(slot, cap - 1)], -1)
+  at = jnp.arange(cap) == slot  # a masked sum, not slot_class[slot]: no gather when sharded
+  old = jnp.where(ok, jnp.sum(jnp.where(at, mem.slot_class, 0)), -1)
   count = mem.class_count.at[y].add(ok.astype(jnp.int32))
   count = count.at[jnp.maximum(old, 0)].add(-(old >= 0).astype(jnp.int32))
   items = jax.tree.map(lambda m, x: m.at[slot].set(x.astype(m.dtype), mode="drop"), mem.items, item)

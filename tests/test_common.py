@@ -440,6 +440,7 @@ def test_accepts_unknown_extra_args(case):
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_preserves_bfloat16(case):
   """bfloat16 parameters and gradients give bfloat16 updates (float32 is checked by

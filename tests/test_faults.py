@@ -822,6 +822,35 @@ FAULTS = [
     ),
     r"xder_logit_update.*\[b, C\]",
   ),
+  raises(
+    "losses.supcon_loss(no views axis)",
+    lambda: losses.supcon_loss(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32)),
+    r"supcon_loss.*\[items, views, dim\]",
+  ),
+  raises(
+    "losses.supcon_loss(unknown reduction)",
+    lambda: losses.supcon_loss(jnp.zeros((2, 2, 3)), jnp.zeros(2, jnp.int32), reduction="max"),
+    r"supcon_loss.*'mean' or 'sum'.*'max'",
+  ),
+  raises(
+    "losses.xder_consistency(C not a multiple of head_size)",
+    lambda: losses.xder_consistency(
+      jnp.zeros((2, 2, 5)), jnp.zeros(2, jnp.int32), jnp.ones(5, bool), head_size=2
+    ),
+    r"xder_consistency.*multiple of head_size 2",
+  ),
+  raises(
+    "losses.xder_rewrite_select(eligible of another length)",
+    lambda: losses.xder_rewrite_select(
+      jnp.arange(3), jnp.ones(2, bool), jnp.zeros(5), jax.random.key(0)
+    ),
+    r"xder_rewrite_select.*\[b\].*\(3,\), \(2,\)",
+  ),
+  passes(
+    "losses.supcon_loss(one view, a class alone: no positive, no nan)",
+    lambda: losses.supcon_loss(jnp.ones((2, 1, 3)), jnp.array([0, 1])),
+    lambda v: np.testing.assert_array_equal(np.asarray(v), 0.0),
+  ),
   passes(
     "losses.ace_cross_entropy(nan logit of a masked class)",
     lambda: jax.grad(
