@@ -17,3 +17,4 @@ from benchmarks.continual.methods import regularization  # noqa: F401  ewc, onli
 from benchmarks.continual.methods import agem_code  # noqa: F401  ewc_agem_code, mas_agem_code
 from benchmarks.continual.methods import precision  # noqa: F401  ncl, ncl_kfac
 from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm, sgp
+from benchmarks.continual.methods import isolation  # noqa: F401  hat, packnet, wsn
