@@ -23,6 +23,12 @@ aimagelab/mammoth ``models/xder.py`` and ``utils/simclrloss.py`` (``0d727a7``).
   network's logits, past heads passed through the update (``U(out, out, y, 0, t)``),
   then the stored old items' logits updated on the current and future heads.
 
+Defaults: ``alpha`` 0.1, ``beta`` 0.5 (mammoth's ``xder_ce`` config; ``xder.yaml`` has
+only a CIFAR-100 row, 0.3 / 0.8), ``gamma`` 0.85, ``margin`` 0.3, ``eta`` = ``past_eta``
+0.1, ``lambd`` 0.1, ``simclr_temp`` 5, ``simclr_batch`` 64, ``num_aug`` 2 (the parser's
+defaults of ``models/xder.py`` at ``0d727a7``). ``--hp lambd=0 --hp past_eta=0 --hp
+eta=5e-3 --hp margin=0.1`` is ``xder_ce`` as its config runs it.
+
 Departures: mammoth's views come from ``strong_aug`` (random resized crops, colour
 jitter, grey-scale, flips: CIFAR's); here random 28 x 28 crops of the 4-pixel padded
 digit (``crop``), no flips. ``align_bn`` (no BatchNorm here) is left out.
@@ -160,9 +166,9 @@ register(
       "alpha": 0.1,
       "beta": 0.5,
       "gamma": 0.85,
-      "margin": 0.1,
-      "eta": 5e-3,
-      "past_eta": 5e-3,
+      "margin": 0.3,
+      "eta": 0.1,
+      "past_eta": 0.1,
       "lambd": 0.1,
       "simclr_temp": 5.0,
       "simclr_batch": 64,
