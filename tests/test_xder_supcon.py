@@ -89,3 +89,25 @@ def test_xder_rewrite_select_is_the_one_over_u_rule():
     lambda k: _select(jnp.array([0]), jnp.array([True]), jnp.array([3.0]), k)[0]
   ))(jax.random.split(jax.random.key(0), 2000))  # fmt: skip
   assert abs(float(jnp.mean(draws)) - 0.25) < 0.03
+
+
+def test_xder_past_constraint_pushes_only_the_current_head_up():
+  z = RNG.normal(size=(6, 6)).astype(np.float32) * 2
+  past = np.array([True, True, False, False, False, False])
+  cur = np.array([False, False, True, True, False, False])
+  e = np.exp(np.where(past | cur, z, -np.inf) - z.max(1, keepdims=True))
+  p = e / e.sum(1, keepdims=True)
+  v = p[:, past].max(1) + 0.3 - p[:, cur].max(1)
+  want = v[v > 0].mean() if (v > 0).any() else 0.0
+  got = losses.xder_past_constraint(z, past, cur, margin=0.3)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(losses.xder_past_constraint(z, np.zeros(6, bool), cur)) == 0.0  # first task
+  g = np.asarray(jax.jit(jax.grad(lambda a: losses.xder_past_constraint(a, past, cur)))(z))
+  np.testing.assert_array_equal(g[:, 4:], 0.0)  # future heads take no part
+  rows = v > 0  # the past maximum is a constant: the gradient is that of -max p_current
+
+  def current_only(a):
+    q = jax.nn.softmax(jnp.where(past | cur, a, -jnp.inf), axis=-1)
+    return -jnp.sum(jnp.where(rows, jnp.max(jnp.where(cur, q, 0.0), axis=-1), 0.0)) / rows.sum()
+
+  np.testing.assert_allclose(g, np.asarray(jax.grad(current_only)(jnp.asarray(z))), atol=1e-6)
