@@ -159,6 +159,8 @@ CASES = {
   "ogd": Case(_sgd(lambda: cl_optax.ogd(8)), output_grads),
   "gpm": Case(_sgd(lambda: cl_optax.gpm(0.9)), representations),
   "sgp": Case(_sgd(lambda: cl_optax.sgp(0.9)), representations),
+  "nscl": Case(_adam(lambda: cl_optax.nscl(10.0)), representations),
+  "trgp": Case(_sgd(lambda: cl_optax.trgp(0.9, max_tasks=TASKS)), representations),
   "ncl_diag": Case(
     _sgd(lambda: cl_optax.ncl(16.0, strength=0.5, damping=0.1)), squared("precision")
   ),
