@@ -56,6 +56,8 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.OGDState,
     cl_optax.GPMState,
     cl_optax.SGPState,
+    cl_optax.NSCLState,
+    cl_optax.TRGPState,
     cl_optax.NCLState,
     cl_optax.EWCState,
     cl_optax.OnlineEWCState,

@@ -51,10 +51,13 @@ class TestSets:
     return out
 
   def evaluate(self, evaluate, params, eval_valid) -> np.ndarray:
+    """Accuracy on every task; ``params`` is the evaluated pytree, or ``j -> pytree``
+    (a method's view of task ``j``, ``Method.eval_view``)."""
     accs = []
     cols = self.stream.columns
     for j in range(len(self.stream)):
       x, y, w = self.get(j)
-      c, n = evaluate(params, x, y, w, jnp.asarray(cols[j]), jnp.asarray(eval_valid[j]))
+      p = params(j) if callable(params) else params
+      c, n = evaluate(p, x, y, w, jnp.asarray(cols[j]), jnp.asarray(eval_valid[j]))
       accs.append(float(c) / float(n))
     return np.asarray(accs)

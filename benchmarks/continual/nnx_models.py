@@ -221,3 +221,20 @@ def make_model(model: Any, hidden: tuple[int, ...] = (100, 100), bias: bool = Tr
   if callable(model):
     return NNXModel(model, getattr(model, "__name__", "nnx"))
   raise TypeError(f"`model` must be a name, a model or an nnx.Module factory; got {model!r}.")
+
+
+def run_model(method, name: str, model: Any, hidden: tuple[int, ...], bias: bool, init: str,
+              hp: dict) -> Any:  # fmt: skip
+  """The runner's model for ``method``: its own (``Method.model``: HAT's gates, WSN's
+  scores; it replaces the preset's MLP, any other model is refused) or the preset's /
+  ``--model``'s, with the parameter init ``init``."""
+  if method.model is not None:
+    if not (isinstance(model, MLP) or isinstance(model, str) and model == "mlp"):
+      raise ValueError(f"--model {model}: the method {name} trains its own model.")
+    return method.model(hidden, bias, hp)
+  out = make_model(model, hidden, bias)
+  if init != "torch":  # --init agem: the A-GEM code's init, for the MLP
+    if not isinstance(out, MLP):
+      raise ValueError(f"--init {init}: only the MLP model has that init.")
+    out = out._replace(scheme=init)
+  return out

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import cl_optax
@@ -45,6 +46,13 @@ class Step(NamedTuple):
   apply: Callable  # apply(params, x) -> logits over every output unit
   columns: jax.Array  # int32 [n_tasks, k]: each task's output columns
   valid: jax.Array  # bool [n_tasks, k]: the columns active while training each task
+  index: Any = 0  # int32 scalar (traced): the step's index within the task's plan
+  epoch_steps: Any = 1  # int32 scalar (traced): the steps of one epoch of this task
+  model: Any = None  # the runner's model (a method's own forward, e.g. HAT's gates at s)
+
+  def epoch_index(self) -> jax.Array:
+    """The step's index within its epoch (HAT anneals s over each epoch)."""
+    return jnp.asarray(self.index) % jnp.maximum(jnp.asarray(self.epoch_steps), 1)
 
 
 class AuxInit(NamedTuple):
@@ -69,6 +77,10 @@ class TaskEnd(NamedTuple):
   hp: dict
   key: jax.Array
   model: Any = None  # the runner's model (`init`, `apply`, `is_head`, `layer_inputs`, ...)
+  # retrain(params, opt_state, aux, epochs) -> (params, opt_state, aux): more epochs of the
+  # runner's jitted step on this task's data (PackNet's retraining after the prune)
+  retrain: Callable | None = None
+  n_tasks: int = 0  # tasks in the stream
 
   def first_batches(self, n: int | None) -> cl_optax.importance.Batches:
     """The first batches holding at least ``n`` examples (``None``: every batch)."""
@@ -113,6 +125,15 @@ class Method(NamedTuple):
       from scratch on the memory, WA's alignment, iCaRL's memory rebuild).
     eval_apply: ``(model, (params, aux), x) -> logits`` to evaluate with
       instead of the network's outputs (iCaRL's nearest mean of exemplars).
+    eval_view: ``(params, opt_state, aux, d) -> params`` of the model's
+      structure, evaluated on task ``d`` instead of the live parameters (the
+      isolation methods: PackNet's ``packnet_params``, WSN's weights under task
+      ``d``'s stored mask, HAT's gates of task ``d``). Jittable, ``d`` an int.
+    model: ``(hidden, bias, hp) -> model``: the method's own model (``init``,
+      ``apply``, ``is_head``; HAT's gated and WSN's scored MLP) instead of the
+      preset's; ``apply(params, x)`` is the evaluation forward.
+    capacity: ``(params, opt_state, aux, n_tasks) -> [fraction per task]``:
+      the share of units / weights each task owns, recorded as ``capacity``.
   """
 
   name: str
@@ -127,6 +148,9 @@ class Method(NamedTuple):
   own_loss: bool = False
   finish_task: Callable[[TaskEnd], tuple[PyTree, PyTree, PyTree]] | None = None
   eval_apply: Callable | None = None
+  eval_view: Callable[[PyTree, PyTree, PyTree, int], PyTree] | None = None
+  model: Callable[[tuple[int, ...], bool, dict], Any] | None = None
+  capacity: Callable[[PyTree, PyTree, PyTree, int], list[float]] | None = None
 
 
 METHODS: dict[str, Method] = {}

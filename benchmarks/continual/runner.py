@@ -21,8 +21,8 @@ import numpy as np
 
 from benchmarks.continual import progress
 from benchmarks.continual.evaluation import TestSets, make_eval
-from benchmarks.continual.model import MLP, Heads, make_heads
-from benchmarks.continual.nnx_models import make_model
+from benchmarks.continual.model import Heads, make_heads
+from benchmarks.continual.nnx_models import run_model
 from benchmarks.continual.paper_settings import settings
 from benchmarks.continual.progress import Ticks
 from benchmarks.continual.registry import METHODS, AuxInit, Hyper, TaskEnd
@@ -66,11 +66,8 @@ class _Run:
     self.lr = cfg.lr_override if cfg.lr_override is not None else lr
     self.hp = {**method.defaults, **spec}
     self.hp.update({k: v for k, v in cfg.hp.items() if k in self.hp})
-    self.model = make_model(cfg.model, tuple(cfg.hidden), cfg.bias)
-    if cfg.init != "torch":  # --init agem: the A-GEM code's init, for the MLP
-      if not isinstance(self.model, MLP):
-        raise ValueError(f"--init {cfg.init}: only the MLP model has that init.")
-      self.model = self.model._replace(scheme=cfg.init)
+    self.model = run_model(method, name, cfg.model, tuple(cfg.hidden), cfg.bias, cfg.init,
+                           self.hp)  # fmt: skip
     self.tx = method.make(Hyper(self.opt, self.lr, self.hp, self.model))
     self.ticks = Ticks()
     ev = method.eval_apply
@@ -78,15 +75,22 @@ class _Run:
     self.trainers, self.compiled, self.heads = {}, {}, heads
     self.warned = False  # the stability note is printed once per run
 
-  def eval_args(self, params, aux):
-    """What the evaluation reads: the params, or ``(params, aux)`` for a method's ``eval_apply``."""
+  def eval_args(self, params, aux, opt_state=None):
+    """What the evaluation reads: the params, or ``(params, aux)`` for a method's
+    ``eval_apply``; with a method's ``eval_view``, ``d ->`` that of task ``d``'s view."""
+    view = self.method.eval_view
+    if view is not None:
+      return lambda d: self._args(view(params, opt_state, aux, d), aux)
+    return self._args(params, aux)
+
+  def _args(self, params, aux):
     return params if self.method.eval_apply is None else (params, aux)
 
   def trainer(self, padded: bool, ticks_every: int):
     if (padded, ticks_every) not in self.trainers:
       self.trainers[padded, ticks_every] = make_train(
         self.method, self.tx, hp=self.hp, apply=self.model.apply, ticks_every=ticks_every,
-        on_tick=self.ticks, padded=padded,
+        on_tick=self.ticks, padded=padded, model=self.model,
       )  # fmt: skip
     return self.trainers[padded, ticks_every]
 
@@ -135,7 +139,7 @@ class _Run:
         AuxInit(len(stream), x0.shape[1:], self.hp, stream.n_outputs, params)
       )
     baseline = tests.evaluate(
-      self.evaluate, self.eval_args(params, aux), np.asarray(stream.eval_valid)
+      self.evaluate, self.eval_args(params, aux, opt_state), np.asarray(stream.eval_valid)
     )
     s_max = max(len(p) for p in plans)
     padded = any(len(p) != s_max for p in plans)
@@ -169,36 +173,48 @@ class _Run:
       k_task, k_finish = jax.random.split(k_task)
       flat = jnp.asarray(x.reshape(len(x), -1).astype(np.float32))[None]
       end = TaskEnd(t, s.params, s.opt_state, s.aux, (flat, jnp.asarray(y)[None]),
-                    self.heads_for(s.stream), self.hp, k_finish, self.model)  # fmt: skip
-      s0 = time.perf_counter()
+                    self.heads_for(s.stream), self.hp, k_finish, self.model,
+                    functools.partial(self.retrain, s, t, x, y, jax.random.fold_in(k_finish, 1)),
+                    len(s.stream))  # fmt: skip
+      s0, trained = time.perf_counter(), s.train_s
       s.params, s.opt_state, s.aux = self.method.finish_task(end)
-      s.end_s += time.perf_counter() - s0
-    s.R[t] = s.tests.evaluate(self.evaluate, self.eval_args(s.params, s.aux),
+      s.end_s += time.perf_counter() - s0 - (s.train_s - trained)  # a retrain counts as training
+    s.R[t] = s.tests.evaluate(self.evaluate, self.eval_args(s.params, s.aux, s.opt_state),
                               np.asarray(s.stream.eval_valid))  # fmt: skip
     if self.method.end_task is not None and t < len(s.stream) - 1:
       self.end_task(s, t, x, y, k_end)
     return True
 
-  def train_task(self, s: Seed, t: int, x, y, key) -> bool:
-    """One jitted scan over task ``t``'s plan (compiled once per shape, untimed); False
-    if a loss was not finite."""
-    cfg, plan = self.cfg, s.plans[t]
-    active = np.arange(s.s_max) < len(plan)
+  def retrain(self, s: Seed, t: int, x, y, key, params, opt_state, aux, epochs: int):
+    """``TaskEnd.retrain``: ``epochs`` more epochs of the jitted step on task ``t``."""
+    s.params, s.opt_state, s.aux = params, opt_state, aux
+    plan = batch_indices(s.rng, len(x), self.cfg.batch_size, int(epochs), None)
+    if not self.train_task(s, t, x, y, key, plan):
+      raise FloatingPointError(f"{self.name}: a loss was not finite while retraining task {t}.")
+    return s.params, s.opt_state, s.aux
+
+  def train_task(self, s: Seed, t: int, x, y, key, plan=None) -> bool:
+    """One jitted scan over task ``t``'s plan (or ``plan``, e.g. a retrain's; compiled once
+    per shape, untimed); False if a loss was not finite."""
+    cfg = self.cfg
+    padded, steps = (s.padded, s.s_max) if plan is None else (False, len(plan))
+    plan = s.plans[t] if plan is None else plan
+    active = np.arange(steps) < len(plan)
     columns, valid = jnp.asarray(s.stream.columns), jnp.asarray(s.stream.train_valid)
     X = jnp.asarray(pad_rows(x.reshape(len(x), -1).astype(np.float32), s.n_max))
     Y = jnp.asarray(pad_rows(y, s.n_max))
-    idx = jnp.asarray(pad_rows(plan.astype(np.int32), s.s_max))
+    idx = jnp.asarray(pad_rows(plan.astype(np.int32), steps))
     args = (s.params, s.opt_state, s.aux, key, X, Y, idx, jnp.asarray(active), jnp.int32(t),
-            columns, valid)  # fmt: skip
-    ticks_every = max(1, s.s_max // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
+            columns, valid, jnp.int32(len(x) // cfg.batch_size))  # fmt: skip
+    ticks_every = max(1, steps // cfg.ticks) if cfg.progress and progress.on_terminal() else 0
     shapes = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)
-    sig = (s.padded, ticks_every, str(shapes))
+    sig = (padded, ticks_every, str(shapes))
     if sig not in self.compiled:
       c0 = time.perf_counter()
-      self.compiled[sig] = self.trainer(s.padded, ticks_every).lower(*args).compile()
+      self.compiled[sig] = self.trainer(padded, ticks_every).lower(*args).compile()
       s.compile_s += time.perf_counter() - c0
     desc = f"{self.name:>10} seed {s.seed} task {t + 1}/{len(s.stream)}"
-    self.ticks.open(cfg.progress, desc, len(plan) if not s.padded else s.s_max)
+    self.ticks.open(cfg.progress, desc, steps)
     t0 = time.perf_counter()
     s.params, s.opt_state, s.aux, losses = self.compiled[sig](*args)
     jax.block_until_ready((s.params, losses))
@@ -215,7 +231,9 @@ class _Run:
     order = batch_indices(s.rng, len(x), self.cfg.batch_size, 1, None)
     xb, yb = jnp.asarray(x[order].astype(np.float32)), jnp.asarray(y[order])
     heads = self.heads_for(s.stream)
-    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key, self.model)
+    end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key, self.model,
+                  functools.partial(self.retrain, s, t, x, y, jax.random.fold_in(key, 1)),
+                  len(s.stream))  # fmt: skip
     s.opt_state, s.aux = self.method.end_task(end)
     jax.block_until_ready(s.opt_state)
     s.end_s += time.perf_counter() - s0
@@ -240,6 +258,9 @@ class _Run:
       "compile_s": s.compile_s, "end_task_s": s.end_s,
       "wall_s": time.perf_counter() - s.t_wall,
     }  # fmt: skip
+    if self.method.capacity is not None:  # the share of the network each task owns
+      used = self.method.capacity(s.params, s.opt_state, s.aux, T)
+      record["capacity"] = [float(c) for c in used]
     if s.stream.scenario == "class":  # no class of task j is predicted before task j trains:
       record["fwt"] = None  # R[j-1, j] = 0 for every method, FWT only -mean(b_j); undefined
     if s.diverged is not None:

@@ -72,19 +72,25 @@ def make_train(
   ticks_every: int = 0,
   on_tick: Callable[[int], None] | None = None,
   padded: bool = False,
+  model=None,
 ) -> Callable:
   """The jitted per-task trainer: one ``lax.scan`` over the task's batches.
 
-  ``train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid)
-  -> (params, opt_state, aux, losses)``: step ``i`` trains on ``X[idx[i]], Y[idx[i]]``;
-  with ``padded`` the steps where ``active`` is False are skipped (a ``lax.cond``).
+  ``train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid,
+  epoch_steps=None) -> (params, opt_state, aux, losses)``: step ``i`` trains on
+  ``X[idx[i]], Y[idx[i]]``; with ``padded`` the steps where ``active`` is False are
+  skipped (a ``lax.cond``). ``epoch_steps`` (the steps of one epoch; default the
+  plan's length) and ``model`` reach the method's hooks as ``Step.epoch_steps``,
+  ``Step.index`` (the step in the plan) and ``Step.model``.
   ``on_tick(ticks_every)`` is called from inside the scan every ``ticks_every`` steps.
   """
   hp = {} if hp is None else hp
   tick = on_tick if ticks_every and on_tick is not None else None
 
   @jax.jit
-  def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid):
+  def train(params, opt_state, aux, key, X, Y, idx, active, task, columns, valid,
+            epoch_steps=None):  # fmt: skip
+    per_epoch = idx.shape[0] if epoch_steps is None else epoch_steps
     loss_fn = task_loss(apply, columns, valid, task)
 
     def body(carry, inp):
@@ -97,7 +103,7 @@ def make_train(
       def do(c):
         params, opt_state, aux = c
         s = Step(params, x, y, task, columns.shape[0], aux, sub, loss_fn, hp, apply, columns,
-                 valid)  # fmt: skip
+                 valid, i, per_epoch, model)  # fmt: skip
         extra = {}
         if method.step is not None:
           extra, aux = method.step(s)

@@ -122,3 +122,41 @@ register(
     defaults={"samples": 300, "thresholds": [0.97], "project_head": False, "alpha": 10.0},
   )
 )
+
+
+def _consolidate_nscl(e: TaskEnd):
+  """The task's covariance: every training batch's mean input per layer (the code) or every
+  example's input (the paper), through the raw layer inputs of the whole epoch."""
+  xs, _ = e.batches  # [n_batches, B, ...]
+  projected = _gpm_labels(e.model, e.hp["project_head"])(e.params)
+  keep = {_key(p) for p, v in jax.tree_util.tree_leaves_with_path(projected) if v}
+  inputs = _layer_inputs(e.model)(e.params, xs.reshape(-1, *xs.shape[2:]))
+  per_sample = e.hp["covariance"] == "per_sample"
+  reps = [
+    (p, r if per_sample else cl_optax.nscl_batch_means(r, xs.shape[1]))
+    for p, r in _leaves_in_order(inputs)
+    if p in keep
+  ]
+  return cl_optax.consolidate(e.opt_state, e.params, representations=_nest(reps)), e.aux
+
+
+def _make_nscl(h: Hyper):
+  if h.hp["covariance"] not in ("batch_mean", "per_sample"):
+    raise ValueError(
+      f"nscl: --hp covariance={h.hp['covariance']!r}; expected 'batch_mean' (the code) "
+      "or 'per_sample' (the paper)."
+    )
+  nscl = cl_optax.nscl(h.hp["a"], normalize=h.hp["normalize"], layers=_gpm_layers(h))
+  return optax.chain(h.base(), nscl)
+
+
+register(
+  Method(
+    "nscl",
+    _make_nscl,
+    "Adam-NSCL (Wang et al. 2021): Adam's update in the null space of the old inputs' covariance",
+    optimizer="adam",
+    end_task=_consolidate_nscl,
+    defaults={"a": 10.0, "normalize": True, "covariance": "batch_mean", "project_head": False},
+  )
+)
