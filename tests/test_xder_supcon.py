@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cl_optax
+from benchmarks.continual.methods import xder
+from benchmarks.continual.registry import AuxInit, Step
 from cl_optax import losses
 
 RNG = np.random.default_rng(1)
@@ -111,3 +114,29 @@ def test_xder_past_constraint_pushes_only_the_current_head_up():
     return -jnp.sum(jnp.where(rows, jnp.max(jnp.where(cur, q, 0.0), axis=-1), 0.0)) / rows.sum()
 
   np.testing.assert_allclose(g, np.asarray(jax.grad(current_only)(jnp.asarray(z))), atol=1e-6)
+
+
+@pytest.mark.slow  # compiles the runner's step
+def test_runner_step_rewrites_only_past_items_on_current_and_future_heads():
+  aux = xder._init(AuxInit(2, (6,), {"buffer": 8}, 4, None))
+  x = jnp.asarray(RNG.normal(size=(6, 6)), jnp.float32)
+  y = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)  # classes 0, 1: task 0 (past); 2: current
+  mem = cl_optax.replay.fill(aux["memory"], {"x": x, "y": y, "logits": jnp.ones((6, 4))}, y)
+  w = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
+  valid = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+  cols = jnp.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+
+  def step(w, mem, u):
+    s = Step({"w": w}, x[:2], jnp.array([2, 3]), jnp.int32(1), 2, {"memory": mem, "u": u},
+             jax.random.key(0), None, {"memory_batch": 4, "gamma": 0.85},
+             lambda p, v: v @ p["w"], cols, valid)  # fmt: skip
+    return xder._step(s)[1]
+
+  new = jax.jit(step)(w, mem, aux["u"])
+  got = np.asarray(new["memory"].items["logits"])[:6]
+  past = np.asarray(y) < 2
+  u = np.asarray(new["u"])[:6]
+  assert np.all(u[~past] == 0) and np.all(u[past] <= 1) and u.sum() > 0  # drawn past slots
+  changed = np.any(got != 1.0, axis=1)
+  assert np.all(changed == (u == 1))  # first draw: u = 1, rewritten with probability 1
+  np.testing.assert_array_equal(got[:, :2], 1.0)  # the past heads are never rewritten
