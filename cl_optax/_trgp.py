@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import _freeze_leaf, _project_leaf, layer_signals, projected_buffers
-from cl_optax._gpm_project import append_columns
+from cl_optax._gpm import layer_signals, projected_buffers
+from cl_optax._gpm_project import append_columns, project_updates
 from cl_optax._trgp_parts import TRGPView, trgp_trust_region
 
 
@@ -346,17 +346,13 @@ def trgp(
     del params, extra_args
     state = cast(TRGPState, state)
     _checks.check_updates(updates, state.trgp_basis, transform="trgp", shapes=False)
-    frozen = state.trgp_tasks > 0
-
-    def leaf(path, b, c, u):
-      if _trees.is_masked(u) or u is None:
-        return u
-      if _trees.is_masked(b):
-        return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u, orientation)
-
-    new_updates = jax.tree_util.tree_map_with_path(
-      leaf, state.trgp_basis, state.trgp_count, updates, is_leaf=_trees.is_masked
+    new_updates = project_updates(
+      updates,
+      state.trgp_basis,
+      state.trgp_count,
+      state.trgp_tasks > 0,
+      orientation=orientation,
+      freeze_unprojected=freeze_unprojected,
     )
     return new_updates, state._replace(
       trgp_threshold=jnp.asarray(threshold, jnp.float32),
