@@ -214,6 +214,15 @@ def trgp_view(opt_state: Any, task: Any, width: int | None = None) -> Any:
   return _trees.map_unmasked(leaf, state.trgp_task_basis, state.trgp_selected, state.trgp_active)
 
 
+def _static_int(name: str, v: Any) -> int:
+  """A shape argument as a Python int (a concrete integer array too: inject_hyperparams)."""
+  if hasattr(v, "dtype") and _checks.is_concrete(v) and jnp.issubdtype(v.dtype, jnp.integer):
+    v = int(v)
+  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    raise ValueError(f"trgp: {name} must be a positive int (static); got {v!r}.")
+  return v
+
+
 def trgp(
   threshold: float = 0.97,
   *,
@@ -311,9 +320,8 @@ def trgp(
   dtype = jnp.float32 if basis_dtype is None else basis_dtype
   _checks.check_hyperparameter(threshold, transform="trgp", name="threshold", low=0.0, high=1.0)
   _checks.check_hyperparameter(eps, transform="trgp", name="eps", low=0.0)
-  for name, v in (("max_tasks", max_tasks), ("top", top), ("width", width or 1)):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"trgp: {name} must be a positive int; got {v!r}.")
+  max_tasks, top = _static_int("max_tasks", max_tasks), _static_int("top", top)
+  width = None if width is None else _static_int("width", width)
 
   def init_fn(params: optax.Params) -> TRGPState:
     basis, count = projected_buffers(layers, params, dtype, orientation, "trgp")

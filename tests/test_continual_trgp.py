@@ -3,11 +3,14 @@ only during that task, old tasks evaluated through their own view (eval_view).""
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_continual_runner import _tiny_preset
 
 from benchmarks import continual
+from benchmarks.continual.methods import trust_region as tr
 
 pytestmark = pytest.mark.slow  # an end-to-end run of the benchmark runner
 
@@ -29,3 +32,28 @@ def test_trgp_entry_selects_trains_its_q_and_keeps_old_q():
     assert np.abs(q[1, 0] - eye).max() > 1e-3  # task 1's Q trained
   with pytest.raises(ValueError, match="trgp: the stream has 2 tasks; --hp max_tasks=1"):
     continual.run_method("trgp", make, cfg._replace(hp={**hp, "max_tasks": 1}), [0])
+
+
+def test_low_rank_training_forward_equals_the_scaled_weights():
+  """The training forward (h W + ((h M)(Q - I)) M^T W) is the evaluation's W_eff forward."""
+  model = tr.TRGPMLP(continual.MLP((5,), False), {"max_tasks": 3, "top": 2, "width": 3})
+  params = model.init(jax.random.key(0), (6,), 4)
+  rng = np.random.default_rng(0)
+  params[tr.Q] = jax.tree.map(lambda q: q + 0.3 * rng.normal(size=q.shape), params[tr.Q])
+  bases = {k: np.zeros((3, d, d)) for k, d in (("layer0", 6), ("head", 5))}
+  for k, b in bases.items():
+    for t in range(3):
+      b[t, :, :2] = np.linalg.qr(rng.normal(size=(b.shape[1], b.shape[1])))[0][:, :2]
+  sel = jnp.array([[0, 0], [0, 1], [1, 0]], jnp.int32)
+  act = jnp.array([[False, False], [True, False], [True, True]])
+  aux = {"bases": {k: jnp.asarray(b, jnp.float32) for k, b in bases.items()},
+         "selected": {k: sel for k in bases}, "active": {k: act for k in bases}}  # fmt: skip
+  x = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+  task = 2
+  low = {}
+  for k in bases:
+    q = params[tr.Q][k][task]
+    m = jnp.where(act[task][:, None, None], aux["bases"][k][sel[task]][:, :, : q.shape[-1]], 0.0)
+    low[k] = (m, q, jnp.einsum("sdk,do->sko", m, params[k]["kernel"]))
+  full = model.apply(tr._effective(params, aux, task), x)
+  np.testing.assert_allclose(model.apply({**params, tr.LOW: low}, x), full, atol=1e-5)

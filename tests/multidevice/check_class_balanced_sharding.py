@@ -10,11 +10,9 @@ axes (as ``examples/sharded_training.py``) and with ``Explicit`` ones (the defau
 ``jax.make_mesh``), where the writes and draws spell out their output shardings.
 """
 
-import os
 import re
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

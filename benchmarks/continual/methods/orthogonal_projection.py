@@ -1,6 +1,7 @@
-"""Orthogonal projection (OGD, GPM): a basis grown at the end of each task."""
+"""Orthogonal projection (OGD, GPM, SGP, Adam-NSCL): bases or covariances grown at task ends."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import cl_optax
@@ -130,13 +131,17 @@ def _consolidate_nscl(e: TaskEnd):
   xs, _ = e.batches  # [n_batches, B, ...]
   projected = _gpm_labels(e.model, e.hp["project_head"])(e.params)
   keep = {_key(p) for p, v in jax.tree_util.tree_leaves_with_path(projected) if v}
-  inputs = _layer_inputs(e.model)(e.params, xs.reshape(-1, *xs.shape[2:]))
   per_sample = e.hp["covariance"] == "per_sample"
-  reps = [
-    (p, r if per_sample else cl_optax.nscl_batch_means(r, xs.shape[1]))
-    for p, r in _leaves_in_order(inputs)
-    if p in keep
-  ]
+  chunks = []
+  for i in range(0, xs.shape[0], 500):  # 500 batches at a time: no copy of every layer's inputs
+    part = xs[i : i + 500]
+    inputs = _layer_inputs(e.model)(e.params, part.reshape(-1, *part.shape[2:]))
+    chunks.append([
+      (p, r if per_sample else cl_optax.nscl_batch_means(r, xs.shape[1]))
+      for p, r in _leaves_in_order(inputs)
+      if p in keep
+    ])  # fmt: skip
+  reps = [(p, jnp.concatenate([c[j][1] for c in chunks])) for j, (p, _) in enumerate(chunks[0])]
   return cl_optax.consolidate(e.opt_state, e.params, representations=_nest(reps)), e.aux
 
 

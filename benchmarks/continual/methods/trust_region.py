@@ -7,7 +7,12 @@ region (``eval_view``): TRGP needs the task id at test time, also on permuted MN
 
 The trust region of task ``t`` is chosen at its first step, from that batch's gradient
 (``end_task`` sees only the finished task's data, not the 300 examples of the next task the
-code draws), and kept in the aux with a copy of each task's subspace.
+code draws), and kept in the aux with a copy of each task's subspace. Training reads the
+scaled term in low rank, ``h W + ((h M_s)(Q_s - I)) C_s`` with ``C_s = M_s^T W`` taken at the
+task's first step (``Q_t = I`` there, so the term is 0 whatever ``C``): ``W``'s update is
+projected out of every old subspace, which holds each ``M_s`` (the paper's growth), so
+``M_s^T W`` does not move during the task and ``W``'s gradient through the term, which lies
+in ``span(M_s)``, is removed by the projection anyway. Evaluation uses the full ``W_eff``.
 """
 
 from typing import Any, NamedTuple
@@ -18,14 +23,31 @@ import optax
 
 import cl_optax
 from benchmarks.continual.methods.orthogonal_projection import _consolidate_gpm, _gpm_layers
-from benchmarks.continual.model import MLP
+from benchmarks.continual.model import MLP, mlp_layer_names
 from benchmarks.continual.registry import AuxInit, Hyper, Method, Step, TaskEnd, register
 
 Q = "trgp_q"
+LOW = "trgp_low_rank"  # {layer: (M [top, d, w], Q [top, w, w], C [top, w, out])}, training only
 
 
 def _net(params: dict) -> dict:
-  return {k: v for k, v in params.items() if k != Q}
+  return {k: v for k, v in params.items() if k not in (Q, LOW)}
+
+
+def _forward(params: dict, x: jax.Array) -> jax.Array:
+  """The MLP; with ``params[LOW]``, each layer adds ``((h M)(Q - I)) C``."""
+  net, low = _net(params), params.get(LOW, {})
+  h = x.reshape(x.shape[0], -1)
+  names = mlp_layer_names(len(net))
+  for name in names:
+    out = h @ net[name]["kernel"] + net[name].get("bias", 0.0)
+    if name in low:
+      m, q, c = low[name]
+      hm = jnp.einsum("nd,sdk->snk", h, m)
+      hm = jnp.einsum("snk,skj->snj", hm, q - jnp.eye(q.shape[-1], dtype=q.dtype))
+      out = out + jnp.einsum("snj,sjo->no", hm, c)
+    h = out if name == names[-1] else jax.nn.relu(out)
+  return h
 
 
 class TRGPMLP(NamedTuple):
@@ -50,7 +72,7 @@ class TRGPMLP(NamedTuple):
     return {**params, Q: {k: bank(v["kernel"]) for k, v in params.items()}}
 
   def apply(self, params: dict, x: jax.Array) -> jax.Array:
-    return self.inner.apply(_net(params), x)
+    return _forward(params, x)
 
   def layer_inputs(self, params: dict, x: jax.Array) -> dict:
     return self.inner.layer_inputs(_net(params), x)
@@ -91,10 +113,14 @@ def _init_aux(a: AuxInit):
     raise ValueError(f"trgp: the stream has {a.n_tasks} tasks; --hp max_tasks={T} is fewer.")
   layers = _projected(a.hp, a.params)
   d = {k: net[k]["kernel"].shape[0] for k in layers}
+  w = {k: a.params[Q][k].shape[-1] for k in layers}
+  out = {k: net[k]["kernel"].shape[-1] for k in layers}
   return {
     "bases": {k: jnp.zeros((T, d[k], d[k])) for k in layers},
     "selected": {k: jnp.zeros((T, top), jnp.int32) for k in layers},
     "active": {k: jnp.zeros((T, top), bool) for k in layers},
+    "m": {k: jnp.zeros((top, d[k], w[k])) for k in layers},  # the current task's M_s
+    "c": {k: jnp.zeros((top, w[k], out[k])) for k in layers},  # and M_s^T W at its start
   }
 
 
@@ -110,25 +136,28 @@ def _effective(params: dict, aux: dict, task: Any) -> dict:
 
 
 def _step(s: Step):
-  """At a task's first step, its trust region from the batch's gradient (Q = I: W_eff = W)."""
+  """At a task's first step, its trust region from the batch's gradient (Q = I: W_eff = W),
+  and the low-rank pieces ``M_s``, ``M_s^T W`` of its training forward."""
 
   def select(aux):
     tids = jnp.full(s.y.shape, s.task)
-    g = jax.grad(lambda p: s.loss_fn(p, s.x, s.y, tids))(_effective(s.params, aux, s.task))
-    sel, act = dict(aux["selected"]), dict(aux["active"])
+    g = jax.grad(lambda p: s.loss_fn(p, s.x, s.y, tids))(_net(s.params))
+    sel, act, m, c = (dict(aux[n]) for n in ("selected", "active", "m", "c"))
     for k, bases in aux["bases"].items():
       ns, na = cl_optax.trgp_trust_region(g[k]["kernel"], bases, s.task, s.hp["eps"],
                                           top=s.hp["top"], official=s.hp["official"])  # fmt: skip
       sel[k], act[k] = sel[k].at[s.task].set(ns), act[k].at[s.task].set(na)
-    return {**aux, "selected": sel, "active": act}
+      m[k] = jnp.where(na[:, None, None], bases[ns][:, :, : m[k].shape[-1]], 0.0)
+      c[k] = jnp.einsum("sdk,do->sko", m[k], s.params[k]["kernel"])
+    return {**aux, "selected": sel, "active": act, "m": m, "c": c}
 
   first = (jnp.asarray(s.index) == 0) & (s.task > 0)
   return {}, jax.lax.cond(first, select, lambda aux: aux, s.aux)
 
 
 def _loss(s: Step, params):
-  tids = jnp.full(s.y.shape, s.task)
-  return s.loss_fn(_effective(params, s.aux, s.task), s.x, s.y, tids)
+  low = {k: (m, params[Q][k][s.task], s.aux["c"][k]) for k, m in s.aux["m"].items()}
+  return s.loss_fn({**params, LOW: low}, s.x, s.y, jnp.full(s.y.shape, s.task))
 
 
 def _end_task(e: TaskEnd):
