@@ -181,19 +181,6 @@ def _trgp_grow(basis, count, task_basis, task_count, task, x, threshold, officia
   return new_basis, new_count, task_basis, task_count
 
 
-def _find_state(opt_state: Any) -> TRGPState:
-  found = [
-    x
-    for x in jax.tree.leaves(
-      _trees.optimizer_state(opt_state), is_leaf=lambda x: isinstance(x, TRGPState)
-    )
-    if isinstance(x, TRGPState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"trgp_view: expected one TRGPState in the state; found {len(found)}.")
-  return found[0]
-
-
 def trgp_view(opt_state: Any, task: Any, width: int | None = None) -> Any:
   """Each projected layer's :class:`TRGPView` for task ``task``: the bases of the old tasks
   selected as its trust region (their first ``width`` columns) and which are active.
@@ -204,7 +191,7 @@ def trgp_view(opt_state: Any, task: Any, width: int | None = None) -> Any:
   ``optax.MaskedNode`` elsewhere; before task ``task``'s trust region was selected
   (and for task 0) every slot is inactive.
   """
-  state = _find_state(opt_state)
+  state = _trees.find_state(opt_state, TRGPState, "trgp_view")
   t = jnp.asarray(task, jnp.int32)
 
   def leaf(tb, sel, act):
