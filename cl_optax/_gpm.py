@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _select, _trees
-from cl_optax._gpm_project import append_columns, project_out, project_scaled
+from cl_optax._gpm_project import append_columns, project_updates
 from cl_optax._gpm_signals import (
   by_path,
   checked_threshold,
@@ -123,63 +123,6 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
   r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
   r = jnp.where(total > 0, r, 0).astype(jnp.int32)
   return append_columns(basis, count, U, r)
-
-
-# -------------------------------------------------------------- projection
-
-
-def _project_leaf(
-  path: Any,
-  basis: jax.Array,
-  count: jax.Array,
-  u: jax.Array,
-  orientation: str | None = None,
-  scale: jax.Array | None = None,
-) -> jax.Array:
-  """A projected kernel's update with the protected input directions removed.
-
-  With ``scale`` (SGP) each direction is removed by that fraction.
-  """
-  if scale is None:
-    project = lambda g: project_out(basis, count, g)  # noqa: E731
-  else:
-    project = lambda g: project_scaled(basis, count, scale, g)  # noqa: E731
-  return project_kernel(path, basis.shape[0], u, orientation, project)
-
-
-def project_kernel(
-  path: Any,
-  d_in: int,
-  u: jax.Array,
-  orientation: str | None,
-  project: Callable[[jax.Array], jax.Array],
-  transform: str = "gpm",
-) -> jax.Array:
-  """``project`` applied to a kernel's update as ``[d_in, out]`` (float32).
-
-  An update holding a non-finite entry passes unchanged (the projection would
-  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
-  """
-  shape = jnp.shape(u)
-  if _select.kernel_orientation(transform, _trees.leaf_path(path), shape, orientation) == "out_in":
-    return project_kernel(path, d_in, u.T, "in_out", project, transform).T
-  if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
-    raise ValueError(
-      f"{transform}: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; "
-      f"expected a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
-    )
-  g = u.reshape(d_in, -1).astype(jnp.float32)
-  new = project(g).reshape(u.shape)
-  return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
-
-
-def _freeze_leaf(u: Any, frozen: jax.Array) -> Any:
-  """An unprojected leaf's update: zeros (finite entries) once ``frozen`` if it has fewer
-  than 2 dimensions (a bias, a norm scale); an unprojected kernel passes unchanged."""
-  return jax.tree.map(
-    lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x) if jnp.ndim(x) < 2 else x,
-    u,
-  )
 
 
 # ------------------------------------------------------------------- init
@@ -376,17 +319,13 @@ def gpm(
     del params, extra_args
     state = cast(GPMState, state)
     _checks.check_updates(updates, state.feature_basis, transform="gpm", shapes=False)
-    frozen = state.gpm_tasks > 0
-
-    def leaf(path, b, c, u):
-      if _trees.is_masked(u) or u is None:
-        return u
-      if _trees.is_masked(b):
-        return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u, orientation)
-
-    new_updates = jax.tree_util.tree_map_with_path(
-      leaf, state.feature_basis, state.feature_count, updates, is_leaf=_trees.is_masked
+    new_updates = project_updates(
+      updates,
+      state.feature_basis,
+      state.feature_count,
+      state.gpm_tasks > 0,
+      orientation=orientation,
+      freeze_unprojected=freeze_unprojected,
     )
     return new_updates, state._replace(gpm_threshold=jnp.asarray(threshold, jnp.float32))
 

@@ -1,9 +1,20 @@
-"""GPM's basis storage: :func:`project_out` at static widths; :func:`append_columns`."""
+"""GPM's basis storage and projection, shared by GPM, SGP, Adam-NSCL and TRGP.
+
+:func:`project_out` at static widths, :func:`append_columns`, and the per-kernel
+update projection (:func:`project_updates`, :func:`project_kernel`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cl_optax import _select, _trees
 
 
 def static_widths(top: int) -> tuple[int, ...]:
@@ -91,3 +102,86 @@ def append_columns(basis, count, cols, r):
   k = count + r
   _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=jnp.float32) - new @ new.T)
   return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
+
+
+# ------------------------------------------------------- kernel updates
+
+
+def project_leaf(
+  path: Any,
+  basis: jax.Array,
+  count: jax.Array,
+  u: jax.Array,
+  orientation: str | None = None,
+  scale: jax.Array | None = None,
+) -> jax.Array:
+  """A projected kernel's update with the protected input directions removed.
+
+  With ``scale`` (SGP) each direction is removed by that fraction.
+  """
+  if scale is None:
+    project = lambda g: project_out(basis, count, g)  # noqa: E731
+  else:
+    project = lambda g: project_scaled(basis, count, scale, g)  # noqa: E731
+  return project_kernel(path, basis.shape[0], u, orientation, project)
+
+
+def project_kernel(
+  path: Any,
+  d_in: int,
+  u: jax.Array,
+  orientation: str | None,
+  project: Callable[[jax.Array], jax.Array],
+  transform: str = "gpm",
+) -> jax.Array:
+  """``project`` applied to a kernel's update as ``[d_in, out]`` (float32).
+
+  An update holding a non-finite entry passes unchanged (the projection would
+  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
+  """
+  shape = jnp.shape(u)
+  if _select.kernel_orientation(transform, _trees.leaf_path(path), shape, orientation) == "out_in":
+    return project_kernel(path, d_in, u.T, "in_out", project, transform).T
+  if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
+    raise ValueError(
+      f"{transform}: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; "
+      f"expected a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
+    )
+  g = u.reshape(d_in, -1).astype(jnp.float32)
+  new = project(g).reshape(u.shape)
+  return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
+
+
+def freeze_leaf(u: Any, frozen: jax.Array) -> Any:
+  """An unprojected leaf's update: zeros (finite entries) once ``frozen`` if it has fewer
+  than 2 dimensions (a bias, a norm scale); an unprojected kernel passes unchanged."""
+  return jax.tree.map(
+    lambda x: jnp.where(frozen & jnp.isfinite(x), jnp.zeros_like(x), x) if jnp.ndim(x) < 2 else x,
+    u,
+  )
+
+
+def project_updates(
+  updates: optax.Updates,
+  basis: Any,
+  count: Any,
+  frozen: jax.Array,
+  *,
+  orientation: str | None,
+  freeze_unprojected: bool,
+) -> optax.Updates:
+  """Every projected kernel's update with its basis's directions removed (GPM, TRGP).
+
+  ``basis`` / ``count``: the state's trees (masked where a leaf is not
+  projected); an unprojected leaf passes, or goes through :func:`freeze_leaf`
+  with ``frozen`` when ``freeze_unprojected``.
+  """
+
+  def leaf(path, b, c, u):
+    if _trees.is_masked(u) or u is None:
+      return u
+    if _trees.is_masked(b):
+      return freeze_leaf(u, frozen) if freeze_unprojected else u
+    return project_leaf(path, b, c, u, orientation)
+
+  return jax.tree_util.tree_map_with_path(leaf, basis, count, updates, is_leaf=_trees.is_masked)

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import _freeze_leaf, layer_signals, project_kernel, projected_buffers
-from cl_optax._gpm_project import project_out
+from cl_optax._gpm import layer_signals, projected_buffers
+from cl_optax._gpm_project import freeze_leaf, project_kernel, project_out
 
 
 class NSCLState(NamedTuple):
@@ -230,7 +230,7 @@ def nscl(
       if _trees.is_masked(u) or u is None:
         return u
       if _trees.is_masked(b):
-        return _freeze_leaf(u, frozen) if freeze_unprojected else u
+        return freeze_leaf(u, frozen) if freeze_unprojected else u
       d_in = b.shape[0]
       # U0 U0^T g = g - M M^T g through the range M (or U0 itself, the fewer columns)
       scale = jnp.where(scaled, jax.lax.rsqrt(jnp.maximum(d_in - c, 1).astype(jnp.float32)), 1.0)

@@ -237,19 +237,6 @@ def _emit_fused(updates: Any, pending: _writes.PendingWrite, params: Any) -> tup
   return new, cleared
 
 
-def _find_state(opt_state: Any) -> PackNetState:
-  found = [
-    x
-    for x in jax.tree.leaves(
-      _trees.optimizer_state(opt_state), is_leaf=lambda x: isinstance(x, PackNetState)
-    )
-    if isinstance(x, PackNetState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"packnet_params: expected one PackNetState in the state; found {len(found)}.")
-  return found[0]
-
-
 def packnet_params(params: optax.Params, opt_state: Any, task: Any) -> optax.Params:
   r"""Task ``task``'s parameters :math:`\theta \odot [0 < \text{owner} \le d]` (a copy).
 
@@ -268,7 +255,7 @@ def packnet_params(params: optax.Params, opt_state: Any, task: Any) -> optax.Par
     >>> cl_optax.packnet_params(params, state, 1)["l"]["kernel"]
     Array([[1., 0.]], dtype=float32)
   """
-  state = _find_state(opt_state)
+  state = _trees.find_state(opt_state, PackNetState, "packnet_params")
   plain = _trees.unwrap_variables(params)
 
   def leaf(o, p):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import _freeze_leaf, _gpm_grow, _project_leaf, layer_signals, projected_buffers
+from cl_optax._gpm import _gpm_grow, layer_signals, projected_buffers
+from cl_optax._gpm_project import freeze_leaf, project_leaf
 
 
 class SGPState(NamedTuple):
@@ -172,8 +173,8 @@ def sgp(
       if _trees.is_masked(u) or u is None:
         return u
       if _trees.is_masked(b):
-        return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u, orientation, lam)
+        return freeze_leaf(u, frozen) if freeze_unprojected else u
+      return project_leaf(path, b, c, u, orientation, lam)
 
     new_updates = jax.tree_util.tree_map_with_path(
       leaf, state.sgp_basis, state.sgp_count, state.sgp_importance, updates,

@@ -225,6 +225,21 @@ def optimizer_state(opt_state: Any) -> Any:
   return opt_state
 
 
+def find_state(opt_state: Any, cls: type, caller: str) -> Any:
+  """The one ``cls`` state inside ``opt_state`` (a chain's tuple, an ``nnx.Optimizer``...).
+
+  Raises ValueError naming ``caller`` when there is none or more than one.
+  """
+  found = [
+    x
+    for x in jax.tree.leaves(optimizer_state(opt_state), is_leaf=lambda x: isinstance(x, cls))
+    if isinstance(x, cls)
+  ]
+  if len(found) != 1:
+    raise ValueError(f"{caller}: expected one {cls.__name__} in the state; found {len(found)}.")
+  return found[0]
+
+
 def selected(params: Any, mask: Any, label: Any = None) -> list[str]:
   """The key strings of the leaves of ``params`` that ``mask`` selects.
 

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import _freeze_leaf, _project_leaf, layer_signals, projected_buffers
-from cl_optax._gpm_project import append_columns
+from cl_optax._gpm import layer_signals, projected_buffers
+from cl_optax._gpm_project import append_columns, project_updates
 from cl_optax._trgp_parts import TRGPView, trgp_trust_region
 
 
@@ -181,19 +181,6 @@ def _trgp_grow(basis, count, task_basis, task_count, task, x, threshold, officia
   return new_basis, new_count, task_basis, task_count
 
 
-def _find_state(opt_state: Any) -> TRGPState:
-  found = [
-    x
-    for x in jax.tree.leaves(
-      _trees.optimizer_state(opt_state), is_leaf=lambda x: isinstance(x, TRGPState)
-    )
-    if isinstance(x, TRGPState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"trgp_view: expected one TRGPState in the state; found {len(found)}.")
-  return found[0]
-
-
 def trgp_view(opt_state: Any, task: Any, width: int | None = None) -> Any:
   """Each projected layer's :class:`TRGPView` for task ``task``: the bases of the old tasks
   selected as its trust region (their first ``width`` columns) and which are active.
@@ -204,7 +191,7 @@ def trgp_view(opt_state: Any, task: Any, width: int | None = None) -> Any:
   ``optax.MaskedNode`` elsewhere; before task ``task``'s trust region was selected
   (and for task 0) every slot is inactive.
   """
-  state = _find_state(opt_state)
+  state = _trees.find_state(opt_state, TRGPState, "trgp_view")
   t = jnp.asarray(task, jnp.int32)
 
   def leaf(tb, sel, act):
@@ -346,17 +333,13 @@ def trgp(
     del params, extra_args
     state = cast(TRGPState, state)
     _checks.check_updates(updates, state.trgp_basis, transform="trgp", shapes=False)
-    frozen = state.trgp_tasks > 0
-
-    def leaf(path, b, c, u):
-      if _trees.is_masked(u) or u is None:
-        return u
-      if _trees.is_masked(b):
-        return _freeze_leaf(u, frozen) if freeze_unprojected else u
-      return _project_leaf(path, b, c, u, orientation)
-
-    new_updates = jax.tree_util.tree_map_with_path(
-      leaf, state.trgp_basis, state.trgp_count, updates, is_leaf=_trees.is_masked
+    new_updates = project_updates(
+      updates,
+      state.trgp_basis,
+      state.trgp_count,
+      state.trgp_tasks > 0,
+      orientation=orientation,
+      freeze_unprojected=freeze_unprojected,
     )
     return new_updates, state._replace(
       trgp_threshold=jnp.asarray(threshold, jnp.float32),

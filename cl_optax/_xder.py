@@ -5,7 +5,9 @@ rebuilt at each boundary (:func:`cl_optax.replay.shrink` /
 :func:`cl_optax.replay.fill`) whose stored logits are *rewritten* once later
 heads have learned something about old examples (:func:`xder_logit_update`,
 written back with :func:`cl_optax.replay.write`), plus a margin keeping the
-future heads below the right one (:func:`xder_future_constraint`) and a
+future heads below the right one (:func:`xder_future_constraint`), the
+current head's top probability above the past heads'
+(:func:`xder_past_constraint`) and a
 supervised-contrastive consistency on the future heads
 (:func:`xder_consistency`); which sampled slots are rewritten in a step is
 :func:`xder_rewrite_select` (the ``1/u`` rule). The
@@ -222,3 +224,55 @@ def xder_rewrite_select(
   u = counter[jnp.clip(idx, 0, counter.shape[0] - 1)].astype(jnp.float32)
   draw = jax.random.uniform(key, idx.shape)
   return chosen & (draw * u < 1.0), counter
+
+
+def xder_past_constraint(
+  logits: jax.Array,
+  past_mask: jax.Array,
+  current_mask: jax.Array,
+  *,
+  margin: float = 0.3,
+  weights: jax.Array | None = None,
+) -> jax.Array:
+  r"""X-DER's past-heads constraint: the current head's top probability above the past heads'.
+
+  On the softmax over the seen classes (past and current heads),
+
+  .. math::
+    v_i = \operatorname{sg}\bigl(\max_{c \in \text{past}} p_{ic}\bigr) + m
+      - \max_{c \in \text{current}} p_{ic}, \qquad L = \text{mean}_{i: v_i > 0} v_i
+
+  with the past maximum a constant (stop-gradient), so only the current head
+  is pushed up (aimagelab/mammoth ``models/xder.py`` ``observe``, "Past Logits
+  Constraint", read at ``0d727a7``, where it is applied from the second task
+  on with the future constraint's ``--eta`` and ``--m``; later versions make it
+  an option, off by default). 0 when no row has :math:`v_i > 0` or there is no
+  past head.
+
+  Args:
+    logits: ``[b, C]`` the current batch's logits.
+    past_mask: bool ``[C]``: the past tasks' classes.
+    current_mask: bool ``[C]``: the current task's classes.
+    margin: :math:`m`.
+    weights: optional ``[b]``: rows with weight 0 are left out.
+
+  Returns:
+    The scalar loss (multiply by :math:`\eta` outside).
+  """
+  z = jnp.asarray(logits)
+  if z.ndim != 2 or jnp.shape(past_mask) != z.shape[-1:] or jnp.shape(current_mask) != z.shape[-1:]:
+    raise ValueError(
+      "xder_past_constraint: `logits` must be [b, C] and both masks [C]; got "
+      f"{z.shape}, {jnp.shape(past_mask)} and {jnp.shape(current_mask)}."
+    )
+  past = jnp.asarray(past_mask, jnp.bool_)
+  cur = jnp.asarray(current_mask, jnp.bool_)
+  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+  p = jax.nn.softmax(jnp.where(past | cur, z, -jnp.inf), axis=-1)
+  bad = jax.lax.stop_gradient(jnp.max(jnp.where(past, p, 0.0), axis=-1))
+  v = bad + margin - jnp.max(jnp.where(cur, p, 0.0), axis=-1)
+  count = (v > 0) & jnp.any(past)
+  if weights is not None:
+    count = count & (jnp.asarray(weights) != 0)
+  n = jnp.sum(count)
+  return jnp.where(n > 0, jnp.sum(jnp.where(count, v, 0.0)) / jnp.maximum(n, 1), 0.0)

@@ -11,7 +11,8 @@ together with DER++). The class-incremental replay methods' terms: ER-ACE's
 :func:`ace_cross_entropy`, iCaRL's :func:`icarl_bce`, BiC's :func:`bic_loss`,
 :func:`bias_correct` and :func:`bic_bias_loss`, X-DER's
 :func:`xder_logit_update`, :func:`xder_rewrite_select`,
-:func:`xder_future_constraint` and :func:`xder_consistency` (on
+:func:`xder_future_constraint`, :func:`xder_past_constraint` and
+:func:`xder_consistency` (on
 :func:`supcon_loss`).
 """
 
@@ -36,6 +37,7 @@ from cl_optax._supcon import supcon_loss as supcon_loss
 from cl_optax._xder import xder_consistency as xder_consistency
 from cl_optax._xder import xder_future_constraint as xder_future_constraint
 from cl_optax._xder import xder_logit_update as xder_logit_update
+from cl_optax._xder import xder_past_constraint as xder_past_constraint
 from cl_optax._xder import xder_rewrite_select as xder_rewrite_select
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
   "xder_consistency",
   "xder_future_constraint",
   "xder_logit_update",
+  "xder_past_constraint",
   "xder_rewrite_select",
 ]
 

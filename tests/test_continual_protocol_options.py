@@ -93,3 +93,27 @@ def test_split_mnist_2019_assigns_digits_to_tasks_per_seed(monkeypatch):
   assert len({tuple(g) for g in groups.values()}) == 3  # a different assignment per seed
   plain = continual.PRESETS["split-mnist"].stream(None, "task", 0)
   assert [tuple(t.classes.tolist()) for t in plain] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+
+
+def test_isolation_presets_give_each_permutation_a_head_and_caps_subsample(monkeypatch):
+  """wsn-pmnist / hat-pmnist: permuted MNIST task-IL, task t reads columns 10t..10t+9;
+  --n-train / --n-test (cap_stream) keep a seeded random training subset, the first tests."""
+  rng = np.random.default_rng(0)
+  x = rng.random((300, 4, 4)).astype(np.float32)
+  y = np.repeat(np.arange(10), 30)
+  monkeypatch.setattr(protocols, "_mnist", lambda path: protocols.streams.Dataset(x, y, x, y))
+  stream = continual.PRESETS["hat-pmnist"].stream(None, "task", 0)
+  assert stream.scenario == "task" and stream.n_outputs == 100 and len(stream) == 10
+  np.testing.assert_array_equal(stream.columns, np.arange(100).reshape(10, 10))
+  assert continual.PRESETS["wsn-pmnist"].bias is False
+  capped = protocols.cap_stream(stream, 50, 20, seed=1)
+  for t in (0, 3):
+    xt, yt = capped[t].train()
+    full_x, full_y = stream[t].train()
+    assert len(yt) == 50 and len({r.tobytes() for r in full_x}.intersection(
+      r.tobytes() for r in xt)) == 50  # fmt: skip
+    np.testing.assert_array_equal(capped[t].test()[1], stream[t].test()[1][:20])
+  assert not np.array_equal(
+    capped[0].train_index, protocols.cap_stream(stream, 50, 20, 2)[0].train_index
+  )
+  assert protocols.cap_stream(stream, None, None, 0) is stream

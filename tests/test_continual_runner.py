@@ -255,7 +255,8 @@ def sgd_params():
 def test_every_registered_method_runs_and_acts(name, sgd_params):
   """Each registry entry trains two tasks of the tiny stream (R finite, in [0, 1]) and ACTS:
   its final parameters differ from plain SGD's from the same initialisation and batches
-  (a method whose transform, memory or consolidation did nothing would match SGD exactly)."""
+  (a method whose transform, memory or consolidation did nothing would match SGD exactly);
+  a method with its own model (HAT, WSN): they differ from that model's initial ones."""
   rec, params = _run_tiny(name)
   R = np.asarray(rec["acc_matrix"])
   assert R.shape == (2, 2)
@@ -263,8 +264,13 @@ def test_every_registered_method_runs_and_acts(name, sgd_params):
   assert np.isfinite(rec["acc"]) and rec["samples_per_s"] > 0
   if name == "sgd":
     return
-  common = {k: params[k] for k in sgd_params}  # a method's own model may add leaves (trgp_q)
-  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), common, sgd_params)
+  reference = sgd_params
+  if continual.METHODS[name].model is not None:  # its own model (HAT, WSN, TRGP): vs its init
+    model = continual.METHODS[name].model((8,), True, rec["hp"])
+    _, k_init = jax.random.split(jax.random.key(0))  # the runner's init key of seed 0
+    reference = model.init(k_init, (6,), 4)
+  common = {k: params[k] for k in reference}  # TRGP's model adds leaves (trgp_q) to the MLP's
+  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), common, reference)
   diff = max(jax.tree.leaves(gaps))
   print(f"{name}: max |params - sgd params| = {diff:.3g}")
   assert diff > 1e-4, f"{name}: final parameters within {diff:.1e} of plain SGD's"  # A-GEM: 1e-3

@@ -840,6 +840,11 @@ FAULTS = [
     r"xder_consistency.*multiple of head_size 2",
   ),
   raises(
+    "losses.xder_past_constraint(mask of another width)",
+    lambda: losses.xder_past_constraint(jnp.zeros((2, 4)), jnp.ones(3, bool), jnp.ones(4, bool)),
+    r"xder_past_constraint.*both masks \[C\].*\(3,\)",
+  ),
+  raises(
     "losses.xder_rewrite_select(eligible of another length)",
     lambda: losses.xder_rewrite_select(
       jnp.arange(3), jnp.ones(2, bool), jnp.zeros(5), jax.random.key(0)

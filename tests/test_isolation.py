@@ -204,6 +204,23 @@ def test_wsn_mask_size_ties_and_straight_through_gradient():
   np.testing.assert_allclose(gs, np.sign(s) * w * g_eff, rtol=1e-6)
 
 
+def test_wsn_mask_bisection_cutoff_matches_a_sort():
+  """The k-th magnitude found by bisection over the float32 bits equals the sorted one:
+  ties, zeros (both signs), tiny, huge and infinite scores; float16 takes the sort."""
+  rng = np.random.default_rng(7)
+  s = rng.normal(size=(50, 40)).astype(np.float32)
+  s[:5] = np.round(s[:5], 1)  # many ties
+  s[5, :8] = [0.0, -0.0, 1e-38, -1e-45, 3e38, -np.inf, np.inf, 2.0]
+  for keep in (0.0, 0.1, 0.5, 0.77, 1.0):
+    k = cl_optax.wsn_kth(s.size, keep)
+    want = np.abs(s) >= np.sort(np.abs(s).ravel())[k - 1]
+    np.testing.assert_array_equal(np.asarray(cl_optax.wsn_mask(jnp.asarray(s), keep)), want)
+  half = jnp.asarray(s[:4], jnp.float16)
+  k = cl_optax.wsn_kth(half.size, 0.5)
+  want = np.abs(np.asarray(half)) >= np.sort(np.abs(np.asarray(half)).ravel())[k - 1]
+  np.testing.assert_array_equal(np.asarray(cl_optax.wsn_mask(half, 0.5)) > 0, want)
+
+
 def test_wsn_masks_store_roundtrip_and_freeze_merges_by_or():
   like = {"a": jnp.zeros((3, 5)), "b": jnp.zeros((9,))}
   store = cl_optax.WSNMasks.create(like, max_tasks=3)

@@ -20,6 +20,6 @@ def test_class_balanced_memory_shards_over_data():
   script = pathlib.Path(__file__).parent / "multidevice" / "check_class_balanced_sharding.py"
   proc = run_script(script, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  for line in ("add_balanced greedy: ok", "sample greedy: ok", "add_balanced cbrs: ok",
-               "sample cbrs: ok"):  # fmt: skip
-    assert line in proc.stdout, proc.stdout
+  for kind in ("Auto", "Explicit"):
+    for what in ("add_balanced greedy", "sample greedy", "add_balanced cbrs", "sample cbrs"):
+      assert f"{kind} {what}: ok" in proc.stdout, proc.stdout

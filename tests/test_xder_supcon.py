@@ -5,6 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cl_optax
+from benchmarks.continual.methods import xder
+from benchmarks.continual.registry import AuxInit, Step
 from cl_optax import losses
 
 RNG = np.random.default_rng(1)
@@ -89,3 +92,51 @@ def test_xder_rewrite_select_is_the_one_over_u_rule():
     lambda k: _select(jnp.array([0]), jnp.array([True]), jnp.array([3.0]), k)[0]
   ))(jax.random.split(jax.random.key(0), 2000))  # fmt: skip
   assert abs(float(jnp.mean(draws)) - 0.25) < 0.03
+
+
+def test_xder_past_constraint_pushes_only_the_current_head_up():
+  z = RNG.normal(size=(6, 6)).astype(np.float32) * 2
+  past = np.array([True, True, False, False, False, False])
+  cur = np.array([False, False, True, True, False, False])
+  e = np.exp(np.where(past | cur, z, -np.inf) - z.max(1, keepdims=True))
+  p = e / e.sum(1, keepdims=True)
+  v = p[:, past].max(1) + 0.3 - p[:, cur].max(1)
+  want = v[v > 0].mean() if (v > 0).any() else 0.0
+  got = losses.xder_past_constraint(z, past, cur, margin=0.3)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(losses.xder_past_constraint(z, np.zeros(6, bool), cur)) == 0.0  # first task
+  g = np.asarray(jax.jit(jax.grad(lambda a: losses.xder_past_constraint(a, past, cur)))(z))
+  np.testing.assert_array_equal(g[:, 4:], 0.0)  # future heads take no part
+  rows = v > 0  # the past maximum is a constant: the gradient is that of -max p_current
+
+  def current_only(a):
+    q = jax.nn.softmax(jnp.where(past | cur, a, -jnp.inf), axis=-1)
+    return -jnp.sum(jnp.where(rows, jnp.max(jnp.where(cur, q, 0.0), axis=-1), 0.0)) / rows.sum()
+
+  np.testing.assert_allclose(g, np.asarray(jax.grad(current_only)(jnp.asarray(z))), atol=1e-6)
+
+
+@pytest.mark.slow  # compiles the runner's step
+def test_runner_step_rewrites_only_past_items_on_current_and_future_heads():
+  aux = xder._init(AuxInit(2, (6,), {"buffer": 8}, 4, None))
+  x = jnp.asarray(RNG.normal(size=(6, 6)), jnp.float32)
+  y = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)  # classes 0, 1: task 0 (past); 2: current
+  mem = cl_optax.replay.fill(aux["memory"], {"x": x, "y": y, "logits": jnp.ones((6, 4))}, y)
+  w = jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)
+  valid = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+  cols = jnp.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+
+  def step(w, mem, u):
+    s = Step({"w": w}, x[:2], jnp.array([2, 3]), jnp.int32(1), 2, {"memory": mem, "u": u},
+             jax.random.key(0), None, {"memory_batch": 4, "gamma": 0.85},
+             lambda p, v: v @ p["w"], cols, valid)  # fmt: skip
+    return xder._step(s)[1]
+
+  new = jax.jit(step)(w, mem, aux["u"])
+  got = np.asarray(new["memory"].items["logits"])[:6]
+  past = np.asarray(y) < 2
+  u = np.asarray(new["u"])[:6]
+  assert np.all(u[~past] == 0) and np.all(u[past] <= 1) and u.sum() > 0  # drawn past slots
+  changed = np.any(got != 1.0, axis=1)
+  assert np.all(changed == (u == 1))  # first draw: u = 1, rewritten with probability 1
+  np.testing.assert_array_equal(got[:, :2], 1.0)  # the past heads are never rewritten

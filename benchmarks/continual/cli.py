@@ -15,7 +15,7 @@ import numpy as np
 import benchmarks.continual.methods  # noqa: F401  registers every method
 from benchmarks.continual.model import INITS
 from benchmarks.continual.nnx_models import MODELS
-from benchmarks.continual.protocols import PRESETS
+from benchmarks.continual.protocols import PRESETS, cap_stream
 from benchmarks.continual.registry import BASES, METHODS
 from benchmarks.continual.report import fmt, results_table, save_plots
 from benchmarks.continual.runner import Config, run_method
@@ -57,6 +57,10 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--data", default=None, help=f"MNIST .npz or folder (default ${streams.ENV_VAR})"
   )
+  parser.add_argument("--n-train", type=int, default=None,
+                      help="at most N training examples per task (a random subset)")  # fmt: skip
+  parser.add_argument("--n-test", type=int, default=None,
+                      help="at most N test examples per task (the first N)")  # fmt: skip
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/continual"))
   parser.add_argument("--model", default="mlp", choices=sorted(MODELS),
                       help="mlp: the preset's MLP; cnn: a small Flax NNX CNN")  # fmt: skip
@@ -183,8 +187,9 @@ def run_methods(names, args, preset, cfg, seeds, write) -> list[dict]:
   heads = {}  # the model's forward passes per column layout, shared by the methods
   for name in names:
     recs = run_method(
-      name, lambda s: preset.stream(args.data, args.scenario, s), cfg, seeds, on_record=write,
-      heads=heads,
+      name, lambda s: cap_stream(preset.stream(args.data, args.scenario, s), args.n_train,
+                                 args.n_test, s),
+      cfg, seeds, on_record=write, heads=heads,
     )  # fmt: skip
     records += recs
     for r in recs:

@@ -226,9 +226,10 @@ def make_model(model: Any, hidden: tuple[int, ...] = (100, 100), bias: bool = Tr
 def run_model(method, name: str, model: Any, hidden: tuple[int, ...], bias: bool, init: str,
               hp: dict) -> Any:  # fmt: skip
   """The runner's model for ``method``: its own (``Method.model``: HAT's gates, WSN's
-  scores) or the preset's / ``--model``'s, with the parameter init ``init``."""
+  scores; it replaces the preset's MLP, any other model is refused) or the preset's /
+  ``--model``'s, with the parameter init ``init``."""
   if method.model is not None:
-    if not (isinstance(model, str) and model == "mlp"):
+    if not (isinstance(model, MLP) or isinstance(model, str) and model == "mlp"):
       raise ValueError(f"--model {model}: the method {name} trains its own model.")
     return method.model(hidden, bias, hp)
   out = make_model(model, hidden, bias)

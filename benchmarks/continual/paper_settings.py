@@ -117,6 +117,11 @@ SETTINGS: dict[tuple[str, str], dict] = {
   **_rows(["split-digits"], ["er", "der", "derpp"], {"buffer": 200, "memory_batch": 32}),
   **_rows(["split-digits"], ["agem", "gem"], {"memory_per_task": 40}),
   ("split-digits", "agem"): {"memory_per_task": 40, "memory_batch": 64},
+  # HAT's pmnist net (joansj/hat networks/mlp_hat.py L8): input dropout 0.2, hidden 0.5;
+  # c (lamb) 0.75 and s_max 400 are the entry's defaults (approaches/hat.py L25-26)
+  ("hat-pmnist", "hat"): {"dropout_in": 0.2, "dropout": 0.5},
+  # WSN's PMNIST script (scripts/wsn/wsn_pmnist.sh): --sparsity 0.5, the kept fraction c
+  ("wsn-pmnist", "wsn"): {"keep": 0.5},
 }
 
 

@@ -6,6 +6,7 @@ of `paper_settings.SETTINGS`; no method entry changes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -63,6 +64,46 @@ def _mnist_permuted(n_tasks, n_train, first_identity=False, skip=0):
     )  # fmt: skip
 
   return make
+
+
+def _mnist_permuted_task_il(n_tasks, n_train):
+  """Permuted MNIST with one 10-way head per task (task-IL): task t reads columns 10t..10t+9
+  (the isolation papers' protocol: WSN's ``mlp.py`` and HAT's ``pmnist`` give each task a head)."""
+
+  def make(data, scenario, seed):
+    stream = _mnist_permuted(n_tasks, n_train)(data, scenario, seed)
+    k = stream.columns.shape[1]
+    columns = np.arange(n_tasks * k, dtype=np.int32).reshape(n_tasks, k)
+    return dataclasses.replace(
+      stream, name=stream.name + ", a head per task", scenario="task", n_outputs=n_tasks * k,
+      columns=columns, train_valid=np.ones_like(columns, bool),
+    )  # fmt: skip
+
+  return make
+
+
+def cap_stream(stream: streams.Stream, n_train: int | None, n_test: int | None, seed: int):
+  """At most ``n_train`` training examples per task (a random subset, from ``seed``) and the
+  first ``n_test`` test examples (``--n-train`` / ``--n-test``: a CPU-sized protocol)."""
+  if n_train is None and n_test is None:
+    return stream
+  rng = np.random.default_rng(seed)
+
+  def capped(task, n, index, size):
+    rows = np.arange(size) if index is None else index
+    if n is None or n >= len(rows):
+      return rows
+    return np.sort(rng.permutation(rows)[:n]) if task else rows[:n]
+
+  tasks = tuple(
+    dataclasses.replace(
+      t,
+      train_index=capped(True, n_train, t.train_index, len(t.y_train)),
+      test_index=capped(False, n_test, t.test_index, len(t.y_test)),
+    )  # fmt: skip
+    for t in stream.tasks
+  )
+  return dataclasses.replace(stream, tasks=tasks)
 
 
 def _mnist_rotated(n_tasks, n_train):
@@ -204,5 +245,28 @@ PRESETS: dict[str, Preset] = {
     10,
     epochs=5,
     bias=False,
+  ),
+  "wsn-pmnist": Preset(
+    "WSN (Kang et al. 2022, ihaeyong/WSN scripts/wsn/wsn_pmnist.sh): permuted MNIST, 10 tasks, "
+    "54000 train examples/task (10% held out), a 10-way head per task (task-IL), MLP 784-100-100 "
+    "without biases, Adam 1e-3, batch 10, 5 epochs",
+    _mnist_permuted_task_il(10, 54000),
+    (100, 100),
+    "adam",
+    {"sgd": 0.01, "adam": 1e-3},
+    10,
+    epochs=5,
+    bias=False,
+  ),
+  "hat-pmnist": Preset(
+    "HAT (Serra et al. 2018, joansj/hat run.py, pmnist): permuted MNIST, 10 tasks x 60000, a "
+    "10-way head per task (task-IL), MLP 784-2000-2000, SGD 0.05, batch 64; the official up to "
+    "200 epochs with early stopping capped at 5 epochs",
+    _mnist_permuted_task_il(10, None),
+    (2000, 2000),
+    "sgd",
+    {"sgd": 0.05, "adam": 1e-3},
+    64,
+    epochs=5,
   ),
 }

@@ -5,16 +5,14 @@ The class-balanced memory (`replay.ClassBalanced`) split over ``data`` on a 4x2
 rules) and `replay.sample` (plain and balanced) under ``jit`` give the same
 memory and draws as on one device, the memory keeps its sharding, and the
 compiled ``add_balanced`` gathers no memory-sized array (neither the items nor
-the slot labels: only the few per-shard partials of an argmax). The mesh's axes
-are ``Auto`` (as ``examples/sharded_training.py``); under ``Explicit`` axes the
-memory's scatter writes would need ``out_sharding=`` (not supported yet).
+the slot labels: only the few per-shard partials of an argmax). Both with ``Auto``
+axes (as ``examples/sharded_training.py``) and with ``Explicit`` ones (the default of
+``jax.make_mesh``), where the writes and draws spell out their output shardings.
 """
 
-import os
 import re
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -64,7 +62,11 @@ def _gathers(hlo):
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  for kind in (AxisType.Auto, AxisType.Explicit):
+    check(jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind)), kind.name)
+
+
+def check(mesh, kind):
   shard = jax.tree.map(
     lambda s: NamedSharding(mesh, s), _specs(), is_leaf=lambda s: isinstance(s, P)
   )
@@ -82,14 +84,14 @@ def main():
     x, y, k = next(_batches(1))
     hlo = add.lower(eight, (x, y), y, k).compile().as_text()
     assert not _gathers(hlo), f"{rule}: add_balanced gathers:\n" + "\n".join(_gathers(hlo))
-    print(f"add_balanced {rule}: ok", flush=True)
+    print(f"{kind} add_balanced {rule}: ok", flush=True)
     for balanced in (False, True):
       draw = jax.jit(lambda m, k, b=balanced: cl_optax.replay.sample(m, k, 16, balanced=b))
       (a, ok_a), (b, ok_b) = draw(one, jax.random.key(7)), draw(eight, jax.random.key(7))
       assert bool(jnp.all(ok_a)) and bool(jnp.all(ok_b))
       for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-    print(f"sample {rule}: ok", flush=True)
+    print(f"{kind} sample {rule}: ok", flush=True)
 
 
 if __name__ == "__main__":

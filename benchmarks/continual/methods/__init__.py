@@ -18,3 +18,4 @@ from benchmarks.continual.methods import agem_code  # noqa: F401  ewc_agem_code,
 from benchmarks.continual.methods import precision  # noqa: F401  ncl, ncl_kfac
 from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm, sgp, nscl
 from benchmarks.continual.methods import trust_region  # noqa: F401  trgp
+from benchmarks.continual.methods import isolation  # noqa: F401  hat, packnet, wsn

@@ -100,8 +100,8 @@ def _bic_finish(e: TaskEnd):
   out = np.flatnonzero(held)
   val = _fill_val(e.aux["val"], x[out], y[out], new, np.asarray(old | new))
   bias = jnp.array([1.0, 0.0], jnp.float32)
-  if bool(jnp.any(old)):  # from the second task on
-    rows = np.flatnonzero(np.asarray(cl_optax.replay.filled(val)))  # the held-out items
+  rows = np.flatnonzero(np.asarray(cl_optax.replay.filled(val)))  # the held-out items
+  if bool(jnp.any(old)) and len(rows):  # from the second task on (val_frac 0: no bias fit)
     vx, vy = val.items
     logits = e.model.apply(e.params, vx[rows])
     bias = _fit_bias_jit(logits, vy[rows], new, old | new, steps=int(e.hp["bias_steps"]),

@@ -8,7 +8,9 @@ aimagelab/mammoth ``models/xder.py`` and ``utils/simclrloss.py`` (``0d727a7``).
   ``alpha`` times `losses.der_logit_mse` on a memory batch (all heads); ``beta``
   times the CE of a second memory batch over the past tasks' classes; ``eta`` times
   `losses.xder_future_constraint` on the current and first memory batch (own head:
-  the current task's for stream rows, the label's task's for memory rows); while a
+  the current task's for stream rows, the label's task's for memory rows);
+  ``past_eta`` times `losses.xder_past_constraint` on the current batch (on at
+  ``0d727a7`` with the same ``eta`` and margin; ``past_eta=0`` drops it); while a
   future head exists, ``lambd`` times `losses.xder_consistency` (SupCon, temperature
   ``simclr_temp``) on ``num_aug`` augmented views of the current batch and a third
   memory batch of ``simclr_batch`` items, set ``lambd=0`` for mammoth's ``xder_ce``.
@@ -21,10 +23,15 @@ aimagelab/mammoth ``models/xder.py`` and ``utils/simclrloss.py`` (``0d727a7``).
   network's logits, past heads passed through the update (``U(out, out, y, 0, t)``),
   then the stored old items' logits updated on the current and future heads.
 
+Defaults: ``alpha`` 0.1, ``beta`` 0.5 (mammoth's ``xder_ce`` config; ``xder.yaml`` has
+only a CIFAR-100 row, 0.3 / 0.8), ``gamma`` 0.85, ``margin`` 0.3, ``eta`` = ``past_eta``
+0.1, ``lambd`` 0.1, ``simclr_temp`` 5, ``simclr_batch`` 64, ``num_aug`` 2 (the parser's
+defaults of ``models/xder.py`` at ``0d727a7``). ``--hp lambd=0 --hp past_eta=0 --hp
+eta=5e-3 --hp margin=0.1`` is ``xder_ce`` as its config runs it.
+
 Departures: mammoth's views come from ``strong_aug`` (random resized crops, colour
 jitter, grey-scale, flips: CIFAR's); here random 28 x 28 crops of the 4-pixel padded
-digit (``crop``), no flips. Its past-head constraint (on by default at ``0d727a7``,
-off in later versions) and ``align_bn`` (no BatchNorm here) are left out.
+digit (``crop``), no flips. ``align_bn`` (no BatchNorm here) is left out.
 """
 
 import jax
@@ -110,6 +117,8 @@ def _loss(s: Step, params):
   fc = cl_optax.losses.xder_future_constraint(jnp.concatenate([z, z1]), own, fut,
                                               margin=s.hp["margin"], weights=rows)  # fmt: skip
   loss += s.hp["eta"] * jnp.where(jnp.any(fut), fc, 0.0)
+  loss += s.hp["past_eta"] * cl_optax.losses.xder_past_constraint(z, past, cur,
+                                                                 margin=s.hp["margin"])  # fmt: skip
   if s.hp["lambd"]:
     loss += _consistency(s, params, fut, task_of)
   return loss
@@ -157,8 +166,9 @@ register(
       "alpha": 0.1,
       "beta": 0.5,
       "gamma": 0.85,
-      "margin": 0.1,
-      "eta": 5e-3,
+      "margin": 0.3,
+      "eta": 0.1,
+      "past_eta": 0.1,
       "lambd": 0.1,
       "simclr_temp": 5.0,
       "simclr_batch": 64,
