@@ -35,8 +35,10 @@ demo: $(VENV)/.stamp-bench
 	  --methods $(DEMO_METHODS) --seeds 3 --out results/demo
 
 # The suite runs on every core (pytest-xdist; XLA's compiler is mostly single-threaded, so
-# one process per core); `test-fast` leaves out the `slow` tests: end-to-end and multi-device
-# runs, and the battery's wrapper properties (tests/test_common.py).
+# one process per core). The suite compiles without most of XLA's optimisation passes
+# (tests/conftest.py). `test-fast` leaves out the `slow` tests: end-to-end and multi-device
+# runs, the battery's wrapper and bfloat16 properties (tests/test_common.py), and unit tests
+# that take more than a few seconds.
 PYTEST := $(BIN)/python -m pytest -n auto --dist worksteal
 test: $(VENV)/.stamp-test
 	$(PYTEST)

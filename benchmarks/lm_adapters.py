@@ -2,7 +2,7 @@
 
 A byte-level causal Transformer LM (:mod:`benchmarks.lm_adapters_model`: the
 ``ByteLM`` of ``examples/continual_pretraining.py`` with LoRA branches on every
-block's q and v, 1.9 M base parameters at the default size) is pre-trained on
+block's q and v, 1.02 M base parameters at the default size) is pre-trained on
 the general corpus of that example (standard-library text, no downloads), then
 trained on its four domains in turn. Rows:
 

@@ -61,14 +61,24 @@ from cl_optax.projection import AGEMState as AGEMState
 from cl_optax.projection import ConvRepresentations as ConvRepresentations
 from cl_optax.projection import GEMState as GEMState
 from cl_optax.projection import GPMState as GPMState
+from cl_optax.projection import NSCLState as NSCLState
 from cl_optax.projection import OGDState as OGDState
 from cl_optax.projection import SGPState as SGPState
+from cl_optax.projection import TRGPState as TRGPState
+from cl_optax.projection import TRGPView as TRGPView
 from cl_optax.projection import agem as agem
 from cl_optax.projection import conv_representations as conv_representations
 from cl_optax.projection import gem as gem
 from cl_optax.projection import gpm as gpm
+from cl_optax.projection import nscl as nscl
+from cl_optax.projection import nscl_batch_means as nscl_batch_means
+from cl_optax.projection import null_space_projector as null_space_projector
 from cl_optax.projection import ogd as ogd
 from cl_optax.projection import sgp as sgp
+from cl_optax.projection import trgp as trgp
+from cl_optax.projection import trgp_scaled_kernel as trgp_scaled_kernel
+from cl_optax.projection import trgp_trust_region as trgp_trust_region
+from cl_optax.projection import trgp_view as trgp_view
 from cl_optax.regularization import EWCState as EWCState
 from cl_optax.regularization import MASState as MASState
 from cl_optax.regularization import OnlineEWCState as OnlineEWCState
@@ -130,6 +140,10 @@ __all__ = [
   "metrics",
   "ncl",
   "NCLState",
+  "nscl",
+  "nscl_batch_means",
+  "NSCLState",
+  "null_space_projector",
   "ogd",
   "OGDState",
   "olora",
@@ -158,6 +172,12 @@ __all__ = [
   "si",
   "SIState",
   "task_free",
+  "trgp",
+  "trgp_scaled_kernel",
+  "trgp_trust_region",
+  "trgp_view",
+  "TRGPState",
+  "TRGPView",
   "TaskFreeState",
   "soft_mask",
   "SoftMaskState",

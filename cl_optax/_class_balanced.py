@@ -135,17 +135,24 @@ def _decide(mem: ClassBalanced, y: jax.Array, key: jax.Array, rule: str):
   return jnp.where(has_room, free_slot, slot), full
 
 
+def _set(m: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
+  """``m[slot] = x`` (dropped when ``slot`` is out of range), keeping ``m``'s sharding
+  (an explicit-axes mesh needs the scatter's output sharding spelled out)."""
+  return m.at[slot].set(x, mode="drop", out_sharding=jax.typeof(m).sharding)
+
+
 def _write_one(mem: ClassBalanced, item: PyTree, y: jax.Array, slot: jax.Array) -> ClassBalanced:
   cap = mem.slot_class.shape[0]
   ok = slot < cap
-  old = jnp.where(ok, mem.slot_class[jnp.minimum(slot, cap - 1)], -1)
+  at = jnp.arange(cap) == slot  # a masked sum, not slot_class[slot]: no gather when sharded
+  old = jnp.where(ok, jnp.sum(jnp.where(at, mem.slot_class, 0)), -1)
   count = mem.class_count.at[y].add(ok.astype(jnp.int32))
   count = count.at[jnp.maximum(old, 0)].add(-(old >= 0).astype(jnp.int32))
-  items = jax.tree.map(lambda m, x: m.at[slot].set(x.astype(m.dtype), mode="drop"), mem.items, item)
+  items = jax.tree.map(lambda m, x: _set(m, slot, x.astype(m.dtype)), mem.items, item)
   return mem._replace(
     items=items,
-    slot_class=mem.slot_class.at[slot].set(y, mode="drop"),
-    slot_rank=mem.slot_rank.at[slot].set(mem.write_count, mode="drop"),
+    slot_class=_set(mem.slot_class, slot, y),
+    slot_rank=_set(mem.slot_rank, slot, mem.write_count),
     class_count=count,
     write_count=mem.write_count + ok.astype(jnp.int32),
   )

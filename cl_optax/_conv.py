@@ -77,6 +77,37 @@ def _pads(
   return [(int(lo), int(hi)) for lo, hi in pads]
 
 
+def _checked_inputs(x, kernel_shape) -> tuple[tuple[int, ...], jax.Array]:
+  """``(kernel_shape as ints, x as an array)``; raises on a bad kernel shape or input."""
+  kernel_shape = tuple(int(k) for k in kernel_shape)
+  if len(kernel_shape) < 3 or min(kernel_shape) < 1:
+    raise ValueError(
+      "conv_representations: `kernel_shape` must be a convolution kernel's full shape "
+      f"(*window, c_in, c_out) with positive entries, e.g. (3, 3, c_in, c_out); got {kernel_shape}."
+    )
+  n_spatial = len(kernel_shape) - 2
+  c_in = kernel_shape[-2]
+  x = jnp.asarray(x)
+  if x.ndim != n_spatial + 2:
+    raise ValueError(
+      f"conv_representations: `x` must be [n, *spatial, c_in] with {n_spatial} spatial "
+      f"axes for a kernel of shape {kernel_shape}; got shape {x.shape}."
+    )
+  if x.shape[-1] != c_in:
+    grouped = x.shape[-1] % c_in == 0 and x.shape[-1] > c_in
+    raise ValueError(
+      f"conv_representations: `x` has {x.shape[-1]} input channels (its last axis) but the "
+      f"kernel {kernel_shape} reads c_in = {c_in}"
+      + (
+        f" (a grouped convolution, feature_group_count = {x.shape[-1] // c_in}, is not "
+        "supported: its kernel's rows are not one patch's features)."
+        if grouped
+        else "; inputs must be channels-last (NHWC) with the kernel in (*window, c_in, c_out)."
+      )
+    )
+  return kernel_shape, x
+
+
 def conv_representations(
   x: jax.Array,
   kernel_shape: Sequence[int],
@@ -154,32 +185,9 @@ def conv_representations(
     >>> bool(jnp.allclose(reps.patches @ kernel.reshape(-1, 4), y.reshape(-1, 4), atol=1e-4))
     True
   """
-  kernel_shape = tuple(int(k) for k in kernel_shape)
-  if len(kernel_shape) < 3 or min(kernel_shape) < 1:
-    raise ValueError(
-      "conv_representations: `kernel_shape` must be a convolution kernel's full shape "
-      f"(*window, c_in, c_out) with positive entries, e.g. (3, 3, c_in, c_out); got {kernel_shape}."
-    )
+  kernel_shape, x = _checked_inputs(x, kernel_shape)
   n_spatial = len(kernel_shape) - 2
   window, c_in = kernel_shape[:n_spatial], kernel_shape[-2]
-  x = jnp.asarray(x)
-  if x.ndim != n_spatial + 2:
-    raise ValueError(
-      f"conv_representations: `x` must be [n, *spatial, c_in] with {n_spatial} spatial "
-      f"axes for a kernel of shape {kernel_shape}; got shape {x.shape}."
-    )
-  if x.shape[-1] != c_in:
-    grouped = x.shape[-1] % c_in == 0 and x.shape[-1] > c_in
-    raise ValueError(
-      f"conv_representations: `x` has {x.shape[-1]} input channels (its last axis) but the "
-      f"kernel {kernel_shape} reads c_in = {c_in}"
-      + (
-        f" (a grouped convolution, feature_group_count = {x.shape[-1] // c_in}, is not "
-        "supported: its kernel's rows are not one patch's features)."
-        if grouped
-        else "; inputs must be channels-last (NHWC) with the kernel in (*window, c_in, c_out)."
-      )
-    )
   strides = _tuple(strides, n_spatial, "strides")
   dilation = _tuple(dilation, n_spatial, "dilation")
   spatial = tuple(x.shape[1:-1])

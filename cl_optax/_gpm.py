@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _select, _trees
-from cl_optax._gpm_project import project_out, project_scaled
+from cl_optax._gpm_project import append_columns, project_out, project_scaled
 from cl_optax._gpm_signals import (
   by_path,
   checked_threshold,
@@ -113,7 +113,6 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
   total = jnp.sum(R * R)
   R_hat = R - M @ (M.T @ R)
   U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
-  m = S.shape[0]
   safe_total = jnp.where(total > 0, total, 1.0)
   captured = (total - jnp.sum(R_hat * R_hat)) / safe_total
   cum = captured + jnp.cumsum(S * S) / safe_total
@@ -123,18 +122,7 @@ def _gpm_grow(basis, count, x, threshold, strict=False):
   significant = jnp.sum(S > 1e-6 * jnp.maximum(S[0], 1e-30))
   r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
   r = jnp.where(total > 0, r, 0).astype(jnp.int32)
-  # Re-orthogonalise the new columns against the stored ones (float32 drift).
-  U = U - M @ (M.T @ U)
-  U = U / jnp.maximum(jnp.linalg.norm(U, axis=0, keepdims=True), 1e-30)
-  src = idx - count
-  take = (src >= 0) & (src < r)
-  cols = jnp.take(U, jnp.clip(src, 0, m - 1), axis=1)
-  new = jnp.where(take[None, :], cols, M)
-  # The complement: I - M M^T has eigenvalue 0 on span(M) and 1 off it, and eigh
-  # sorts ascending, so its eigenvectors from column `k` on span the rest.
-  k = count + r
-  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=jnp.float32) - new @ new.T)
-  return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k
+  return append_columns(basis, count, U, r)
 
 
 # -------------------------------------------------------------- projection
@@ -150,24 +138,38 @@ def _project_leaf(
 ) -> jax.Array:
   """A projected kernel's update with the protected input directions removed.
 
-  An update holding a non-finite entry passes unchanged (the projection would
-  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
   With ``scale`` (SGP) each direction is removed by that fraction.
   """
+  if scale is None:
+    project = lambda g: project_out(basis, count, g)  # noqa: E731
+  else:
+    project = lambda g: project_scaled(basis, count, scale, g)  # noqa: E731
+  return project_kernel(path, basis.shape[0], u, orientation, project)
+
+
+def project_kernel(
+  path: Any,
+  d_in: int,
+  u: jax.Array,
+  orientation: str | None,
+  project: Callable[[jax.Array], jax.Array],
+  transform: str = "gpm",
+) -> jax.Array:
+  """``project`` applied to a kernel's update as ``[d_in, out]`` (float32).
+
+  An update holding a non-finite entry passes unchanged (the projection would
+  spread it over the kernel). An ``"out_in"`` weight is projected as its transpose.
+  """
   shape = jnp.shape(u)
-  if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
-    return _project_leaf(path, basis, count, u.T, "in_out", scale).T
-  d_in = basis.shape[0]
+  if _select.kernel_orientation(transform, _trees.leaf_path(path), shape, orientation) == "out_in":
+    return project_kernel(path, d_in, u.T, "in_out", project, transform).T
   if jnp.ndim(u) < 2 or int(np.prod(jnp.shape(u)[:-1])) != d_in:
     raise ValueError(
-      f"gpm: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; expected "
-      f"a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
+      f"{transform}: `updates` leaf {_trees.key_string(path)} has shape {jnp.shape(u)}; "
+      f"expected a kernel whose input axes (all but the last) hold {d_in} entries, as at init."
     )
   g = u.reshape(d_in, -1).astype(jnp.float32)
-  if scale is None:
-    new = project_out(basis, count, g).reshape(u.shape)
-  else:
-    new = project_scaled(basis, count, scale, g).reshape(u.shape)
+  new = project(g).reshape(u.shape)
   return jnp.where(jnp.all(jnp.isfinite(g)), new.astype(u.dtype), u)
 
 

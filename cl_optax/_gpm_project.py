@@ -1,4 +1,4 @@
-"""GPM's projection through a stored basis: :func:`project_out` at static widths (no retrace)."""
+"""GPM's basis storage: :func:`project_out` at static widths; :func:`append_columns`."""
 
 from __future__ import annotations
 
@@ -67,3 +67,27 @@ def project_scaled(q, count, scale, g):
 
   index = jnp.searchsorted(jnp.asarray(widths), count)
   return jax.lax.switch(index, [branch(w) for w in widths], q.astype(g.dtype), g)
+
+
+def append_columns(basis, count, cols, r):
+  """``basis`` with ``cols[:, :r]`` after its first ``count`` columns: ``(basis, count + r)``.
+
+  The new columns are re-orthogonalised against the stored ones (float32 drift)
+  and the columns from ``count + r`` on are refilled with an orthonormal basis of
+  the complement, so the result stays an orthogonal ``[d_in, d_in]`` matrix
+  (:func:`project_out` reads either side). ``r <= d_in - count`` (traced ints).
+  """
+  d_in = basis.shape[0]
+  idx = jnp.arange(d_in)
+  M = jnp.where(idx[None, :] < count, basis.astype(jnp.float32), 0.0)
+  U = cols.astype(jnp.float32)
+  U = U - M @ (M.T @ U)
+  U = U / jnp.maximum(jnp.linalg.norm(U, axis=0, keepdims=True), 1e-30)
+  src = idx - count
+  take = (src >= 0) & (src < r)
+  new = jnp.where(take[None, :], jnp.take(U, jnp.clip(src, 0, U.shape[1] - 1), axis=1), M)
+  # The complement: I - M M^T has eigenvalue 0 on span(M) and 1 off it, and eigh
+  # sorts ascending, so its eigenvectors from column `k` on span the rest.
+  k = count + r
+  _, V = jnp.linalg.eigh(jnp.eye(d_in, dtype=jnp.float32) - new @ new.T)
+  return jnp.where(idx[None, :] < k, new, V).astype(basis.dtype), k

@@ -10,7 +10,10 @@ softmax to the classes seen so far (``examples/flax_derpp.py`` puts them
 together with DER++). The class-incremental replay methods' terms: ER-ACE's
 :func:`ace_cross_entropy`, iCaRL's :func:`icarl_bce`, BiC's :func:`bic_loss`,
 :func:`bias_correct` and :func:`bic_bias_loss`, X-DER's
-:func:`xder_logit_update` and :func:`xder_future_constraint`.
+:func:`xder_logit_update`, :func:`xder_rewrite_select`,
+:func:`xder_future_constraint`, :func:`xder_past_constraint` and
+:func:`xder_consistency` (on
+:func:`supcon_loss`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from cl_optax._class_il_losses import icarl_bce as icarl_bce
 from cl_optax._distillation import der_logit_mse as der_logit_mse
 from cl_optax._distillation import lwf_distillation as lwf_distillation
 from cl_optax._hat import hat_regularizer as hat_regularizer
+from cl_optax._supcon import supcon_loss as supcon_loss
+from cl_optax._xder import xder_consistency as xder_consistency
 from cl_optax._xder import xder_future_constraint as xder_future_constraint
 from cl_optax._xder import xder_logit_update as xder_logit_update
+from cl_optax._xder import xder_past_constraint as xder_past_constraint
+from cl_optax._xder import xder_rewrite_select as xder_rewrite_select
 
 __all__ = [
   "ace_active_classes",
@@ -46,8 +53,12 @@ __all__ = [
   "lwf_distillation",
   "masked_cross_entropy",
   "seen_classes_mask",
+  "supcon_loss",
+  "xder_consistency",
   "xder_future_constraint",
   "xder_logit_update",
+  "xder_past_constraint",
+  "xder_rewrite_select",
 ]
 
 

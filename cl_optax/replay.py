@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from cl_optax import _trees
 from cl_optax._class_balanced import ClassBalanced as ClassBalanced
@@ -286,6 +287,25 @@ def _flat(memory: Memory, tasks: jax.Array | None) -> tuple[PyTree, jax.Array]:
   return items, full.reshape(-1)
 
 
+def _replicated(x: jax.Array) -> jax.Array:
+  """``x`` unsharded (one small vector: the slots' scores) under an explicit-axes mesh,
+  where ``top_k`` refuses a sharded axis; unchanged otherwise."""
+  sharding = jax.typeof(x).sharding
+  if isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec):
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+  return x
+
+
+def _rows(m: jax.Array, indices: jax.Array) -> jax.Array:
+  """``m[indices]`` along the first axis; under an explicit-axes mesh the rows come back
+  unsharded along it (the other axes keep their sharding)."""
+  sharding = jax.typeof(m).sharding
+  if isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec):
+    spec = PartitionSpec(None, *tuple(sharding.spec)[1:])
+    return m.at[indices].get(out_sharding=NamedSharding(sharding.mesh, spec))
+  return jnp.take(m, indices, axis=0)
+
+
 def sample_indices(
   memory: Memory,
   key: jax.Array,
@@ -308,10 +328,11 @@ def sample_indices(
     raise ValueError("replay.sample: balanced=True needs a ClassBalanced memory (labels).")
   noise = jax.random.uniform(key, (size,))
   if balanced and isinstance(memory, ClassBalanced):
-    count = memory.class_count[jnp.maximum(memory.slot_class, 0)]
+    own = memory.slot_class[:, None] == jnp.arange(memory.class_count.shape[0])
+    count = jnp.sum(jnp.where(own, memory.class_count, 0), axis=1)  # no gather: shards
     gumbel = -jnp.log(-jnp.log(jnp.clip(noise, 1e-12, 1.0 - 1e-7)))
     noise = jnp.exp(gumbel - jnp.log(jnp.maximum(count, 1)).astype(jnp.float32))
-  scores = jnp.where(full, noise, -1.0)
+  scores = _replicated(jnp.where(full, noise, -1.0))  # top_k runs over the whole axis
   top, idx = jax.lax.top_k(scores, batch_size)
   return idx.astype(jnp.int32), top >= 0
 
@@ -319,7 +340,7 @@ def sample_indices(
 def take(memory: Memory, indices: jax.Array) -> PyTree:
   """The items at flat slot ``indices`` (as :func:`sample_indices` numbers them)."""
   items, _ = _flat(memory, None)
-  return jax.tree.map(lambda m: jnp.take(m, indices, axis=0), items)
+  return jax.tree.map(lambda m: _rows(m, indices), items)
 
 
 def write(

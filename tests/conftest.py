@@ -7,6 +7,8 @@ Plain functions, imported by the test modules as ``from conftest import ...``:
 semi-definite matrix) and ``classification_batches`` (stacked inputs and
 integer labels).
 
+XLA compiles the suite without most of its optimisation passes (see below).
+
 Hypothesis profiles: ``ci``, loaded when ``$CI`` is set to anything but
 ``""``, ``0`` or ``false`` (CI services set ``CI=true``), derandomises every
 property test, so a boundary bug fails on every run or on none; ``dev`` (the
@@ -19,7 +21,14 @@ imported before any test module).
 
 import os
 
-import jax
+# The suite's programs are small and compiled once or twice each, so XLA's
+# optimisation passes cost more time than they save: compile without most of
+# them (JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment turns them back on).
+# Subprocess tests inherit it; examples and benchmarks run outside pytest keep
+# XLA's defaults.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402  (after the environment it reads)
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -159,6 +159,8 @@ CASES = {
   "ogd": Case(_sgd(lambda: cl_optax.ogd(8)), output_grads),
   "gpm": Case(_sgd(lambda: cl_optax.gpm(0.9)), representations),
   "sgp": Case(_sgd(lambda: cl_optax.sgp(0.9)), representations),
+  "nscl": Case(_adam(lambda: cl_optax.nscl(10.0)), representations),
+  "trgp": Case(_sgd(lambda: cl_optax.trgp(0.9, max_tasks=TASKS)), representations),
   "ncl_diag": Case(
     _sgd(lambda: cl_optax.ncl(16.0, strength=0.5, damping=0.1)), squared("precision")
   ),
@@ -307,23 +309,33 @@ def key(name: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def checkpoint_all(root: pathlib.Path) -> None:
-  """Trains every case to the middle of the third task and saves all the runs (one save)."""
-  save(root / "ckpt", {key(n): _to_disk(train(n, init_run(n), HALF)) for n in CASES})
+def final(run: dict) -> dict:
+  """What a finished run is compared by: its params and optimiser state."""
+  return {"params": run["params"], "opt_state": run["opt_state"]}
+
+
+def checkpoint_all(root: pathlib.Path) -> dict:
+  """Trains every case to the middle of the third task and saves all the runs (one save).
+
+  Returns each case's uninterrupted final run (keyed by ``key``): the same
+  in-memory runs, trained on to the end without a save and restore.
+  """
+  halves = {n: train(n, init_run(n), HALF) for n in CASES}
+  save(root / "ckpt", {key(n): _to_disk(run) for n, run in halves.items()})
+  return {key(n): final(train(n, run, TASKS * STEPS)) for n, run in halves.items()}
 
 
 def finish_all(root: pathlib.Path) -> None:
   """Restores every case's run, trains it to the end, saves params and opt state."""
   target = {key(n): _to_disk(init_run(n)) for n in CASES}
   runs = restore(root / "ckpt", target)
-  final = {}
+  finals = {}
   for name in CASES:
     run = _from_disk(runs[key(name)])
     assert int(run["step"]) == HALF, int(run["step"])
-    run = train(name, run, TASKS * STEPS)
-    final[key(name)] = {"params": run["params"], "opt_state": run["opt_state"]}
+    finals[key(name)] = final(train(name, run, TASKS * STEPS))
     print(f"{name}: finished", flush=True)
-  save(root / "final", final)
+  save(root / "final", finals)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def _close(got, want, **kw):
 
 
 # --------------------------------------------------- layer-structured ones
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_kfac_factors_and_ncl_kfac_agree_across_models(name):
   params, fn, layers, to_ref, keys = MODELS[name]()
@@ -188,6 +189,7 @@ def test_ogd_and_output_gradients_agree_across_models(name):
   _close(to_ref(upd), ref_tx.update(_grads(REF, ref_fn), ref_state)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _frameworks("equinox", "linen", "nnx"))
 def test_spg_and_soft_mask_heads_agree_across_models(name):
   params, fn, _, to_ref, keys = MODELS[name]()

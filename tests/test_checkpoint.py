@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 
 import cl_optax
 
 from conftest import make_params, uniform_like
 
 
+@pytest.mark.slow
 def test_orbax_round_trip_keeps_importance_and_keeps_working(tmp_path):
   params = make_params()
   del params["empty"]  # orbax refuses zero-size arrays (adam's own state too)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cl_optax import replay
 
@@ -82,6 +83,7 @@ def test_cbrs_within_a_full_class_is_reservoir_uniform():
   np.testing.assert_allclose(freq, cap / n, atol=0.08)
 
 
+@pytest.mark.slow
 def test_fill_and_shrink_keep_rank_order():
   mem = replay.init_balanced(ITEM, 8, 3)
   mem = replay.fill(mem, _items([0] * 5), jnp.zeros(5, jnp.int32))  # in herding order
@@ -135,6 +137,7 @@ def test_herding_matches_a_loop_and_class_means_nme_match_loops():
   assert pred.tolist() == want
 
 
+@pytest.mark.slow
 def test_balanced_sampling_equalises_classes_and_write_roundtrips():
   mem = replay.init_balanced(ITEM, 10, 2)
   mem = replay.fill(mem, _items([0] * 8 + [1] * 2), jnp.asarray([0] * 8 + [1] * 2, jnp.int32))

@@ -82,6 +82,7 @@ _jit_masked_ce = jax.jit(losses.masked_cross_entropy)
 _grad_masked_ce = jax.jit(jax.grad(losses.masked_cross_entropy))
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=30)
 @given(st.data())
 def test_masked_cross_entropy_matches_numpy(data):
@@ -118,6 +119,7 @@ def test_masked_cross_entropy_with_all_classes_is_optax_cross_entropy():
   np.testing.assert_allclose(losses.masked_cross_entropy(z, y, jnp.ones(5, bool)), want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_cross_entropy_per_example_masks_empty_rows_and_no_nan():
   z = jnp.array([[1.0, 2.0, 3.0], [0.0, -500.0, 800.0], [5.0, 5.0, 5.0]])
   y = jnp.array([0, 1, 2])

@@ -163,6 +163,7 @@ def _covariances(params):
 _OLORA_STATIC = ("inner", "form", "seed")
 
 
+_TRGP_STATIC = ("max_tasks", "top", "width", "layers", "official")
 _KF_MASK = lambda p: {k: k in ("dense", "head") for k in p}  # noqa: E731
 _NCL_STATIC = ("precision", "layers", "prior_mean", "precondition_penalty")
 
@@ -248,6 +249,22 @@ CASES = [
     _representations,
     lambda: optax.inject_hyperparams(cl_optax.sgp, static_args=("layers",))(
       threshold=0.9, alpha=3.0, layers=_gpm_layers
+    ),
+  ),
+  Case(
+    "nscl",
+    lambda: cl_optax.nscl(10.0, layers=_gpm_layers),
+    _representations,
+    lambda: optax.inject_hyperparams(cl_optax.nscl, static_args=("layers",))(
+      a=10.0, layers=_gpm_layers
+    ),
+  ),
+  Case(
+    "trgp",
+    lambda: cl_optax.trgp(0.9, max_tasks=3, layers=_gpm_layers),
+    lambda params: _representations(params) | {"next_grads": normal_like(params, 5)},
+    lambda: optax.inject_hyperparams(cl_optax.trgp, static_args=_TRGP_STATIC)(
+      threshold=0.9, max_tasks=3, layers=_gpm_layers
     ),
   ),
   Case(
@@ -423,6 +440,7 @@ def test_accepts_unknown_extra_args(case):
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_preserves_bfloat16(case):
   """bfloat16 parameters and gradients give bfloat16 updates (float32 is checked by

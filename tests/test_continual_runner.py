@@ -265,11 +265,12 @@ def test_every_registered_method_runs_and_acts(name, sgd_params):
   if name == "sgd":
     return
   reference = sgd_params
-  if continual.METHODS[name].model is not None:  # its own model (HAT, WSN): vs its init
+  if continual.METHODS[name].model is not None:  # its own model (HAT, WSN, TRGP): vs its init
     model = continual.METHODS[name].model((8,), True, rec["hp"])
     _, k_init = jax.random.split(jax.random.key(0))  # the runner's init key of seed 0
     reference = model.init(k_init, (6,), 4)
-  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, reference)
+  common = {k: params[k] for k in reference}  # TRGP's model adds leaves (trgp_q) to the MLP's
+  gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), common, reference)
   diff = max(jax.tree.leaves(gaps))
   print(f"{name}: max |params - sgd params| = {diff:.3g}")
   assert diff > 1e-4, f"{name}: final parameters within {diff:.1e} of plain SGD's"  # A-GEM: 1e-3

@@ -177,6 +177,7 @@ def _passed_fraction(reps):
   )
 
 
+@pytest.mark.slow
 def test_gpm_removes_a_gradient_built_from_seen_inputs_entirely():
   seen, _ = _seen_and_new_inputs()
   reps = cl_optax.conv_representations(seen, KERNEL, padding="SAME")

@@ -52,6 +52,7 @@ grads_st = st.tuples(*[hnp.arrays(np.float32, p.shape, elements=finite) for p in
 )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(grads_st, st.lists(_unit_tree(UNIT_SHAPES), min_size=1, max_size=2), st.booleans())
 def test_broadcast_mask_equals_explicit_mask(grads, importances, with_head):
@@ -98,6 +99,7 @@ def test_importance_shapes_errors():
     cl_optax.consolidate(state, PARAMS, importance=full)
 
 
+@pytest.mark.slow
 class UnitJitTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_same_with_and_without_jit(self):
@@ -201,6 +203,7 @@ def _finite_difference(objective, gates, eps=1e-2):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["own", "proxy_kl"])
 def test_gate_importance_matches_finite_differences(loss):
   key = jax.random.key(11)

@@ -202,6 +202,9 @@ FAULTS = [
   raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
   raises("sgp(alpha=0)", lambda: cl_optax.sgp(alpha=0.0), r"sgp: .*alpha"),
   raises("sgp(threshold=-1)", lambda: cl_optax.sgp(-1.0), r"sgp: .*threshold"),
+  raises("nscl(a=0.5)", lambda: cl_optax.nscl(0.5), r"nscl: .*a"),
+  raises("trgp(eps=-1)", lambda: cl_optax.trgp(max_tasks=2, eps=-1.0), r"trgp: .*eps"),
+  raises("trgp(max_tasks=0)", lambda: cl_optax.trgp(max_tasks=0), r"trgp: max_tasks"),
   raises("ncl(precision='full')", lambda: cl_optax.ncl(1.0, precision="full"), r"'diag' or 'kfac'"),
   # plasticity
   raises("l2_init(strength=-1)", lambda: cl_optax.l2_init(-1.0), r"l2_init: .*strength.*-1"),
@@ -402,6 +405,8 @@ FAULTS = [
       ("ogd", lambda: cl_optax.ogd(2), {}),
       ("gpm", cl_optax.gpm, {}),
       ("sgp", cl_optax.sgp, {}),
+      ("nscl", cl_optax.nscl, {}),
+      ("trgp", lambda: cl_optax.trgp(max_tasks=2), {}),
       ("packnet", cl_optax.packnet, {}),
       ("agem", cl_optax.agem, {"ref_grads": grads(2)}),
     ]
@@ -414,6 +419,8 @@ FAULTS = [
       ("ncl", lambda: cl_optax.ncl(1.0)),
       ("gpm", cl_optax.gpm),
       ("sgp", cl_optax.sgp),
+      ("nscl", cl_optax.nscl),
+      ("trgp", lambda: cl_optax.trgp(max_tasks=2)),
     ]
   ],
   raises(
@@ -603,6 +610,16 @@ FAULTS = [
     "ncl_kfac.consolidate(factor wrong shape)",
     lambda: consolidated(cl_optax.ncl(1.0, **KFAC), precision=kron(a=jnp.eye(4))),
     r"ncl.*dense.*\(5, 5\)",
+  ),
+  raises(
+    "nscl.consolidate(no representations)",
+    lambda: consolidated(cl_optax.nscl()),
+    r"nscl.*representations",
+  ),
+  raises(
+    "trgp.consolidate(no representations, no next_grads)",
+    lambda: consolidated(cl_optax.trgp(max_tasks=2)),
+    r"trgp.*representations.*next_grads",
   ),
   raises(
     "sgp.consolidate(no representations)",
@@ -804,6 +821,40 @@ FAULTS = [
       jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.array([0, 1]), jnp.ones(3, bool)
     ),
     r"xder_logit_update.*\[b, C\]",
+  ),
+  raises(
+    "losses.supcon_loss(no views axis)",
+    lambda: losses.supcon_loss(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32)),
+    r"supcon_loss.*\[items, views, dim\]",
+  ),
+  raises(
+    "losses.supcon_loss(unknown reduction)",
+    lambda: losses.supcon_loss(jnp.zeros((2, 2, 3)), jnp.zeros(2, jnp.int32), reduction="max"),
+    r"supcon_loss.*'mean' or 'sum'.*'max'",
+  ),
+  raises(
+    "losses.xder_consistency(C not a multiple of head_size)",
+    lambda: losses.xder_consistency(
+      jnp.zeros((2, 2, 5)), jnp.zeros(2, jnp.int32), jnp.ones(5, bool), head_size=2
+    ),
+    r"xder_consistency.*multiple of head_size 2",
+  ),
+  raises(
+    "losses.xder_past_constraint(mask of another width)",
+    lambda: losses.xder_past_constraint(jnp.zeros((2, 4)), jnp.ones(3, bool), jnp.ones(4, bool)),
+    r"xder_past_constraint.*both masks \[C\].*\(3,\)",
+  ),
+  raises(
+    "losses.xder_rewrite_select(eligible of another length)",
+    lambda: losses.xder_rewrite_select(
+      jnp.arange(3), jnp.ones(2, bool), jnp.zeros(5), jax.random.key(0)
+    ),
+    r"xder_rewrite_select.*\[b\].*\(3,\), \(2,\)",
+  ),
+  passes(
+    "losses.supcon_loss(one view, a class alone: no positive, no nan)",
+    lambda: losses.supcon_loss(jnp.ones((2, 1, 3)), jnp.array([0, 1])),
+    lambda v: np.testing.assert_array_equal(np.asarray(v), 0.0),
   ),
   passes(
     "losses.ace_cross_entropy(nan logit of a masked class)",

@@ -64,6 +64,7 @@ def _numpy_spg(p, xs, ys, task):
   return out
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=10)
 @given(st.integers(0, 2**16), st.integers(0, T - 1))
 def test_spg_matches_numpy(seed, task):

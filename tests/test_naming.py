@@ -2,6 +2,7 @@
 the library, examples and benchmarks spell every name the one way and import public modules only.
 """
 
+import functools
 import importlib
 import pathlib
 import re
@@ -36,6 +37,7 @@ def test_kept_hyperparameters_follow_inject_hyperparams():
     (cl_optax.online_ewc, {"decay": 0.5}, "decay", "online_ewc_decay"),
     (cl_optax.si, {"xi": 0.5}, "xi", "si_xi"),
     (cl_optax.gpm, {"threshold": 0.5}, "threshold", "gpm_threshold"),
+    (functools.partial(cl_optax.trgp, max_tasks=2), {"eps": 0.5}, "eps", "trgp_eps"),
     (cl_optax.ncl, {"data_size": 1.0, "decay": 0.5}, "decay", "ncl_decay"),
   ]
   for factory, kw, hp, field in cases:
@@ -56,6 +58,8 @@ def test_state_fields_are_unique_across_transforms():
     cl_optax.OGDState,
     cl_optax.GPMState,
     cl_optax.SGPState,
+    cl_optax.NSCLState,
+    cl_optax.TRGPState,
     cl_optax.NCLState,
     cl_optax.EWCState,
     cl_optax.OnlineEWCState,

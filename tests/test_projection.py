@@ -314,6 +314,7 @@ def test_ogd_orthonormal_basis_and_orthogonal_updates():
   np.testing.assert_allclose(gt, _flat(g) - B.T @ (B @ _flat(g)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ogd_basis_spans_every_stored_gradient_across_chunks():
   """Block Gram-Schmidt reads the stored rows in chunks of 256: the span stays exact."""
   like = {"w": jnp.zeros(290), "k": jnp.zeros((2, 5))}  # 300 parameters
@@ -418,6 +419,7 @@ def test_gpm_matches_paper_and_projects_in_input_space(official):
   np.testing.assert_allclose(out, g["k"] - B @ (B.T @ g["k"]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpm_projects_through_either_side_at_every_width():
   """Every filled rank, small (basis side) or large (complement side), projects exactly."""
   d_in = 40  # widths 0, 16, 20: ranks 3 and 17 on the basis side, 25 and 38 on the complement
@@ -440,6 +442,7 @@ def test_gpm_projects_through_either_side_at_every_width():
     np.testing.assert_allclose(update(g, state, params)[0]["k"], want, atol=2e-5, err_msg=rank)
 
 
+@pytest.mark.slow
 def test_gpm_preserves_old_outputs_in_flax():
   """Threshold 1: the outputs at the stored samples do not move under projected SGD."""
   from flax import nnx

@@ -17,6 +17,7 @@ def _batch(start, b):
   return (jnp.stack([ids, -ids], 1).astype(jnp.float32), ids)
 
 
+@pytest.mark.slow
 def test_reservoir_is_uniform_chi_square():
   """Every one of N offered items ends up stored with probability C / N."""
   n_items, cap, b, trials = 60, 10, 4, 3000
@@ -35,6 +36,7 @@ def test_reservoir_is_uniform_chi_square():
   assert p > 1e-3, (p, counts)
 
 
+@pytest.mark.slow
 def test_reservoir_fills_in_order_then_counts_seen():
   mem = replay.init(ITEM, 5)
   mem = replay.add(mem, _batch(0, 3), key=jax.random.key(0))
@@ -46,6 +48,7 @@ def test_reservoir_fills_in_order_then_counts_seen():
   np.testing.assert_array_equal(mem.items[0][:, 0], mem.items[1])  # x and y stay together
 
 
+@pytest.mark.slow
 class ReplayJitTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_add_and_sample_same_with_and_without_jit(self):

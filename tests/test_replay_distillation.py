@@ -30,6 +30,7 @@ def test_er_matches_reference(weight):
   assert int(state.replay_steps) == 1
 
 
+@pytest.mark.slow
 def test_er_is_the_gradient_of_the_summed_losses():
   """chain(experience_replay(w), sgd) steps along grad(l(B) + w l(B_M)), DER++'s beta term."""
   key = jax.random.split(jax.random.key(0), 4)

@@ -18,30 +18,17 @@ from subprocess_env import run_script
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def restarted(tmp_path_factory):
-  """Every case checkpointed here, finished in one new process; its final runs."""
-  root = tmp_path_factory.mktemp("restart")
-  prog.checkpoint_all(root)
-  script = pathlib.Path(prog.__file__)
-  proc = run_script(script, root)
+def test_restored_runs_equal_uninterrupted_runs_exactly(tmp_path):
+  # One test over every case: the cases share one checkpoint and one restoring
+  # process, which a test per case would redo on each xdist worker.
+  uninterrupted = prog.checkpoint_all(tmp_path)
+  proc = run_script(pathlib.Path(prog.__file__), tmp_path)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  whole = {
-    prog.key(n): _final(prog.train(n, prog.init_run(n), prog.TASKS * prog.STEPS))
-    for n in prog.CASES
-  }
-  return whole, prog.restore(root / "final", whole)
-
-
-def _final(run):
-  return {"params": run["params"], "opt_state": run["opt_state"]}
-
-
-@pytest.mark.parametrize("name", list(prog.CASES))
-def test_restored_run_equals_uninterrupted_run_exactly(restarted, name):
-  whole, restored = restarted
-  want, got = whole[prog.key(name)], restored[prog.key(name)]
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  chex.assert_trees_all_equal(got, want)
-  # The run crossed two task boundaries and the checkpoint sat in the third task.
+  restored = prog.restore(tmp_path / "final", uninterrupted)
+  assert restored.keys() == {prog.key(n) for n in prog.CASES}
+  for name in prog.CASES:
+    want, got = uninterrupted[prog.key(name)], restored[prog.key(name)]
+    assert jax.tree.structure(got) == jax.tree.structure(want), name
+    chex.assert_trees_all_equal(got, want, custom_message=name)
+  # The runs crossed two task boundaries and the checkpoint sat in the third task.
   assert prog.STEPS * 2 < prog.HALF < prog.STEPS * prog.TASKS

@@ -13,5 +13,5 @@ def test_gpm_and_kronecker_ncl_shard_or_replicate_as_documented():
   proc = run_script(script, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "gathers the layer's gradient only" in proc.stdout, proc.stdout
-  for name in ("gpm", "sgp", "ncl_kfac"):
+  for name in ("gpm", "sgp", "nscl", "trgp", "ncl_kfac"):
     assert f"{name}: ok" in proc.stdout, proc.stdout

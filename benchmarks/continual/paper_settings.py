@@ -103,9 +103,11 @@ SETTINGS: dict[tuple[str, str], dict] = {
   # GPM (Saha et al. 2021), single-head permuted streams: its PMNIST thresholds, head projected
   **_rows(
     ["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST],
-    ["gpm", "gpm_official", "sgp"],
+    ["gpm", "gpm_official", "sgp", "trgp"],
     {"thresholds": [0.95, 0.99, 0.99], "project_head": True},
   ),
+  # Adam-NSCL on the GPM protocol (no paper setting for MNIST): the head projected as GPM's
+  ("pmnist-gpm", "nscl"): {"project_head": True},
   **_SEQ_MNIST,
   # van de Ven & Tolias 2019 (split MNIST, Adam): LwF with T = 2, the distillation
   # weighted 1 - 1/t against 1/t for the new loss, times T^2 (same direction under Adam

@@ -9,14 +9,11 @@ holds no all-gather. Writes the 4x2 losses to ``argv[1]`` (JSON) for the
 two-process comparison.
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

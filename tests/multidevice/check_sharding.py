@@ -5,10 +5,7 @@ the parameters at init and after consolidate, the jitted update keeps the
 parameters' sharding, and the compiled update has no all-gather.
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402

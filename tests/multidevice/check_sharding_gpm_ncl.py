@@ -1,12 +1,13 @@
 """Run in its own process with 8 host devices (see tests/test_sharding_gpm_ncl.py).
 
-``gpm`` and ``ncl(precision="kfac")`` keep matrices that are not shaped like
-any parameter: GPM a ``[d_in, d_in]`` orthogonal basis per kernel, NCL the
-Kronecker factors ``A [in+1, in+1]``, ``G [out, out]`` and their damped
-inverses. Both are built at ``consolidate`` by a decomposition (GPM: SVD and
-eigh of the task's representations; NCL: eigh of each factor) that XLA does
-not partition, so these matrices are *replicated* (one copy per device, and
-small: a layer's fan-in or fan-out squared). What must hold:
+``gpm`` (and ``sgp``, ``nscl``, ``trgp``) and ``ncl(precision="kfac")`` keep
+matrices that are not shaped like any parameter: GPM a ``[d_in, d_in]``
+orthogonal basis per kernel, NCL the Kronecker factors ``A [in+1, in+1]``,
+``G [out, out]`` and their damped inverses. Both are built at ``consolidate``
+by a decomposition (GPM: SVD and eigh of the task's representations; NCL: eigh
+of each factor) that XLA does not partition, so these matrices are
+*replicated* (one copy per device, and small: a layer's fan-in or fan-out
+squared). What must hold:
 
 * every state leaf shaped like a parameter (NCL's prior mean, its diagonal
   precision outside the layers) has that parameter's sharding;
@@ -19,10 +20,7 @@ small: a layer's fan-in or fan-out squared). What must hold:
 * the updates keep the parameters' sharding and equal the single-device ones.
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,6 +38,8 @@ import cl_optax  # noqa: E402
 SPECS = {
   "gpm": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
   "sgp": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
+  "nscl": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
+  "trgp": {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "table": P(None, "data")},
   "ncl_kfac": {"dense": {"kernel": P(None, "model"), "bias": P("model")}, "table": P(None, "data")},
   "input_split": {"dense": {"kernel": P("data", None), "bias": P()}, "table": P(None, "data")},
 }
@@ -63,6 +63,19 @@ def signals(params):
         "table": jax.random.normal(jax.random.key(6), (12, 3)),
       }
     },
+    "nscl": {
+      "representations": {
+        "dense": {"kernel": jax.random.normal(jax.random.key(5), (12, 16))},
+        "table": jax.random.normal(jax.random.key(6), (12, 3)),
+      }
+    },
+    "trgp": {
+      "representations": {
+        "dense": {"kernel": jax.random.normal(jax.random.key(5), (12, 16))},
+        "table": jax.random.normal(jax.random.key(6), (12, 3)),
+      },
+      "next_grads": values(9),
+    },
     "ncl_kfac": {"precision": {"dense": kron, "table": jnp.square(params["table"])}},
     "sgp": {
       "representations": {
@@ -76,6 +89,8 @@ def signals(params):
 TRANSFORMS = {
   "gpm": lambda: cl_optax.gpm(0.9),
   "sgp": lambda: cl_optax.sgp(0.9, alpha=3.0),  # GPM's bases, replicated, with importances
+  "nscl": lambda: cl_optax.nscl(10.0),  # covariance and eigenvectors, replicated
+  "trgp": lambda: cl_optax.trgp(0.9, max_tasks=3),  # GPM's basis and the per-task bases
   "ncl_kfac": lambda: cl_optax.ncl(
     10.0, strength=0.5, damping=0.1, radius=0.3, precision="kfac", layers=("dense",)
   ),
@@ -119,6 +134,12 @@ def check_state(name, state, params, mesh, task):
     like_params = []
     matrices = jax.tree.leaves(inner.feature_basis if name == "gpm" else inner.sgp_basis)
     matrices += jax.tree.leaves(getattr(inner, "sgp_importance", []))
+  elif name == "trgp":
+    like_params = []
+    matrices = jax.tree.leaves((inner.trgp_basis, inner.trgp_task_basis, inner.trgp_selected))
+  elif name == "nscl":
+    like_params = []
+    matrices = jax.tree.leaves((inner.nscl_covariance, inner.nscl_basis))
   else:
     like_params = [inner.prior_mean, {"table": inner.prior_precision["table"]}]
     matrices = [m for k in inner.kron.values() for m in k]

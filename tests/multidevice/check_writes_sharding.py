@@ -10,11 +10,9 @@ moments shard like the adapter leaves, and the jitted update (with a slot
 write pending) gathers no base kernel.
 """
 
-import os
 import re
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-
+import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

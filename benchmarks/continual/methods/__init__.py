@@ -16,5 +16,6 @@ from benchmarks.continual.methods import bic  # noqa: F401  bic
 from benchmarks.continual.methods import regularization  # noqa: F401  ewc, online_ewc, mas, si, rwalk
 from benchmarks.continual.methods import agem_code  # noqa: F401  ewc_agem_code, mas_agem_code
 from benchmarks.continual.methods import precision  # noqa: F401  ncl, ncl_kfac
-from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm, sgp
+from benchmarks.continual.methods import orthogonal_projection  # noqa: F401  ogd, gpm, sgp, nscl
+from benchmarks.continual.methods import trust_region  # noqa: F401  trgp
 from benchmarks.continual.methods import isolation  # noqa: F401  hat, packnet, wsn

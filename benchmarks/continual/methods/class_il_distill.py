@@ -16,7 +16,10 @@ filled with its `replay.herding_select` order on the head's input features
   at T 2 over the old ones, as PyCIL), on the current batch and a memory batch;
   after each task from the second on, `cl_optax.weight_align` scales the new
   classes' head columns, applied as a boundary write (`consolidate` +
-  `apply_pending_writes` of the `boundary_writes` last in the chain).
+  `apply_pending_writes` of the `boundary_writes` last in the chain); ``align=0``
+  skips it (CE + KD alone, the ablation of `REPRODUCTION.md`); ``kd=2`` weighs the
+  loss as the PyCIL ``models/wa.py`` read at ``716625e`` (``CE + 2 KD``; the
+  ``λ = known/total`` form is an earlier PyCIL's, as the research notes cite it).
 """
 
 import jax
@@ -62,6 +65,8 @@ def _wa_loss(s: Step, params):
   ce = cl_optax.losses.masked_cross_entropy(z, y, seen, weights=w)
   kd = cl_optax.losses.lwf_distillation(z, s.apply(s.aux["teacher"], x), temperature=2.0,
                                         where=s.aux["old"], weights=w)  # fmt: skip
+  if s.hp["kd"] != "lambda":  # PyCIL's wa.py at 716625e: CE + kd x KD
+    return ce + s.hp["kd"] * kd
   lam = jnp.sum(s.aux["old"]) / jnp.maximum(jnp.sum(seen), 1)
   return (1.0 - lam) * ce + lam * kd
 
@@ -89,7 +94,7 @@ def _finish(e: TaskEnd, align: bool):
   n_out = e.aux["old"].shape[0]
   new = cl_optax.losses.seen_classes_mask(y, n_out)
   params, opt_state = e.params, e.opt_state
-  if align and bool(jnp.any(e.aux["old"])):
+  if align and e.hp["align"] and bool(jnp.any(e.aux["old"])):
     w, m, _ = cl_optax.weight_align(params, "head/kernel", old_classes=e.aux["old"],
                                     new_classes=new & ~e.aux["old"])  # fmt: skip
     opt_state = cl_optax.consolidate(opt_state, params, writes=w, write_mask=m)
@@ -136,6 +141,6 @@ register(
     loss=_wa_loss,
     own_loss=True,
     finish_task=lambda e: _finish(e, align=True),
-    defaults=dict(_HP),
+    defaults={**_HP, "align": 1, "kd": "lambda"},
   )
 )

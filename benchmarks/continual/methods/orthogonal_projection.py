@@ -1,6 +1,7 @@
-"""Orthogonal projection (OGD, GPM): a basis grown at the end of each task."""
+"""Orthogonal projection (OGD, GPM, SGP, Adam-NSCL): bases or covariances grown at task ends."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import cl_optax
@@ -120,5 +121,47 @@ register(
     "SGP (Saha & Roy 2023): GPM's bases, each direction removed by its importance (alpha)",
     end_task=_consolidate_gpm,
     defaults={"samples": 300, "thresholds": [0.97], "project_head": False, "alpha": 10.0},
+  )
+)
+
+
+def _consolidate_nscl(e: TaskEnd):
+  """The task's covariance: every training batch's mean input per layer (the code) or every
+  example's input (the paper), through the raw layer inputs of the whole epoch."""
+  xs, _ = e.batches  # [n_batches, B, ...]
+  projected = _gpm_labels(e.model, e.hp["project_head"])(e.params)
+  keep = {_key(p) for p, v in jax.tree_util.tree_leaves_with_path(projected) if v}
+  per_sample = e.hp["covariance"] == "per_sample"
+  chunks = []
+  for i in range(0, xs.shape[0], 500):  # 500 batches at a time: no copy of every layer's inputs
+    part = xs[i : i + 500]
+    inputs = _layer_inputs(e.model)(e.params, part.reshape(-1, *part.shape[2:]))
+    chunks.append([
+      (p, r if per_sample else cl_optax.nscl_batch_means(r, xs.shape[1]))
+      for p, r in _leaves_in_order(inputs)
+      if p in keep
+    ])  # fmt: skip
+  reps = [(p, jnp.concatenate([c[j][1] for c in chunks])) for j, (p, _) in enumerate(chunks[0])]
+  return cl_optax.consolidate(e.opt_state, e.params, representations=_nest(reps)), e.aux
+
+
+def _make_nscl(h: Hyper):
+  if h.hp["covariance"] not in ("batch_mean", "per_sample"):
+    raise ValueError(
+      f"nscl: --hp covariance={h.hp['covariance']!r}; expected 'batch_mean' (the code) "
+      "or 'per_sample' (the paper)."
+    )
+  nscl = cl_optax.nscl(h.hp["a"], normalize=h.hp["normalize"], layers=_gpm_layers(h))
+  return optax.chain(h.base(), nscl)
+
+
+register(
+  Method(
+    "nscl",
+    _make_nscl,
+    "Adam-NSCL (Wang et al. 2021): Adam's update in the null space of the old inputs' covariance",
+    optimizer="adam",
+    end_task=_consolidate_nscl,
+    defaults={"a": 10.0, "normalize": True, "covariance": "batch_mean", "project_head": False},
   )
 )
