@@ -143,3 +143,7 @@ run agem-pmnist-gem-agem-init-seed3 --stream pmnist-agem --methods gem --seeds 2
 run pmnist-5x10k-penalties --stream pmnist-5x10k --methods sgd,ewc,online_ewc,mas,si --seeds 1
 run pmnist-5x10k-mas-note --stream pmnist-5x10k --methods mas --hp strength=0.553 --seeds 1
 run pmnist-5x10k-si-note --stream pmnist-5x10k --methods si --hp strength=0.13 --seeds 1
+# parameter isolation (issue 23), task-IL: split MNIST, then the two permuted-MNIST presets capped for a CPU
+run iso-splitmnist-task --stream split-mnist --scenario task --methods adam,hat,packnet,wsn --seeds 3
+run iso-wsn-pmnist-capped --stream wsn-pmnist --methods adam,hat,packnet,wsn --seeds 3 --n-train 5400 --n-test 2000
+run iso-hat-pmnist-capped --stream hat-pmnist --methods sgd,hat,packnet,wsn --seeds 1 --n-train 6000 --n-test 2000 --epochs 1 --hp retrain_epochs=1

@@ -257,6 +257,7 @@ PRESETS: dict[str, Preset] = {
     10,
     epochs=5,
     bias=False,
+    scenario="task",
   ),
   "hat-pmnist": Preset(
     "HAT (Serra et al. 2018, joansj/hat run.py, pmnist): permuted MNIST, 10 tasks x 60000, a "
@@ -268,5 +269,6 @@ PRESETS: dict[str, Preset] = {
     {"sgd": 0.05, "adam": 1e-3},
     64,
     epochs=5,
+    scenario="task",
   ),
 }
