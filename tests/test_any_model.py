@@ -159,6 +159,7 @@ def test_kfac_factors_and_ncl_kfac_agree_across_models(name):
   _close(to_ref(upd), ref_upd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_gpm_agrees_across_models(name):
   params, fn, layers, to_ref, keys = MODELS[name]()

@@ -187,6 +187,7 @@ def test_gpm_removes_a_gradient_built_from_seen_inputs_entirely():
   assert passed < 1e-5, passed
 
 
+@pytest.mark.slow
 def test_patches_in_the_wrong_order_would_protect_the_wrong_subspace():
   """Why gpm refuses a plain array at a conv kernel: conv_general_dilated_patches orders a
   patch (c_in, kh, kw); a basis grown from those has the right width and lets most of the

@@ -272,6 +272,7 @@ def test_param_importance_shapes_for_flax_layers():
     das_param_importance(params, {"up": ("units", jnp.ones(4))})
 
 
+@pytest.mark.slow
 def test_head_importance_one_freezes_every_parameter_of_that_head():
   model = Block(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
@@ -331,6 +332,7 @@ def test_das_contrastive_shapes_checked():
     cl_optax.losses.das_contrastive(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones((2, 4)))
 
 
+@pytest.mark.slow
 def test_tokens_scale_only_the_raw_importance():
   key, batches = jax.random.key(2), _batches()
   raw = das_units(_fn, _TINY, GATES, batches, key=key, normalize=False)

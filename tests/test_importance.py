@@ -77,6 +77,7 @@ def test_spg_matches_numpy(seed, task):
     assert np.all((np.asarray(leaf) >= 0) & (np.asarray(leaf) <= 1))
 
 
+@pytest.mark.slow
 def test_iterable_equals_stacked():
   p = normal_tree(0, SHAPES)
   xs, ys = _data(1)

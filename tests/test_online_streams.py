@@ -35,6 +35,7 @@ def test_online_permuted_composes_permutations_and_serves_each_example_once():
   assert np.asarray(cursors.perm_pixels).shape == (9, 5)  # one [d] permutation held
 
 
+@pytest.mark.slow
 def test_slowly_changing_regression_matches_numpy_target_and_bit_schedule():
   for flip_one in (False, True):
     s = streams.slowly_changing_regression(flip_after=4, flip_one=flip_one, seed=1)

@@ -41,6 +41,7 @@ def test_l2_init_matches_numpy_and_keeps_its_anchor():
 
 
 # ----------------------------------------------------------- shrink & perturb
+@pytest.mark.slow
 def test_shrink_perturb_writes_shrink_theta_plus_perturb_fresh():
   params = _mlp()
   fresh = _mlp(7)

@@ -249,6 +249,7 @@ def test_gem_non_finite_passes_through():
   chex.assert_trees_all_equal(out, g)
 
 
+@pytest.mark.slow
 def test_gem_bfloat16_grads_and_jit_equality():
   tx = cl_optax.gem(max_tasks=3)
   g = _tree(1, PARAMS)

@@ -66,6 +66,7 @@ class ReplayJitTest(chex.TestCase):
     chex.assert_trees_all_equal(sample(mem, jax.random.key(9)), want)
 
 
+@pytest.mark.slow
 def test_sample_is_distinct_valid_and_uniform():
   mem = replay.init(ITEM, 8)
   mem = replay.add(mem, _batch(0, 5), key=jax.random.key(0))  # 5 of 8 slots filled

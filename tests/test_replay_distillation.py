@@ -181,6 +181,7 @@ def test_lwf_matches_reference(T):
   )
 
 
+@pytest.mark.slow
 def test_lwf_minimised_by_the_teacher_and_ignores_new_units():
   t = jnp.array([[2.0, -1.0, 0.5, 9.0]])
   mask = jnp.array([True, True, True, False])
@@ -189,6 +190,7 @@ def test_lwf_minimised_by_the_teacher_and_ignores_new_units():
   assert float(lwf_distillation(t, t, where=mask)) < float(lwf_distillation(-t, t, where=mask))
 
 
+@pytest.mark.slow
 def test_lwf_no_old_unit_is_zero_with_finite_gradient():
   z, t = jnp.ones((2, 3)), jnp.zeros((2, 3))
   mask = jnp.zeros(3, bool)  # class-IL, first task: nothing to distil

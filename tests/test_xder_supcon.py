@@ -94,6 +94,7 @@ def test_xder_rewrite_select_is_the_one_over_u_rule():
   assert abs(float(jnp.mean(draws)) - 0.25) < 0.03
 
 
+@pytest.mark.slow
 def test_xder_past_constraint_pushes_only_the_current_head_up():
   z = RNG.normal(size=(6, 6)).astype(np.float32) * 2
   past = np.array([True, True, False, False, False, False])
