@@ -12,13 +12,18 @@ from cl_optax import streams
 pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
 
 
-def _tiny_stream(seed, n=48, d=6):
-  """Four well-separated Gaussian classes, two tasks of two classes (task-IL)."""
+def _gaussian_stream(seed, *, n, d, classes, spread, noise):
+  """``classes`` Gaussian classes, tasks of two classes each (task-IL)."""
   rng = np.random.default_rng(seed)
-  centres = rng.normal(0, 3, (4, d))
-  y = np.repeat(np.arange(4), n // 4)
-  x = (centres[y] + rng.normal(0, 0.5, (n, d))).astype(np.float32)
+  centres = rng.normal(0, spread, (classes, d))
+  y = np.repeat(np.arange(classes), n // classes)
+  x = (centres[y] + rng.normal(0, noise, (n, d))).astype(np.float32)
   return streams.split(x, y, classes_per_task=2, scenario="task", seed=seed)
+
+
+def _tiny_stream(seed):
+  """Four well-separated classes, two tasks."""
+  return _gaussian_stream(seed, n=48, d=6, classes=4, spread=3, noise=0.5)
 
 
 def _cfg(**kw):
@@ -73,13 +78,9 @@ def test_own_model_refuses_another_model(monkeypatch):
     continual.run_method("probe2", _tiny_stream, _cfg(model="cnn"), [0])
 
 
-def _overlapping_stream(seed, n=180, d=8):
-  """Six overlapping Gaussian classes, three tasks of two (task-IL): plain Adam forgets."""
-  rng = np.random.default_rng(seed)
-  centres = rng.normal(0, 1.0, (6, d))
-  y = np.repeat(np.arange(6), n // 6)
-  x = (centres[y] + rng.normal(0, 1.0, (n, d))).astype(np.float32)
-  return streams.split(x, y, classes_per_task=2, scenario="task", seed=seed)
+def _overlapping_stream(seed):
+  """Six overlapping classes, three tasks: plain Adam forgets."""
+  return _gaussian_stream(seed, n=180, d=8, classes=6, spread=1.0, noise=1.0)
 
 
 _ADAM = continual.Config((16,), "adam", {"sgd": 0.1, "adam": 1e-2}, 4, epochs=3, iters=None,
