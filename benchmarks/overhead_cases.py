@@ -184,6 +184,27 @@ CASES += [
     _consolidate_representations,
     models=("mlp", "mlp-10m", "mlp-1000"),  # representations are built per MLP layer
   ),
+  Case(
+    "sgp",
+    "sgd",
+    lambda b: optax.chain(cl_optax.sgp(0.97), b),
+    _consolidate_representations,
+    models=("mlp", "mlp-10m", "mlp-1000"),
+  ),
+  Case(
+    "trgp",
+    "sgd",
+    lambda b: optax.chain(cl_optax.trgp(0.97, max_tasks=10), b),
+    _consolidate_representations,
+    models=("mlp", "mlp-10m", "mlp-1000"),
+  ),
+  Case(
+    "nscl",
+    "adam",
+    lambda b: optax.chain(b, cl_optax.nscl()),  # after the base optimiser
+    _consolidate_representations,
+    models=("mlp", "mlp-10m", "mlp-1000"),
+  ),
 ]
 
 

@@ -1,14 +1,17 @@
-"""The runner's TRGP entry: the trust region chosen at a task's first step, each task's Q trained
-only during that task, old tasks evaluated through their own view (eval_view)."""
+"""The runner's TRGP entry: the trust region chosen from the next task's first examples at a task's
+end, each task's Q trained only during that task, old tasks evaluated through their own view
+(eval_view)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_continual_runner import _tiny_preset
 
+import cl_optax
 from benchmarks import continual
 from benchmarks.continual.methods import trust_region as tr
 
@@ -57,3 +60,51 @@ def test_low_rank_training_forward_equals_the_scaled_weights():
     low[k] = (m, q, jnp.einsum("sdk,do->sko", m, params[k]["kernel"]))
   full = model.apply(tr._effective(params, aux, task), x)
   np.testing.assert_allclose(model.apply({**params, tr.LOW: low}, x), full, atol=1e-5)
+
+
+class _Task:
+  def __init__(self, x, y):
+    self.x, self.y = x, y
+
+  def train(self):
+    return self.x, self.y
+
+
+def test_trust_region_is_chosen_from_the_next_tasks_first_examples():
+  """``_select``: task 1's trust region from the gradient of its loss on its first ``samples``
+  examples at the end-of-task-0 weights (a hand-written cross-entropy here), and M, M^T W."""
+  hp = {"max_tasks": 2, "top": 1, "width": 3, "samples": 5, "eps": 0.2, "official": False,
+        "project_head": True}  # fmt: skip
+  model = tr.TRGPMLP(continual.MLP((4,), False), hp)
+  params = model.init(jax.random.key(0), (6,), 3)
+  rng = np.random.default_rng(1)
+  aux = tr._init_aux(continual.registry.AuxInit(2, (6,), hp, 3, params))
+  bases = {}
+  for k, b in aux["bases"].items():
+    q = np.linalg.qr(rng.normal(size=(b.shape[1], b.shape[1])))[0]
+    bases[k] = jnp.asarray(np.stack([q, np.zeros_like(q)]), jnp.float32)
+  aux = {**aux, "bases": bases}
+  x = rng.normal(size=(9, 6)).astype(np.float32)
+  y = rng.integers(0, 3, size=9)
+  columns, valid = np.array([[0, 1, 2], [0, 1, 2]]), np.ones((2, 3), bool)
+  heads = continual.model.make_heads(columns, valid, model)
+  e = continual.registry.TaskEnd(0, params, None, aux, None, heads, hp, jax.random.key(0), model,
+                                 None, 2, _Task(x, y))  # fmt: skip
+  got = tr._select(e, aux)
+
+  def xent(p):
+    logits = model.apply(p, jnp.asarray(x[:5]))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y[:5])).mean()
+
+  g = jax.grad(xent)(params)
+  for k in bases:
+    sel, act = cl_optax.trgp_trust_region(g[k]["kernel"], bases[k], 1, 0.2, top=1)
+    np.testing.assert_array_equal(got["selected"][k][1], sel)
+    np.testing.assert_array_equal(got["active"][k][1], act)
+    m = np.where(np.asarray(act)[:, None, None], np.asarray(bases[k])[np.asarray(sel)][:, :, :3], 0)
+    np.testing.assert_allclose(got["m"][k], m, atol=1e-6)
+    np.testing.assert_allclose(got["c"][k], np.einsum("sdk,do->sko", m, params[k]["kernel"]),
+                               atol=1e-5)  # fmt: skip
+  last = e._replace(next_task=None)
+  with pytest.raises(ValueError, match="task 0 is the stream's last"):
+    last.upcoming(5)

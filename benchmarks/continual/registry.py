@@ -81,6 +81,7 @@ class TaskEnd(NamedTuple):
   # runner's jitted step on this task's data (PackNet's retraining after the prune)
   retrain: Callable | None = None
   n_tasks: int = 0  # tasks in the stream
+  next_task: Any = None  # the stream's next task (its `train()` data), None after the last
 
   def first_batches(self, n: int | None) -> cl_optax.importance.Batches:
     """The first batches holding at least ``n`` examples (``None``: every batch)."""
@@ -94,6 +95,14 @@ class TaskEnd(NamedTuple):
     """The first ``n`` training examples, flat: ``x [n, ...]``, ``y [n]``."""
     xs, ys = self.batches
     return xs.reshape(-1, *xs.shape[2:])[:n], ys.reshape(-1)[:n]
+
+  def upcoming(self, n: int) -> tuple[jax.Array, jax.Array]:
+    """The next task's first ``n`` training examples (stream order), as :meth:`examples`:
+    what a method looks at before training that task (TRGP's trust region)."""
+    if self.next_task is None:
+      raise ValueError(f"task {self.task} is the stream's last: it has no next task.")
+    x, y = self.next_task.train()
+    return jnp.asarray(x[:n].astype("float32")), jnp.asarray(y[:n])
 
 
 class Method(NamedTuple):

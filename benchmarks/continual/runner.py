@@ -233,7 +233,7 @@ class _Run:
     heads = self.heads_for(s.stream)
     end = TaskEnd(t, s.params, s.opt_state, s.aux, (xb, yb), heads, self.hp, key, self.model,
                   functools.partial(self.retrain, s, t, x, y, jax.random.fold_in(key, 1)),
-                  len(s.stream))  # fmt: skip
+                  len(s.stream), s.stream[t + 1])  # fmt: skip
     s.opt_state, s.aux = self.method.end_task(end)
     jax.block_until_ready(s.opt_state)
     s.end_s += time.perf_counter() - s0

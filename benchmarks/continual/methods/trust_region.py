@@ -5,11 +5,12 @@ layer, identity at init, routed to its own optimiser by ``optax.partition``). Tr
 evaluation of task ``t`` use ``W_eff = W + sum_s M_s (Q_s - I) M_s^T W`` over task ``t``'s trust
 region (``eval_view``): TRGP needs the task id at test time, also on permuted MNIST.
 
-The trust region of task ``t`` is chosen at its first step, from that batch's gradient
-(``end_task`` sees only the finished task's data, not the 300 examples of the next task the
-code draws), and kept in the aux with a copy of each task's subspace. Training reads the
+The trust region of task ``t`` is chosen at the end of task ``t - 1``, as the code does
+before training task ``t``: from the gradient of task ``t``'s loss on its first ``samples``
+(300) training examples (``TaskEnd.upcoming``) at the weights that start it, and kept in the
+aux with a copy of each task's subspace. Training reads the
 scaled term in low rank, ``h W + ((h M_s)(Q_s - I)) C_s`` with ``C_s = M_s^T W`` taken at the
-task's first step (``Q_t = I`` there, so the term is 0 whatever ``C``): ``W``'s update is
+task's start (``Q_t = I`` there, so the term is 0 whatever ``C``): ``W``'s update is
 projected out of every old subspace, which holds each ``M_s`` (the paper's growth), so
 ``M_s^T W`` does not move during the task and ``W``'s gradient through the term, which lies
 in ``span(M_s)``, is removed by the projection anyway. Evaluation uses the full ``W_eff``.
@@ -25,6 +26,7 @@ import cl_optax
 from benchmarks.continual.methods.orthogonal_projection import _consolidate_gpm, _gpm_layers
 from benchmarks.continual.model import MLP, mlp_layer_names
 from benchmarks.continual.registry import AuxInit, Hyper, Method, Step, TaskEnd, register
+from benchmarks.continual.trainer import task_loss
 
 Q = "trgp_q"
 LOW = "trgp_low_rank"  # {layer: (M [top, d, w], Q [top, w, w], C [top, w, out])}, training only
@@ -135,24 +137,23 @@ def _effective(params: dict, aux: dict, task: Any) -> dict:
   return out
 
 
-def _step(s: Step):
-  """At a task's first step, its trust region from the batch's gradient (Q = I: W_eff = W),
-  and the low-rank pieces ``M_s``, ``M_s^T W`` of its training forward."""
-
-  def select(aux):
-    tids = jnp.full(s.y.shape, s.task)
-    g = jax.grad(lambda p: s.loss_fn(p, s.x, s.y, tids))(_net(s.params))
-    sel, act, m, c = (dict(aux[n]) for n in ("selected", "active", "m", "c"))
-    for k, bases in aux["bases"].items():
-      ns, na = cl_optax.trgp_trust_region(g[k]["kernel"], bases, s.task, s.hp["eps"],
-                                          top=s.hp["top"], official=s.hp["official"])  # fmt: skip
-      sel[k], act[k] = sel[k].at[s.task].set(ns), act[k].at[s.task].set(na)
-      m[k] = jnp.where(na[:, None, None], bases[ns][:, :, : m[k].shape[-1]], 0.0)
-      c[k] = jnp.einsum("sdk,do->sko", m[k], s.params[k]["kernel"])
-    return {**aux, "selected": sel, "active": act, "m": m, "c": c}
-
-  first = (jnp.asarray(s.index) == 0) & (s.task > 0)
-  return {}, jax.lax.cond(first, select, lambda aux: aux, s.aux)
+def _select(e: TaskEnd, aux: dict) -> dict:
+  """The trust region of the next task ``t + 1`` (the code's ``samples`` = 300 of its
+  examples, their loss's gradient at the weights that start it), and the low-rank pieces
+  ``M_s``, ``M_s^T W`` of its training forward."""
+  t = e.task + 1
+  x, y = e.upcoming(e.hp["samples"])
+  columns, valid = jnp.asarray(e.heads.columns), jnp.asarray(e.heads.valid)
+  loss = task_loss(e.model.apply, columns, valid, t)
+  g = jax.grad(lambda p: loss(p, x, y, jnp.full(y.shape, t)))(_net(e.params))
+  sel, act, m, c = (dict(aux[n]) for n in ("selected", "active", "m", "c"))
+  for k, bases in aux["bases"].items():
+    ns, na = cl_optax.trgp_trust_region(g[k]["kernel"], bases, t, e.hp["eps"], top=e.hp["top"],
+                                        official=e.hp["official"])  # fmt: skip
+    sel[k], act[k] = sel[k].at[t].set(ns), act[k].at[t].set(na)
+    m[k] = jnp.where(na[:, None, None], bases[ns][:, :, : m[k].shape[-1]], 0.0)
+    c[k] = jnp.einsum("sdk,do->sko", m[k], e.params[k]["kernel"])
+  return {**aux, "selected": sel, "active": act, "m": m, "c": c}
 
 
 def _loss(s: Step, params):
@@ -161,11 +162,12 @@ def _loss(s: Step, params):
 
 
 def _end_task(e: TaskEnd):
-  """GPM's growth from the raw W's layer inputs; the task subspaces copied into the aux."""
+  """GPM's growth from the raw W's layer inputs; the task subspaces copied into the aux;
+  the next task's trust region."""
   state, aux = _consolidate_gpm(e)
   found = optax.tree.get(state, "trgp_task_basis")
   bases = {k: found[k]["kernel"] for k in aux["bases"]}
-  return state, {**aux, "bases": bases}
+  return state, _select(e, {**aux, "bases": bases})
 
 
 register(
@@ -176,7 +178,6 @@ register(
     "at test)",
     end_task=_end_task,
     init_aux=_init_aux,
-    step=_step,
     loss=_loss,
     own_loss=True,
     eval_view=lambda params, opt_state, aux, d: _effective(params, aux, d),
