@@ -85,9 +85,25 @@ def plasticity_cases(Case, _LAYERS, uniform_like):  # noqa: N803
       models=_MLPS,
     ),
     Case(
+      "continual_backprop_rare",  # the online permuted-MNIST rate: the reset cond not taken
+      "sgd",
+      lambda b: cl_optax.continual_backprop(
+        b, layers=_UNITS, replacement_rate=1e-6, maturity_threshold=100
+      ),
+      extra_args=_hidden_activations,
+      models=_MLPS,
+    ),
+    Case(
       "redo_every_step",  # the worst case: scores and recycles at every update
       "adam",
       lambda b: cl_optax.redo(b, layers=[u[:3] for u in _UNITS], threshold=0.5, every=1),
+      extra_args=_hidden_activations,
+      models=_MLPS,
+    ),
+    Case(
+      "redo_period",  # ReDo's usual period: the steps between recycles
+      "adam",
+      lambda b: cl_optax.redo(b, layers=[u[:3] for u in _UNITS], threshold=0.01, every=1000),
       extra_args=_hidden_activations,
       models=_MLPS,
     ),
