@@ -60,29 +60,41 @@ def regression(res, out):
   return "\n".join(rows)
 
 
-def pmnist(res, out, extra=None):
+def _running_below(acc, level, window=10):
+  """The first task where the mean of the last ``window`` tasks is below ``level`` (or "—")."""
+  if len(acc) < window:
+    return "—"
+  run = np.convolve(acc, np.ones(window) / window, mode="valid")
+  below = np.flatnonzero(run < level)
+  return str(int(below[0]) + window) if below.size else "—"
+
+
+def pmnist(results, out):
+  """Per method: the seed-mean curves; the peak and the decline against the figure."""
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
   rows = [
-    "| method | setting | tasks | task 1 | best | last | dead | eff. rank | mean |w| | samples/s |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| method | setting | seeds | tasks | task 1 | best (task) | tasks 101-120 | last | "
+    "first 10-task mean < 0.88 | dead | eff. rank | mean |w| | samples/s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  allres = dict(res["results"])
-  if extra:
-    allres.update({f"{k} ({len(v['metric'][0])} tasks)": v for k, v in extra["results"].items()})
-  for name, r in allres.items():
+  for name, r in results.items():
     acc = _mean(r, "metric")
     x = np.arange(1, len(acc) + 1)
     for ax, key in zip(axes, ("metric", "dead", "erank", "weight")):
-      ax.plot(x, _mean(r, key), label=name)
+      ax.plot(x, _mean(r, key), label=name, lw=0.9)
     setting = ", ".join(f"{k} {v}" for k, v in r["spec"].items() if k not in ("name", "method"))
     h = {k: _mean(r, k)[-1] for k in ("dead", "erank", "weight")}
+    mid = f"{acc[100:120].mean():.4f}" if len(acc) >= 120 else "—"
+    rate = min(r["samples_per_s"]) if isinstance(r["samples_per_s"], list) else r["samples_per_s"]
     rows.append(
-      f"| {name} | {setting} | {len(acc)} | {acc[0]:.4f} | {acc.max():.4f} | "
-      f"{acc[-1]:.4f} | {h['dead']:.3f} | {h['erank']:.1f} | {h['weight']:.4f} | "
-      f"{r['samples_per_s']:,.0f} |"
+      f"| {name} | {setting} | {len(r['seeds'])} | {len(acc)} | {acc[0]:.4f} | "
+      f"{acc.max():.4f} ({int(acc.argmax()) + 1}) | {mid} | {acc[-1]:.4f} | "
+      f"{_running_below(acc, PMNIST_BP_AT_110)} | {h['dead']:.3f} | {h['erank']:.1f} | "
+      f"{h['weight']:.4f} | {rate:,.0f} |"
     )
   axes[0].axhline(PMNIST_BP_PEAK, ls="--", c="k", lw=0.8, label="BP peak (figure)")
   axes[0].axhline(PMNIST_BP_AT_110, ls=":", c="k", lw=0.8, label="BP < 0.88 by task 110")
+  axes[0].axvline(110, ls=":", c="grey", lw=0.6)
   for ax, t in zip(
     axes, ("online accuracy", "dead units", "effective rank (last hidden)", "mean |w| (kernels)")
   ):
@@ -90,6 +102,25 @@ def pmnist(res, out, extra=None):
   axes[0].legend(fontsize=6)
   fig.savefig(out / "pmnist.png", dpi=110, bbox_inches="tight")
   return "\n".join(rows)
+
+
+def merge_seeds(parts):
+  """The ``results`` of several runs as one dict: a method's seeds from several files
+  concatenated (same number of tasks), its samples/s kept per file."""
+  out = {}
+  for res in parts:
+    for name, v in res["results"].items():
+      v = {**v, "samples_per_s": [v["samples_per_s"]]}
+      if name not in out:
+        out[name] = v
+        continue
+      have = out[name]
+      if len(have["metric"][0]) != len(v["metric"][0]):
+        n, m = len(have["metric"][0]), len(v["metric"][0])
+        raise ValueError(f"{name}: runs of {n} and {m} tasks cannot be merged")
+      for k in ("metric", "dead", "erank", "weight", "seeds", "samples_per_s"):
+        have[k] = have[k] + v[k]
+  return out
 
 
 def chain(res, out):
@@ -113,19 +144,30 @@ def chain(res, out):
   return "\n".join(rows)
 
 
+# the result files, in table order (`RESULTS.md` gives the command of each)
+REGRESSION_FILES = ("regression.json", "regression_30_a.json", "regression_30_redo.json")
+PMNIST_FILES = (
+  "pmnist_bp150.json",
+  "pmnist_bp150_s12.json",
+  "pmnist_cbp100.json",
+  "pmnist_redo50.json",
+  "pmnist_l2_100.json",
+  "pmnist_adam30.json",
+  "pmnist_c.json",
+)
+
+
 def main(argv=None):
   d = pathlib.Path((argv or sys.argv[1:])[0])
   load = lambda n: json.loads((d / n).read_text()) if (d / n).exists() else None  # noqa: E731
   parts = []
-  if r := load("regression.json"):
-    if more := load("regression_b.json"):  # methods run later, with fewer runs
+  if found := [r for n in REGRESSION_FILES if (r := load(n))]:
+    r = found[0]
+    for more in found[1:]:
       r["results"].update(more["results"])
     parts.append("## Slowly-changing regression\n\n" + regression(r, d))
-  if r := load("pmnist.json"):
-    for later in ("pmnist_b.json", "pmnist_c.json"):  # methods run later, on fewer tasks
-      if more := load(later):
-        r["results"].update(more["results"])
-    parts.append("## Online permuted MNIST\n\n" + pmnist(r, d, load("pmnist_bp_long.json")))
+  if found := [r for n in PMNIST_FILES if (r := load(n))]:
+    parts.append("## Online permuted MNIST\n\n" + pmnist(merge_seeds(found), d))
   if r := load("pmnist_speed.json"):
     rows = ["| method | samples/s | × BP |", "|---|---|---|"]
     bp = r["results"]["bp"]["samples_per_s"]
