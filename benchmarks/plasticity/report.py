@@ -149,8 +149,8 @@ REGRESSION_FILES = ("regression.json", "regression_30_a.json", "regression_30_re
 PMNIST_FILES = (
   "pmnist_bp150.json",
   "pmnist_bp150_s12.json",
-  "pmnist_cbp100.json",
-  "pmnist_redo50.json",
+  "pmnist_cbp60.json",
+  "pmnist_redo30.json",
   "pmnist_l2_100.json",
   "pmnist_adam30.json",
   "pmnist_c.json",
