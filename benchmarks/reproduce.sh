@@ -84,6 +84,12 @@ for sc in class task; do
       --methods er,der,derpp,agem,gem
   done
 done
+# DER paper, P-MNIST and R-MNIST (domain-IL, 20 tasks, batch 128, 1 epoch), buffers 200 / 500
+for st in pmnist rmnist; do
+  for b in 200 500; do
+    run der-$st-$b --stream der-$st --hp buffer=$b --methods sgd,er,der,derpp,agem,gem --seeds 3
+  done
+done
 # the replay methods' class-IL fix on van de Ven's split MNIST; LwF there
 run vdv-splitmnist-class-replay --stream split-mnist --scenario class --epochs 1 --methods agem,gem --seeds 1
 run vdv-splitmnist-class-lwf --stream split-mnist --scenario class --methods lwf --seeds 1

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from benchmarks import continual
-from benchmarks.continual import protocols
+from benchmarks.continual import mnist_streams
 from benchmarks.continual.methods import agem_code
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the benchmark runner
@@ -83,8 +83,8 @@ def test_split_mnist_2019_assigns_digits_to_tasks_per_seed(monkeypatch):
   rng = np.random.default_rng(0)
   x = rng.random((200, 4, 4)).astype(np.float32)
   y = np.repeat(np.arange(10), 20)
-  ds = protocols.streams.Dataset(x, y, x, y)
-  monkeypatch.setattr(protocols, "_mnist", lambda path: ds)
+  ds = mnist_streams.streams.Dataset(x, y, x, y)
+  monkeypatch.setattr(mnist_streams, "_mnist", lambda path: ds)
 
   make = continual.PRESETS["split-mnist-2019"].stream
   groups = {s: [tuple(t.classes.tolist()) for t in make(None, "task", s)] for s in range(3)}
@@ -101,12 +101,14 @@ def test_isolation_presets_give_each_permutation_a_head_and_caps_subsample(monke
   rng = np.random.default_rng(0)
   x = rng.random((300, 4, 4)).astype(np.float32)
   y = np.repeat(np.arange(10), 30)
-  monkeypatch.setattr(protocols, "_mnist", lambda path: protocols.streams.Dataset(x, y, x, y))
+  monkeypatch.setattr(
+    mnist_streams, "_mnist", lambda path: mnist_streams.streams.Dataset(x, y, x, y)
+  )
   stream = continual.PRESETS["hat-pmnist"].stream(None, "task", 0)
   assert stream.scenario == "task" and stream.n_outputs == 100 and len(stream) == 10
   np.testing.assert_array_equal(stream.columns, np.arange(100).reshape(10, 10))
   assert continual.PRESETS["wsn-pmnist"].bias is False
-  capped = protocols.cap_stream(stream, 50, 20, seed=1)
+  capped = mnist_streams.cap_stream(stream, 50, 20, seed=1)
   for t in (0, 3):
     xt, yt = capped[t].train()
     full_x, full_y = stream[t].train()
@@ -114,6 +116,35 @@ def test_isolation_presets_give_each_permutation_a_head_and_caps_subsample(monke
       r.tobytes() for r in xt)) == 50  # fmt: skip
     np.testing.assert_array_equal(capped[t].test()[1], stream[t].test()[1][:20])
   assert not np.array_equal(
-    capped[0].train_index, protocols.cap_stream(stream, 50, 20, 2)[0].train_index
+    capped[0].train_index, mnist_streams.cap_stream(stream, 50, 20, 2)[0].train_index
   )
-  assert protocols.cap_stream(stream, None, None, 0) is stream
+  assert mnist_streams.cap_stream(stream, None, None, 0) is stream
+
+
+def test_der_domain_presets_permute_every_task_and_draw_one_angle_per_task(monkeypatch):
+  """der-pmnist: 20 tasks, every one permuted, all training examples; der-rmnist: 20 angles
+  drawn from U(0, 180) with the seed (mammoth's Rotation), the same for the same seed."""
+  rng = np.random.default_rng(0)
+  x = rng.random((60, 4, 4)).astype(np.float32)
+  y = np.repeat(np.arange(10), 6)
+  monkeypatch.setattr(
+    mnist_streams, "_mnist", lambda path: mnist_streams.streams.Dataset(x, y, x, y)
+  )
+  pm = continual.PRESETS["der-pmnist"]
+  assert (pm.batch_size, pm.epochs, pm.hidden, pm.lr["sgd"]) == (128, 1, (100, 100), 0.2)
+  stream = pm.stream(None, "domain", 0)
+  assert len(stream) == 20 and stream.scenario == "domain"
+  for t in (0, 19):
+    xt, yt = stream[t].train()
+    assert len(yt) == 60 and not np.array_equal(xt.reshape(60, -1), x.reshape(60, -1))
+
+  def angles(seed):
+    s = continual.PRESETS["der-rmnist"].stream(None, "domain", seed)
+    return np.array([float(t.name.split()[1]) for t in s.tasks])
+
+  a0 = angles(0)
+  expected = np.random.default_rng(0).uniform(0.0, 180.0, size=20)
+  np.testing.assert_allclose(a0, expected, atol=0.05)  # the names print one decimal
+  assert a0.min() >= 0.0 and a0.max() < 180.0 and np.ptp(a0) > 90.0  # not GEM's ordered bins
+  np.testing.assert_array_equal(a0, angles(0))
+  assert not np.allclose(a0, angles(1))

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 
 import benchmarks.continual.methods  # noqa: F401  registers every method
+from benchmarks.continual.mnist_streams import cap_stream
 from benchmarks.continual.model import INITS
 from benchmarks.continual.nnx_models import MODELS
-from benchmarks.continual.protocols import PRESETS, cap_stream
+from benchmarks.continual.protocols import PRESETS
 from benchmarks.continual.registry import BASES, METHODS
 from benchmarks.continual.report import fmt, results_table, save_plots
 from benchmarks.continual.runner import Config, run_method

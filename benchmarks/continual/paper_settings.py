@@ -38,6 +38,28 @@ _SEQ_MNIST = {
   ("seq-mnist", "si"): {"lr": 0.1, "strength": 2 * 1.0, "xi": 0.9},
 }  # fmt: skip
 
+# DER's P-MNIST and R-MNIST (mammoth utils/best_args.py, 'perm-mnist' / 'rot-mnist'), per
+# buffer size; memory batch 128 throughout. A-GEM and GEM: a ring per task of buffer / 20.
+_DER_DOMAIN = {
+  ("der-pmnist", "er"): {"buffer": 500, "lr": 0.2, "memory_batch": 128},
+  ("der-rmnist", "er"): {"buffer": 500, "lr": 0.2, "memory_batch": 128},
+  ("der-pmnist", "der"): {"buffer": 500, "lr": 0.2, "memory_batch": 128, "alpha": 1.0},
+  ("der-rmnist", "der"): {"buffer": 500, "lr": 0.2, "memory_batch": 128, "by_buffer": {
+    200: {"alpha": 1.0}, 500: {"alpha": 0.5}}},
+  ("der-pmnist", "derpp"): {"buffer": 500, "memory_batch": 128, "alpha": 1.0, "by_buffer": {
+    200: {"lr": 0.1, "beta": 1.0}, 500: {"lr": 0.2, "beta": 0.5}}},
+  ("der-rmnist", "derpp"): {"buffer": 500, "memory_batch": 128, "by_buffer": {
+    200: {"lr": 0.1, "alpha": 1.0, "beta": 0.5}, 500: {"lr": 0.2, "alpha": 0.5, "beta": 1.0}}},
+  ("der-pmnist", "agem"): {"buffer": 500, "lr": 0.1, "memory_batch": 128, "by_buffer": {
+    200: {"memory_per_task": 10}, 500: {"memory_per_task": 25}}},
+  ("der-rmnist", "agem"): {"buffer": 500, "memory_batch": 128, "by_buffer": {
+    200: {"lr": 0.1, "memory_per_task": 10}, 500: {"lr": 0.3, "memory_per_task": 25}}},
+  ("der-pmnist", "gem"): {"buffer": 500, "lr": 0.1, "strength": 0.5, "by_buffer": {
+    200: {"memory_per_task": 10}, 500: {"memory_per_task": 25}}},
+  ("der-rmnist", "gem"): {"buffer": 500, "lr": 0.01, "strength": 0.5, "by_buffer": {
+    200: {"memory_per_task": 10}, 500: {"memory_per_task": 25}}},
+}  # fmt: skip
+
 # The learning rate and hyper-parameters a paper used for a method on a protocol,
 # keyed by (preset, method); a key "preset/scenario" (e.g. "split-mnist/domain")
 # adds to the preset's row for one scenario of a split stream. --lr / --hp win.
@@ -109,6 +131,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
   # Adam-NSCL on the GPM protocol (no paper setting for MNIST): the head projected as GPM's
   ("pmnist-gpm", "nscl"): {"project_head": True},
   **_SEQ_MNIST,
+  **_DER_DOMAIN,
   # van de Ven & Tolias 2019 (split MNIST, Adam): LwF with T = 2, the distillation
   # weighted 1 - 1/t against 1/t for the new loss, times T^2 (same direction under Adam
   # as alpha = T^2 times the number of old tasks)
