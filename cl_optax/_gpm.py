@@ -7,19 +7,11 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from cl_optax import _checks, _debug, _select, _trees
-from cl_optax._gpm_project import append_columns, project_updates
-from cl_optax._gpm_signals import (
-  by_path,
-  checked_threshold,
-  kernel_shapes,
-  layer_inputs,
-  representations_by_path,
-  thresholds_by_path,
-)
+from cl_optax import _checks, _debug, _trees
+from cl_optax._gpm_project import grow_basis, project_updates, projected_buffers
+from cl_optax._gpm_signals import layer_signals
 
 
 class GPMState(NamedTuple):
@@ -61,7 +53,7 @@ class GPMState(NamedTuple):
       _trees.unmasked_leaves(self.feature_count),
       strict=True,
     ):
-      nb, nc = _gpm_grow(b, c, x, thr, strict)
+      nb, nc = grow_basis(b, c, x, thr, strict)
       new_b.append(nb)
       new_c.append(nc)
     return self._replace(
@@ -69,111 +61,6 @@ class GPMState(NamedTuple):
       feature_count=_trees.replace_unmasked(self.feature_count, new_c),
       gpm_tasks=self.gpm_tasks + 1,
     )
-
-
-def layer_signals(basis: Any, params: Any, signals: dict, default_threshold: Any, transform: str):
-  """``[(inputs [n, d_in], threshold)]`` per projected leaf of ``basis`` (its unmasked leaves)."""
-  reps = _checks.require_signal(
-    signals,
-    "representations",
-    transform,
-    "a pytree holding, at the path of each projected kernel leaf, the layer's "
-    "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
-    "cl_optax.conv_representations(x, kernel.shape, ...))",
-  )
-  thresholds = signals.get("threshold")
-  basis_paths = _trees.unmasked_key_strings(basis)
-  unprojected = [p for p in _trees.key_strings(basis) if p not in basis_paths]
-  aliases = dict(zip(_trees.leaf_paths(basis), _trees.key_strings(basis)))
-  rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
-  shapes = kernel_shapes(params)
-  thr = None if thresholds is None else by_path(thresholds, aliases)
-  thr_by_path = thresholds_by_path(thr, basis_paths)
-  out = []
-  for path, b in zip(basis_paths, _trees.unmasked_leaves(basis), strict=True):
-    x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
-    t = checked_threshold(path, thr_by_path.get(path, default_threshold))
-    out.append((x, jnp.asarray(t, jnp.float32)))
-  return out
-
-
-# ------------------------------------------------------------ basis growth
-
-
-@jax.jit
-def _gpm_grow(basis, count, x, threshold, strict=False):
-  """GPM Eq. 8-9: adds the top left singular vectors of the residual activations.
-
-  ``strict``: ``#{k : cum_k < threshold}`` columns (the official code's first task).
-  """
-  d_in = basis.shape[0]
-  idx = jnp.arange(d_in)
-  R = x.T  # [d_in, n], columns are samples (the paper's R_l)
-  M = jnp.where(idx[None, :] < count, basis.astype(jnp.float32), 0.0)
-  total = jnp.sum(R * R)
-  R_hat = R - M @ (M.T @ R)
-  U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
-  safe_total = jnp.where(total > 0, total, 1.0)
-  captured = (total - jnp.sum(R_hat * R_hat)) / safe_total
-  cum = captured + jnp.cumsum(S * S) / safe_total
-  # The smallest r with cum[r - 1] >= threshold (0 when already captured).
-  below = jnp.sum(cum < threshold)
-  r = jnp.where(captured >= threshold, 0, jnp.where(strict, below, below + 1))
-  significant = jnp.sum(S > 1e-6 * jnp.maximum(S[0], 1e-30))
-  r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
-  r = jnp.where(total > 0, r, 0).astype(jnp.int32)
-  return append_columns(basis, count, U, r)
-
-
-# ------------------------------------------------------------------- init
-
-
-def _default_projected(params: optax.Params) -> Any:
-  """The default ``layers``: every non-empty leaf with 2 or more dimensions."""
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
-
-
-class _Buffers(NamedTuple):
-  basis: Any
-  count: Any
-
-
-def _init_buffers(
-  labels: Any, params: optax.Params, dtype: Any, orientation: str | None = None
-) -> tuple[Any, Any]:
-  """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
-
-  def make(path, is_proj, p):
-    if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
-      return _Buffers(optax.MaskedNode(), optax.MaskedNode())
-    shape = jnp.shape(p)
-    if len(shape) < 2:
-      raise ValueError(
-        f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
-      )
-    if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
-      shape = shape[::-1]
-    d_in = int(np.prod(shape[:-1]))
-    return _Buffers(jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32))
-
-  pairs = jax.tree_util.tree_map_with_path(make, labels, params)
-  is_pair = lambda x: isinstance(x, _Buffers)  # noqa: E731  (not any 2-tuple: Equinox's layers)
-  basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
-  count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
-  return basis, count
-
-
-def projected_buffers(layers, params, dtype, orientation, transform):
-  """``(basis, count)`` trees at the kernels ``layers`` selects (``MaskedNode`` elsewhere)."""
-  labels, by_selector = _select.labels(layers, params, _default_projected)
-  if by_selector:  # a layer selector projects the kernels of the layers it selects
-    labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
-    if not any(jax.tree.leaves(labels)):
-      raise ValueError(
-        f"{transform}: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
-        f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
-      )
-  return _init_buffers(labels, params, dtype, orientation)
 
 
 def gpm(

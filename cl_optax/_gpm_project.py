@@ -1,13 +1,15 @@
-"""GPM's basis storage and projection, shared by GPM, SGP, Adam-NSCL and TRGP.
+"""GPM's basis storage and projection, shared by GPM, SGP, Adam-NSCL, TRGP and InfLoRA.
 
-:func:`project_out` at static widths, :func:`append_columns`, and the per-kernel
-update projection (:func:`project_updates`, :func:`project_kernel`).
+:func:`project_out` at static widths, :func:`append_columns`, the per-kernel
+update projection (:func:`project_updates`, :func:`project_kernel`), the basis
+growth (:func:`grow_basis`) and the zero buffers at the projected kernels
+(:func:`projected_buffers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,82 @@ def project_updates(
     return project_leaf(path, b, c, u, orientation)
 
   return jax.tree_util.tree_map_with_path(leaf, basis, count, updates, is_leaf=_trees.is_masked)
+
+
+# ------------------------------------------------------------ basis growth
+
+
+@jax.jit
+def grow_basis(basis, count, x, threshold, strict=False):
+  """GPM Eq. 8-9: adds the top left singular vectors of the residual activations.
+
+  ``strict``: ``#{k : cum_k < threshold}`` columns (the official code's first task).
+  """
+  d_in = basis.shape[0]
+  idx = jnp.arange(d_in)
+  R = x.T  # [d_in, n], columns are samples (the paper's R_l)
+  M = jnp.where(idx[None, :] < count, basis.astype(jnp.float32), 0.0)
+  total = jnp.sum(R * R)
+  R_hat = R - M @ (M.T @ R)
+  U, S, _ = jnp.linalg.svd(R_hat, full_matrices=False)  # U [d_in, m]
+  safe_total = jnp.where(total > 0, total, 1.0)
+  captured = (total - jnp.sum(R_hat * R_hat)) / safe_total
+  cum = captured + jnp.cumsum(S * S) / safe_total
+  # The smallest r with cum[r - 1] >= threshold (0 when already captured).
+  below = jnp.sum(cum < threshold)
+  r = jnp.where(captured >= threshold, 0, jnp.where(strict, below, below + 1))
+  significant = jnp.sum(S > 1e-6 * jnp.maximum(S[0], 1e-30))
+  r = jnp.minimum(jnp.minimum(r, significant), d_in - count)
+  r = jnp.where(total > 0, r, 0).astype(jnp.int32)
+  return append_columns(basis, count, U, r)
+
+
+# ---------------------------------------------------------------- buffers
+
+
+def _default_projected(params: optax.Params) -> Any:
+  """The default ``layers``: every non-empty leaf with 2 or more dimensions."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2 and jnp.size(p) > 0, params)
+
+
+class _Buffers(NamedTuple):
+  basis: Any
+  count: Any
+
+
+def _init_buffers(
+  labels: Any, params: optax.Params, dtype: Any, orientation: str | None = None
+) -> tuple[Any, Any]:
+  """Zero ``[d_in, d_in]`` bases and counts at the projected leaves, ``MaskedNode`` elsewhere."""
+
+  def make(path, is_proj, p):
+    if not is_proj or _trees.is_masked(p):  # not selected, or masked out by optax.masked
+      return _Buffers(optax.MaskedNode(), optax.MaskedNode())
+    shape = jnp.shape(p)
+    if len(shape) < 2:
+      raise ValueError(
+        f"gpm: a projected leaf must have an input and an output axis; got shape {shape}."
+      )
+    if _select.kernel_orientation("gpm", _trees.leaf_path(path), shape, orientation) == "out_in":
+      shape = shape[::-1]
+    d_in = int(np.prod(shape[:-1]))
+    return _Buffers(jnp.zeros((d_in, d_in), dtype), jnp.zeros((), jnp.int32))
+
+  pairs = jax.tree_util.tree_map_with_path(make, labels, params)
+  is_pair = lambda x: isinstance(x, _Buffers)  # noqa: E731  (not any 2-tuple: Equinox's layers)
+  basis = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
+  count = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+  return basis, count
+
+
+def projected_buffers(layers, params, dtype, orientation, transform):
+  """``(basis, count)`` trees at the kernels ``layers`` selects (``MaskedNode`` elsewhere)."""
+  labels, by_selector = _select.labels(layers, params, _default_projected)
+  if by_selector:  # a layer selector projects the kernels of the layers it selects
+    labels = jax.tree.map(lambda m, p: m and jnp.ndim(p) >= 2, labels, params)
+    if not any(jax.tree.leaves(labels)):
+      raise ValueError(
+        f"{transform}: the selector {layers!r} selects no leaf with 2 or more axes; parameter "
+        f"paths: {[p for p, _ in _select.leaves_with_paths(params)][:20]}."
+      )
+  return _init_buffers(labels, params, dtype, orientation)

@@ -1,4 +1,5 @@
-"""GPM's ``consolidate`` signals: ``representations=`` and ``threshold=`` matched to the kernels.
+"""GPM's ``consolidate`` signals: ``representations=`` and ``threshold=`` matched to the kernels
+(:func:`layer_signals`, shared by GPM, SGP, Adam-NSCL and TRGP).
 
 A signal names a projected kernel by the parameter's key string or by its
 ``/``-joined path (:func:`by_path`); a convolution kernel takes only the
@@ -141,3 +142,29 @@ def checked_threshold(path: str, thr: Any) -> Any:
   if _checks.is_concrete(thr) and not 0.0 <= float(thr) <= 1.0:
     raise ValueError(f"gpm: threshold for {path} is {float(thr)}; expected a value in [0, 1].")
   return thr
+
+
+def layer_signals(basis: Any, params: Any, signals: dict, default_threshold: Any, transform: str):
+  """``[(inputs [n, d_in], threshold)]`` per projected leaf of ``basis`` (its unmasked leaves)."""
+  reps = _checks.require_signal(
+    signals,
+    "representations",
+    transform,
+    "a pytree holding, at the path of each projected kernel leaf, the layer's "
+    "input activations [n, d_in] at n samples of the task (for a convolution kernel, "
+    "cl_optax.conv_representations(x, kernel.shape, ...))",
+  )
+  thresholds = signals.get("threshold")
+  basis_paths = _trees.unmasked_key_strings(basis)
+  unprojected = [p for p in _trees.key_strings(basis) if p not in basis_paths]
+  aliases = dict(zip(_trees.leaf_paths(basis), _trees.key_strings(basis)))
+  rep_by_path = representations_by_path(by_path(reps, aliases), basis_paths, unprojected)
+  shapes = kernel_shapes(params)
+  thr = None if thresholds is None else by_path(thresholds, aliases)
+  thr_by_path = thresholds_by_path(thr, basis_paths)
+  out = []
+  for path, b in zip(basis_paths, _trees.unmasked_leaves(basis), strict=True):
+    x = layer_inputs(path, rep_by_path[path], b.shape[0], shapes.get(path))
+    t = checked_threshold(path, thr_by_path.get(path, default_threshold))
+    out.append((x, jnp.asarray(t, jnp.float32)))
+  return out

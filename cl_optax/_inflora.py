@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _debug, _lora_slots, _trees, _writes
-from cl_optax._gpm import _gpm_grow
+from cl_optax._gpm_project import grow_basis
 
 
 class InfLoRAState(NamedTuple):
@@ -59,7 +59,7 @@ class InfLoRAState(NamedTuple):
     for br in branches:
       b, c = basis[br.path], count[br.path]
       if cov is not None:
-        nb, nc = _gpm_grow(b, c, _root(cov[br.path]), eps)
+        nb, nc = grow_basis(b, c, _root(cov[br.path]), eps)
         b, c = jnp.where(done, nb, b), jnp.where(done, nc, c)
       basis[br.path], count[br.path] = b, c
       new_a.append(_design(b, c, nxt[br.path], rank=int(jnp.shape(leaves[br.a])[1])))

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import layer_signals, projected_buffers
-from cl_optax._gpm_project import freeze_leaf, project_kernel, project_out
+from cl_optax._gpm_project import freeze_leaf, project_kernel, project_out, projected_buffers
+from cl_optax._gpm_signals import layer_signals
 
 
 class NSCLState(NamedTuple):

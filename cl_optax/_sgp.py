@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import _gpm_grow, layer_signals, projected_buffers
-from cl_optax._gpm_project import freeze_leaf, project_leaf
+from cl_optax._gpm_project import freeze_leaf, grow_basis, project_leaf, projected_buffers
+from cl_optax._gpm_signals import layer_signals
 
 
 class SGPState(NamedTuple):
@@ -61,7 +61,7 @@ class SGPState(NamedTuple):
 @jax.jit
 def _sgp_grow(basis, count, lam, x, threshold, alpha, first):
   """GPM growth (first task ``#{cum < eps}``) and SGP's importances of old and new columns."""
-  new_basis, new_count = _gpm_grow(basis, count, x, threshold, first)
+  new_basis, new_count = grow_basis(basis, count, x, threshold, first)
   d_in = basis.shape[0]
   idx = jnp.arange(d_in)
   R = x.T.astype(jnp.float32)

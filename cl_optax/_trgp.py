@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from cl_optax import _checks, _debug, _trees
-from cl_optax._gpm import layer_signals, projected_buffers
-from cl_optax._gpm_project import append_columns, project_updates
+from cl_optax._gpm_project import append_columns, project_updates, projected_buffers
+from cl_optax._gpm_signals import layer_signals
 from cl_optax._trgp_parts import TRGPView, trgp_trust_region
 
 
