@@ -9,13 +9,13 @@ holds no all-gather. Writes the 4x2 losses to ``argv[1]`` (JSON) for the
 two-process comparison.
 """
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
+import json
+import pathlib
+import sys
 
-import host_devices  # noqa: E402, F401  (sets XLA_FLAGS before jax is imported)
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+import jax
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "examples"))
 import sharded_training as example  # noqa: E402
