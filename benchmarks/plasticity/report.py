@@ -155,6 +155,7 @@ PMNIST_FILES = (
   "pmnist_redo30.json",
   "pmnist_l2_100.json",
   "pmnist_adam30.json",
+  "pmnist_snp5.json",
   "pmnist_c.json",
 )
 
