@@ -153,3 +153,13 @@ run pmnist-5x10k-si-note --stream pmnist-5x10k --methods si --hp strength=0.13 -
 run iso-splitmnist-task --stream split-mnist --scenario task --methods adam,hat,packnet,wsn --seeds 3
 run iso-wsn-pmnist-capped --stream wsn-pmnist --methods adam,hat,packnet,wsn --seeds 3 --n-train 5400 --n-test 2000
 run iso-hat-pmnist-capped --stream hat-pmnist --methods sgd,hat,packnet,wsn --seeds 1 --n-train 6000 --n-test 2000 --epochs 1 --hp retrain_epochs=1
+run iso-wsn-pmnist-others --stream wsn-pmnist --methods freeze,soft_mask,gpm,ewc --seeds 3 --n-train 5400 --n-test 2000
+run iso-splitdigits-task --stream split-digits --scenario task --methods adam,hat,packnet,wsn --seeds 3
+# the projection family on GPM's protocol (issue 25): the official rank rule, SGP, Adam-NSCL, TRGP,
+# EWC, SGD and RWalk; RWalk's two forms on the A-GEM protocol
+run gpm-pmnist-gpm-official --stream pmnist-gpm --methods gpm_official,sgp --seeds 3
+run gpm-pmnist-nscl-trgp --stream pmnist-gpm --methods nscl,trgp --seeds 3
+run gpm-pmnist-ewc-sgd --stream pmnist-gpm --methods ewc,sgd --seeds 3
+run gpm-pmnist-rwalk --stream pmnist-gpm --methods rwalk --seeds 1
+run agem-pmnist-rwalk --stream pmnist-agem --methods rwalk --seeds 3 --init agem
+run agem-pmnist-rwalk-official --stream pmnist-agem --methods rwalk_official --seeds 3 --init agem
