@@ -122,6 +122,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
   ("split-digits", "ogd"): {"samples": 50, "max_directions": 200},
   ("pmnist-agem-1k", "ogd"): {"samples": 200, "max_directions": 16 * 200},
   **_rows(_GEM_MNIST, ["ogd"], {"samples": 200, "max_directions": 19 * 200}),
+  ("pmnist-gpm", "ogd"): {"samples": 200, "max_directions": 9 * 200},
   # GPM (Saha et al. 2021), single-head permuted streams: its PMNIST thresholds, head projected
   **_rows(
     ["pmnist-gpm", *_AGEM_PMNIST, *_GEM_MNIST],
