@@ -83,6 +83,14 @@ def xder_logit_update(
   return out.astype(stored.dtype)
 
 
+def _mean_where(v: jax.Array, count: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """The mean of ``v`` over the rows where ``count`` holds and the weight is not 0 (0 if none)."""
+  if weights is not None:
+    count = count & (jnp.asarray(weights) != 0)
+  n = jnp.sum(count)
+  return jnp.where(n > 0, jnp.sum(jnp.where(count, v, 0.0)) / jnp.maximum(n, 1), 0.0)
+
+
 def xder_future_constraint(
   logits: jax.Array,
   own_mask: jax.Array,
@@ -116,11 +124,7 @@ def xder_future_constraint(
   own = jnp.broadcast_to(jnp.asarray(own_mask, jnp.bool_), z.shape)
   fut = jnp.max(jnp.where(jnp.asarray(future_mask, jnp.bool_), z, -jnp.inf), axis=-1)
   v = fut + margin - jnp.max(jnp.where(own, z, -jnp.inf), axis=-1)
-  count = v > 0
-  if weights is not None:
-    count = count & (jnp.asarray(weights) != 0)
-  n = jnp.sum(count)
-  return jnp.where(n > 0, jnp.sum(jnp.where(count, v, 0.0)) / jnp.maximum(n, 1), 0.0)
+  return _mean_where(v, v > 0, weights)
 
 
 def xder_consistency(
@@ -271,8 +275,4 @@ def xder_past_constraint(
   p = jax.nn.softmax(jnp.where(past | cur, z, -jnp.inf), axis=-1)
   bad = jax.lax.stop_gradient(jnp.max(jnp.where(past, p, 0.0), axis=-1))
   v = bad + margin - jnp.max(jnp.where(cur, p, 0.0), axis=-1)
-  count = (v > 0) & jnp.any(past)
-  if weights is not None:
-    count = count & (jnp.asarray(weights) != 0)
-  n = jnp.sum(count)
-  return jnp.where(n > 0, jnp.sum(jnp.where(count, v, 0.0)) / jnp.maximum(n, 1), 0.0)
+  return _mean_where(v, (v > 0) & jnp.any(past), weights)
