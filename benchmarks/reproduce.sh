@@ -90,6 +90,24 @@ for st in pmnist rmnist; do
     run der-$st-$b --stream der-$st --hp buffer=$b --methods sgd,er,der,derpp,agem,gem --seeds 3
   done
 done
+# class-incremental replay (issue 24): seq-MNIST and seq-Fashion-MNIST, 3 seeds, buffers 500 / 200
+for data in mnist fashion; do
+  d=(); [ $data = fashion ] && d=(--data "$FASHION")
+  for b in 500 200; do
+    run classil-seq$data-$b --stream seq-mnist --hp buffer=$b "${d[@]}" --seeds 3 \
+      --methods er,er_ace,der,derpp,xder,gem,agem,icarl,gdumb,bic,wa
+  done
+done
+for b in 500 200; do  # WA with PyCIL's CE + 2 KD
+  run classil-seqmnist-wa-kd2-$b --stream seq-mnist --methods wa --hp buffer=$b --hp kd=2 --seeds 3
+done
+# GDumb against its official README: the runner's MLP (bn=0), then the official BatchNorm net (bn=1)
+for bn in 0 1; do
+  run gdumb-mlp100-m300-bn$bn --stream gdumb-mnist --methods gdumb --seeds 3 --hp buffer=300 --hp bn=$bn
+  run gdumb-mlp100-m500-bn$bn --stream gdumb-mnist --methods gdumb --seeds 3 --hp buffer=500 --hp bn=$bn
+  run gdumb-mlp400-m500-bn$bn --stream gdumb-mnist-400 --methods gdumb --seeds 3 --hp buffer=500 --hp bn=$bn
+  run gdumb-mlp400-m4400-bn$bn --stream gdumb-mnist-400 --methods gdumb --seeds 3 --hp buffer=4400 --hp bn=$bn
+done
 # the replay methods' class-IL fix on van de Ven's split MNIST; LwF there
 run vdv-splitmnist-class-replay --stream split-mnist --scenario class --epochs 1 --methods agem,gem --seeds 1
 run vdv-splitmnist-class-lwf --stream split-mnist --scenario class --methods lwf --seeds 1
@@ -152,7 +170,7 @@ run pmnist-5x10k-si-note --stream pmnist-5x10k --methods si --hp strength=0.13 -
 # parameter isolation (issue 23), task-IL: split MNIST, then the two permuted-MNIST presets capped for a CPU
 run iso-splitmnist-task --stream split-mnist --scenario task --methods adam,hat,packnet,wsn --seeds 3
 run iso-wsn-pmnist-capped --stream wsn-pmnist --methods adam,hat,packnet,wsn --seeds 3 --n-train 5400 --n-test 2000
-run iso-hat-pmnist-capped --stream hat-pmnist --methods sgd,hat,packnet,wsn --seeds 1 --n-train 6000 --n-test 2000 --epochs 1 --hp retrain_epochs=1
+run iso-hat-pmnist-20k --stream hat-pmnist --methods hat,packnet,wsn,freeze,soft_mask,gpm,ewc,sgd --seeds 3 --n-train 20000 --n-test 2000 --epochs 1 --hp retrain_epochs=1
 run iso-wsn-pmnist-others --stream wsn-pmnist --methods freeze,soft_mask,gpm,ewc --seeds 3 --n-train 5400 --n-test 2000
 run iso-splitdigits-task --stream split-digits --scenario task --methods adam,hat,packnet,wsn --seeds 3
 # the projection family on GPM's protocol (issue 25): the official rank rule, SGP, Adam-NSCL, TRGP,
