@@ -14,8 +14,10 @@
   crops with 4-pixel padding. By default the network is the runner's MLP (biases,
   no BatchNorm); ``bn=1`` trains the official ``FCBlock`` net (Linear without
   bias + BatchNorm1d, ReLU but after the last) and folds its eval-mode BatchNorm
-  into the runner's MLP for evaluation. The reported number is the final pass's
-  accuracy (the official code keeps the best test accuracy over the passes).
+  into the runner's MLP for evaluation; ``half=1`` stores the weights and the
+  momentum in float16 (the official ``model.half()``, no float32 master copy).
+  The reported number is the final pass's accuracy (the official code keeps the
+  best test accuracy over the passes).
 """
 
 from typing import Any, NamedTuple
@@ -166,6 +168,8 @@ def _fit(params, memory, key, hp, net):
   tx = optax.chain(optax.clip_by_global_norm(10.0), optax.add_decayed_weights(1e-6),
                    optax.trace(decay=0.9))  # fmt: skip
   trainable, stats = net.init(params)
+  # half=1: weights and momentum stored in float16, as the official `model.half()` with torch's SGD
+  trainable = jax.tree.map(lambda v: v.astype(jnp.float16 if hp["half"] else v.dtype), trainable)
 
   def epoch(carry, e):
     p, st, stats, k = carry
@@ -192,7 +196,7 @@ def _fit(params, memory, key, hp, net):
 
   init = (trainable, tx.init(trainable), stats, key)
   (trainable, _, stats, _), _ = jax.lax.scan(epoch, init, jnp.arange(int(hp["passes"])))
-  return net.fold(trainable, stats)
+  return net.fold(jax.tree.map(lambda v: v.astype(jnp.float32), trainable), stats)
 
 
 _FITS: dict = {}
@@ -228,6 +232,7 @@ register(
       "minlr": 5e-4,
       "crop": 4,
       "bn": 0,
+      "half": 0,
     },  # fmt: skip
   )
 )
