@@ -90,6 +90,8 @@ for st in pmnist rmnist; do
     run der-$st-$b --stream der-$st --hp buffer=$b --methods sgd,er,der,derpp,agem,gem --seeds 3
   done
 done
+# R-MNIST A-GEM and GEM at buffer 200: seeds 3-4 (their 3-seed means sat 4-5 points below the recollection)
+run der-rmnist-200-seeds34 --stream der-rmnist --hp buffer=200 --methods agem,gem --seeds 2 --seed0 3
 # class-incremental replay (issue 24): seq-MNIST and seq-Fashion-MNIST, 3 seeds, buffers 500 / 200
 for data in mnist fashion; do
   d=(); [ $data = fashion ] && d=(--data "$FASHION")
@@ -179,5 +181,6 @@ run gpm-pmnist-gpm-official --stream pmnist-gpm --methods gpm_official,sgp --see
 run gpm-pmnist-nscl-trgp --stream pmnist-gpm --methods nscl,trgp --seeds 3
 run gpm-pmnist-ewc-sgd --stream pmnist-gpm --methods ewc,sgd --seeds 3
 run gpm-pmnist-rwalk --stream pmnist-gpm --methods rwalk --seeds 1
+run gpm-pmnist-rwalk-seed12 --stream pmnist-gpm --methods rwalk --seeds 2 --seed0 1
 run agem-pmnist-rwalk --stream pmnist-agem --methods rwalk --seeds 3 --init agem
 run agem-pmnist-rwalk-official --stream pmnist-agem --methods rwalk_official --seeds 3 --init agem
