@@ -18,8 +18,10 @@ class OGDState(NamedTuple):
   """State of :func:`ogd`.
 
   Attributes:
-    basis: orthonormal directions, a pytree like params whose leaves have a
-      leading axis of size ``max_directions`` (rows past ``basis_count`` are 0).
+    basis: orthonormal directions in blocks: a tuple of pytrees like params
+      whose leaves have a leading axis of ``block_size`` rows (the last block
+      holds the remainder of ``max_directions``); rows past ``basis_count`` are
+      0. :meth:`stacked_basis` gives them as one ``[max_directions, ...]`` tree.
     basis_count: number of directions stored (int32).
     basis_dropped: independent directions that did not fit in the buffer
       (int32; only a ``consolidate`` traced under ``jit`` can leave it > 0,
@@ -38,19 +40,26 @@ class OGDState(NamedTuple):
   basis_dropped: jax.Array  # shape=(), int32
   ogd_rtol: jax.Array  # shape=(), float32
 
+  def stacked_basis(self) -> Any:
+    """The basis as one pytree like params with leaves ``[max_directions, *shape]``."""
+    if len(self.basis) == 1:
+      return self.basis[0]
+    return _trees.map_unmasked(lambda *blocks: jnp.concatenate(blocks), *self.basis)
+
   def consolidate(self, params: optax.Params, **signals: Any) -> OGDState:
     """Adds the task's ``output_grads`` to the basis (Gram-Schmidt, twice)."""
     del params
     grads = _checks.validated_signal(
       signals,
       "output_grads",
-      self.basis,
+      self.basis[0],
       transform="ogd",
       rows=True,
       what="a pytree like params whose leaves have a leading axis of size n: the gradients "
       "of the model outputs at n stored samples, e.g. from cl_optax.importance.output_gradients",
     )
-    b_leaves = _trees.unmasked_leaves(self.basis)
+    stacked = self.stacked_basis()
+    b_leaves = _trees.unmasked_leaves(stacked)
     g_leaves = _trees.unmasked_leaves(grads)
     if not b_leaves:
       return self
@@ -66,12 +75,51 @@ class OGDState(NamedTuple):
         "independent ones than fit. Raise max_directions, or pass fewer output "
         "gradients per task."
       )
-    basis = _trees.replace_unmasked(self.basis, basis)
-    return self._replace(basis=basis, basis_count=count, basis_dropped=dropped)
+    blocks, start = [], 0
+    for block in self.basis:
+      rows = int(np.shape(_trees.unmasked_leaves(block)[0])[0])
+      blocks.append(_trees.replace_unmasked(block, [b[start : start + rows] for b in basis]))
+      start += rows
+    return self._replace(basis=tuple(blocks), basis_count=count, basis_dropped=dropped)
+
+
+def _block_rows(max_directions: int, block_size: int) -> tuple[int, ...]:
+  """Rows per block: ``block_size`` each, the last one the remainder."""
+  full, rest = divmod(int(max_directions), int(block_size))
+  return (int(block_size),) * full + ((rest,) if rest else ())
+
+
+def _project(
+  leaves: list[jax.Array], blocks: list[list[jax.Array]], starts: list[int], count: jax.Array
+) -> list[jax.Array]:
+  """``g - Bᵀ(B g)`` over the filled blocks; ``g`` unchanged if a dot product is not finite.
+
+  One ``lax.cond`` per block for each product: the blocks past ``count`` are
+  never read.
+  """
+  u = [x.astype(jnp.float32) for x in leaves]
+
+  def dots(rows):
+    return sum(contract(b.astype(jnp.float32), x, x.ndim) for b, x in zip(rows, u))
+
+  def subtract(acc, rows, c):
+    return [a - jnp.tensordot(c, b.astype(jnp.float32), axes=1) for a, b in zip(acc, rows)]
+
+  coef = [
+    jax.lax.cond(
+      start < count, dots, lambda rows: jnp.zeros((rows[0].shape[0],), jnp.float32), rows
+    )
+    for rows, start in zip(blocks, starts)
+  ]
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in coef]))
+  new = u
+  for rows, start, c in zip(blocks, starts, coef):
+    new = jax.lax.cond(start < count, subtract, lambda acc, rows, c: acc, new, rows, c)
+  return [jnp.where(ok, y.astype(x.dtype), x) for y, x in zip(new, leaves)]
 
 
 def ogd(
-  max_directions: int, *, rtol: float = 1e-4, basis_dtype: Any = None
+  max_directions: int, *, rtol: float = 1e-4, basis_dtype: Any = None, block_size: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""OGD: orthogonal gradient descent (Farajtabar et al., 2020).
 
@@ -88,17 +136,24 @@ def ogd(
   default is the ground-truth logit) adds them one by one by Gram-Schmidt
   with re-orthogonalisation, skipping the ones already in the span.
 
-  The buffer has a fixed capacity ``max_directions`` (state leaves
-  ``[max_directions, *leaf.shape]``, so memory is ``max_directions`` times the
-  model). A consolidate whose new independent directions do not fit raises a
-  ``ValueError`` (nothing is truncated silently); traced under ``jit`` it cannot
-  raise, and it counts the directions left out in ``basis_dropped`` instead.
+  The buffer has a fixed capacity ``max_directions`` (memory is
+  ``max_directions`` times the model), stored in blocks of ``block_size``
+  rows: ``update`` reads only the blocks that hold directions (a ``lax.cond``
+  per block), so a step costs in proportion to the directions stored, not to
+  the capacity. A consolidate whose new independent directions do not fit
+  raises a ``ValueError`` (nothing is truncated silently); traced under ``jit``
+  it cannot raise, and it counts the directions left out in ``basis_dropped``
+  instead.
 
   Args:
     max_directions: capacity of the basis (static; under
       ``optax.inject_hyperparams`` list it in ``static_args``).
     rtol: relative residual norm under which a candidate counts as dependent.
     basis_dtype: storage dtype of the basis (float32 when ``None``).
+    block_size: rows per block of the basis (static: under
+      ``optax.inject_hyperparams`` list it in ``static_args``); a block is read
+      only once it holds a direction. ``None`` is 200, the paper's number of
+      stored gradients per task.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -123,15 +178,22 @@ def ogd(
     max_directions, transform="ogd", name="max_directions", low=1.0, integer=True
   )
   _checks.check_hyperparameter(rtol, transform="ogd", name="rtol", low=0.0)
+  block_size = 200 if block_size is None else block_size
+  _checks.check_hyperparameter(
+    block_size, transform="ogd", name="block_size", low=1.0, integer=True
+  )
+  sizes = _block_rows(max_directions, block_size)
+  starts = np.cumsum((0, *sizes[:-1])).tolist()
 
   def init_fn(params: optax.Params) -> OGDState:
-    def rows(p):  # broadcast from zeros_like: the rows are sharded like the leaf
-      return jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (int(max_directions), *jnp.shape(p)))
+    def block(n):  # broadcast from zeros_like: the rows are sharded like the leaf
+      return jax.tree.map(
+        lambda p: jnp.broadcast_to(jnp.zeros_like(p, dtype)[None], (n, *jnp.shape(p))), params
+      )
 
-    basis = jax.tree.map(rows, params)
     zero = jnp.zeros((), jnp.int32)
     return OGDState(
-      basis, zero, jnp.zeros_like(zero), jnp.asarray(rtol, jnp.float32)
+      tuple(block(n) for n in sizes), zero, jnp.zeros_like(zero), jnp.asarray(rtol, jnp.float32)
     )  # own buffers
 
   def update_fn(
@@ -143,25 +205,21 @@ def ogd(
     _debug.check_extra_args("ogd", extra_args)
     del params, extra_args
     state = cast(OGDState, state)
-    pairs = _checks.matching_leaves(
-      updates, state.basis, transform="ogd", name="basis", lead=(int(max_directions),)
-    )
+    if not isinstance(state.basis, (tuple, list)) or len(state.basis) != len(sizes):
+      raise ValueError(
+        f"ogd: `basis` must be a tuple of {len(sizes)} blocks (max_directions="
+        f"{max_directions}, block_size={block_size}); got {type(state.basis).__name__}."
+      )
+    pairs = [
+      _checks.matching_leaves(updates, blk, transform="ogd", name="basis", lead=(n,))
+      for blk, n in zip(state.basis, sizes)
+    ]
     state = state._replace(ogd_rtol=jnp.asarray(rtol, jnp.float32))
-    if not pairs:
+    if not pairs[0]:
       return updates, state
-    coef = sum(
-      contract(b.astype(jnp.float32), u.astype(jnp.float32), u.ndim) for u, b in pairs
-    )  # [K]
-    ok = jnp.all(jnp.isfinite(coef))
-
-    # Every row, filled or not: on CPU a matvec over the whole buffer is as fast as
-    # reading a sliced prefix (XLA copies the slice before the dot).
-    def leaf(u, b):
-      new = u.astype(jnp.float32) - jnp.tensordot(coef, b.astype(jnp.float32), axes=1)
-      return jnp.where(ok, new.astype(u.dtype), u)
-
-    return _trees.map_unmasked(
-      leaf, updates, _trees.restrict_to_updates(updates, state.basis)
-    ), state
+    leaves = [x for x, _ in pairs[0]]
+    blocks = [[b for _, b in block] for block in pairs]
+    out = _project(leaves, blocks, starts, state.basis_count)
+    return _trees.replace_unmasked(updates, out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

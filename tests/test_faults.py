@@ -199,6 +199,7 @@ FAULTS = [
   raises("gem(max_tasks=0)", lambda: cl_optax.gem(max_tasks=0), r"max_tasks"),
   raises("ogd(0)", lambda: cl_optax.ogd(0), r"max_directions.*0"),
   raises("ogd(rtol=-1)", lambda: cl_optax.ogd(4, rtol=-1.0), r"rtol"),
+  raises("ogd(block_size=0)", lambda: cl_optax.ogd(4, block_size=0), r"block_size.*0"),
   raises("gpm(threshold=1.5)", lambda: cl_optax.gpm(1.5), r"threshold.*1.5"),
   raises("sgp(alpha=0)", lambda: cl_optax.sgp(alpha=0.0), r"sgp: .*alpha"),
   raises("sgp(threshold=-1)", lambda: cl_optax.sgp(-1.0), r"sgp: .*threshold"),

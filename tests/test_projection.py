@@ -287,7 +287,8 @@ def test_gem_bad_inputs():
 
 def _basis_rows(state):
   n = int(state.basis_count)
-  return np.stack([_flat(jax.tree.map(lambda b: b[i], state.basis)) for i in range(n)])
+  basis = state.stacked_basis()
+  return np.stack([_flat(jax.tree.map(lambda b: b[i], basis)) for i in range(n)])
 
 
 def test_ogd_orthonormal_basis_and_orthogonal_updates():
@@ -340,6 +341,29 @@ def test_ogd_basis_spans_every_stored_gradient_across_chunks():
     Q = np.linalg.svd(stored, full_matrices=False)[2][:rank]  # the same span, float64
     want = _flat(g) - Q.T @ (Q @ _flat(g))
     np.testing.assert_allclose(_flat(update(g, state, like)[0]), want, atol=5e-5, err_msg=task)
+
+
+def test_ogd_blocks_span_the_directions_across_block_edges():
+  """Blocks of 3, 3 and 1 rows: directions filling across block edges project as one basis."""
+  tx = cl_optax.ogd(7, block_size=3)
+  update = jax.jit(lambda g, s: tx.update(g, s, PARAMS)[0])
+  state = tx.init(PARAMS)
+  assert [jax.tree.leaves(b)[0].shape[0] for b in state.basis] == [3, 3, 1]
+  g = _tree(11, PARAMS)
+  np.testing.assert_array_equal(_flat(update(g, state)), _flat(g))  # nothing stored yet
+  stored = np.zeros((0, _flat(g).size))
+  for task, n in enumerate((2, 3, 2)):  # counts 2, 5, 7: the edges at 3 and 6 crossed
+    cand = _tree(40 + task, PARAMS, lead=(n,))
+    state = cl_optax.consolidate(state, PARAMS, output_grads=cand)
+    stored = np.vstack([stored, [_flat(jax.tree.map(lambda c: c[i], cand)) for i in range(n)]])
+    assert int(state.basis_count) == len(stored)
+    B = _basis_rows(state)
+    np.testing.assert_allclose(B @ B.T, np.eye(len(B)), atol=1e-5)
+    Q = np.linalg.svd(stored, full_matrices=False)[2]  # the same span, float64
+    want = _flat(g) - Q.T @ (Q @ _flat(g))
+    np.testing.assert_allclose(_flat(update(g, state)), want, atol=1e-5, err_msg=str(task))
+  with pytest.raises(ValueError, match=r"ogd: `basis` must be a tuple of 3 blocks"):
+    tx.update(g, state._replace(basis=state.stacked_basis()), PARAMS)
 
 
 def test_ogd_full_buffer_is_reported():

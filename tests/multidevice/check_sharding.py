@@ -120,7 +120,8 @@ def check_projection(mesh, params, specs, shapes):
     if name == "ogd":  # the basis rows are sharded like the leaf, before and after consolidate
       for k in shapes:
         want = NamedSharding(mesh, P(None, *specs[k]))
-        assert state[0].basis[k].sharding.is_equivalent_to(want, 1 + len(shapes[k])), k
+        for block in state[0].basis:
+          assert block[k].sharding.is_equivalent_to(want, 1 + len(shapes[k])), k
     _check_update(name, tx, state, params, shapes, extra)
 
 

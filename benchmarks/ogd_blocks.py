@@ -1,0 +1,84 @@
+"""OGD's step against the directions it stores: blocked basis against one block.
+
+``cl_optax.ogd`` keeps its basis in blocks of ``block_size`` rows and reads a
+block only once it holds a direction. This times ``update`` (updates out, the
+state not copied) at several fills of one capacity, for the default blocks and
+for one block of the whole capacity (every row read at every fill), on the
+``pmnist-gpm`` MLP (784-100-100-10 without biases, 89 400 parameters; the
+capacity is that protocol's 1800 directions, 0.64 GB in float32). The floor is
+the filled rows read twice (``c = B g``, then ``g - Bᵀ c``) at the bandwidth of
+a jitted ``jnp.sum`` over the whole buffer, measured in the same run.
+
+  python -m benchmarks.ogd_blocks --fills 0,200,900,1800 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cl_optax
+
+SHAPES = {"layer0": (784, 100), "layer1": (100, 100), "head": (100, 10)}
+
+
+def best_ms(fn, *args, repeats: int) -> float:
+  """The fastest of ``repeats`` calls after a warm-up, in milliseconds."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * min(times)
+
+
+def filled(state, count: int, seed: int = 0):
+  """``state`` with random rows in every block and ``basis_count = count``."""
+  rng = np.random.default_rng(seed)
+
+  def rows(x):
+    return jnp.asarray(rng.standard_normal(x.shape, np.float32) * 1e-3)
+
+  basis = tuple(jax.tree.map(rows, block) for block in state.basis)
+  return state._replace(basis=basis, basis_count=jnp.asarray(count, jnp.int32))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--capacity", type=int, default=1800)
+  parser.add_argument("--fills", default="0,200,900,1800")
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args()
+  fills = [int(f) for f in args.fills.split(",")]
+  params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+  grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+  row_bytes = 4 * sum(int(np.prod(s)) for s in SHAPES.values())
+  whole = jnp.ones((args.capacity, row_bytes // 4), jnp.float32)
+  read_s = best_ms(jax.jit(jnp.sum), whole, repeats=args.repeats) / 1e3
+  bandwidth = whole.nbytes / read_s
+  del whole
+  platform = jax.devices()[0].platform
+  print(f"JAX {jax.__version__} on {platform}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+  print("| fill | blocks of 200: ms | one block: ms | floor: ms | blocks / floor |")
+  print("|---|---|---|---|---|")
+  for count in fills:
+    times = []
+    for block_size in (None, args.capacity):
+      tx = cl_optax.ogd(args.capacity, block_size=block_size)
+      state = filled(tx.init(params), count)
+      times.append(
+        best_ms(jax.jit(lambda g, s, tx=tx: tx.update(g, s)[0]), grads, state, repeats=args.repeats)
+      )
+      del state
+    floor = 1e3 * 2 * count * row_bytes / bandwidth
+    ratio = f"{times[0] / floor:.2f}" if floor else "—"
+    print(f"| {count} | {times[0]:.1f} | {times[1]:.1f} | {floor:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+  main()
