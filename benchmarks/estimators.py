@@ -39,7 +39,7 @@ from benchmarks import lm
 from benchmarks.lm_model import ByteLM
 
 
-def _timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> float:
   """Min over ``repeats`` timed calls of ``fn`` after one compiling call."""
   jax.block_until_ready(fn())
   best = float("inf")
@@ -172,14 +172,14 @@ def main():
   print(f"{args.model}: {n / 1e6:.2f} M parameters, {args.sequences} sequences x {length} bytes, "
         f"batch {args.batch}; JAX {jax.__version__} on {jax.devices()[0].platform} "
         f"({platform.processor() or platform.machine()})", flush=True)  # fmt: skip
-  epoch = _timed(epoch_thunk(args.model, params, data, args.batch), args.repeats)
+  epoch = timed(epoch_thunk(args.model, params, data, args.batch), args.repeats)
   print(f"  one training epoch (Adam): {epoch:.2f} s", flush=True)
   rows = [{"estimator": "epoch", "seconds": epoch, "ratio": 1.0}]
   only = [o for o in args.only.split(",") if o]
   for label, thunk in estimators(args.model, params, merge, data, args.batch, args.task).items():
     if only and not any(label.startswith(o) for o in only):
       continue
-    t = _timed(thunk, args.repeats)
+    t = timed(thunk, args.repeats)
     rows.append({"estimator": label, "seconds": t, "ratio": t / epoch})
     print(f"  {label:32s} {t:8.2f} s  {t / epoch:5.2f}x epoch", flush=True)
   if args.json:

@@ -15,26 +15,16 @@ a jitted ``jnp.sum`` over the whole buffer, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import cl_optax
+from benchmarks.estimators import timed
 
 SHAPES = {"layer0": (784, 100), "layer1": (100, 100), "head": (100, 10)}
-
-
-def best_ms(fn, *args, repeats: int) -> float:
-  """The fastest of ``repeats`` calls after a warm-up, in milliseconds."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
 
 
 def filled(state, count: int, seed: int = 0):
@@ -59,7 +49,7 @@ def main() -> None:
   grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
   row_bytes = 4 * sum(int(np.prod(s)) for s in SHAPES.values())
   whole = jnp.ones((args.capacity, row_bytes // 4), jnp.float32)
-  read_s = best_ms(jax.jit(jnp.sum), whole, repeats=args.repeats) / 1e3
+  read_s = timed(functools.partial(jax.jit(jnp.sum), whole), args.repeats)
   bandwidth = whole.nbytes / read_s
   del whole
   platform = jax.devices()[0].platform
@@ -71,9 +61,8 @@ def main() -> None:
     for block_size in (None, args.capacity):
       tx = cl_optax.ogd(args.capacity, block_size=block_size)
       state = filled(tx.init(params), count)
-      times.append(
-        best_ms(jax.jit(lambda g, s, tx=tx: tx.update(g, s)[0]), grads, state, repeats=args.repeats)
-      )
+      update = jax.jit(lambda g, s, tx=tx: tx.update(g, s)[0])
+      times.append(1e3 * timed(functools.partial(update, grads, state), args.repeats))
       del state
     floor = 1e3 * 2 * count * row_bytes / bandwidth
     ratio = f"{times[0] / floor:.2f}" if floor else "—"
