@@ -94,27 +94,23 @@ def _project(
 ) -> list[jax.Array]:
   """``g - Bᵀ(B g)`` over the filled blocks; ``g`` unchanged if a dot product is not finite.
 
-  One ``lax.cond`` per block for each product: the blocks past ``count`` are
-  never read.
+  One ``lax.cond`` per block computes both of its products, ``c = B_j g`` and
+  ``acc - B_jᵀ c``, one after the other, so a block small enough for the cache
+  is read from memory once; the blocks past ``count`` are never read. The
+  directions are orthonormal, so the sum over blocks is the projection.
   """
   u = [x.astype(jnp.float32) for x in leaves]
 
-  def dots(rows):
-    return sum(contract(b.astype(jnp.float32), x, x.ndim) for b, x in zip(rows, u))
+  def project(carry, rows):
+    acc, ok = carry
+    c = sum(contract(b.astype(jnp.float32), x, x.ndim) for b, x in zip(rows, u))
+    acc = [a - jnp.tensordot(c, b.astype(jnp.float32), axes=1) for a, b in zip(acc, rows)]
+    return acc, ok & jnp.all(jnp.isfinite(c))
 
-  def subtract(acc, rows, c):
-    return [a - jnp.tensordot(c, b.astype(jnp.float32), axes=1) for a, b in zip(acc, rows)]
-
-  coef = [
-    jax.lax.cond(
-      start < count, dots, lambda rows: jnp.zeros((rows[0].shape[0],), jnp.float32), rows
-    )
-    for rows, start in zip(blocks, starts)
-  ]
-  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in coef]))
-  new = u
-  for rows, start, c in zip(blocks, starts, coef):
-    new = jax.lax.cond(start < count, subtract, lambda acc, rows, c: acc, new, rows, c)
+  carry = (u, jnp.asarray(True))
+  for rows, start in zip(blocks, starts):
+    carry = jax.lax.cond(start < count, project, lambda carry, rows: carry, carry, rows)
+  new, ok = carry
   return [jnp.where(ok, y.astype(x.dtype), x) for y, x in zip(new, leaves)]
 
 
