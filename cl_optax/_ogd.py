@@ -95,8 +95,8 @@ def _project(
   """``g - Bᵀ(B g)`` over the filled blocks; ``g`` unchanged if a dot product is not finite.
 
   One ``lax.cond`` per block computes both of its products, ``c = B_j g`` and
-  ``acc - B_jᵀ c``, one after the other, so a block small enough for the cache
-  is read from memory once; the blocks past ``count`` are never read. The
+  ``acc - B_jᵀ c``, one after the other (a block that stays in the cache is
+  read from memory once); the blocks past ``count`` are never read. The
   directions are orthonormal, so the sum over blocks is the projection.
   """
   u = [x.astype(jnp.float32) for x in leaves]
