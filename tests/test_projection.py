@@ -362,6 +362,9 @@ def test_ogd_blocks_span_the_directions_across_block_edges():
     Q = np.linalg.svd(stored, full_matrices=False)[2]  # the same span, float64
     want = _flat(g) - Q.T @ (Q @ _flat(g))
     np.testing.assert_allclose(_flat(update(g, state)), want, atol=1e-5, err_msg=str(task))
+  # a non-finite entry makes every block's dot products non-finite: g passes through unchanged
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.size else x, g)
+  np.testing.assert_array_equal(_flat(update(bad, state)), _flat(bad))
   with pytest.raises(ValueError, match=r"ogd: `basis` must be a tuple of 3 blocks"):
     tx.update(g, state._replace(basis=state.stacked_basis()), PARAMS)
 
