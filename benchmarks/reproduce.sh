@@ -182,8 +182,9 @@ run gpm-pmnist-nscl-trgp --stream pmnist-gpm --methods nscl,trgp --seeds 3
 run gpm-pmnist-ewc-sgd --stream pmnist-gpm --methods ewc,sgd --seeds 3
 run gpm-pmnist-rwalk --stream pmnist-gpm --methods rwalk --seeds 1
 run gpm-pmnist-rwalk-seed12 --stream pmnist-gpm --methods rwalk --seeds 2 --seed0 1
-# OGD on GPM's protocol: ≈ 2 h per seed on the 2-core VM (one seed per stop so far)
+# OGD on GPM's protocol: ≈ 2 h per seed on the 2-core VM (one seed per run, so each fits a session)
 run gpm-pmnist-ogd-seed0 --stream pmnist-gpm --methods ogd --seeds 1
 run gpm-pmnist-ogd-seed1 --stream pmnist-gpm --methods ogd --seeds 1 --seed0 1
+run gpm-pmnist-ogd-seed2 --stream pmnist-gpm --methods ogd --seeds 1 --seed0 2
 run agem-pmnist-rwalk --stream pmnist-agem --methods rwalk --seeds 3 --init agem
 run agem-pmnist-rwalk-official --stream pmnist-agem --methods rwalk_official --seeds 3 --init agem
